@@ -1,0 +1,389 @@
+//! One DERP connection after the HTTP upgrade: handshake, then a reader (this task) and a writer
+//! task. The reader forwards packets straight into receivers' queues; the writer drains this
+//! client's queues in batches and flushes once per batch.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tracing::{debug, trace};
+
+use super::metrics::{CloseReason, DropReason, HandshakeFailure};
+use super::registry::{ClientHandle, Control, Queues};
+use super::Shared;
+use crate::proto::{
+    self, frame_type as ft, ClientFrame, FrameDecoder, PeerGoneReason, ProtoError, PublicKey, ServerInfo,
+};
+
+/// Initial read buffer size; it grows to hold one whole frame when needed.
+const READ_CHUNK: usize = 8 << 10;
+/// A batch buffer larger than this after a flush is released (idle clients stay small).
+const KEEP_WRITE_BUF: usize = 64 << 10;
+
+/// PeerGone(not here) replies: a burst of 3, then one per second, per connection (derper's
+/// `peerGoneLim`).
+struct NotHereLimiter {
+    tokens: f64,
+    last: Instant,
+}
+
+impl NotHereLimiter {
+    fn allow(&mut self, now: Instant) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64()).min(3.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Writes all of `buf`, failing if no progress is made for `timeout` (derper: 2 s per frame).
+async fn write_with_deadline<W: AsyncWrite + Unpin>(w: &mut W, mut buf: &[u8], timeout: Duration) -> Result<(), CloseReason> {
+    while !buf.is_empty() {
+        match tokio::time::timeout(timeout, w.write(buf)).await {
+            Err(_) => return Err(CloseReason::WriteTimeout),
+            Ok(Err(_)) | Ok(Ok(0)) => return Err(CloseReason::WriteError),
+            Ok(Ok(n)) => buf = &buf[n..],
+        }
+    }
+    match tokio::time::timeout(timeout, w.flush()).await {
+        Err(_) => Err(CloseReason::WriteTimeout),
+        Ok(Err(_)) => Err(CloseReason::WriteError),
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+/// Runs a DERP connection to its end. `prefix` is written before the ServerKey frame (the 101
+/// response, or nothing with fast-start); `rbuf` holds bytes the client already sent.
+pub(crate) async fn run<S>(io: S, prefix: Vec<u8>, mut rbuf: BytesMut, remote: SocketAddr, accepted: Instant, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut r, mut w) = tokio::io::split(io);
+    let m = &shared.metrics;
+    let limits = &shared.limits;
+
+    // 1. ServerKey.
+    let mut out = prefix;
+    proto::put_frame(&mut out, ft::SERVER_KEY, &[&proto::server_key_payload(&shared.public)]);
+    if write_with_deadline(&mut w, &out, limits.write_timeout).await.is_err() {
+        m.handshake_failed(HandshakeFailure::Io);
+        return;
+    }
+
+    // 2. ClientInfo, within the handshake deadline (counted from accept).
+    let mut dec = FrameDecoder::new();
+    let deadline = tokio::time::Instant::from_std(accepted + limits.handshake_timeout);
+    let info = tokio::time::timeout_at(deadline, async {
+        loop {
+            match dec.decode(&mut rbuf) {
+                Ok(Some(f)) if f.frame_type == ft::CLIENT_INFO => return Ok(f.payload),
+                Ok(Some(f)) => return Err(HandshakeErr::Proto(ProtoError::UnexpectedFrame { expected: "ClientInfo", got: f.frame_type })),
+                Ok(None) => {}
+                Err(e) => return Err(HandshakeErr::Proto(e)),
+            }
+            rbuf.reserve(dec.bytes_needed(&rbuf).max(1024));
+            match r.read_buf(&mut rbuf).await {
+                Ok(0) | Err(_) => return Err(HandshakeErr::Io),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let payload = match info {
+        Err(_) => {
+            m.handshake_failed(HandshakeFailure::HandshakeTimeout);
+            debug!("no ClientInfo before the handshake deadline");
+            return;
+        }
+        Ok(Err(HandshakeErr::Io)) => {
+            m.handshake_failed(HandshakeFailure::Io);
+            return;
+        }
+        Ok(Err(HandshakeErr::Proto(e))) => {
+            m.handshake_failed(HandshakeFailure::ClientInfo);
+            debug!(error = %e, "bad ClientInfo");
+            return;
+        }
+        Ok(Ok(p)) => p,
+    };
+    let (key, info) = match proto::open_client_info(&shared.secret, &payload) {
+        Ok(v) => v,
+        Err(e) => {
+            m.handshake_failed(HandshakeFailure::ClientInfo);
+            debug!(error = %e, "ClientInfo did not open");
+            return;
+        }
+    };
+    let is_mesh = match (info.mesh_key, shared.mesh_key) {
+        (Some(theirs), Some(ours)) if theirs == ours => true,
+        (Some(_), _) => {
+            // derper does not refuse a wrong mesh key at the handshake; the client just cannot
+            // use mesh frames. Count it: a misconfigured mesh peer is worth seeing.
+            m.handshake_failed(HandshakeFailure::MeshKey);
+            false
+        }
+        _ => false,
+    };
+
+    // 3. ServerInfo.
+    out.clear();
+    let si = ServerInfo { version: proto::PROTOCOL_VERSION, ..Default::default() };
+    proto::put_frame(&mut out, ft::SERVER_INFO, &[&proto::seal(&shared.secret, &key, &si.to_json())]);
+    if write_with_deadline(&mut w, &out, limits.write_timeout).await.is_err() {
+        m.handshake_failed(HandshakeFailure::Io);
+        return;
+    }
+    m.handshakes.increment(1);
+    m.handshake_duration.record(accepted.elapsed().as_secs_f64());
+
+    let span = tracing::debug_span!("client", key = %key.short(), mesh = is_mesh);
+    let _enter = span.enter();
+    debug!(version = info.version, prober = info.is_prober, "connected");
+
+    let cancel = shared.conns_cancel.child_token();
+    let me = Arc::new(ClientHandle::new(
+        key,
+        shared.registry.next_conn_id(),
+        remote,
+        limits.queue_depth,
+        cancel.clone(),
+        info.can_ack_pings || is_mesh,
+    ));
+    shared.registry.register(Arc::clone(&me));
+    m.connections.increment(1.0);
+
+    let writer = tokio::spawn(write_loop(w, Arc::clone(&me), Arc::clone(&shared)));
+    let (why, sent_to, home) = read_loop(&mut r, rbuf, dec, &me, is_mesh, &shared).await;
+
+    // Tear down: nobody may queue for us any more, then stop the writer.
+    let key_gone = shared.registry.unregister(&me);
+    me.cancel.cancel();
+    let writer_why = writer.await.ok().flatten();
+    let mut rest = Queues::default();
+    me.take_queued(&mut rest);
+    for _ in 0..(rest.disco.len() + rest.data.len()) {
+        m.drop(DropReason::GoneDisconnected);
+    }
+    m.connections.decrement(1.0);
+    if home {
+        m.home_connections.decrement(1.0);
+    }
+    let why = writer_why.unwrap_or(why);
+    m.closed(why);
+    debug!(reason = why.label(), "disconnected");
+    if key_gone {
+        for peer in sent_to {
+            if let Some(p) = shared.registry.get(&peer) {
+                if p.enqueue_control(Control::PeerGone(key, PeerGoneReason::Disconnected)) {
+                    m.peer_gone_sent.increment(1);
+                }
+            }
+        }
+    }
+}
+
+enum HandshakeErr {
+    Io,
+    Proto(ProtoError),
+}
+
+/// Reads frames until the connection ends; returns why, who we sent to, and whether we were
+/// counted as a home connection.
+async fn read_loop<R: AsyncRead + Unpin>(
+    r: &mut R,
+    mut rbuf: BytesMut,
+    mut dec: FrameDecoder,
+    me: &Arc<ClientHandle>,
+    is_mesh: bool,
+    shared: &Shared,
+) -> (CloseReason, HashSet<PublicKey>, bool) {
+    let m = &shared.metrics;
+    let reg = &shared.registry;
+    let mut sent_to: HashSet<PublicKey> = HashSet::new();
+    let mut last_dst: Option<PublicKey> = None;
+    let mut home = false;
+    let mut not_here = NotHereLimiter { tokens: 3.0, last: Instant::now() };
+    let why = 'conn: loop {
+        // Everything already buffered, then one read. Counters are added once per read.
+        let (mut pkts, mut bytes) = (0u64, 0u64);
+        loop {
+            let f = match dec.decode(&mut rbuf) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "protocol error");
+                    break 'conn CloseReason::ProtocolError;
+                }
+            };
+            let frame = match ClientFrame::parse(f) {
+                Ok(fr) => fr,
+                Err(e) => {
+                    debug!(error = %e, "protocol error");
+                    break 'conn CloseReason::ProtocolError;
+                }
+            };
+            match frame {
+                ClientFrame::SendPacket { dst, packet } => {
+                    if me.has_dup.load(std::sync::atomic::Ordering::Relaxed) {
+                        reg.note_sender(me);
+                    }
+                    let disco = proto::looks_like_disco(&packet);
+                    match reg.get(&dst) {
+                        Some(to) => {
+                            bytes += packet.len() as u64;
+                            pkts += 1;
+                            to.enqueue_packet(me.key, packet, disco, m);
+                            if last_dst != Some(dst) {
+                                sent_to.insert(dst);
+                                last_dst = Some(dst);
+                            }
+                        }
+                        None => {
+                            m.drop(DropReason::UnknownDest);
+                            if disco && not_here.allow(Instant::now()) && me.enqueue_control(Control::PeerGone(dst, PeerGoneReason::NotHere)) {
+                                m.peer_gone_sent.increment(1);
+                            }
+                        }
+                    }
+                }
+                ClientFrame::ForwardPacket { src, dst, packet } => {
+                    if !is_mesh {
+                        break 'conn CloseReason::NotPermitted;
+                    }
+                    match reg.get(&dst) {
+                        Some(to) => {
+                            bytes += packet.len() as u64;
+                            pkts += 1;
+                            let disco = proto::looks_like_disco(&packet);
+                            to.enqueue_packet(src, packet, disco, m);
+                        }
+                        None => m.drop(DropReason::UnknownDestOnFwd),
+                    }
+                }
+                ClientFrame::NotePreferred(p) => {
+                    if p != home {
+                        home = p;
+                        if p {
+                            m.home_connections.increment(1.0)
+                        } else {
+                            m.home_connections.decrement(1.0)
+                        }
+                    }
+                }
+                ClientFrame::Ping(data) => {
+                    me.enqueue_control(Control::Pong(data));
+                }
+                ClientFrame::Pong(_) => {}
+                ClientFrame::WatchConns => {
+                    if !is_mesh {
+                        break 'conn CloseReason::NotPermitted;
+                    }
+                    reg.add_watcher(Arc::clone(me));
+                }
+                ClientFrame::ClosePeer(k) => {
+                    if !is_mesh {
+                        break 'conn CloseReason::NotPermitted;
+                    }
+                    reg.close_key(&k);
+                }
+                ClientFrame::Other(t) => {
+                    trace!(frame_type = t, "skipping unknown frame");
+                    m.frames_ignored.increment(1);
+                }
+            }
+        }
+        if pkts > 0 {
+            m.packets_forwarded.increment(pkts);
+            m.bytes_forwarded.increment(bytes);
+        }
+        rbuf.reserve(dec.bytes_needed(&rbuf).max(READ_CHUNK));
+        tokio::select! {
+            biased;
+            _ = me.cancel.cancelled() => break me.close_reason().unwrap_or(CloseReason::Shutdown),
+            res = r.read_buf(&mut rbuf) => match res {
+                Ok(0) => break CloseReason::ClientClosed,
+                Err(_) => break CloseReason::ReadError,
+                Ok(_) => {}
+            }
+        }
+    };
+    (why, sent_to, home)
+}
+
+/// Drains this client's queues: control frames first, then disco, then data; one flush per
+/// batch. Returns a close reason if the writer ended the connection.
+async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, me: Arc<ClientHandle>, shared: Arc<Shared>) -> Option<CloseReason> {
+    let m = &shared.metrics;
+    let limits = &shared.limits;
+    let mut q = Queues::default();
+    let mut out: Vec<u8> = Vec::new();
+    let keepalive = |now: tokio::time::Instant| {
+        let jitter = rand::random::<f64>() * limits.keepalive_jitter.as_secs_f64();
+        now + limits.keepalive_interval + Duration::from_secs_f64(jitter)
+    };
+    let mut next_keepalive = keepalive(tokio::time::Instant::now());
+    let mut restarting = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = me.cancel.cancelled() => return None,
+            _ = shared.drain.cancelled(), if !restarting => {
+                // Graceful shutdown: flush what is queued, tell clients that understand it to
+                // reconnect elsewhere/later, then close.
+                restarting = true;
+            }
+            _ = me.notify.notified() => {}
+            _ = tokio::time::sleep_until(next_keepalive) => {
+                proto::put_frame(&mut out, ft::KEEP_ALIVE, &[]);
+                next_keepalive = keepalive(tokio::time::Instant::now());
+            }
+        }
+        me.take_queued(&mut q);
+        for c in q.control.drain(..) {
+            match c {
+                Control::Pong(d) => proto::put_frame(&mut out, ft::PONG, &[&d]),
+                Control::PeerGone(k, r) => proto::put_peer_gone(&mut out, &k, r),
+                Control::PeerPresent { key, addr, flags } => {
+                    if me.extended_frames {
+                        proto::put_peer_present(&mut out, &key, addr, flags)
+                    }
+                }
+            }
+        }
+        for p in q.disco.drain(..).chain(q.data.drain(..)) {
+            out.reserve(proto::FRAME_HEADER_LEN + proto::KEY_LEN + p.data.len());
+            proto::put_recv_packet(&mut out, &p.src, &p.data);
+        }
+        if restarting && me.extended_frames {
+            let (reconnect, try_for) = shared.restart_hint();
+            proto::put_restarting(&mut out, reconnect, try_for);
+            m.restarting_sent.increment(1);
+        }
+        if !out.is_empty() {
+            if let Err(why) = write_with_deadline(&mut w, &out, limits.write_timeout).await {
+                if why == CloseReason::WriteError {
+                    m.drop(DropReason::WriteError);
+                }
+                me.close(why);
+                return Some(why);
+            }
+            out.clear();
+            if out.capacity() > KEEP_WRITE_BUF {
+                out = Vec::new();
+            }
+        }
+        if restarting {
+            let _ = tokio::time::timeout(limits.write_timeout, w.shutdown()).await;
+            me.close(CloseReason::Shutdown);
+            return Some(CloseReason::Shutdown);
+        }
+    }
+}
+

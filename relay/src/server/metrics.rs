@@ -1,0 +1,214 @@
+//! The relay's Prometheus metrics.
+//!
+//! Every handle is registered once at start-up on the server's own recorder, so the hot path is a
+//! relaxed atomic add and two servers in one process (tests) never share counters. The binary
+//! additionally installs that recorder globally, so the STUN crate's `metrics::counter!` calls
+//! land in the same scrape.
+//!
+//! Conventions: base units, counters end in `_total`, drops and failures labelled by reason,
+//! never a node key or an address as a label.
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+macro_rules! reasons {
+    ($name:ident { $($variant:ident => $label:literal),* $(,)? }) => {
+        /// Label values of one reason dimension.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[allow(missing_docs)]
+        pub enum $name { $($variant),* }
+        impl $name {
+            const ALL: &'static [$name] = &[$($name::$variant),*];
+            /// The label value.
+            pub fn label(self) -> &'static str {
+                match self { $($name::$variant => $label),* }
+            }
+        }
+    };
+}
+
+reasons!(DropReason {
+    UnknownDest => "unknown_dest",
+    UnknownDestOnFwd => "unknown_dest_on_fwd",
+    GoneDisconnected => "gone_disconnected",
+    QueueHead => "queue_head",
+    QueueTail => "queue_tail",
+    WriteError => "write_error",
+    DupClient => "dup_client",
+});
+
+reasons!(HandshakeFailure {
+    Tls => "tls",
+    HttpTimeout => "http_timeout",
+    HttpMalformed => "http_malformed",
+    HandshakeTimeout => "handshake_timeout",
+    ClientInfo => "client_info",
+    MeshKey => "mesh_key",
+    Io => "io",
+});
+
+reasons!(CloseReason {
+    ClientClosed => "client_closed",
+    ReadError => "read_error",
+    ProtocolError => "protocol_error",
+    NotPermitted => "not_permitted",
+    WriteTimeout => "write_timeout",
+    WriteError => "write_error",
+    ClosedByMesh => "closed_by_mesh",
+    Shutdown => "shutdown",
+});
+
+const NAME_DROPS: &str = "ferry_relay_packets_dropped_total";
+
+/// All of the relay's metric handles.
+#[derive(Debug)]
+pub struct RelayMetrics {
+    handle: PrometheusHandle,
+    pub(crate) connections: Gauge,
+    pub(crate) home_connections: Gauge,
+    pub(crate) accepts: Counter,
+    pub(crate) rejected_capacity: Counter,
+    pub(crate) handshakes: Counter,
+    pub(crate) handshake_duration: Histogram,
+    pub(crate) packets_forwarded: Counter,
+    pub(crate) bytes_forwarded: Counter,
+    pub(crate) frames_ignored: Counter,
+    pub(crate) peer_gone_sent: Counter,
+    pub(crate) http_requests: Counter,
+    pub(crate) restarting_sent: Counter,
+    drops: Vec<Counter>,
+    handshake_failures: Vec<Counter>,
+    closes: Vec<Counter>,
+}
+
+/// Buckets for the handshake duration histogram, in seconds.
+const HANDSHAKE_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl RelayMetrics {
+    /// Builds a fresh recorder and registers every relay metric on it.
+    pub(crate) fn new() -> (Self, PrometheusRecorder) {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("ferry_relay_handshake_duration_seconds".into()),
+                HANDSHAKE_BUCKETS,
+            )
+            .expect("bucket list is non-empty")
+            .build_recorder();
+        let me = Self::register(&recorder);
+        (me, recorder)
+    }
+
+    /// A set of handles on a recorder of their own (tests of parts below the server).
+    #[cfg(test)]
+    pub(crate) fn detached() -> Self {
+        Self::new().0
+    }
+
+    fn register(r: &PrometheusRecorder) -> Self {
+        let meta = Metadata::new(module_path!(), Level::INFO, None);
+        let describe = |name: &'static str, unit: Option<metrics::Unit>, help: &'static str| {
+            r.describe_counter(name.into(), unit, help.into());
+        };
+        let describe_g = |name: &'static str, help: &'static str| r.describe_gauge(name.into(), None, help.into());
+        let counter = |name: &'static str| r.register_counter(&Key::from_static_name(name), &meta);
+        let labelled = |name: &'static str, label: &'static str, value: &'static str| {
+            r.register_counter(&Key::from_parts(name, vec![Label::new(label, value)]), &meta)
+        };
+
+        describe("ferry_relay_accepts_total", None, "TCP connections accepted on the DERP listener.");
+        describe("ferry_relay_rejected_total", None, "Connections refused at accept, by reason.");
+        describe("ferry_relay_handshakes_total", None, "DERP handshakes completed.");
+        describe("ferry_relay_handshake_failures_total", None, "Connections that never completed the DERP handshake, by reason.");
+        describe("ferry_relay_packets_forwarded_total", None, "Packets queued for a connected receiver.");
+        describe("ferry_relay_bytes_forwarded_total", Some(metrics::Unit::Bytes), "Payload bytes queued for a connected receiver.");
+        describe(NAME_DROPS, None, "Packets dropped, by reason (derper's reasons).");
+        describe("ferry_relay_frames_ignored_total", None, "Client frames of unknown type, skipped as derper skips them.");
+        describe("ferry_relay_connections_closed_total", None, "DERP connections closed, by reason.");
+        describe("ferry_relay_peer_gone_sent_total", None, "PeerGone frames queued to clients.");
+        describe("ferry_relay_http_requests_total", None, "Plain HTTP requests served (probes, health, home page).");
+        describe("ferry_relay_restarting_sent_total", None, "Restarting frames sent during graceful shutdown.");
+        describe_g("ferry_relay_connections", "DERP connections currently established.");
+        describe_g("ferry_relay_home_connections", "Connections whose client says this relay is its home.");
+        describe_g("ferry_build_info", "Always 1; labels carry the version.");
+        r.describe_histogram(
+            "ferry_relay_handshake_duration_seconds".into(),
+            Some(metrics::Unit::Seconds),
+            "Time from TCP accept to a completed DERP handshake.".into(),
+        );
+
+        let build = r.register_gauge(
+            &Key::from_parts("ferry_build_info", vec![Label::new("version", env!("CARGO_PKG_VERSION"))]),
+            &meta,
+        );
+        build.set(1.0);
+
+        RelayMetrics {
+            handle: r.handle(),
+            connections: r.register_gauge(&Key::from_static_name("ferry_relay_connections"), &meta),
+            home_connections: r.register_gauge(&Key::from_static_name("ferry_relay_home_connections"), &meta),
+            accepts: counter("ferry_relay_accepts_total"),
+            rejected_capacity: labelled("ferry_relay_rejected_total", "reason", "capacity"),
+            handshakes: counter("ferry_relay_handshakes_total"),
+            handshake_duration: r.register_histogram(&Key::from_static_name("ferry_relay_handshake_duration_seconds"), &meta),
+            packets_forwarded: counter("ferry_relay_packets_forwarded_total"),
+            bytes_forwarded: counter("ferry_relay_bytes_forwarded_total"),
+            frames_ignored: counter("ferry_relay_frames_ignored_total"),
+            peer_gone_sent: counter("ferry_relay_peer_gone_sent_total"),
+            http_requests: counter("ferry_relay_http_requests_total"),
+            restarting_sent: counter("ferry_relay_restarting_sent_total"),
+            drops: DropReason::ALL.iter().map(|d| labelled(NAME_DROPS, "reason", d.label())).collect(),
+            handshake_failures: HandshakeFailure::ALL
+                .iter()
+                .map(|d| labelled("ferry_relay_handshake_failures_total", "reason", d.label()))
+                .collect(),
+            closes: CloseReason::ALL
+                .iter()
+                .map(|d| labelled("ferry_relay_connections_closed_total", "reason", d.label()))
+                .collect(),
+        }
+    }
+
+    /// Counts one dropped packet.
+    pub(crate) fn drop(&self, why: DropReason) {
+        self.drops[why as usize].increment(1);
+    }
+
+    /// Counts a failed handshake.
+    pub(crate) fn handshake_failed(&self, why: HandshakeFailure) {
+        self.handshake_failures[why as usize].increment(1);
+    }
+
+    /// Counts a closed connection.
+    pub(crate) fn closed(&self, why: CloseReason) {
+        self.closes[why as usize].increment(1);
+    }
+
+    /// The Prometheus text exposition of everything on this recorder.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Runs the exporter's periodic housekeeping (histogram maintenance).
+    pub(crate) fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Reads one sample from [`RelayMetrics::render`]: `name` with exactly the given labels
+    /// (`""` for none, else e.g. `reason="queue_head"`). 0 if absent. For tests and tools.
+    pub fn sample(&self, name: &str, labels: &str) -> f64 {
+        let want = if labels.is_empty() { name.to_string() } else { format!("{name}{{{labels}}}") };
+        self.render()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                (series == want).then(|| value.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn drops_for(&self, why: DropReason) -> u64 {
+        self.sample(NAME_DROPS, &format!("reason=\"{}\"", why.label())) as u64
+    }
+}

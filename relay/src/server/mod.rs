@@ -1,0 +1,413 @@
+//! The relay server: listeners, TLS, HTTP upgrade, per-client tasks, registry, STUN beside it.
+//!
+//! [`Server::spawn`] binds everything before it returns, so callers (and tests on port 0) can ask
+//! the handle for the bound addresses. Every task hangs off the handle; [`Server::shutdown`]
+//! drains gracefully and dropping the handle aborts.
+
+mod client;
+pub mod config_file;
+mod conn;
+mod http;
+pub mod keyfile;
+pub mod metrics;
+mod registry;
+pub mod tls;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use self::metrics::RelayMetrics;
+pub use self::tls::{cert_name_pin, TlsConfig, TlsError};
+use crate::proto::{PublicKey, SecretKey};
+use conn::Listener;
+pub use ferry_stun::{Rfc5780Config, StunConfig, StunServer};
+
+/// Timeouts, queue depths and caps. The defaults match derper where derper has one.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most DERP-listener connections at once (TLS, HTTP and DERP); more are closed at accept.
+    pub max_connections: usize,
+    /// From TCP accept to a completed DERP handshake (TLS + request head + ClientInfo).
+    pub handshake_timeout: Duration,
+    /// A write that makes no progress for this long closes the connection (derper: 2 s).
+    pub write_timeout: Duration,
+    /// Between requests on a kept-alive plain HTTP connection.
+    pub http_idle_timeout: Duration,
+    /// KeepAlive frame interval (derper: 60 s) ...
+    pub keepalive_interval: Duration,
+    /// ... plus a random jitter up to this (derper: 5 s).
+    pub keepalive_jitter: Duration,
+    /// Packets queued per receiver, per queue (disco and data; derper: 32).
+    pub queue_depth: usize,
+    /// How long [`Server::shutdown`] waits for connections to drain before closing them.
+    pub shutdown_timeout: Duration,
+    /// Restarting frame: clients reconnect after a random delay up to this (spreads the herd) ...
+    pub restart_reconnect_spread: Duration,
+    /// ... and keep trying for this long.
+    pub restart_try_for: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(2),
+            http_idle_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_jitter: Duration::from_secs(5),
+            queue_depth: 32,
+            shutdown_timeout: Duration::from_secs(10),
+            restart_reconnect_spread: Duration::from_secs(5),
+            restart_try_for: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything [`Server::spawn`] needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The DERP listener (TLS unless `tls` is `None`).
+    pub listen: SocketAddr,
+    /// Certificate source; `None` serves plain HTTP (development only).
+    pub tls: Option<TlsConfig>,
+    /// Port-80 listener: captive-portal check (`/generate_204`) and redirects to HTTPS.
+    pub http_listen: Option<SocketAddr>,
+    /// Prometheus listener (`/metrics`).
+    pub metrics_listen: Option<SocketAddr>,
+    /// STUN beside the relay.
+    pub stun: Option<StunConfig>,
+    /// The server's private key (persist it: clients pin the public half).
+    pub server_key: SecretKey,
+    /// Mesh key: clients presenting it may use mesh frames.
+    pub mesh_key: Option<[u8; 32]>,
+    /// Host name, for redirects and logs.
+    pub hostname: Option<String>,
+    /// Timeouts and caps.
+    pub limits: Limits,
+    /// Install this server's metrics recorder as the process-global one (the binary does, so
+    /// the STUN server's counters land in the same scrape; tests don't).
+    pub install_global_recorder: bool,
+}
+
+impl Config {
+    /// A plain-HTTP config on 127.0.0.1 port 0 with an ephemeral key and no STUN (for tests).
+    pub fn dev_loopback() -> Self {
+        Config {
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            tls: None,
+            http_listen: None,
+            metrics_listen: None,
+            stun: None,
+            server_key: SecretKey::generate(),
+            mesh_key: None,
+            hostname: None,
+            limits: Limits::default(),
+            install_global_recorder: false,
+        }
+    }
+}
+
+/// Why the server could not start. Each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot listen on {addr} ({what}): {source}. Is another process using it? Pick another address or stop that process{hint}")]
+    Bind { addr: SocketAddr, what: &'static str, source: std::io::Error, hint: &'static str },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("STUN: {0}")]
+    Stun(#[from] ferry_stun::StunError),
+}
+
+/// State shared by every task of one server.
+pub(crate) struct Shared {
+    pub(crate) secret: SecretKey,
+    pub(crate) public: PublicKey,
+    pub(crate) mesh_key: Option<[u8; 32]>,
+    pub(crate) hostname: Option<String>,
+    pub(crate) limits: Limits,
+    pub(crate) registry: registry::Registry,
+    pub(crate) metrics: RelayMetrics,
+    pub(crate) tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ready: AtomicBool,
+    /// Cancelled at shutdown: writers flush, send Restarting where understood, and close.
+    pub(crate) drain: CancellationToken,
+    /// Parent of every connection's token: cancelled when draining times out.
+    pub(crate) conns_cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("public", &self.public).field("clients", &self.registry.len()).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// (reconnect-in, try-for) in ms for a Restarting frame; the delay is random per client.
+    pub(crate) fn restart_hint(&self) -> (u32, u32) {
+        let spread = self.limits.restart_reconnect_spread.as_millis().min(u32::MAX as u128) as u32;
+        let reconnect = if spread == 0 { 0 } else { rand::random::<u32>() % spread };
+        (reconnect, self.limits.restart_try_for.as_millis().min(u32::MAX as u128) as u32)
+    }
+}
+
+/// A running relay. Dropping it aborts every task; call [`Server::shutdown`] to drain.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    cert: Option<Arc<tls::ReloadableCert>>,
+    listen_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    stun: Option<StunServer>,
+    accept_cancel: CancellationToken,
+    tracker: TaskTracker,
+    conn_tracker: TaskTracker,
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, SpawnError> {
+    // std's listener sets SO_REUSEADDR on Unix, so a restart does not wait out TIME_WAIT.
+    TcpListener::bind(addr).await.map_err(|source| {
+        let hint = if source.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        } else {
+            ""
+        };
+        SpawnError::Bind { addr, what, source, hint }
+    })
+}
+
+impl Server {
+    /// Binds every listener, starts STUN and the accept loops, and returns the handle.
+    pub async fn spawn(config: Config) -> Result<Server, SpawnError> {
+        let (metrics, recorder) = RelayMetrics::new();
+        if config.install_global_recorder {
+            ferry_stun::describe_metrics();
+            if ::metrics::set_global_recorder(recorder).is_err() {
+                warn!("a global metrics recorder is already installed; STUN metrics go there, not to this server's /metrics");
+            }
+        }
+        let cert = match config.tls.clone() {
+            Some(t) => Some(Arc::new(tls::ReloadableCert::load(t)?)),
+            None => None,
+        };
+        let tls_acceptor = cert.as_ref().map(|c| tokio_rustls::TlsAcceptor::from(c.server_config()));
+
+        let derp = bind(config.listen, "DERP").await?;
+        let http = match config.http_listen {
+            Some(a) => Some(bind(a, "HTTP port 80").await?),
+            None => None,
+        };
+        let metrics_l = match config.metrics_listen {
+            Some(a) => Some(bind(a, "metrics").await?),
+            None => None,
+        };
+        let stun = match config.stun.clone() {
+            Some(s) => Some(StunServer::spawn(s).await?),
+            None => None,
+        };
+
+        let shared = Arc::new(Shared {
+            public: config.server_key.public(),
+            secret: config.server_key,
+            mesh_key: config.mesh_key,
+            hostname: config.hostname,
+            limits: config.limits,
+            registry: registry::Registry::default(),
+            metrics,
+            tls_acceptor,
+            ready: AtomicBool::new(false),
+            drain: CancellationToken::new(),
+            conns_cancel: CancellationToken::new(),
+        });
+        let listen_addr = derp.local_addr().expect("bound socket has an address");
+        let http_addr = http.as_ref().map(|l| l.local_addr().expect("bound"));
+        let metrics_addr = metrics_l.as_ref().map(|l| l.local_addr().expect("bound"));
+        let accept_cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let conn_tracker = TaskTracker::new();
+        let sem = Arc::new(tokio::sync::Semaphore::new(shared.limits.max_connections));
+        tracker.spawn(accept_loop(derp, Listener::Derp, Arc::clone(&shared), accept_cancel.clone(), conn_tracker.clone(), Some(sem)));
+        if let Some(l) = http {
+            tracker.spawn(accept_loop(l, Listener::Port80, Arc::clone(&shared), accept_cancel.clone(), tracker.clone(), None));
+        }
+        if let Some(l) = metrics_l {
+            tracker.spawn(accept_loop(l, Listener::Metrics, Arc::clone(&shared), accept_cancel.clone(), tracker.clone(), None));
+        }
+        {
+            let shared = Arc::clone(&shared);
+            let cancel = accept_cancel.clone();
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tick.tick() => shared.metrics.upkeep(),
+                    }
+                }
+            });
+        }
+        shared.ready.store(true, Ordering::Relaxed);
+        info!(
+            listen = %listen_addr,
+            tls = cert.is_some(),
+            stun = ?stun.as_ref().map(|s| s.udp_addrs()),
+            metrics = ?metrics_addr,
+            server_key = %shared.public,
+            "relay ready"
+        );
+        Ok(Server { shared, cert, listen_addr, http_addr, metrics_addr, stun, accept_cancel, tracker, conn_tracker })
+    }
+
+    /// The bound DERP listener address.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+    /// The bound port-80 listener, if any.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+    /// The bound metrics listener, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+    /// The STUN server's bound UDP addresses (empty without STUN).
+    pub fn stun_udp_addrs(&self) -> Vec<SocketAddr> {
+        self.stun.as_ref().map(|s| s.udp_addrs()).unwrap_or_default()
+    }
+    /// The STUN server's bound TCP addresses.
+    pub fn stun_tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.stun.as_ref().map(|s| s.tcp_addrs()).unwrap_or_default()
+    }
+    /// The server's public key (what `Derp-Public-Key` and ServerKey announce).
+    pub fn public_key(&self) -> PublicKey {
+        self.shared.public
+    }
+    /// The TLS leaf certificate (DER) now served, if TLS is on.
+    pub fn cert_der(&self) -> Option<Vec<u8>> {
+        self.cert.as_ref().map(|c| c.leaf_der())
+    }
+    /// This server's metrics.
+    pub fn metrics(&self) -> &RelayMetrics {
+        &self.shared.metrics
+    }
+    /// Number of distinct client keys connected now.
+    pub fn client_count(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    /// Re-reads manual certificate files (SIGHUP). Established connections keep going; on error
+    /// the old certificate stays in use.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.cert {
+            Some(c) => c.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// Graceful shutdown: report not-ready, stop accepting, let every connection flush its queue
+    /// and (if its client understands it) send Restarting, then close. Connections still open
+    /// after `limits.shutdown_timeout` are closed hard. Returns how many that were.
+    pub async fn shutdown(mut self) -> usize {
+        self.shared.ready.store(false, Ordering::Relaxed);
+        self.accept_cancel.cancel();
+        self.tracker.close();
+        self.conn_tracker.close();
+        self.shared.drain.cancel();
+        let mut hard_closed = 0;
+        if tokio::time::timeout(self.shared.limits.shutdown_timeout, self.conn_tracker.wait()).await.is_err() {
+            hard_closed = self.conn_tracker.len();
+            warn!(remaining = hard_closed, "drain timed out; closing the rest");
+            self.shared.conns_cancel.cancel();
+            for c in self.shared.registry.all() {
+                c.close(metrics::CloseReason::Shutdown);
+            }
+            // Connections still in TLS or HTTP hold no client state; give them one write timeout.
+            let _ = tokio::time::timeout(self.shared.limits.write_timeout, self.conn_tracker.wait()).await;
+        }
+        self.tracker.wait().await;
+        if let Some(s) = self.stun.take() {
+            s.shutdown().await;
+        }
+        hard_closed
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accept_cancel.cancel();
+        self.shared.conns_cancel.cancel();
+        for c in self.shared.registry.all() {
+            c.cancel.cancel();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: Listener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    sem: Option<Arc<tokio::sync::Semaphore>>,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, remote)) => {
+                backoff = Duration::from_millis(5);
+                let permit = match &sem {
+                    Some(s) => {
+                        shared.metrics.accepts.increment(1);
+                        match Arc::clone(s).try_acquire_owned() {
+                            Ok(p) => Some(p),
+                            Err(_) => {
+                                shared.metrics.rejected_capacity.increment(1);
+                                drop(tcp);
+                                continue;
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                let shared = Arc::clone(&shared);
+                let conn_cancel = shared.conns_cancel.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    tokio::select! {
+                        _ = conn_cancel.cancelled() => {}
+                        _ = conn::handle_tcp(tcp, remote, kind, shared) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, listener = ?kind, "accept failed; backing off {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Default path of the server key file.
+pub fn default_key_path() -> PathBuf {
+    PathBuf::from("/var/lib/ferry/relay.key")
+}

@@ -1,0 +1,197 @@
+//! TLS for the DERP listener: rustls on the ring provider, with a certificate that can be
+//! swapped at run time (SIGHUP reloads manual files without touching established connections).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use sha2::Digest;
+
+/// Where the relay's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum TlsConfig {
+    /// PEM files an operator (or certbot, or cert-manager) maintains. Reloaded on SIGHUP.
+    Manual {
+        /// Certificate chain, leaf first.
+        cert_path: PathBuf,
+        /// Private key (PKCS#8, PKCS#1 or SEC1).
+        key_path: PathBuf,
+    },
+    /// A self-signed certificate for these names or IPs, created once and kept in `dir` so its
+    /// pin (`CertName` in the DERP map) survives restarts.
+    SelfSigned {
+        /// DNS names and/or IP addresses the certificate is for.
+        names: Vec<String>,
+        /// Directory holding `self-signed-cert.pem` and `self-signed-key.pem`.
+        dir: PathBuf,
+    },
+}
+
+/// Errors setting up TLS. Each says which file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source} (check the path and that the relay's user may read it)")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {source} (the directory must exist and be writable by the relay's user)")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)")]
+    NoCert { path: PathBuf },
+    #[error("{path} holds no PEM private key (expected PKCS#8, PKCS#1 or SEC1 PEM)")]
+    NoKey { path: PathBuf },
+    #[error("the private key in {path} is not usable: {msg}")]
+    BadKey { path: PathBuf, msg: String },
+    #[error("cannot create a self-signed certificate for {names:?}: {msg}")]
+    SelfSigned { names: Vec<String>, msg: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The `CertName` value that pins a self-signed leaf in a DERP map: `sha256-raw:<hex>`.
+pub fn cert_name_pin(leaf_der: &[u8]) -> String {
+    format!("sha256-raw:{}", hex::encode(sha2::Sha256::digest(leaf_der)))
+}
+
+/// A certificate resolver whose certificate can be replaced while the server runs.
+#[derive(Debug)]
+pub(crate) struct ReloadableCert {
+    current: RwLock<Arc<CertifiedKey>>,
+    source: TlsConfig,
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.current.read().expect("cert lock poisoned")))
+    }
+}
+
+impl ReloadableCert {
+    pub(crate) fn load(source: TlsConfig) -> Result<Self, TlsError> {
+        let ck = load_certified_key(&source)?;
+        Ok(ReloadableCert { current: RwLock::new(Arc::new(ck)), source })
+    }
+
+    /// Reads the files again; on error the old certificate stays in use.
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
+        let ck = load_certified_key(&self.source)?;
+        *self.current.write().expect("cert lock poisoned") = Arc::new(ck);
+        Ok(())
+    }
+
+    /// The leaf certificate now in use (DER).
+    pub(crate) fn leaf_der(&self) -> Vec<u8> {
+        self.current.read().expect("cert lock poisoned").cert[0].as_ref().to_vec()
+    }
+
+    pub(crate) fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+        // DERP is HTTP/1.1 only (the upgrade); advertise it for clients that offer ALPN.
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Read { path: path.into(), source })
+}
+
+fn parse_pem(cert_pem: &[u8], cert_path: &Path, key_pem: &[u8], key_path: &Path) -> Result<CertifiedKey, TlsError> {
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|source| TlsError::Read { path: cert_path.into(), source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCert { path: cert_path.into() });
+    }
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|source| TlsError::Read { path: key_path.into(), source })?
+        .ok_or_else(|| TlsError::NoKey { path: key_path.into() })?;
+    let signing = any_supported_type(&key).map_err(|e| TlsError::BadKey { path: key_path.into(), msg: e.to_string() })?;
+    Ok(CertifiedKey::new(certs, signing))
+}
+
+fn load_certified_key(source: &TlsConfig) -> Result<CertifiedKey, TlsError> {
+    match source {
+        TlsConfig::Manual { cert_path, key_path } => parse_pem(&read(cert_path)?, cert_path, &read(key_path)?, key_path),
+        TlsConfig::SelfSigned { names, dir } => {
+            let cert_path = dir.join("self-signed-cert.pem");
+            let key_path = dir.join("self-signed-key.pem");
+            if !cert_path.exists() || !key_path.exists() {
+                let ck = rcgen::generate_simple_self_signed(names.clone())
+                    .map_err(|e| TlsError::SelfSigned { names: names.clone(), msg: e.to_string() })?;
+                write_private(&key_path, ck.key_pair.serialize_pem().as_bytes())?;
+                fs::write(&cert_path, ck.cert.pem()).map_err(|source| TlsError::Write { path: cert_path.clone(), source })?;
+            }
+            parse_pem(&read(&cert_path)?, &cert_path, &read(&key_path)?, &key_path)
+        }
+    }
+}
+
+/// Writes a secret file readable by its owner only (mode 0600 on Unix), without ever exposing
+/// it with wider permissions.
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    use std::io::Write;
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(|source| TlsError::Write { path: path.into(), source })?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .map_err(|source| TlsError::Write { path: path.into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_cert_is_kept_across_loads_and_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TlsConfig::SelfSigned { names: vec!["127.0.0.1".into(), "relay.test".into()], dir: dir.path().into() };
+        let a = ReloadableCert::load(cfg.clone()).unwrap();
+        let b = ReloadableCert::load(cfg).unwrap();
+        assert_eq!(a.leaf_der(), b.leaf_der(), "same cert after a restart");
+        let pin = cert_name_pin(&a.leaf_der());
+        assert!(pin.starts_with("sha256-raw:") && pin.len() == 11 + 64, "{pin}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join("self-signed-key.pem")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn manual_files_reload_and_bad_files_keep_the_old_cert() {
+        let dir = tempfile::tempdir().unwrap();
+        let gen = |name: &str| rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+        let (cp, kp) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let first = gen("one.test");
+        fs::write(&cp, first.cert.pem()).unwrap();
+        fs::write(&kp, first.key_pair.serialize_pem()).unwrap();
+        let r = ReloadableCert::load(TlsConfig::Manual { cert_path: cp.clone(), key_path: kp.clone() }).unwrap();
+        let before = r.leaf_der();
+        let second = gen("two.test");
+        fs::write(&cp, second.cert.pem()).unwrap();
+        fs::write(&kp, second.key_pair.serialize_pem()).unwrap();
+        r.reload().unwrap();
+        assert_ne!(r.leaf_der(), before);
+        assert_eq!(r.leaf_der(), second.cert.der().to_vec());
+        fs::write(&kp, "not a key").unwrap();
+        let err = r.reload().unwrap_err();
+        assert!(err.to_string().contains("k.pem"), "{err}");
+        assert_eq!(r.leaf_der(), second.cert.der().to_vec(), "old cert still served");
+    }
+}

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Install the external tools ferry's test suite uses. Idempotent; does nothing
+# (and runs in well under a second) when everything is present at the pinned version.
+#
+#   Debian packages (system-wide, only if the binary is missing):
+#     coturn      -> turnutils_stunclient, turnserver   (STUN interop)
+#     prometheus  -> promtool                            (metrics format check)
+#   Go tools (project-local, <repo>/.tools/bin, pinned):
+#     tailscale.com/cmd/derpprobe, tailscale.com/cmd/derper  @ $TAILSCALE_VERSION
+#     github.com/letsencrypt/pebble/v2/cmd/pebble           @ $PEBBLE_VERSION
+#
+# Exports nothing: tests look in <repo>/.tools/bin and then PATH.
+# Env knobs: SKIP_APT=1 skips the Debian part, SKIP_GO=1 the Go part.
+set -euo pipefail
+
+# Newest tailscale release whose go.mod accepts Go 1.26 (v1.104.x needs go >= 1.27).
+TAILSCALE_VERSION=v1.102.5
+PEBBLE_VERSION=v2.10.1
+# Debian 12 (bookworm) versions these were tested with; a differing version only warns
+# (Debian replaces versions on its mirrors with security updates, so no hard pin).
+DEB_COTURN_VERSION=4.6.1-1
+DEB_PROMETHEUS_VERSION=2.42.0+ds-5+deb12u1
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS_BIN="$REPO/.tools/bin"
+
+log() { printf '[test-deps] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------- Debian packages
+apt_part() {
+    local missing=() bin pkg
+    for pair in turnutils_stunclient:coturn promtool:prometheus; do
+        bin="${pair%%:*}"; pkg="${pair#*:}"
+        if command -v "$bin" >/dev/null 2>&1; then
+            log "ok: $bin ($(command -v "$bin"))"
+        else
+            log "missing: $bin -> will install Debian package '$pkg'"
+            missing+=("$pkg")
+        fi
+    done
+    if ((${#missing[@]})); then
+        local sudo=()
+        if [[ $(id -u) -ne 0 ]]; then
+            command -v sudo >/dev/null 2>&1 || die "not root and no sudo: install ${missing[*]} by hand"
+            sudo=(sudo)
+        fi
+        command -v apt-get >/dev/null 2>&1 || die "no apt-get: install ${missing[*]} by hand"
+        # Keep package postinst scripts from starting daemons (prometheus would listen on
+        # :9090 on every interface, turnserver on 3478): a temporary policy-rc.d denies it.
+        local policy=/usr/sbin/policy-rc.d made_policy=0
+        if [[ ! -e $policy ]]; then
+            "${sudo[@]}" sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+            made_policy=1
+        fi
+        log "running: apt-get update"
+        "${sudo[@]}" apt-get update -q || { ((made_policy)) && "${sudo[@]}" rm -f "$policy"; die "apt-get update failed"; }
+        log "running: apt-get install -y --no-install-recommends ${missing[*]}"
+        if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -q --no-install-recommends "${missing[@]}"; then
+            ((made_policy)) && "${sudo[@]}" rm -f "$policy"
+            die "apt-get install ${missing[*]} failed"
+        fi
+        ((made_policy)) && "${sudo[@]}" rm -f "$policy"
+        # Belt and braces: if an init system still started them, stop them again.
+        for svc in coturn prometheus; do
+            if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+                log "stopping service $svc started by the package"
+                "${sudo[@]}" systemctl disable --now "$svc" >/dev/null 2>&1 || true
+            fi
+        done
+    fi
+    for bin in turnutils_stunclient promtool; do
+        command -v "$bin" >/dev/null 2>&1 || die "$bin still missing after install"
+    done
+    local v
+    v=$(dpkg-query -W -f='${Version}' coturn 2>/dev/null || true)
+    [[ -n $v && $v != "$DEB_COTURN_VERSION" ]] && log "note: coturn $v (tested with $DEB_COTURN_VERSION)"
+    v=$(dpkg-query -W -f='${Version}' prometheus 2>/dev/null || true)
+    [[ -n $v && $v != "$DEB_PROMETHEUS_VERSION" ]] && log "note: prometheus $v (tested with $DEB_PROMETHEUS_VERSION)"
+    return 0
+}
+
+# ---------------------------------------------------------------- Go tools
+# have_go_tool BIN MODULE VERSION: true when BIN exists and was built from MODULE@VERSION.
+have_go_tool() {
+    local bin="$1" mod="$2" ver="$3"
+    [[ -x $bin ]] || return 1
+    go version -m "$bin" 2>/dev/null | awk -v m="$mod" -v v="$ver" \
+        '$1 == "mod" && $2 == m && $3 == v { found = 1 } END { exit !found }'
+}
+
+go_install() {  # go_install NAME PACKAGE MODULE VERSION
+    local name="$1" pkg="$2" mod="$3" ver="$4" bin="$TOOLS_BIN/$1" t0 t1
+    if have_go_tool "$bin" "$mod" "$ver"; then
+        log "ok: $name $ver ($bin)"
+        return 0
+    fi
+    log "running: GOBIN=$TOOLS_BIN go install $pkg@$ver"
+    t0=$(date +%s)
+    GOBIN="$TOOLS_BIN" GOTOOLCHAIN=local CGO_ENABLED=0 \
+        go install "$pkg@$ver" || die "go install $pkg@$ver failed"
+    t1=$(date +%s)
+    have_go_tool "$bin" "$mod" "$ver" || die "$bin is not $mod@$ver after install"
+    log "installed: $name $ver in $((t1 - t0))s"
+}
+
+go_part() {
+    command -v go >/dev/null 2>&1 || die "go not found in PATH (need Go >= 1.26)"
+    mkdir -p "$TOOLS_BIN"
+    go_install derper    tailscale.com/cmd/derper    tailscale.com "$TAILSCALE_VERSION"
+    go_install derpprobe tailscale.com/cmd/derpprobe tailscale.com "$TAILSCALE_VERSION"
+    go_install pebble    github.com/letsencrypt/pebble/v2/cmd/pebble \
+        github.com/letsencrypt/pebble/v2 "$PEBBLE_VERSION"
+}
+
+[[ ${SKIP_APT:-0} == 1 ]] && log "SKIP_APT=1: skipping Debian packages" || apt_part
+[[ ${SKIP_GO:-0} == 1 ]] && log "SKIP_GO=1: skipping Go tools" || go_part
+
+# ---------------------------------------------------------------- summary
+echo "test dependencies:"
+for bin in turnutils_stunclient turnserver promtool; do
+    printf '  %-22s %s\n' "$bin" "$(command -v "$bin" || echo MISSING)"
+done
+if [[ ${SKIP_GO:-0} != 1 ]]; then
+    for bin in derper derpprobe pebble; do
+        printf '  %-22s %s\n' "$bin" "$TOOLS_BIN/$bin"
+    done
+    # pebble's test material (read-only, inside the module cache):
+    PEBBLE_DIR="$(go env GOMODCACHE)/github.com/letsencrypt/pebble/v2@$PEBBLE_VERSION"
+    [[ -d $PEBBLE_DIR ]] || GOTOOLCHAIN=local \
+        go mod download "github.com/letsencrypt/pebble/v2@$PEBBLE_VERSION"
+    printf '  %-22s %s\n' "pebble module dir" "$PEBBLE_DIR"
+    printf '  %-22s %s\n' "pebble config" "$PEBBLE_DIR/test/config/pebble-config.json"
+    printf '  %-22s %s\n' "pebble https cert" "$PEBBLE_DIR/test/certs/localhost/cert.pem"
+    printf '  %-22s %s\n' "pebble https key" "$PEBBLE_DIR/test/certs/localhost/key.pem"
+    printf '  %-22s %s\n' "pebble https CA" "$PEBBLE_DIR/test/certs/pebble.minica.pem"
+fi

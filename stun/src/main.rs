@@ -1,0 +1,239 @@
+//! `ferry-stun`: run ferry's STUN server on its own.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use ferry_stun::{Rfc5780Config, StunConfig, StunError, StunServer};
+
+const ABOUT: &str = "STUN server: tells clients behind NAT which public IP address and port \
+                     their packets come from";
+
+const LONG_ABOUT: &str = "\
+ferry-stun answers STUN Binding requests (RFC 8489/5389) over UDP and TCP, on IPv4 and IPv6.
+Clients learn their reflexive (public) address from the XOR-MAPPED-ADDRESS in the reply; this is
+the first step of NAT traversal for ferry, WebRTC/ICE, Tailscale-style clients and others.
+
+Also answered: cookie-less RFC 3489 requests (with MAPPED-ADDRESS), and with
+--rfc5780-alternate the RFC 5780 NAT behaviour tests (CHANGE-REQUEST, OTHER-ADDRESS).
+Not a TURN server: other methods get 400, and nothing is relayed.
+
+Every option can also be set through the environment variable shown next to it.
+Log verbosity follows RUST_LOG (default: info), e.g. RUST_LOG=ferry_stun=debug.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  ferry-stun
+      UDP and TCP on 0.0.0.0:3478 and [::]:3478.
+  ferry-stun --listen 127.0.0.1:3478 --no-tcp
+      Loopback only, UDP only.
+  ferry-stun --listen 192.0.2.1:3478 --rfc5780-alternate 192.0.2.2:3479
+      RFC 5780 behaviour discovery on a host with two public IPv4 addresses.
+  FERRY_STUN_LISTEN=0.0.0.0:3478,[::]:3478 FERRY_STUN_LOG_FORMAT=json ferry-stun
+
+Check it from another machine:  turnutils_stunclient -p 3478 <server-ip>
+(Debian package coturn); the line `UDP reflexive addr: IP:port` is your public address.";
+
+/// Command line (and environment) of `ferry-stun`.
+#[derive(Debug, Parser)]
+#[command(name = "ferry-stun", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+struct Args {
+    /// Address to serve on, UDP and (unless --no-tcp) TCP. Repeat the flag, or separate with
+    /// commas, for several. IPv6 sockets are IPv6-only, so 0.0.0.0:P and [::]:P coexist.
+    #[arg(
+        short,
+        long = "listen",
+        value_name = "IP:PORT",
+        env = "FERRY_STUN_LISTEN",
+        value_delimiter = ',',
+        default_values = ["0.0.0.0:3478", "[::]:3478"]
+    )]
+    listen: Vec<SocketAddr>,
+
+    /// Serve UDP only (RFC 8489 §12 expects TCP too; disable it only if you must).
+    #[arg(long, env = "FERRY_STUN_NO_TCP")]
+    no_tcp: bool,
+
+    /// Put a SOFTWARE attribute with this text in every reply (at most 763 bytes). Off by
+    /// default: replies stay minimal, which limits amplification.
+    #[arg(long, value_name = "TEXT", env = "FERRY_STUN_SOFTWARE")]
+    software: Option<String>,
+
+    /// Enable RFC 5780 NAT behaviour discovery: the second IP address (and port) of this host.
+    /// The primary is the first --listen address of the same family with a specific IP; the
+    /// server binds the four UDP sockets primary/alternate IP x primary/alternate port.
+    #[arg(long, value_name = "IP:PORT", env = "FERRY_STUN_RFC5780_ALTERNATE")]
+    rfc5780_alternate: Option<SocketAddr>,
+
+    /// UDP sockets per listen address (SO_REUSEPORT; the kernel spreads clients over them).
+    /// One socket already answers hundreds of thousands of requests per second.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_STUN_UDP_WORKERS",
+        default_value_t = 1
+    )]
+    udp_workers: usize,
+
+    /// Close a TCP connection after this many seconds without a request.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "FERRY_STUN_TCP_IDLE_TIMEOUT",
+        default_value_t = 30
+    )]
+    tcp_idle_timeout: u64,
+
+    /// Open TCP connections allowed per listen address; further ones are closed on accept.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FERRY_STUN_TCP_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    tcp_max_connections: usize,
+
+    /// Log line format on stderr.
+    #[arg(long, value_enum, env = "FERRY_STUN_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Turn the arguments into a [`StunConfig`].
+fn config(args: &Args) -> anyhow::Result<StunConfig> {
+    let rfc5780 = match args.rfc5780_alternate {
+        None => None,
+        Some(alternate) => {
+            let primary =
+                args.listen
+                    .iter()
+                    .copied()
+                    .find(|a| a.is_ipv4() == alternate.is_ipv4() && !a.ip().is_unspecified())
+                    .with_context(|| {
+                        format!(
+                        "--rfc5780-alternate {alternate} needs a --listen address of the same IP \
+                         family with a specific IP (e.g. --listen {}), because RFC 5780 \
+                         replies report the server's real addresses",
+                        if alternate.is_ipv4() { "192.0.2.1:3478" } else { "[2001:db8::1]:3478" }
+                    )
+                    })?;
+            Some(Rfc5780Config { primary, alternate })
+        }
+    };
+    Ok(StunConfig {
+        udp_addrs: args.listen.clone(),
+        tcp_addrs: if args.no_tcp {
+            Vec::new()
+        } else {
+            args.listen.clone()
+        },
+        software: args.software.clone(),
+        rfc5780,
+        udp_workers: args.udp_workers,
+        tcp_idle_timeout: Duration::from_secs(args.tcp_idle_timeout),
+        tcp_max_connections: args.tcp_max_connections,
+    })
+}
+
+/// Whether the listen list is the built-in default (so a missing IPv6 stack is not fatal).
+fn is_default_listen(listen: &[SocketAddr]) -> bool {
+    listen
+        == [
+            "0.0.0.0:3478".parse().unwrap(),
+            "[::]:3478".parse().unwrap(),
+        ]
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut cfg = config(&args)?;
+    let server = match StunServer::spawn(cfg.clone()).await {
+        Ok(s) => s,
+        // With the default listen list on a host without IPv6, serve IPv4 alone.
+        Err(StunError::Bind {
+            addr, ref source, ..
+        }) if addr.is_ipv6()
+            && is_default_listen(&args.listen)
+            && (source.raw_os_error() == Some(97)
+                || source.kind() == std::io::ErrorKind::AddrNotAvailable) =>
+        {
+            tracing::warn!(%addr, "IPv6 is not available on this host; serving IPv4 only");
+            cfg.udp_addrs.retain(SocketAddr::is_ipv4);
+            cfg.tcp_addrs.retain(SocketAddr::is_ipv4);
+            StunServer::spawn(cfg).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!(
+        "ferry-stun listening: udp {:?} tcp {:?}",
+        server.udp_addrs(),
+        server.tcp_addrs()
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
