@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use ferry_relay::proto::SecretKey;
 use ferry_relay::server::config_file::{CertMode, FileConfig, Listen, LogFormat};
 use ferry_relay::server::{cert_name_pin, keyfile, Config, Limits, Server, StunConfig, TlsConfig};
-use ferry_relay::proto::SecretKey;
 use tracing::{error, info, warn};
 
-const ABOUT: &str = "A DERP v2 relay (wire-compatible with Tailscale's clients) with a STUN server beside it.";
+const ABOUT: &str =
+    "A DERP v2 relay (wire-compatible with Tailscale's clients) with a STUN server beside it.";
 
 const AFTER_HELP: &str = "\
 Precedence: flags > FERRY_* environment variables > --config file > defaults.
@@ -81,7 +82,12 @@ struct Cli {
     no_stun: bool,
 
     /// STUN address (UDP and TCP); repeat for several [default: 0.0.0.0:3478 and [::]:3478; --dev: 127.0.0.1:3478].
-    #[arg(long = "stun-listen", env = "FERRY_STUN_LISTEN", value_name = "ADDR", value_delimiter = ',')]
+    #[arg(
+        long = "stun-listen",
+        env = "FERRY_STUN_LISTEN",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
     stun_listen: Vec<SocketAddr>,
 
     /// SOFTWARE attribute in STUN replies [default: none].
@@ -106,9 +112,12 @@ struct Cli {
 }
 
 fn init_logging(format: LogFormat, level: &str) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .with_context(|| format!("log level `{level}` is not a valid filter; try `info` or `ferry_relay=debug`"))?;
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(level).with_context(|| {
+        format!("log level `{level}` is not a valid filter; try `info` or `ferry_relay=debug`")
+    })?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -121,14 +130,18 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
     let dev = cli.dev;
     let hostname = cli.hostname.clone().or_else(|| file.hostname.clone());
     let listen = cli.listen.or(file.listen).unwrap_or_else(|| {
-        if dev { "127.0.0.1:3340" } else { "0.0.0.0:443" }.parse().expect("literal")
+        if dev { "127.0.0.1:3340" } else { "0.0.0.0:443" }
+            .parse()
+            .expect("literal")
     });
     let key_path = cli.key_file.clone().or_else(|| file.key_file.clone());
 
     let server_key = match (&key_path, dev) {
         (None, true) => SecretKey::generate(),
         (p, _) => {
-            let p = p.clone().unwrap_or_else(ferry_relay::server::default_key_path);
+            let p = p
+                .clone()
+                .unwrap_or_else(ferry_relay::server::default_key_path);
             let (k, created) = keyfile::load_or_create(&p)?;
             if created {
                 info!(path = %p.display(), "created a new server key");
@@ -143,11 +156,17 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
         let Some(host) = hostname.clone() else {
             bail!("--hostname is required (or `hostname` in the config file): the name or IP address clients use to reach this relay. For a local trial, use --dev");
         };
-        let mode = cli.cert_mode.or(file.tls.mode).unwrap_or(CertMode::SelfSigned);
+        let mode = cli
+            .cert_mode
+            .or(file.tls.mode)
+            .unwrap_or(CertMode::SelfSigned);
         Some(match mode {
             CertMode::Manual => {
                 let cert = cli.cert_file.clone().or_else(|| file.tls.cert_file.clone());
-                let key = cli.cert_key_file.clone().or_else(|| file.tls.key_file.clone());
+                let key = cli
+                    .cert_key_file
+                    .clone()
+                    .or_else(|| file.tls.key_file.clone());
                 match (cert, key) {
                     (Some(cert_path), Some(key_path)) => TlsConfig::Manual { cert_path, key_path },
                     _ => bail!("cert mode `manual` needs both --cert-file and --cert-key-file (or [tls] cert_file and key_file in the config file); or use --cert-mode self-signed"),
@@ -159,9 +178,17 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
                         .as_deref()
                         .and_then(Path::parent)
                         .map(Path::to_path_buf)
-                        .unwrap_or_else(|| ferry_relay::server::default_key_path().parent().expect("has parent").into())
+                        .unwrap_or_else(|| {
+                            ferry_relay::server::default_key_path()
+                                .parent()
+                                .expect("has parent")
+                                .into()
+                        })
                 });
-                TlsConfig::SelfSigned { names: vec![host], dir }
+                TlsConfig::SelfSigned {
+                    names: vec![host],
+                    dir,
+                }
             }
         })
     };
@@ -175,16 +202,29 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
         } else if dev {
             vec!["127.0.0.1:3478".parse().expect("literal")]
         } else {
-            vec!["0.0.0.0:3478".parse().expect("literal"), "[::]:3478".parse().expect("literal")]
+            vec![
+                "0.0.0.0:3478".parse().expect("literal"),
+                "[::]:3478".parse().expect("literal"),
+            ]
         };
         let tcp = file.stun.tcp.unwrap_or(true);
         StunConfig {
             udp_addrs: addrs.clone(),
             tcp_addrs: if tcp { addrs } else { Vec::new() },
-            software: cli.stun_software.clone().or_else(|| file.stun.software.clone()),
-            rfc5780: file.stun.rfc5780_alternate.map(|alternate| ferry_relay::server::Rfc5780Config {
-                primary: file.stun.listen.as_ref().and_then(|l| l.first().copied()).unwrap_or_else(|| "0.0.0.0:3478".parse().expect("literal")),
-                alternate,
+            software: cli
+                .stun_software
+                .clone()
+                .or_else(|| file.stun.software.clone()),
+            rfc5780: file.stun.rfc5780_alternate.map(|alternate| {
+                ferry_relay::server::Rfc5780Config {
+                    primary: file
+                        .stun
+                        .listen
+                        .as_ref()
+                        .and_then(|l| l.first().copied())
+                        .unwrap_or_else(|| "0.0.0.0:3478".parse().expect("literal")),
+                    alternate,
+                }
             }),
             ..Default::default()
         }
@@ -193,12 +233,18 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
     let d = Limits::default();
     let l = &file.limits;
     let limits = Limits {
-        max_connections: cli.max_connections.or(l.max_connections).unwrap_or(d.max_connections),
+        max_connections: cli
+            .max_connections
+            .or(l.max_connections)
+            .unwrap_or(d.max_connections),
         handshake_timeout: l.handshake_timeout.unwrap_or(d.handshake_timeout),
         write_timeout: l.write_timeout.unwrap_or(d.write_timeout),
         keepalive_interval: l.keepalive_interval.unwrap_or(d.keepalive_interval),
         queue_depth: l.queue_depth.unwrap_or(d.queue_depth),
-        shutdown_timeout: cli.shutdown_timeout.or(l.shutdown_timeout).unwrap_or(d.shutdown_timeout),
+        shutdown_timeout: cli
+            .shutdown_timeout
+            .or(l.shutdown_timeout)
+            .unwrap_or(d.shutdown_timeout),
         ..d
     };
     if limits.queue_depth == 0 || limits.max_connections == 0 {
@@ -266,16 +312,31 @@ async fn run(cli: Cli) -> Result<()> {
         let pin = cert_name_pin(&der);
         info!(cert_name = %pin, "TLS certificate in use (for a self-signed certificate, put this CertName in the DERP map)");
     }
-    let stun_port = server.stun_udp_addrs().first().map(|a| a.port() as i32).unwrap_or(-1);
+    let stun_port = server
+        .stun_udp_addrs()
+        .first()
+        .map(|a| a.port() as i32)
+        .unwrap_or(-1);
     let host = hostname.unwrap_or_else(|| server.listen_addr().ip().to_string());
     println!(
         "ferry-relay {} ready: DERP {}://{}:{}/derp, STUN {}, metrics {}, server key {}",
         env!("CARGO_PKG_VERSION"),
-        if server.cert_der().is_some() { "https" } else { "http" },
+        if server.cert_der().is_some() {
+            "https"
+        } else {
+            "http"
+        },
         host,
         server.listen_addr().port(),
-        if stun_port < 0 { "off".to_string() } else { format!("udp+tcp {:?}", server.stun_udp_addrs()) },
-        server.metrics_addr().map(|a| format!("http://{a}/metrics")).unwrap_or_else(|| "off".into()),
+        if stun_port < 0 {
+            "off".to_string()
+        } else {
+            format!("udp+tcp {:?}", server.stun_udp_addrs())
+        },
+        server
+            .metrics_addr()
+            .map(|a| format!("http://{a}/metrics"))
+            .unwrap_or_else(|| "off".into()),
         server.public_key(),
     );
 

@@ -68,7 +68,7 @@ pub struct StunConfig {
     pub udp_addrs: Vec<SocketAddr>,
     /// TCP addresses to serve (RFC 8489 §12: a basic server supports TCP too). Default: as UDP.
     pub tcp_addrs: Vec<SocketAddr>,
-    /// SOFTWARE attribute in every reply, at most 763 bytes. `None` (the default) omits it,
+    /// SOFTWARE attribute in every reply, at most 127 characters. `None` (the default) omits it,
     /// keeping replies as small as possible (they are an amplification vector).
     pub software: Option<String>,
     /// RFC 5780 NAT behaviour discovery over UDP; `None` (the default) disables it.

@@ -56,7 +56,7 @@ struct Args {
     #[arg(long, env = "FERRY_STUN_NO_TCP")]
     no_tcp: bool,
 
-    /// Put a SOFTWARE attribute with this text in every reply (at most 763 bytes). Off by
+    /// Put a SOFTWARE attribute with this text in every reply (at most 127 characters). Off by
     /// default: replies stay minimal, which limits amplification.
     #[arg(long, value_name = "TEXT", env = "FERRY_STUN_SOFTWARE")]
     software: Option<String>,
@@ -119,11 +119,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let format = args.log_format;
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            match format {
+                LogFormat::Text => eprintln!("error: {e:#}"),
+                LogFormat::Json => tracing::error!("{e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -38,8 +38,12 @@
 //! * **RFC 5780** — CHANGE-REQUEST (0x0003) is understood only on a UDP socket of an RFC 5780
 //!   grid ([`Ctx::with_rfc5780`]); elsewhere it gets 420, as RFC 5780 §6.1 requires of a server
 //!   without an alternate address and port ("MUST generate an error response of type 420").
-//!   PADDING (0x0026) and RESPONSE-PORT (0x0027) are never supported (420; RFC 5780 §5 tells
-//!   clients to expect that).
+//!   RESPONSE-PORT (0x0027, "send the reply to this port of my IP", used by the binding
+//!   lifetime test and by coturn's `turnutils_stunclient`) is honoured on the same sockets
+//!   only: it redirects to the requester's own IP, so it adds no reflection target beyond what
+//!   a spoofed source already allows, and the feature is opt-in. PADDING (0x0026) is never
+//!   supported (420, which RFC 5780 §5 tells clients to expect; with RESPONSE-PORT, 400 as
+//!   §6.1 says).
 //! * RESPONSE-ADDRESS (0x0002, RFC 3489) is not honoured (it reflects replies at third parties):
 //!   420.
 //!
@@ -51,7 +55,10 @@
 //! id echoed. For an IPv6 source the MAPPED-ADDRESS uses the RFC 5389 IPv6 family (0x02):
 //! RFC 3489 predates IPv6 support, and an address is more useful than silence. With RFC 5780
 //! enabled the reply also carries SOURCE-ADDRESS and CHANGED-ADDRESS, as RFC 3489 §11.2 defines
-//! them. Other cookie-less messages, and cookie-less messages over TCP, are malformed.
+//! them. Without RFC 5780, a cookie-less CHANGE-REQUEST with both flags clear is honoured (the
+//! reply comes from the same address, which is all it asks): Debian's `stun` client puts one on
+//! its first test, and RFC 5780's 420 rule is written for RFC 5389 messages. With a flag set it
+//! gets 420. Other cookie-less messages, and cookie-less messages over TCP, are malformed.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -63,8 +70,8 @@ pub const FINGERPRINT_XOR: u32 = 0x5354_554E;
 pub const HEADER_LEN: usize = 20;
 /// `out` passed to [`handle`] must be at least this long; no reply is longer.
 pub const MAX_RESPONSE_LEN: usize = 1024;
-/// Longest SOFTWARE value RFC 8489 §14.14 allows (fewer than 128 characters, at most 763 bytes).
-pub const MAX_SOFTWARE_LEN: usize = 763;
+/// Most characters RFC 8489 §14.14 allows in SOFTWARE ("fewer than 128 characters").
+pub const MAX_SOFTWARE_CHARS: usize = 127;
 /// UNKNOWN-ATTRIBUTES in a 420 lists at most this many attribute types.
 pub const MAX_UNKNOWN_LISTED: usize = 32;
 
@@ -232,12 +239,16 @@ impl Change {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Send `out[..len]` back to the source, from the receiving socket moved by `change`
-    /// (always [`Change::NONE`] unless RFC 5780 is enabled in the [`Ctx`]).
+    /// (always [`Change::NONE`], and `response_port` always `None`, unless RFC 5780 is enabled
+    /// in the [`Ctx`]).
     Success {
         /// Reply length in `out`.
         len: usize,
         /// Which grid socket sends it.
         change: Change,
+        /// RFC 5780 RESPONSE-PORT: send to this port of the source IP instead of the source
+        /// port (only with RFC 5780 enabled).
+        response_port: Option<u16>,
     },
     /// Send the error response `out[..len]` back to the source from the receiving socket.
     ErrorResponse {
@@ -266,12 +277,50 @@ impl Outcome {
         }
     }
 
-    /// The reply length and sending socket, if there is a reply.
-    pub fn reply(&self) -> Option<(usize, Change)> {
+    /// Where and how to send the reply, if there is one.
+    pub fn reply(&self) -> Option<Reply> {
         match *self {
-            Outcome::Success { len, change } => Some((len, change)),
-            Outcome::ErrorResponse { len, .. } => Some((len, Change::NONE)),
+            Outcome::Success {
+                len,
+                change,
+                response_port,
+            } => Some(Reply {
+                len,
+                change,
+                response_port,
+            }),
+            Outcome::ErrorResponse { len, .. } => Some(Reply {
+                len,
+                change: Change::NONE,
+                response_port: None,
+            }),
             _ => None,
+        }
+    }
+}
+
+/// A reply to send: `out[..len]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// Length of the reply in `out`.
+    pub len: usize,
+    /// Which grid socket sends it, relative to the receiving one.
+    pub change: Change,
+    /// Destination port override (RFC 5780 RESPONSE-PORT).
+    pub response_port: Option<u16>,
+}
+
+impl Reply {
+    /// Sent from the receiving socket back to the source: the common case.
+    pub fn is_direct(&self) -> bool {
+        self.change == Change::NONE && self.response_port.is_none()
+    }
+
+    /// The address to send the reply to, for a request from `src`.
+    pub fn destination(&self, src: SocketAddr) -> SocketAddr {
+        match self.response_port {
+            Some(port) => SocketAddr::new(src.ip(), port),
+            None => src,
         }
     }
 }
@@ -343,12 +392,12 @@ impl Grid {
 /// The SOFTWARE value is longer than RFC 8489 allows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "SOFTWARE value is {len} bytes but RFC 8489 allows at most {MAX_SOFTWARE_LEN}: \
+    "SOFTWARE value has {chars} characters but RFC 8489 allows at most {MAX_SOFTWARE_CHARS}: \
      shorten it (a product name and version is enough)"
 )]
 pub struct SoftwareTooLong {
-    /// Length of the rejected value in bytes.
-    pub len: usize,
+    /// Length of the rejected value in characters.
+    pub chars: usize,
 }
 
 /// What [`handle`] needs to know about the socket a message arrived on.
@@ -372,7 +421,11 @@ impl Ctx {
     /// Put SOFTWARE with this value into every reply (`None`: omit it, the default).
     pub fn with_software(mut self, software: Option<&str>) -> Result<Ctx, SoftwareTooLong> {
         self.software = match software {
-            Some(s) if s.len() > MAX_SOFTWARE_LEN => return Err(SoftwareTooLong { len: s.len() }),
+            Some(s) if s.chars().count() > MAX_SOFTWARE_CHARS => {
+                return Err(SoftwareTooLong {
+                    chars: s.chars().count(),
+                })
+            }
             Some(s) => Some(s.as_bytes().into()),
             None => None,
         };
@@ -759,6 +812,7 @@ pub fn handle(request: &[u8], src: SocketAddr, ctx: &Ctx, out: &mut [u8]) -> Out
         return Outcome::Success {
             len,
             change: Change::NONE,
+            response_port: None,
         };
     }
 
@@ -781,6 +835,8 @@ pub fn handle(request: &[u8], src: SocketAddr, ctx: &Ctx, out: &mut [u8]) -> Out
     let behavior = ctx.behavior();
     let mut unknown = Unknown::default();
     let mut change = None;
+    let mut response_port = None;
+    let mut padding = false;
     // RFC 8489 §14.5: after MESSAGE-INTEGRITY only MESSAGE-INTEGRITY-SHA256 and FINGERPRINT
     // count; after MESSAGE-INTEGRITY-SHA256 only FINGERPRINT.
     let mut after_mi = false;
@@ -798,6 +854,17 @@ pub fn handle(request: &[u8], src: SocketAddr, ctx: &Ctx, out: &mut [u8]) -> Out
                 }
                 change = Some(change_flags(a.value));
             }
+            attr::RESPONSE_PORT if behavior.is_some() => {
+                // A port and two bytes of padding; port 0 cannot be answered.
+                if a.value.len() != 4 || be16(a.value, 0) == 0 {
+                    return Outcome::Malformed;
+                }
+                response_port = Some(be16(a.value, 0));
+            }
+            attr::PADDING => {
+                padding = true;
+                unknown.push(attr::PADDING);
+            }
             attr::USERNAME
             | attr::USERHASH
             | attr::REALM
@@ -812,6 +879,20 @@ pub fn handle(request: &[u8], src: SocketAddr, ctx: &Ctx, out: &mut [u8]) -> Out
 
     let method = msg.method();
     if method != METHOD_BINDING {
+        return error_response(
+            &msg,
+            method,
+            400,
+            "Bad Request",
+            &[],
+            false,
+            ctx,
+            out,
+            had_fingerprint,
+        );
+    }
+    if padding && response_port.is_some() {
+        // RFC 5780 §6.1: PADDING with RESPONSE-PORT is a 400.
         return error_response(
             &msg,
             method,
@@ -860,7 +941,11 @@ pub fn handle(request: &[u8], src: SocketAddr, ctx: &Ctx, out: &mut [u8]) -> Out
         w.bytes_attr(attr::SOFTWARE, sw);
     }
     let len = w.finish(had_fingerprint);
-    Outcome::Success { len, change }
+    Outcome::Success {
+        len,
+        change,
+        response_port,
+    }
 }
 
 /// RFC 3489 request: no magic cookie, 16-byte transaction id.
@@ -873,11 +958,17 @@ fn handle_classic(msg: &Message<'_>, src: SocketAddr, ctx: &Ctx, out: &mut [u8])
     let mut change = None;
     for a in msg.attributes() {
         match a.typ {
-            attr::CHANGE_REQUEST if behavior.is_some() => {
+            attr::CHANGE_REQUEST => {
                 if a.value.len() != 4 {
                     return Outcome::Malformed;
                 }
-                change = Some(change_flags(a.value));
+                let flags = change_flags(a.value);
+                if behavior.is_some() {
+                    change = Some(flags);
+                } else if flags != Change::NONE {
+                    // Cannot answer from another address: say so.
+                    unknown.push(attr::CHANGE_REQUEST);
+                }
             }
             attr::USERNAME | attr::PASSWORD | attr::MESSAGE_INTEGRITY => {}
             t if t < 0x8000 => unknown.push(t),
@@ -916,7 +1007,11 @@ fn handle_classic(msg: &Message<'_>, src: SocketAddr, ctx: &Ctx, out: &mut [u8])
         w.bytes_attr(attr::SOFTWARE, sw);
     }
     let len = w.finish(false);
-    Outcome::Success { len, change }
+    Outcome::Success {
+        len,
+        change,
+        response_port: None,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

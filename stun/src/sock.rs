@@ -21,12 +21,10 @@ const GRID_PORT_ATTEMPTS: usize = 16;
 pub(crate) fn bind_hint(err: &io::Error, addr: &SocketAddr) -> String {
     const EAFNOSUPPORT: i32 = 97;
     match err.kind() {
-        io::ErrorKind::AddrInUse => format!(
-            "port {} is already in use on {} (another STUN/TURN server such as coturn, or a \
-             second ferry-stun?); stop that process or listen on another port",
-            addr.port(),
-            addr.ip()
-        ),
+        io::ErrorKind::AddrInUse => "the port is already in use (by another STUN/TURN server \
+                                     such as coturn, or a second ferry-stun?); stop that \
+                                     process or listen on another port"
+            .to_owned(),
         io::ErrorKind::PermissionDenied => format!(
             "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE; use a port \
              of 1024 or more, or grant the capability (setcap cap_net_bind_service=+ep) instead \

@@ -138,8 +138,8 @@ fn process(
                 break;
             }
             _ => {
-                if let Some((n, _)) = outcome.reply() {
-                    out.extend_from_slice(&reply[..n]);
+                if let Some(r) = outcome.reply() {
+                    out.extend_from_slice(&reply[..r.len]);
                 }
             }
         }

@@ -72,12 +72,16 @@ async fn run(w: &Worker) -> std::io::Result<()> {
             let outcome = match rx.get(i) {
                 Some((req, src)) => {
                     let outcome = proto::handle(req, src, &w.ctx, tx.next_buf());
-                    if let Some((len, change)) = outcome.reply() {
-                        if change == Change::NONE {
-                            tx.commit(len, rx.raw_addr(i));
+                    if let Some(reply) = outcome.reply() {
+                        if reply.is_direct() {
+                            tx.commit(reply.len, rx.raw_addr(i));
                         } else {
-                            // RFC 5780: another grid socket answers; rare, so no batching.
-                            let _ = w.sender(change).try_send_to(&tx.next_buf()[..len], src);
+                            // RFC 5780: another grid socket answers, or another port of the
+                            // source; rare, so not batched.
+                            let buf = &tx.next_buf()[..reply.len];
+                            let _ = w
+                                .sender(reply.change)
+                                .try_send_to(buf, reply.destination(src));
                         }
                     }
                     outcome
@@ -124,8 +128,11 @@ async fn run(w: &Worker) -> std::io::Result<()> {
         let mut tally = [0u64; 5];
         tally[outcome.result().index()] = 1;
         w.counters.add(&tally);
-        if let Some((len, change)) = outcome.reply() {
-            let _ = w.sender(change).send_to(&out[..len], src).await;
+        if let Some(reply) = outcome.reply() {
+            let _ = w
+                .sender(reply.change)
+                .send_to(&out[..reply.len], reply.destination(src))
+                .await;
         }
     }
 }

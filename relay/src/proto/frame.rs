@@ -112,14 +112,21 @@ impl FrameDecoder {
         let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
         let max = max_payload_len(frame_type);
         if len > max {
-            return Err(ProtoError::FrameTooLong { frame_type, len, max });
+            return Err(ProtoError::FrameTooLong {
+                frame_type,
+                len,
+                max,
+            });
         }
         if buf.len() < FRAME_HEADER_LEN + len {
             return Ok(None);
         }
         buf.advance(FRAME_HEADER_LEN);
         let payload = buf.split_to(len).freeze();
-        Ok(Some(RawFrame { frame_type, payload }))
+        Ok(Some(RawFrame {
+            frame_type,
+            payload,
+        }))
     }
 }
 
@@ -131,7 +138,11 @@ pub enum ClientFrame {
     /// Whether this relay is the client's home.
     NotePreferred(bool),
     /// Mesh: relay a packet on behalf of a client of another relay.
-    ForwardPacket { src: PublicKey, dst: PublicKey, packet: Bytes },
+    ForwardPacket {
+        src: PublicKey,
+        dst: PublicKey,
+        packet: Bytes,
+    },
     /// Mesh: subscribe to PeerPresent/PeerGone for every client.
     WatchConns,
     /// Mesh: close this key's connections.
@@ -144,8 +155,16 @@ pub enum ClientFrame {
     Other(u8),
 }
 
-fn exact<const N: usize>(what: &'static str, p: &[u8], expected: &'static str) -> Result<[u8; N], ProtoError> {
-    p.try_into().map_err(|_| ProtoError::BadLength { what, len: p.len(), expected })
+fn exact<const N: usize>(
+    what: &'static str,
+    p: &[u8],
+    expected: &'static str,
+) -> Result<[u8; N], ProtoError> {
+    p.try_into().map_err(|_| ProtoError::BadLength {
+        what,
+        len: p.len(),
+        expected,
+    })
 }
 
 impl ClientFrame {
@@ -155,18 +174,33 @@ impl ClientFrame {
         Ok(match f.frame_type {
             ft::SEND_PACKET => {
                 if p.len() < KEY_LEN {
-                    return Err(ProtoError::BadLength { what: "SendPacket", len: p.len(), expected: "at least 32" });
+                    return Err(ProtoError::BadLength {
+                        what: "SendPacket",
+                        len: p.len(),
+                        expected: "at least 32",
+                    });
                 }
                 let dst = PublicKey::from_slice(&p).expect("length checked");
-                ClientFrame::SendPacket { dst, packet: p.slice(KEY_LEN..) }
+                ClientFrame::SendPacket {
+                    dst,
+                    packet: p.slice(KEY_LEN..),
+                }
             }
             ft::FORWARD_PACKET => {
                 if p.len() < 2 * KEY_LEN {
-                    return Err(ProtoError::BadLength { what: "ForwardPacket", len: p.len(), expected: "at least 64" });
+                    return Err(ProtoError::BadLength {
+                        what: "ForwardPacket",
+                        len: p.len(),
+                        expected: "at least 64",
+                    });
                 }
                 let src = PublicKey::from_slice(&p).expect("length checked");
                 let dst = PublicKey::from_slice(&p[KEY_LEN..]).expect("length checked");
-                ClientFrame::ForwardPacket { src, dst, packet: p.slice(2 * KEY_LEN..) }
+                ClientFrame::ForwardPacket {
+                    src,
+                    dst,
+                    packet: p.slice(2 * KEY_LEN..),
+                }
             }
             ft::NOTE_PREFERRED => {
                 let [b] = exact::<1>("NotePreferred", &p, "exactly 1")?;
@@ -174,15 +208,25 @@ impl ClientFrame {
             }
             ft::WATCH_CONNS => {
                 if !p.is_empty() {
-                    return Err(ProtoError::BadLength { what: "WatchConns", len: p.len(), expected: "0" });
+                    return Err(ProtoError::BadLength {
+                        what: "WatchConns",
+                        len: p.len(),
+                        expected: "0",
+                    });
                 }
                 ClientFrame::WatchConns
             }
-            ft::CLOSE_PEER => ClientFrame::ClosePeer(PublicKey(exact("ClosePeer", &p, "exactly 32")?)),
+            ft::CLOSE_PEER => {
+                ClientFrame::ClosePeer(PublicKey(exact("ClosePeer", &p, "exactly 32")?))
+            }
             ft::PING => {
                 // derper accepts 8..=1000 bytes and echoes the first 8.
                 if p.len() < 8 || p.len() > 1000 {
-                    return Err(ProtoError::BadLength { what: "Ping", len: p.len(), expected: "8 to 1000" });
+                    return Err(ProtoError::BadLength {
+                        what: "Ping",
+                        len: p.len(),
+                        expected: "8 to 1000",
+                    });
                 }
                 ClientFrame::Ping(p[..8].try_into().expect("length checked"))
             }
@@ -200,9 +244,16 @@ pub enum ServerFrame {
     /// Nothing; keeps NATs and proxies from timing out.
     KeepAlive,
     /// A peer left, or was never here.
-    PeerGone { key: PublicKey, reason: PeerGoneReason },
+    PeerGone {
+        key: PublicKey,
+        reason: PeerGoneReason,
+    },
     /// A peer is connected (to watchers).
-    PeerPresent { key: PublicKey, addr: Option<std::net::SocketAddr>, flags: u8 },
+    PeerPresent {
+        key: PublicKey,
+        addr: Option<std::net::SocketAddr>,
+        flags: u8,
+    },
     /// Ping from the server.
     Ping([u8; 8]),
     /// Answer to the client's Ping.
@@ -210,7 +261,10 @@ pub enum ServerFrame {
     /// Health text; empty means healthy.
     Health(String),
     /// The server is restarting: reconnect after `reconnect_in_ms`, keep trying for `try_for_ms`.
-    Restarting { reconnect_in_ms: u32, try_for_ms: u32 },
+    Restarting {
+        reconnect_in_ms: u32,
+        try_for_ms: u32,
+    },
     /// Any other type (a client should skip it).
     Other(u8),
 }
@@ -222,9 +276,16 @@ impl ServerFrame {
         Ok(match f.frame_type {
             ft::RECV_PACKET => {
                 if p.len() < KEY_LEN {
-                    return Err(ProtoError::BadLength { what: "RecvPacket", len: p.len(), expected: "at least 32" });
+                    return Err(ProtoError::BadLength {
+                        what: "RecvPacket",
+                        len: p.len(),
+                        expected: "at least 32",
+                    });
                 }
-                ServerFrame::RecvPacket { src: PublicKey::from_slice(&p).expect("checked"), packet: p.slice(KEY_LEN..) }
+                ServerFrame::RecvPacket {
+                    src: PublicKey::from_slice(&p).expect("checked"),
+                    packet: p.slice(KEY_LEN..),
+                }
             }
             ft::KEEP_ALIVE => ServerFrame::KeepAlive,
             ft::PEER_GONE => {
@@ -246,7 +307,10 @@ impl ServerFrame {
                     let ip: [u8; 16] = p[KEY_LEN..KEY_LEN + 16].try_into().expect("checked");
                     let port = u16::from_be_bytes([p[KEY_LEN + 16], p[KEY_LEN + 17]]);
                     let ip = std::net::Ipv6Addr::from(ip);
-                    let ip = ip.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(ip));
+                    let ip = ip
+                        .to_ipv4_mapped()
+                        .map(std::net::IpAddr::V4)
+                        .unwrap_or(std::net::IpAddr::V6(ip));
                     std::net::SocketAddr::new(ip, port)
                 });
                 let flags = p.get(KEY_LEN + 18).copied().unwrap_or(0);
@@ -298,17 +362,35 @@ pub fn put_peer_gone(out: &mut impl BufMut, key: &PublicKey, reason: PeerGoneRea
 }
 
 /// Appends PeerPresent(key, addr, flags) in the 32+16+2+1 layout.
-pub fn put_peer_present(out: &mut impl BufMut, key: &PublicKey, addr: std::net::SocketAddr, flags: u8) {
+pub fn put_peer_present(
+    out: &mut impl BufMut,
+    key: &PublicKey,
+    addr: std::net::SocketAddr,
+    flags: u8,
+) {
     let ip = match addr.ip() {
         std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
         std::net::IpAddr::V6(v6) => v6,
     };
-    put_frame(out, ft::PEER_PRESENT, &[key.as_bytes(), &ip.octets(), &addr.port().to_be_bytes(), &[flags]]);
+    put_frame(
+        out,
+        ft::PEER_PRESENT,
+        &[
+            key.as_bytes(),
+            &ip.octets(),
+            &addr.port().to_be_bytes(),
+            &[flags],
+        ],
+    );
 }
 
 /// Appends Restarting(reconnect_in, try_for) in milliseconds.
 pub fn put_restarting(out: &mut impl BufMut, reconnect_in_ms: u32, try_for_ms: u32) {
-    put_frame(out, ft::RESTARTING, &[&reconnect_in_ms.to_be_bytes(), &try_for_ms.to_be_bytes()]);
+    put_frame(
+        out,
+        ft::RESTARTING,
+        &[&reconnect_in_ms.to_be_bytes(), &try_for_ms.to_be_bytes()],
+    );
 }
 
 #[cfg(test)]
@@ -338,7 +420,10 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ClientFrame::SendPacket { dst: key(1), packet: Bytes::from_static(b"hello") },
+                ClientFrame::SendPacket {
+                    dst: key(1),
+                    packet: Bytes::from_static(b"hello")
+                },
                 ClientFrame::Ping(*b"12345678"),
                 ClientFrame::NotePreferred(true),
             ]
@@ -362,13 +447,21 @@ mod tests {
 
     #[test]
     fn client_frame_lengths_are_checked() {
-        let bad = |t: u8, p: &'static [u8]| ClientFrame::parse(RawFrame { frame_type: t, payload: Bytes::from_static(p) });
+        let bad = |t: u8, p: &'static [u8]| {
+            ClientFrame::parse(RawFrame {
+                frame_type: t,
+                payload: Bytes::from_static(p),
+            })
+        };
         assert!(bad(ft::SEND_PACKET, &[0; 31]).is_err());
         assert!(bad(ft::NOTE_PREFERRED, &[]).is_err());
         assert!(bad(ft::NOTE_PREFERRED, &[1, 1]).is_err());
         assert!(bad(ft::PING, &[0; 7]).is_err());
         assert!(bad(ft::PING, &[0; 1001]).is_err());
-        assert_eq!(bad(ft::PING, &[7; 1000]).unwrap(), ClientFrame::Ping([7; 8]));
+        assert_eq!(
+            bad(ft::PING, &[7; 1000]).unwrap(),
+            ClientFrame::Ping([7; 8])
+        );
         assert!(bad(ft::WATCH_CONNS, &[0]).is_err());
         assert!(bad(ft::CLOSE_PEER, &[0; 33]).is_err());
         assert!(bad(ft::FORWARD_PACKET, &[0; 63]).is_err());
@@ -391,10 +484,23 @@ mod tests {
         assert_eq!(
             frames,
             vec![
-                ServerFrame::RecvPacket { src: key(2), packet: Bytes::from_static(b"pkt") },
-                ServerFrame::PeerGone { key: key(3), reason: PeerGoneReason::NotHere },
-                ServerFrame::PeerPresent { key: key(4), addr: Some("10.1.2.3:4567".parse().unwrap()), flags: 1 },
-                ServerFrame::Restarting { reconnect_in_ms: 1500, try_for_ms: 30000 },
+                ServerFrame::RecvPacket {
+                    src: key(2),
+                    packet: Bytes::from_static(b"pkt")
+                },
+                ServerFrame::PeerGone {
+                    key: key(3),
+                    reason: PeerGoneReason::NotHere
+                },
+                ServerFrame::PeerPresent {
+                    key: key(4),
+                    addr: Some("10.1.2.3:4567".parse().unwrap()),
+                    flags: 1
+                },
+                ServerFrame::Restarting {
+                    reconnect_in_ms: 1500,
+                    try_for_ms: 30000
+                },
                 ServerFrame::KeepAlive,
             ]
         );

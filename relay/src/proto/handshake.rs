@@ -21,7 +21,11 @@ pub fn server_key_payload(server: &PublicKey) -> [u8; MAGIC.len() + KEY_LEN] {
 /// Reads the server's key from a ServerKey payload (extra trailing bytes are allowed).
 pub fn parse_server_key(payload: &[u8]) -> Result<PublicKey, ProtoError> {
     if payload.len() < MAGIC.len() + KEY_LEN {
-        return Err(ProtoError::BadLength { what: "ServerKey", len: payload.len(), expected: "at least 40" });
+        return Err(ProtoError::BadLength {
+            what: "ServerKey",
+            len: payload.len(),
+            expected: "at least 40",
+        });
     }
     if payload[..MAGIC.len()] != MAGIC {
         return Err(ProtoError::BadMagic);
@@ -48,7 +52,8 @@ pub struct ClientInfo {
 }
 
 fn normalised(map: &Map<String, Value>) -> impl Iterator<Item = (String, &Value)> {
-    map.iter().map(|(k, v)| (k.to_ascii_lowercase().replace('_', ""), v))
+    map.iter()
+        .map(|(k, v)| (k.to_ascii_lowercase().replace('_', ""), v))
 }
 
 impl ClientInfo {
@@ -131,8 +136,12 @@ impl ServerInfo {
         for (k, v) in normalised(&map) {
             match k.as_str() {
                 "version" => info.version = num(v).unwrap_or(0),
-                "tokenbucketbytespersecond" => info.token_bucket_bytes_per_second = num(v).filter(|n| *n > 0),
-                "tokenbucketbytesburst" => info.token_bucket_bytes_burst = num(v).filter(|n| *n > 0),
+                "tokenbucketbytespersecond" => {
+                    info.token_bucket_bytes_per_second = num(v).filter(|n| *n > 0)
+                }
+                "tokenbucketbytesburst" => {
+                    info.token_bucket_bytes_burst = num(v).filter(|n| *n > 0)
+                }
                 _ => {}
             }
         }
@@ -144,7 +153,9 @@ impl ServerInfo {
 pub fn seal(ours: &SecretKey, theirs: &PublicKey, plaintext: &[u8]) -> Vec<u8> {
     let b = SalsaBox::new(&crypto_box::PublicKey::from(theirs.0), ours.inner());
     let nonce = SalsaBox::generate_nonce(&mut rand::rngs::OsRng);
-    let ct = b.encrypt(&nonce, plaintext).expect("encryption of an in-memory buffer cannot fail");
+    let ct = b
+        .encrypt(&nonce, plaintext)
+        .expect("encryption of an in-memory buffer cannot fail");
     let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
     out.extend_from_slice(&ct);
@@ -158,7 +169,8 @@ pub fn open(ours: &SecretKey, theirs: &PublicKey, sealed: &[u8]) -> Result<Vec<u
     }
     let b = SalsaBox::new(&crypto_box::PublicKey::from(theirs.0), ours.inner());
     let nonce = crypto_box::Nonce::from_slice(&sealed[..NONCE_LEN]);
-    b.decrypt(nonce, &sealed[NONCE_LEN..]).map_err(|_| ProtoError::BoxOpen)
+    b.decrypt(nonce, &sealed[NONCE_LEN..])
+        .map_err(|_| ProtoError::BoxOpen)
 }
 
 /// The ClientInfo payload: client key (32) + nonce (24) + box(JSON).
@@ -169,9 +181,16 @@ pub fn client_info_payload(client: &SecretKey, server: &PublicKey, info: &Client
 }
 
 /// Server side: reads a ClientInfo payload, returning the client's proven key and its info.
-pub fn open_client_info(server: &SecretKey, payload: &[u8]) -> Result<(PublicKey, ClientInfo), ProtoError> {
+pub fn open_client_info(
+    server: &SecretKey,
+    payload: &[u8],
+) -> Result<(PublicKey, ClientInfo), ProtoError> {
     if payload.len() < KEY_LEN + NONCE_LEN {
-        return Err(ProtoError::BadLength { what: "ClientInfo", len: payload.len(), expected: "at least 56" });
+        return Err(ProtoError::BadLength {
+            what: "ClientInfo",
+            len: payload.len(),
+            expected: "at least 56",
+        });
     }
     let client = PublicKey::from_slice(payload).expect("length checked");
     let json = open(server, &client, &payload[KEY_LEN..])?;
@@ -186,7 +205,11 @@ mod tests {
     fn handshake_boxes_round_trip_and_bind_the_claimed_key() {
         let server = SecretKey::generate();
         let client = SecretKey::generate();
-        let info = ClientInfo { version: 2, can_ack_pings: true, ..Default::default() };
+        let info = ClientInfo {
+            version: 2,
+            can_ack_pings: true,
+            ..Default::default()
+        };
         let payload = client_info_payload(&client, &server.public(), &info);
         let (k, got) = open_client_info(&server, &payload).unwrap();
         assert_eq!(k, client.public());
@@ -196,9 +219,15 @@ mod tests {
         let mallory = SecretKey::generate();
         let mut forged = payload.clone();
         forged[..32].copy_from_slice(mallory.public().as_bytes());
-        assert_eq!(open_client_info(&server, &forged).unwrap_err(), ProtoError::BoxOpen);
+        assert_eq!(
+            open_client_info(&server, &forged).unwrap_err(),
+            ProtoError::BoxOpen
+        );
 
-        let si = ServerInfo { version: 2, ..Default::default() };
+        let si = ServerInfo {
+            version: 2,
+            ..Default::default()
+        };
         let sealed = seal(&server, &client.public(), &si.to_json());
         let opened = open(&client, &server.public(), &sealed).unwrap();
         assert_eq!(ServerInfo::from_json(&opened).unwrap(), si);
@@ -207,13 +236,25 @@ mod tests {
     #[test]
     fn client_info_is_parsed_leniently() {
         let rust = br#"{"version":2,"mesh_key":"none","can_ack_pings":false,"is_prober":false,"extra":[1]}"#;
-        assert_eq!(ClientInfo::from_json(rust).unwrap(), ClientInfo { version: 2, ..Default::default() });
+        assert_eq!(
+            ClientInfo::from_json(rust).unwrap(),
+            ClientInfo {
+                version: 2,
+                ..Default::default()
+            }
+        );
         let go = br#"{"meshKey":"0101010101010101010101010101010101010101010101010101010101010101","version":2,"CanAckPings":true,"IsProber":true}"#;
         let got = ClientInfo::from_json(go).unwrap();
         assert_eq!(got.mesh_key, Some([1; 32]));
         assert!(got.can_ack_pings && got.is_prober);
-        assert_eq!(ClientInfo::from_json(b"[]").unwrap_err().reason(), "bad_json");
-        assert_eq!(ClientInfo::from_json(br#"{"meshKey":"xyz"}"#).unwrap_err(), ProtoError::BadMeshKey);
+        assert_eq!(
+            ClientInfo::from_json(b"[]").unwrap_err().reason(),
+            "bad_json"
+        );
+        assert_eq!(
+            ClientInfo::from_json(br#"{"meshKey":"xyz"}"#).unwrap_err(),
+            ProtoError::BadMeshKey
+        );
     }
 
     #[test]

@@ -46,7 +46,9 @@ impl fmt::Display for PublicKey {
 
 /// Why a key string did not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("a key is 64 hex characters, optionally prefixed with `{prefix}:`; got {got_len} characters")]
+#[error(
+    "a key is 64 hex characters, optionally prefixed with `{prefix}:`; got {got_len} characters"
+)]
 pub struct KeyParseError {
     prefix: &'static str,
     got_len: usize,

@@ -45,9 +45,17 @@ pub fn looks_like_disco(packet: &[u8]) -> bool {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtoError {
     #[error("frame of type {frame_type:#04x} is {len} bytes, over the {max}-byte limit")]
-    FrameTooLong { frame_type: u8, len: usize, max: usize },
+    FrameTooLong {
+        frame_type: u8,
+        len: usize,
+        max: usize,
+    },
     #[error("{what} frame is {len} bytes; expected {expected}")]
-    BadLength { what: &'static str, len: usize, expected: &'static str },
+    BadLength {
+        what: &'static str,
+        len: usize,
+        expected: &'static str,
+    },
     #[error("ServerKey frame does not start with the DERP magic")]
     BadMagic,
     #[error("expected a {expected} frame, got type {got:#04x}")]

@@ -15,7 +15,8 @@ use super::metrics::{CloseReason, DropReason, HandshakeFailure};
 use super::registry::{ClientHandle, Control, Queues};
 use super::Shared;
 use crate::proto::{
-    self, frame_type as ft, ClientFrame, FrameDecoder, PeerGoneReason, ProtoError, PublicKey, ServerInfo,
+    self, frame_type as ft, ClientFrame, FrameDecoder, PeerGoneReason, ProtoError, PublicKey,
+    ServerInfo,
 };
 
 /// Initial read buffer size; it grows to hold one whole frame when needed.
@@ -44,7 +45,11 @@ impl NotHereLimiter {
 }
 
 /// Writes all of `buf`, failing if no progress is made for `timeout` (derper: 2 s per frame).
-async fn write_with_deadline<W: AsyncWrite + Unpin>(w: &mut W, mut buf: &[u8], timeout: Duration) -> Result<(), CloseReason> {
+async fn write_with_deadline<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut buf: &[u8],
+    timeout: Duration,
+) -> Result<(), CloseReason> {
     while !buf.is_empty() {
         match tokio::time::timeout(timeout, w.write(buf)).await {
             Err(_) => return Err(CloseReason::WriteTimeout),
@@ -61,8 +66,14 @@ async fn write_with_deadline<W: AsyncWrite + Unpin>(w: &mut W, mut buf: &[u8], t
 
 /// Runs a DERP connection to its end. `prefix` is written before the ServerKey frame (the 101
 /// response, or nothing with fast-start); `rbuf` holds bytes the client already sent.
-pub(crate) async fn run<S>(io: S, prefix: Vec<u8>, mut rbuf: BytesMut, remote: SocketAddr, accepted: Instant, shared: Arc<Shared>)
-where
+pub(crate) async fn run<S>(
+    io: S,
+    prefix: Vec<u8>,
+    mut rbuf: BytesMut,
+    remote: SocketAddr,
+    accepted: Instant,
+    shared: Arc<Shared>,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut r, mut w) = tokio::io::split(io);
@@ -71,8 +82,15 @@ where
 
     // 1. ServerKey.
     let mut out = prefix;
-    proto::put_frame(&mut out, ft::SERVER_KEY, &[&proto::server_key_payload(&shared.public)]);
-    if write_with_deadline(&mut w, &out, limits.write_timeout).await.is_err() {
+    proto::put_frame(
+        &mut out,
+        ft::SERVER_KEY,
+        &[&proto::server_key_payload(&shared.public)],
+    );
+    if write_with_deadline(&mut w, &out, limits.write_timeout)
+        .await
+        .is_err()
+    {
         m.handshake_failed(HandshakeFailure::Io);
         return;
     }
@@ -84,7 +102,12 @@ where
         loop {
             match dec.decode(&mut rbuf) {
                 Ok(Some(f)) if f.frame_type == ft::CLIENT_INFO => return Ok(f.payload),
-                Ok(Some(f)) => return Err(HandshakeErr::Proto(ProtoError::UnexpectedFrame { expected: "ClientInfo", got: f.frame_type })),
+                Ok(Some(f)) => {
+                    return Err(HandshakeErr::Proto(ProtoError::UnexpectedFrame {
+                        expected: "ClientInfo",
+                        got: f.frame_type,
+                    }))
+                }
                 Ok(None) => {}
                 Err(e) => return Err(HandshakeErr::Proto(e)),
             }
@@ -134,14 +157,25 @@ where
 
     // 3. ServerInfo.
     out.clear();
-    let si = ServerInfo { version: proto::PROTOCOL_VERSION, ..Default::default() };
-    proto::put_frame(&mut out, ft::SERVER_INFO, &[&proto::seal(&shared.secret, &key, &si.to_json())]);
-    if write_with_deadline(&mut w, &out, limits.write_timeout).await.is_err() {
+    let si = ServerInfo {
+        version: proto::PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    proto::put_frame(
+        &mut out,
+        ft::SERVER_INFO,
+        &[&proto::seal(&shared.secret, &key, &si.to_json())],
+    );
+    if write_with_deadline(&mut w, &out, limits.write_timeout)
+        .await
+        .is_err()
+    {
         m.handshake_failed(HandshakeFailure::Io);
         return;
     }
     m.handshakes.increment(1);
-    m.handshake_duration.record(accepted.elapsed().as_secs_f64());
+    m.handshake_duration
+        .record(accepted.elapsed().as_secs_f64());
 
     let span = tracing::debug_span!("client", key = %key.short(), mesh = is_mesh);
     let _enter = span.enter();
@@ -209,7 +243,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut sent_to: HashSet<PublicKey> = HashSet::new();
     let mut last_dst: Option<PublicKey> = None;
     let mut home = false;
-    let mut not_here = NotHereLimiter { tokens: 3.0, last: Instant::now() };
+    let mut not_here = NotHereLimiter {
+        tokens: 3.0,
+        last: Instant::now(),
+    };
     let why = 'conn: loop {
         // Everything already buffered, then one read. Counters are added once per read.
         let (mut pkts, mut bytes) = (0u64, 0u64);
@@ -247,7 +284,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         }
                         None => {
                             m.drop(DropReason::UnknownDest);
-                            if disco && not_here.allow(Instant::now()) && me.enqueue_control(Control::PeerGone(dst, PeerGoneReason::NotHere)) {
+                            if disco
+                                && not_here.allow(Instant::now())
+                                && me.enqueue_control(Control::PeerGone(
+                                    dst,
+                                    PeerGoneReason::NotHere,
+                                ))
+                            {
                                 m.peer_gone_sent.increment(1);
                             }
                         }
@@ -319,7 +362,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
 
 /// Drains this client's queues: control frames first, then disco, then data; one flush per
 /// batch. Returns a close reason if the writer ended the connection.
-async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, me: Arc<ClientHandle>, shared: Arc<Shared>) -> Option<CloseReason> {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    me: Arc<ClientHandle>,
+    shared: Arc<Shared>,
+) -> Option<CloseReason> {
     let m = &shared.metrics;
     let limits = &shared.limits;
     let mut q = Queues::default();
@@ -386,4 +433,3 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut w: W, me: Arc<ClientHandle>, shar
         }
     }
 }
-

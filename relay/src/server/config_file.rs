@@ -26,7 +26,9 @@ impl std::str::FromStr for Listen {
             return Ok(Listen::Off);
         }
         s.parse().map(Listen::On).map_err(|_| {
-            format!("`{s}` is not an address; write IP:PORT (e.g. 0.0.0.0:443 or [::]:443), or `off`")
+            format!(
+                "`{s}` is not an address; write IP:PORT (e.g. 0.0.0.0:443 or [::]:443), or `off`"
+            )
         })
     }
 }
@@ -154,7 +156,10 @@ pub enum LogFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {msg}")]
     Parse { path: PathBuf, msg: String },
 }
@@ -162,14 +167,20 @@ pub enum ConfigError {
 impl FileConfig {
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::parse(&text).map_err(|msg| ConfigError::Parse { path: path.into(), msg })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|msg| ConfigError::Parse {
+            path: path.into(),
+            msg,
+        })
     }
 
     /// Parses config text; the error carries the line, the column and what is expected.
     pub fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e: toml::de::Error| {
-            let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
             let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
             let mut msg = format!("{at}{}", e.message());
             if msg.contains("unknown field") {
@@ -190,7 +201,10 @@ mod tests {
         let c = FileConfig::parse(text).unwrap();
         assert_eq!(c.listen, Some("0.0.0.0:443".parse().unwrap()));
         assert_eq!(c.tls.mode, Some(CertMode::SelfSigned));
-        assert_eq!(c.metrics_listen, Some(Listen::On("127.0.0.1:9090".parse().unwrap())));
+        assert_eq!(
+            c.metrics_listen,
+            Some(Listen::On("127.0.0.1:9090".parse().unwrap()))
+        );
         assert_eq!(c.limits.write_timeout, Some(Duration::from_secs(2)));
         assert_eq!(c.stun.enabled, Some(true));
     }
@@ -198,7 +212,12 @@ mod tests {
     #[test]
     fn bad_files_name_the_line_and_the_fix() {
         let e = FileConfig::parse("listen = \"0.0.0.0:443\"\nlisen = 1\n").unwrap_err();
-        assert!(e.starts_with("line 2:") && e.contains("unknown field `lisen`") && e.contains("example.toml"), "{e}");
+        assert!(
+            e.starts_with("line 2:")
+                && e.contains("unknown field `lisen`")
+                && e.contains("example.toml"),
+            "{e}"
+        );
         let e = FileConfig::parse("\n\nhttp_listen = \"port eighty\"\n").unwrap_err();
         assert!(e.starts_with("line 3:") && e.contains("IP:PORT"), "{e}");
         let e = FileConfig::parse("[limits]\nwrite_timeout = \"2 parsecs\"\n").unwrap_err();

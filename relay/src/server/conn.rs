@@ -41,7 +41,12 @@ fn route(req: &Request, listener: Listener, shared: &Shared) -> Route {
     let get_like = m == "GET" || m == "HEAD";
     if listener == Listener::Metrics {
         return Route::Respond(match (path, get_like) {
-            ("/metrics", true) => Response::new(200, "OK", "text/plain; version=0.0.4; charset=utf-8", shared.metrics.render()),
+            ("/metrics", true) => Response::new(
+                200,
+                "OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                shared.metrics.render(),
+            ),
             _ => Response::text(404, "Not Found", "ferry-relay metrics: GET /metrics\n"),
         });
     }
@@ -49,14 +54,30 @@ fn route(req: &Request, listener: Listener, shared: &Shared) -> Route {
         "/derp" if listener == Listener::Derp => {
             let upgrade = req.header("upgrade").unwrap_or("").to_ascii_lowercase();
             match upgrade.as_str() {
-                "derp" => Route::Derp { fast_start: req.header("derp-fast-start") == Some("1") },
-                "websocket" if req.header_has_token("sec-websocket-protocol", "derp") => match req.header("sec-websocket-key") {
-                    Some(k) => Route::WebSocket { key: k.to_string() },
-                    None => Route::Respond(Response::text(400, "Bad Request", "WebSocket upgrade without Sec-WebSocket-Key\n")),
+                "derp" => Route::Derp {
+                    fast_start: req.header("derp-fast-start") == Some("1"),
                 },
-                "websocket" => Route::Respond(Response::text(400, "Bad Request", "WebSocket DERP needs Sec-WebSocket-Protocol: derp\n")),
+                "websocket" if req.header_has_token("sec-websocket-protocol", "derp") => {
+                    match req.header("sec-websocket-key") {
+                        Some(k) => Route::WebSocket { key: k.to_string() },
+                        None => Route::Respond(Response::text(
+                            400,
+                            "Bad Request",
+                            "WebSocket upgrade without Sec-WebSocket-Key\n",
+                        )),
+                    }
+                }
+                "websocket" => Route::Respond(Response::text(
+                    400,
+                    "Bad Request",
+                    "WebSocket DERP needs Sec-WebSocket-Protocol: derp\n",
+                )),
                 _ => {
-                    let mut r = Response::text(426, "Upgrade Required", "DERP requires connection upgrade\n");
+                    let mut r = Response::text(
+                        426,
+                        "Upgrade Required",
+                        "DERP requires connection upgrade\n",
+                    );
                     r.headers.push(("Upgrade", "DERP".into()));
                     Route::Respond(r)
                 }
@@ -70,24 +91,37 @@ fn route(req: &Request, listener: Listener, shared: &Shared) -> Route {
         "/generate_204" if get_like => {
             let mut r = Response::new(204, "No Content", "text/plain", Vec::new());
             r.headers.clear();
-            if let Some(c) = req.header("x-tailscale-challenge").filter(|c| http::valid_challenge(c)) {
-                r.headers.push(("X-Tailscale-Response", format!("response {c}")));
+            if let Some(c) = req
+                .header("x-tailscale-challenge")
+                .filter(|c| http::valid_challenge(c))
+            {
+                r.headers
+                    .push(("X-Tailscale-Response", format!("response {c}")));
             }
             Route::Respond(r)
         }
         "/healthz" if get_like => Route::Respond(if shared.is_ready() {
             Response::text(200, "OK", "ok\n")
         } else {
-            Response::text(503, "Service Unavailable", "not ready (starting or shutting down)\n")
+            Response::text(
+                503,
+                "Service Unavailable",
+                "not ready (starting or shutting down)\n",
+            )
         }),
-        "/robots.txt" if get_like => Route::Respond(Response::text(200, "OK", "User-agent: *\nDisallow: /\n")),
+        "/robots.txt" if get_like => {
+            Route::Respond(Response::text(200, "OK", "User-agent: *\nDisallow: /\n"))
+        }
         "/" if get_like && listener == Listener::Derp => Route::Respond(http::home_page()),
         _ if listener == Listener::Port80 => {
-            let host = req.header("host").map(|h| h.split(':').next().unwrap_or(h).to_string());
+            let host = req
+                .header("host")
+                .map(|h| h.split(':').next().unwrap_or(h).to_string());
             match host.or_else(|| shared.hostname.clone()) {
                 Some(h) => {
                     let mut r = Response::text(308, "Permanent Redirect", "use HTTPS\n");
-                    r.headers.push(("Location", format!("https://{h}{}", req.path)));
+                    r.headers
+                        .push(("Location", format!("https://{h}{}", req.path)));
                     Route::Respond(r)
                 }
                 None => Route::Respond(Response::text(404, "Not Found", "not found\n")),
@@ -101,17 +135,25 @@ fn route(req: &Request, listener: Listener, shared: &Shared) -> Route {
 pub(crate) fn tune(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     let sock = socket2::SockRef::from(tcp);
-    let ka = socket2::TcpKeepalive::new().with_time(std::time::Duration::from_secs(30)).with_interval(std::time::Duration::from_secs(10));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10));
     let _ = sock.set_tcp_keepalive(&ka);
 }
 
 /// Serves an accepted TCP connection on `listener`, with TLS when the server has it.
-pub(crate) async fn handle_tcp(tcp: TcpStream, remote: SocketAddr, listener: Listener, shared: Arc<Shared>) {
+pub(crate) async fn handle_tcp(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    listener: Listener,
+    shared: Arc<Shared>,
+) {
     let accepted = Instant::now();
     tune(&tcp);
     match (&shared.tls_acceptor, listener) {
         (Some(acceptor), Listener::Derp) => {
-            let deadline = tokio::time::Instant::from_std(accepted + shared.limits.handshake_timeout);
+            let deadline =
+                tokio::time::Instant::from_std(accepted + shared.limits.handshake_timeout);
             match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => serve(tls, remote, accepted, listener, shared).await,
                 Ok(Err(e)) => {
@@ -129,8 +171,13 @@ pub(crate) async fn handle_tcp(tcp: TcpStream, remote: SocketAddr, listener: Lis
 }
 
 /// Reads requests and answers them until one upgrades or the connection ends.
-async fn serve<S>(mut io: S, remote: SocketAddr, accepted: Instant, listener: Listener, shared: Arc<Shared>)
-where
+async fn serve<S>(
+    mut io: S,
+    remote: SocketAddr,
+    accepted: Instant,
+    listener: Listener,
+    shared: Arc<Shared>,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let mut buf = BytesMut::new();
@@ -138,11 +185,17 @@ where
     loop {
         // The whole head must arrive within the handshake deadline (first request) or the idle
         // timeout (later ones): slowloris protection.
-        let limit = if first { shared.limits.handshake_timeout } else { shared.limits.http_idle_timeout };
+        let limit = if first {
+            shared.limits.handshake_timeout
+        } else {
+            shared.limits.http_idle_timeout
+        };
         let req = match tokio::time::timeout(limit, http::read_request(&mut io, &mut buf)).await {
             Err(_) => {
                 if first {
-                    shared.metrics.handshake_failed(HandshakeFailure::HttpTimeout);
+                    shared
+                        .metrics
+                        .handshake_failed(HandshakeFailure::HttpTimeout);
                 }
                 return;
             }
@@ -158,7 +211,11 @@ where
                 debug!(%remote, error = %e, "bad HTTP request");
                 if !matches!(e, HttpError::Io(_)) {
                     let r = Response::text(400, "Bad Request", "malformed HTTP request\n");
-                    let _ = tokio::time::timeout(shared.limits.write_timeout, io.write_all(&r.encode(false, false))).await;
+                    let _ = tokio::time::timeout(shared.limits.write_timeout, async {
+                        io.write_all(&r.encode(false, false)).await?;
+                        io.shutdown().await
+                    })
+                    .await;
                 }
                 return;
             }
@@ -166,7 +223,11 @@ where
         first = false;
         match route(&req, listener, &shared) {
             Route::Derp { fast_start } => {
-                let prefix = if fast_start { Vec::new() } else { http::derp_switching_protocols(&shared.public.to_hex()) };
+                let prefix = if fast_start {
+                    Vec::new()
+                } else {
+                    http::derp_switching_protocols(&shared.public.to_hex())
+                };
                 return client::run(io, prefix, buf, remote, accepted, shared).await;
             }
             Route::WebSocket { key } => {
@@ -175,24 +236,39 @@ where
                      Sec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: derp\r\n\r\n",
                     derive_accept_key(key.as_bytes())
                 );
-                if tokio::time::timeout(shared.limits.write_timeout, io.write_all(resp.as_bytes())).await.is_err() {
+                if tokio::time::timeout(shared.limits.write_timeout, io.write_all(resp.as_bytes()))
+                    .await
+                    .is_err()
+                {
                     shared.metrics.handshake_failed(HandshakeFailure::Io);
                     return;
                 }
                 let mut cfg = WebSocketConfig::default();
                 cfg.max_message_size = Some(2 << 20);
                 cfg.max_frame_size = Some(2 << 20);
-                let ws = WebSocketStream::from_partially_read(io, buf.to_vec(), Role::Server, Some(cfg)).await;
-                return client::run(WsIo::new(ws), Vec::new(), BytesMut::new(), remote, accepted, shared).await;
+                let ws =
+                    WebSocketStream::from_partially_read(io, buf.to_vec(), Role::Server, Some(cfg))
+                        .await;
+                return client::run(
+                    WsIo::new(ws),
+                    Vec::new(),
+                    BytesMut::new(),
+                    remote,
+                    accepted,
+                    shared,
+                )
+                .await;
             }
             Route::Respond(resp) => {
                 shared.metrics.http_requests.increment(1);
                 let keep = req.keep_alive() && !req.has_body();
                 let bytes = resp.encode(req.method == "HEAD", keep);
-                match tokio::time::timeout(shared.limits.write_timeout, io.write_all(&bytes)).await {
+                match tokio::time::timeout(shared.limits.write_timeout, io.write_all(&bytes)).await
+                {
                     Ok(Ok(())) if keep => {}
                     _ => {
-                        let _ = tokio::time::timeout(shared.limits.write_timeout, io.shutdown()).await;
+                        let _ =
+                            tokio::time::timeout(shared.limits.write_timeout, io.shutdown()).await;
                         return;
                     }
                 }

@@ -53,7 +53,8 @@ impl Request {
 
     /// Whether the request has a body we would have to read (we serve no such route).
     pub(crate) fn has_body(&self) -> bool {
-        self.header("transfer-encoding").is_some() || self.header("content-length").is_some_and(|v| v != "0")
+        self.header("transfer-encoding").is_some()
+            || self.header("content-length").is_some_and(|v| v != "0")
     }
 }
 
@@ -71,7 +72,10 @@ pub(crate) enum HttpError {
 
 /// Reads one request head. Bytes after it stay in `buf` (pipelined DERP frames with fast-start).
 /// `Ok(None)` when the peer closed before sending anything.
-pub(crate) async fn read_request<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> Result<Option<Request>, HttpError> {
+pub(crate) async fn read_request<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+) -> Result<Option<Request>, HttpError> {
     loop {
         if !buf.is_empty() {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -82,7 +86,11 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(io: &mut S, buf: &mut Byt
                         method: req.method.unwrap_or("").to_string(),
                         path: req.path.unwrap_or("").to_string(),
                         minor_version: req.version.unwrap_or(0),
-                        headers: req.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect(),
+                        headers: req
+                            .headers
+                            .iter()
+                            .map(|h| (h.name.to_string(), h.value.to_vec()))
+                            .collect(),
                     };
                     let _ = buf.split_to(n);
                     return Ok(Some(r));
@@ -96,7 +104,11 @@ pub(crate) async fn read_request<S: AsyncRead + Unpin>(io: &mut S, buf: &mut Byt
         }
         buf.reserve(1024);
         if io.read_buf(buf).await? == 0 {
-            return if buf.is_empty() { Ok(None) } else { Err(HttpError::Truncated) };
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(HttpError::Truncated)
+            };
         }
     }
 }
@@ -110,8 +122,18 @@ pub(crate) struct Response {
 }
 
 impl Response {
-    pub(crate) fn new(status: u16, reason: &'static str, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Response { status, reason, headers: vec![("Content-Type", content_type.to_string())], body: body.into() }
+    pub(crate) fn new(
+        status: u16,
+        reason: &'static str,
+        content_type: &'static str,
+        body: impl Into<Vec<u8>>,
+    ) -> Self {
+        Response {
+            status,
+            reason,
+            headers: vec![("Content-Type", content_type.to_string())],
+            body: body.into(),
+        }
     }
     pub(crate) fn text(status: u16, reason: &'static str, body: impl Into<String>) -> Self {
         Self::new(status, reason, "text/plain; charset=utf-8", body.into())
@@ -125,7 +147,11 @@ impl Response {
             let _ = write!(s, "{k}: {v}\r\n");
         }
         let _ = write!(s, "Content-Length: {}\r\n", self.body.len());
-        s.push_str(if keep_alive { "Connection: keep-alive\r\n" } else { "Connection: close\r\n" });
+        s.push_str(if keep_alive {
+            "Connection: keep-alive\r\n"
+        } else {
+            "Connection: close\r\n"
+        });
         s.push_str("Server: ferry-relay\r\n\r\n");
         let mut out = s.into_bytes();
         if !head_only {
@@ -148,7 +174,10 @@ pub(crate) fn derp_switching_protocols(server_key_hex: &str) -> Vec<u8> {
 /// Whether a `/generate_204` challenge is one derper would echo: up to 64 characters of
 /// `[A-Za-z0-9._:-]` (derper's `isChallengeChar`).
 pub(crate) fn valid_challenge(c: &str) -> bool {
-    !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
+    !c.is_empty()
+        && c.len() <= 64
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
 }
 
 /// The path of a request target, also for the absolute form (`POST https://1.2.3.4:443/derp`,
@@ -197,14 +226,23 @@ mod tests {
     async fn garbage_and_oversized_heads_are_errors() {
         let mut buf = BytesMut::new();
         let mut io = &b"\x16\x03\x01\x02\x00garbage\r\n\r\n"[..];
-        assert!(matches!(read_request(&mut io, &mut buf).await, Err(HttpError::Malformed(_))));
+        assert!(matches!(
+            read_request(&mut io, &mut buf).await,
+            Err(HttpError::Malformed(_))
+        ));
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
         let mut io = big.as_bytes();
         let mut buf = BytesMut::new();
-        assert!(matches!(read_request(&mut io, &mut buf).await, Err(HttpError::TooLarge)));
+        assert!(matches!(
+            read_request(&mut io, &mut buf).await,
+            Err(HttpError::TooLarge)
+        ));
         let mut io = &b"GET / HTTP/1.1\r\n"[..];
         let mut buf = BytesMut::new();
-        assert!(matches!(read_request(&mut io, &mut buf).await, Err(HttpError::Truncated)));
+        assert!(matches!(
+            read_request(&mut io, &mut buf).await,
+            Err(HttpError::Truncated)
+        ));
     }
 
     #[test]

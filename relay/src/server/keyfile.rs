@@ -12,9 +12,15 @@ use crate::proto::SecretKey;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read the server key file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create the server key file {path}: {source} (create its directory, or point --key-file elsewhere)")]
-    Create { path: PathBuf, source: std::io::Error },
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the server key file {path} is not valid: {why}. Expected {{\"PrivateKey\":\"privkey:<64 hex>\"}}; \
              restore it from backup, or delete it to create a new key (clients will see a new server key)")]
     Invalid { path: PathBuf, why: String },
@@ -24,28 +30,48 @@ pub enum KeyFileError {
 /// Returns the key and whether it was created now.
 pub fn load_or_create(path: &Path) -> Result<(SecretKey, bool), KeyFileError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text).map(|k| (k, false)).map_err(|why| KeyFileError::Invalid { path: path.into(), why }),
+        Ok(text) => parse(&text)
+            .map(|k| (k, false))
+            .map_err(|why| KeyFileError::Invalid {
+                path: path.into(),
+                why,
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::generate();
             let json = serde_json::json!({ "PrivateKey": key.to_privkey_string() }).to_string();
             super::tls::write_private(path, json.as_bytes()).map_err(|e| match e {
-                super::tls::TlsError::Write { source, .. } => KeyFileError::Create { path: path.into(), source },
-                other => KeyFileError::Create { path: path.into(), source: std::io::Error::other(other.to_string()) },
+                super::tls::TlsError::Write { source, .. } => KeyFileError::Create {
+                    path: path.into(),
+                    source,
+                },
+                other => KeyFileError::Create {
+                    path: path.into(),
+                    source: std::io::Error::other(other.to_string()),
+                },
             })?;
             Ok((key, true))
         }
-        Err(source) => Err(KeyFileError::Read { path: path.into(), source }),
+        Err(source) => Err(KeyFileError::Read {
+            path: path.into(),
+            source,
+        }),
     }
 }
 
 fn parse(text: &str) -> Result<SecretKey, String> {
     let t = text.trim();
     if t.starts_with('{') {
-        let v: serde_json::Value = serde_json::from_str(t).map_err(|e| format!("not JSON ({e})"))?;
-        let s = v.get("PrivateKey").and_then(|p| p.as_str()).ok_or("no \"PrivateKey\" string")?;
-        s.parse().map_err(|e: crate::proto::KeyParseError| e.to_string())
+        let v: serde_json::Value =
+            serde_json::from_str(t).map_err(|e| format!("not JSON ({e})"))?;
+        let s = v
+            .get("PrivateKey")
+            .and_then(|p| p.as_str())
+            .ok_or("no \"PrivateKey\" string")?;
+        s.parse()
+            .map_err(|e: crate::proto::KeyParseError| e.to_string())
     } else {
-        t.parse().map_err(|e: crate::proto::KeyParseError| e.to_string())
+        t.parse()
+            .map_err(|e: crate::proto::KeyParseError| e.to_string())
     }
 }
 
@@ -65,15 +91,28 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
     }
 
     #[test]
     fn derper_and_bare_formats_parse_and_garbage_is_explained() {
         let k = SecretKey::generate();
-        assert_eq!(parse(&format!("{{\"PrivateKey\":\"{}\"}}", k.to_privkey_string())).unwrap().to_bytes(), k.to_bytes());
-        assert_eq!(parse(&format!("{}\n", k.to_privkey_string())).unwrap().to_bytes(), k.to_bytes());
+        assert_eq!(
+            parse(&format!("{{\"PrivateKey\":\"{}\"}}", k.to_privkey_string()))
+                .unwrap()
+                .to_bytes(),
+            k.to_bytes()
+        );
+        assert_eq!(
+            parse(&format!("{}\n", k.to_privkey_string()))
+                .unwrap()
+                .to_bytes(),
+            k.to_bytes()
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.key");
         std::fs::write(&p, "{\"PrivateKey\":\"privkey:12\"}").unwrap();

@@ -82,14 +82,18 @@ pub struct RelayMetrics {
 }
 
 /// Buckets for the handshake duration histogram, in seconds.
-const HANDSHAKE_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const HANDSHAKE_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 impl RelayMetrics {
     /// Builds a fresh recorder and registers every relay metric on it.
     pub(crate) fn new() -> (Self, PrometheusRecorder) {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(
-                metrics_exporter_prometheus::Matcher::Full("ferry_relay_handshake_duration_seconds".into()),
+                metrics_exporter_prometheus::Matcher::Full(
+                    "ferry_relay_handshake_duration_seconds".into(),
+                ),
                 HANDSHAKE_BUCKETS,
             )
             .expect("bucket list is non-empty")
@@ -109,26 +113,85 @@ impl RelayMetrics {
         let describe = |name: &'static str, unit: Option<metrics::Unit>, help: &'static str| {
             r.describe_counter(name.into(), unit, help.into());
         };
-        let describe_g = |name: &'static str, help: &'static str| r.describe_gauge(name.into(), None, help.into());
+        let describe_g = |name: &'static str, help: &'static str| {
+            r.describe_gauge(name.into(), None, help.into())
+        };
         let counter = |name: &'static str| r.register_counter(&Key::from_static_name(name), &meta);
         let labelled = |name: &'static str, label: &'static str, value: &'static str| {
-            r.register_counter(&Key::from_parts(name, vec![Label::new(label, value)]), &meta)
+            r.register_counter(
+                &Key::from_parts(name, vec![Label::new(label, value)]),
+                &meta,
+            )
         };
 
-        describe("ferry_relay_accepts_total", None, "TCP connections accepted on the DERP listener.");
-        describe("ferry_relay_rejected_total", None, "Connections refused at accept, by reason.");
-        describe("ferry_relay_handshakes_total", None, "DERP handshakes completed.");
-        describe("ferry_relay_handshake_failures_total", None, "Connections that never completed the DERP handshake, by reason.");
-        describe("ferry_relay_packets_forwarded_total", None, "Packets queued for a connected receiver.");
-        describe("ferry_relay_bytes_forwarded_total", Some(metrics::Unit::Bytes), "Payload bytes queued for a connected receiver.");
-        describe(NAME_DROPS, None, "Packets dropped, by reason (derper's reasons).");
-        describe("ferry_relay_frames_ignored_total", None, "Client frames of unknown type, skipped as derper skips them.");
-        describe("ferry_relay_connections_closed_total", None, "DERP connections closed, by reason.");
-        describe("ferry_relay_peer_gone_sent_total", None, "PeerGone frames queued to clients.");
-        describe("ferry_relay_http_requests_total", None, "Plain HTTP requests served (probes, health, home page).");
-        describe("ferry_relay_restarting_sent_total", None, "Restarting frames sent during graceful shutdown.");
-        describe_g("ferry_relay_connections", "DERP connections currently established.");
-        describe_g("ferry_relay_home_connections", "Connections whose client says this relay is its home.");
+        describe(
+            "ferry_relay_accepts_total",
+            None,
+            "TCP connections accepted on the DERP listener.",
+        );
+        describe(
+            "ferry_relay_rejected_total",
+            None,
+            "Connections refused at accept, by reason.",
+        );
+        describe(
+            "ferry_relay_handshakes_total",
+            None,
+            "DERP handshakes completed.",
+        );
+        describe(
+            "ferry_relay_handshake_failures_total",
+            None,
+            "Connections that never completed the DERP handshake, by reason.",
+        );
+        describe(
+            "ferry_relay_packets_forwarded_total",
+            None,
+            "Packets queued for a connected receiver.",
+        );
+        describe(
+            "ferry_relay_bytes_forwarded_total",
+            Some(metrics::Unit::Bytes),
+            "Payload bytes queued for a connected receiver.",
+        );
+        describe(
+            NAME_DROPS,
+            None,
+            "Packets dropped, by reason (derper's reasons).",
+        );
+        describe(
+            "ferry_relay_frames_ignored_total",
+            None,
+            "Client frames of unknown type, skipped as derper skips them.",
+        );
+        describe(
+            "ferry_relay_connections_closed_total",
+            None,
+            "DERP connections closed, by reason.",
+        );
+        describe(
+            "ferry_relay_peer_gone_sent_total",
+            None,
+            "PeerGone frames queued to clients.",
+        );
+        describe(
+            "ferry_relay_http_requests_total",
+            None,
+            "Plain HTTP requests served (probes, health, home page).",
+        );
+        describe(
+            "ferry_relay_restarting_sent_total",
+            None,
+            "Restarting frames sent during graceful shutdown.",
+        );
+        describe_g(
+            "ferry_relay_connections",
+            "DERP connections currently established.",
+        );
+        describe_g(
+            "ferry_relay_home_connections",
+            "Connections whose client says this relay is its home.",
+        );
         describe_g("ferry_build_info", "Always 1; labels carry the version.");
         r.describe_histogram(
             "ferry_relay_handshake_duration_seconds".into(),
@@ -137,7 +200,10 @@ impl RelayMetrics {
         );
 
         let build = r.register_gauge(
-            &Key::from_parts("ferry_build_info", vec![Label::new("version", env!("CARGO_PKG_VERSION"))]),
+            &Key::from_parts(
+                "ferry_build_info",
+                vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+            ),
             &meta,
         );
         build.set(1.0);
@@ -145,18 +211,27 @@ impl RelayMetrics {
         RelayMetrics {
             handle: r.handle(),
             connections: r.register_gauge(&Key::from_static_name("ferry_relay_connections"), &meta),
-            home_connections: r.register_gauge(&Key::from_static_name("ferry_relay_home_connections"), &meta),
+            home_connections: r.register_gauge(
+                &Key::from_static_name("ferry_relay_home_connections"),
+                &meta,
+            ),
             accepts: counter("ferry_relay_accepts_total"),
             rejected_capacity: labelled("ferry_relay_rejected_total", "reason", "capacity"),
             handshakes: counter("ferry_relay_handshakes_total"),
-            handshake_duration: r.register_histogram(&Key::from_static_name("ferry_relay_handshake_duration_seconds"), &meta),
+            handshake_duration: r.register_histogram(
+                &Key::from_static_name("ferry_relay_handshake_duration_seconds"),
+                &meta,
+            ),
             packets_forwarded: counter("ferry_relay_packets_forwarded_total"),
             bytes_forwarded: counter("ferry_relay_bytes_forwarded_total"),
             frames_ignored: counter("ferry_relay_frames_ignored_total"),
             peer_gone_sent: counter("ferry_relay_peer_gone_sent_total"),
             http_requests: counter("ferry_relay_http_requests_total"),
             restarting_sent: counter("ferry_relay_restarting_sent_total"),
-            drops: DropReason::ALL.iter().map(|d| labelled(NAME_DROPS, "reason", d.label())).collect(),
+            drops: DropReason::ALL
+                .iter()
+                .map(|d| labelled(NAME_DROPS, "reason", d.label()))
+                .collect(),
             handshake_failures: HandshakeFailure::ALL
                 .iter()
                 .map(|d| labelled("ferry_relay_handshake_failures_total", "reason", d.label()))
@@ -196,7 +271,11 @@ impl RelayMetrics {
     /// Reads one sample from [`RelayMetrics::render`]: `name` with exactly the given labels
     /// (`""` for none, else e.g. `reason="queue_head"`). 0 if absent. For tests and tools.
     pub fn sample(&self, name: &str, labels: &str) -> f64 {
-        let want = if labels.is_empty() { name.to_string() } else { format!("{name}{{{labels}}}") };
+        let want = if labels.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}{{{labels}}}")
+        };
         self.render()
             .lines()
             .filter(|l| !l.starts_with('#'))

@@ -12,7 +12,7 @@ pub mod keyfile;
 pub mod metrics;
 mod registry;
 pub mod tls;
-mod ws;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -121,7 +121,12 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error("cannot listen on {addr} ({what}): {source}. Is another process using it? Pick another address or stop that process{hint}")]
-    Bind { addr: SocketAddr, what: &'static str, source: std::io::Error, hint: &'static str },
+    Bind {
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+        hint: &'static str,
+    },
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("STUN: {0}")]
@@ -147,7 +152,10 @@ pub(crate) struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("public", &self.public).field("clients", &self.registry.len()).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("public", &self.public)
+            .field("clients", &self.registry.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -158,9 +166,23 @@ impl Shared {
 
     /// (reconnect-in, try-for) in ms for a Restarting frame; the delay is random per client.
     pub(crate) fn restart_hint(&self) -> (u32, u32) {
-        let spread = self.limits.restart_reconnect_spread.as_millis().min(u32::MAX as u128) as u32;
-        let reconnect = if spread == 0 { 0 } else { rand::random::<u32>() % spread };
-        (reconnect, self.limits.restart_try_for.as_millis().min(u32::MAX as u128) as u32)
+        let spread = self
+            .limits
+            .restart_reconnect_spread
+            .as_millis()
+            .min(u32::MAX as u128) as u32;
+        let reconnect = if spread == 0 {
+            0
+        } else {
+            rand::random::<u32>() % spread
+        };
+        (
+            reconnect,
+            self.limits
+                .restart_try_for
+                .as_millis()
+                .min(u32::MAX as u128) as u32,
+        )
     }
 }
 
@@ -186,7 +208,12 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Spawn
         } else {
             ""
         };
-        SpawnError::Bind { addr, what, source, hint }
+        SpawnError::Bind {
+            addr,
+            what,
+            source,
+            hint,
+        }
     })
 }
 
@@ -204,7 +231,9 @@ impl Server {
             Some(t) => Some(Arc::new(tls::ReloadableCert::load(t)?)),
             None => None,
         };
-        let tls_acceptor = cert.as_ref().map(|c| tokio_rustls::TlsAcceptor::from(c.server_config()));
+        let tls_acceptor = cert
+            .as_ref()
+            .map(|c| tokio_rustls::TlsAcceptor::from(c.server_config()));
 
         let derp = bind(config.listen, "DERP").await?;
         let http = match config.http_listen {
@@ -240,12 +269,33 @@ impl Server {
         let tracker = TaskTracker::new();
         let conn_tracker = TaskTracker::new();
         let sem = Arc::new(tokio::sync::Semaphore::new(shared.limits.max_connections));
-        tracker.spawn(accept_loop(derp, Listener::Derp, Arc::clone(&shared), accept_cancel.clone(), conn_tracker.clone(), Some(sem)));
+        tracker.spawn(accept_loop(
+            derp,
+            Listener::Derp,
+            Arc::clone(&shared),
+            accept_cancel.clone(),
+            conn_tracker.clone(),
+            Some(sem),
+        ));
         if let Some(l) = http {
-            tracker.spawn(accept_loop(l, Listener::Port80, Arc::clone(&shared), accept_cancel.clone(), tracker.clone(), None));
+            tracker.spawn(accept_loop(
+                l,
+                Listener::Port80,
+                Arc::clone(&shared),
+                accept_cancel.clone(),
+                tracker.clone(),
+                None,
+            ));
         }
         if let Some(l) = metrics_l {
-            tracker.spawn(accept_loop(l, Listener::Metrics, Arc::clone(&shared), accept_cancel.clone(), tracker.clone(), None));
+            tracker.spawn(accept_loop(
+                l,
+                Listener::Metrics,
+                Arc::clone(&shared),
+                accept_cancel.clone(),
+                tracker.clone(),
+                None,
+            ));
         }
         {
             let shared = Arc::clone(&shared);
@@ -269,7 +319,17 @@ impl Server {
             server_key = %shared.public,
             "relay ready"
         );
-        Ok(Server { shared, cert, listen_addr, http_addr, metrics_addr, stun, accept_cancel, tracker, conn_tracker })
+        Ok(Server {
+            shared,
+            cert,
+            listen_addr,
+            http_addr,
+            metrics_addr,
+            stun,
+            accept_cancel,
+            tracker,
+            conn_tracker,
+        })
     }
 
     /// The bound DERP listener address.
@@ -286,11 +346,17 @@ impl Server {
     }
     /// The STUN server's bound UDP addresses (empty without STUN).
     pub fn stun_udp_addrs(&self) -> Vec<SocketAddr> {
-        self.stun.as_ref().map(|s| s.udp_addrs()).unwrap_or_default()
+        self.stun
+            .as_ref()
+            .map(|s| s.udp_addrs())
+            .unwrap_or_default()
     }
     /// The STUN server's bound TCP addresses.
     pub fn stun_tcp_addrs(&self) -> Vec<SocketAddr> {
-        self.stun.as_ref().map(|s| s.tcp_addrs()).unwrap_or_default()
+        self.stun
+            .as_ref()
+            .map(|s| s.tcp_addrs())
+            .unwrap_or_default()
     }
     /// The server's public key (what `Derp-Public-Key` and ServerKey announce).
     pub fn public_key(&self) -> PublicKey {
@@ -328,7 +394,13 @@ impl Server {
         self.conn_tracker.close();
         self.shared.drain.cancel();
         let mut hard_closed = 0;
-        if tokio::time::timeout(self.shared.limits.shutdown_timeout, self.conn_tracker.wait()).await.is_err() {
+        if tokio::time::timeout(
+            self.shared.limits.shutdown_timeout,
+            self.conn_tracker.wait(),
+        )
+        .await
+        .is_err()
+        {
             hard_closed = self.conn_tracker.len();
             warn!(remaining = hard_closed, "drain timed out; closing the rest");
             self.shared.conns_cancel.cancel();
@@ -336,7 +408,9 @@ impl Server {
                 c.close(metrics::CloseReason::Shutdown);
             }
             // Connections still in TLS or HTTP hold no client state; give them one write timeout.
-            let _ = tokio::time::timeout(self.shared.limits.write_timeout, self.conn_tracker.wait()).await;
+            let _ =
+                tokio::time::timeout(self.shared.limits.write_timeout, self.conn_tracker.wait())
+                    .await;
         }
         self.tracker.wait().await;
         if let Some(s) = self.stun.take() {

@@ -31,7 +31,11 @@ pub(crate) struct QueuedPacket {
 pub(crate) enum Control {
     Pong([u8; 8]),
     PeerGone(PublicKey, PeerGoneReason),
-    PeerPresent { key: PublicKey, addr: SocketAddr, flags: u8 },
+    PeerPresent {
+        key: PublicKey,
+        addr: SocketAddr,
+        flags: u8,
+    },
 }
 
 /// Control frames are few (pongs, peer-gone notes); a client that floods pings without reading
@@ -101,11 +105,21 @@ impl ClientHandle {
 
     /// Queues a packet for this client. Never blocks: when the queue is full the oldest packet is
     /// dropped (counted as `queue_head`), as derper does.
-    pub(crate) fn enqueue_packet(&self, src: PublicKey, data: Bytes, disco: bool, m: &RelayMetrics) {
+    pub(crate) fn enqueue_packet(
+        &self,
+        src: PublicKey,
+        data: Bytes,
+        disco: bool,
+        m: &RelayMetrics,
+    ) {
         let dropped = {
             let mut q = self.queues.lock();
             let q = if disco { &mut q.disco } else { &mut q.data };
-            let dropped = if q.len() >= self.depth { q.pop_front().is_some() } else { false };
+            let dropped = if q.len() >= self.depth {
+                q.pop_front().is_some()
+            } else {
+                false
+            };
             q.push_back(QueuedPacket { src, data });
             dropped
         };
@@ -195,10 +209,20 @@ impl Registry {
                 set.set_dup_flags();
             }
             dashmap::Entry::Vacant(e) => {
-                e.insert(ClientSet { active: Arc::clone(&c), others: Vec::new() });
+                e.insert(ClientSet {
+                    active: Arc::clone(&c),
+                    others: Vec::new(),
+                });
             }
         }
-        self.notify_watchers(Control::PeerPresent { key, addr: c.remote, flags: 0x01 }, c.conn_id);
+        self.notify_watchers(
+            Control::PeerPresent {
+                key,
+                addr: c.remote,
+                flags: 0x01,
+            },
+            c.conn_id,
+        );
     }
 
     /// A connection that shares its key just sent: make it the receiver (last writer wins).
@@ -235,18 +259,28 @@ impl Registry {
         }
         self.watchers.remove(&c.conn_id);
         if gone {
-            self.notify_watchers(Control::PeerGone(c.key, PeerGoneReason::Disconnected), c.conn_id);
+            self.notify_watchers(
+                Control::PeerGone(c.key, PeerGoneReason::Disconnected),
+                c.conn_id,
+            );
         }
         gone
     }
 
     /// Adds a mesh watcher and tells it about everyone connected now.
     pub(crate) fn add_watcher(&self, w: Watcher) {
-        let present: Vec<(PublicKey, SocketAddr)> =
-            self.clients.iter().map(|s| (*s.key(), s.value().active.remote)).collect();
+        let present: Vec<(PublicKey, SocketAddr)> = self
+            .clients
+            .iter()
+            .map(|s| (*s.key(), s.value().active.remote))
+            .collect();
         for (key, addr) in present {
             if key != w.key {
-                w.enqueue_control(Control::PeerPresent { key, addr, flags: 0x01 });
+                w.enqueue_control(Control::PeerPresent {
+                    key,
+                    addr,
+                    flags: 0x01,
+                });
             }
         }
         self.watchers.insert(w.conn_id, w);
@@ -256,11 +290,19 @@ impl Registry {
         if self.watchers.is_empty() {
             return;
         }
-        let ws: Vec<Watcher> = self.watchers.iter().map(|w| Arc::clone(w.value())).collect();
+        let ws: Vec<Watcher> = self
+            .watchers
+            .iter()
+            .map(|w| Arc::clone(w.value()))
+            .collect();
         for w in ws {
             if w.conn_id != except_conn {
                 let c = match &make {
-                    Control::PeerPresent { key, addr, flags } => Control::PeerPresent { key: *key, addr: *addr, flags: *flags },
+                    Control::PeerPresent { key, addr, flags } => Control::PeerPresent {
+                        key: *key,
+                        addr: *addr,
+                        flags: *flags,
+                    },
                     Control::PeerGone(k, r) => Control::PeerGone(*k, *r),
                     _ => continue,
                 };
@@ -272,7 +314,9 @@ impl Registry {
     /// Cancels every connection holding `key` (mesh ClosePeer).
     pub(crate) fn close_key(&self, key: &PublicKey) {
         let conns: Vec<Arc<ClientHandle>> = match self.clients.get(key) {
-            Some(s) => std::iter::once(Arc::clone(&s.active)).chain(s.others.iter().cloned()).collect(),
+            Some(s) => std::iter::once(Arc::clone(&s.active))
+                .chain(s.others.iter().cloned())
+                .collect(),
             None => return,
         };
         for c in conns {
@@ -329,9 +373,17 @@ mod tests {
         reg.register(Arc::clone(&a));
         reg.register(Arc::clone(&b));
         assert!(a.has_dup.load(Ordering::Relaxed));
-        assert_eq!(reg.get(&a.key).unwrap().conn_id, b.conn_id, "newest connection receives");
+        assert_eq!(
+            reg.get(&a.key).unwrap().conn_id,
+            b.conn_id,
+            "newest connection receives"
+        );
         reg.note_sender(&a);
-        assert_eq!(reg.get(&a.key).unwrap().conn_id, a.conn_id, "last writer receives");
+        assert_eq!(
+            reg.get(&a.key).unwrap().conn_id,
+            a.conn_id,
+            "last writer receives"
+        );
         assert!(!reg.unregister(&a), "key still held by b");
         assert_eq!(reg.get(&a.key).unwrap().conn_id, b.conn_id);
         assert!(!b.has_dup.load(Ordering::Relaxed));

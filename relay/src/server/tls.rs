@@ -65,14 +65,19 @@ pub(crate) struct ReloadableCert {
 
 impl ResolvesServerCert for ReloadableCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(&self.current.read().expect("cert lock poisoned")))
+        Some(Arc::clone(
+            &self.current.read().expect("cert lock poisoned"),
+        ))
     }
 }
 
 impl ReloadableCert {
     pub(crate) fn load(source: TlsConfig) -> Result<Self, TlsError> {
         let ck = load_certified_key(&source)?;
-        Ok(ReloadableCert { current: RwLock::new(Arc::new(ck)), source })
+        Ok(ReloadableCert {
+            current: RwLock::new(Arc::new(ck)),
+            source,
+        })
     }
 
     /// Reads the files again; on error the old certificate stays in use.
@@ -84,7 +89,9 @@ impl ReloadableCert {
 
     /// The leaf certificate now in use (DER).
     pub(crate) fn leaf_der(&self) -> Vec<u8> {
-        self.current.read().expect("cert lock poisoned").cert[0].as_ref().to_vec()
+        self.current.read().expect("cert lock poisoned").cert[0]
+            .as_ref()
+            .to_vec()
     }
 
     pub(crate) fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
@@ -101,38 +108,96 @@ impl ReloadableCert {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    fs::read(path).map_err(|source| TlsError::Read { path: path.into(), source })
+    fs::read(path).map_err(|source| TlsError::Read {
+        path: path.into(),
+        source,
+    })
 }
 
-fn parse_pem(cert_pem: &[u8], cert_path: &Path, key_pem: &[u8], key_path: &Path) -> Result<CertifiedKey, TlsError> {
+fn parse_pem(
+    cert_pem: &[u8],
+    cert_path: &Path,
+    key_pem: &[u8],
+    key_path: &Path,
+) -> Result<CertifiedKey, TlsError> {
     let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<_, _>>()
-        .map_err(|source| TlsError::Read { path: cert_path.into(), source })?;
+        .map_err(|source| TlsError::Read {
+            path: cert_path.into(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::NoCert { path: cert_path.into() });
+        return Err(TlsError::NoCert {
+            path: cert_path.into(),
+        });
     }
     let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|source| TlsError::Read { path: key_path.into(), source })?
-        .ok_or_else(|| TlsError::NoKey { path: key_path.into() })?;
-    let signing = any_supported_type(&key).map_err(|e| TlsError::BadKey { path: key_path.into(), msg: e.to_string() })?;
+        .map_err(|source| TlsError::Read {
+            path: key_path.into(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::NoKey {
+            path: key_path.into(),
+        })?;
+    let signing = any_supported_type(&key).map_err(|e| TlsError::BadKey {
+        path: key_path.into(),
+        msg: e.to_string(),
+    })?;
     Ok(CertifiedKey::new(certs, signing))
 }
 
 fn load_certified_key(source: &TlsConfig) -> Result<CertifiedKey, TlsError> {
     match source {
-        TlsConfig::Manual { cert_path, key_path } => parse_pem(&read(cert_path)?, cert_path, &read(key_path)?, key_path),
+        TlsConfig::Manual {
+            cert_path,
+            key_path,
+        } => parse_pem(&read(cert_path)?, cert_path, &read(key_path)?, key_path),
         TlsConfig::SelfSigned { names, dir } => {
             let cert_path = dir.join("self-signed-cert.pem");
             let key_path = dir.join("self-signed-key.pem");
             if !cert_path.exists() || !key_path.exists() {
-                let ck = rcgen::generate_simple_self_signed(names.clone())
-                    .map_err(|e| TlsError::SelfSigned { names: names.clone(), msg: e.to_string() })?;
-                write_private(&key_path, ck.key_pair.serialize_pem().as_bytes())?;
-                fs::write(&cert_path, ck.cert.pem()).map_err(|source| TlsError::Write { path: cert_path.clone(), source })?;
+                let (cert_pem, key_pem) = generate_self_signed(names)?;
+                write_private(&key_path, key_pem.as_bytes())?;
+                fs::write(&cert_path, cert_pem).map_err(|source| TlsError::Write {
+                    path: cert_path.clone(),
+                    source,
+                })?;
             }
             parse_pem(&read(&cert_path)?, &cert_path, &read(&key_path)?, &key_path)
         }
     }
+}
+
+/// A self-signed ECDSA P-256 certificate for `names` (DNS names or IPs), valid for 10 years.
+///
+/// Its key usage includes certificate signing, so clients may also trust it as its own root
+/// (Go's verifier refuses a self-signed root without it; derpprobe's TLS probe needs that).
+fn generate_self_signed(names: &[String]) -> Result<(String, String), TlsError> {
+    let err = |e: rcgen::Error| TlsError::SelfSigned {
+        names: names.to_vec(),
+        msg: e.to_string(),
+    };
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(err)?;
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(
+        rcgen::DnType::CommonName,
+        names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "ferry-relay".into()),
+    );
+    params.distinguished_name = dn;
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyCertSign,
+    ];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - std::time::Duration::from_secs(3600)).into();
+    params.not_after = (now + std::time::Duration::from_secs(10 * 365 * 86400)).into();
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&key).map_err(err)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 /// Writes a secret file readable by its owner only (mode 0600 on Unix), without ever exposing
@@ -146,10 +211,16 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).map_err(|source| TlsError::Write { path: path.into(), source })?;
+    let mut f = opts.open(path).map_err(|source| TlsError::Write {
+        path: path.into(),
+        source,
+    })?;
     f.write_all(contents)
         .and_then(|_| f.sync_all())
-        .map_err(|source| TlsError::Write { path: path.into(), source })
+        .map_err(|source| TlsError::Write {
+            path: path.into(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -159,16 +230,25 @@ mod tests {
     #[test]
     fn self_signed_cert_is_kept_across_loads_and_pinned() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = TlsConfig::SelfSigned { names: vec!["127.0.0.1".into(), "relay.test".into()], dir: dir.path().into() };
+        let cfg = TlsConfig::SelfSigned {
+            names: vec!["127.0.0.1".into(), "relay.test".into()],
+            dir: dir.path().into(),
+        };
         let a = ReloadableCert::load(cfg.clone()).unwrap();
         let b = ReloadableCert::load(cfg).unwrap();
         assert_eq!(a.leaf_der(), b.leaf_der(), "same cert after a restart");
         let pin = cert_name_pin(&a.leaf_der());
-        assert!(pin.starts_with("sha256-raw:") && pin.len() == 11 + 64, "{pin}");
+        assert!(
+            pin.starts_with("sha256-raw:") && pin.len() == 11 + 64,
+            "{pin}"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join("self-signed-key.pem")).unwrap().permissions().mode();
+            let mode = fs::metadata(dir.path().join("self-signed-key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }
@@ -181,7 +261,11 @@ mod tests {
         let first = gen("one.test");
         fs::write(&cp, first.cert.pem()).unwrap();
         fs::write(&kp, first.key_pair.serialize_pem()).unwrap();
-        let r = ReloadableCert::load(TlsConfig::Manual { cert_path: cp.clone(), key_path: kp.clone() }).unwrap();
+        let r = ReloadableCert::load(TlsConfig::Manual {
+            cert_path: cp.clone(),
+            key_path: kp.clone(),
+        })
+        .unwrap();
         let before = r.leaf_der();
         let second = gen("two.test");
         fs::write(&cp, second.cert.pem()).unwrap();
@@ -192,6 +276,10 @@ mod tests {
         fs::write(&kp, "not a key").unwrap();
         let err = r.reload().unwrap_err();
         assert!(err.to_string().contains("k.pem"), "{err}");
-        assert_eq!(r.leaf_der(), second.cert.der().to_vec(), "old cert still served");
+        assert_eq!(
+            r.leaf_der(),
+            second.cert.der().to_vec(),
+            "old cert still served"
+        );
     }
 }

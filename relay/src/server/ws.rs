@@ -13,15 +13,20 @@ use tokio_tungstenite::WebSocketStream;
 
 /// A byte stream over a WebSocket: reads concatenate binary messages; each flush sends what was
 /// written since the last flush as one binary message.
-pub(crate) struct WsIo<S> {
+pub struct WsIo<S> {
     inner: WebSocketStream<S>,
     read: Bytes,
     write: Vec<u8>,
 }
 
 impl<S> WsIo<S> {
-    pub(crate) fn new(inner: WebSocketStream<S>) -> Self {
-        WsIo { inner, read: Bytes::new(), write: Vec::new() }
+    /// Wraps an established WebSocket.
+    pub fn new(inner: WebSocketStream<S>) -> Self {
+        WsIo {
+            inner,
+            read: Bytes::new(),
+            write: Vec::new(),
+        }
     }
 }
 
@@ -34,7 +39,11 @@ fn to_io(e: WsError) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             if !self.read.is_empty() {
                 let n = self.read.len().min(buf.remaining());
@@ -48,7 +57,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 // tungstenite answers pings by itself on the next write or flush.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "DERP over WebSocket uses binary messages, got text")))
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "DERP over WebSocket uses binary messages, got text",
+                    )))
                 }
                 Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
             }
@@ -57,7 +69,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
-    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.write.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -1,0 +1,335 @@
+//! Shared test support: an in-process relay on 127.0.0.1:0, TLS trust for its self-signed
+//! certificate, a minimal DERP client built on ferry's own `proto` (for the tests that must send
+//! bad input on purpose), and Tailscale's `ts_derp` client (the foreign one).
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferry_relay::proto::{
+    self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, RawFrame, SecretKey, ServerFrame,
+};
+use ferry_relay::server::{Config, Limits, Server, TlsConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Bounds every await in tests, so a bug shows as a failure, not a hang.
+pub const T: Duration = Duration::from_secs(10);
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<X: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for X {}
+pub type BoxIo = Box<dyn Io>;
+
+pub struct Relay {
+    pub server: Server,
+    pub dir: tempfile::TempDir,
+}
+
+impl Relay {
+    pub fn addr(&self) -> SocketAddr {
+        self.server.listen_addr()
+    }
+    pub fn tls(&self) -> bool {
+        self.server.cert_der().is_some()
+    }
+}
+
+pub fn test_limits() -> Limits {
+    Limits {
+        handshake_timeout: Duration::from_secs(2),
+        shutdown_timeout: Duration::from_secs(5),
+        ..Limits::default()
+    }
+}
+
+/// A relay over TLS with a self-signed certificate for localhost/127.0.0.1.
+pub async fn relay_tls(limits: Limits) -> Relay {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        tls: Some(TlsConfig::SelfSigned {
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+            dir: dir.path().into(),
+        }),
+        limits,
+        ..Config::dev_loopback()
+    };
+    Relay {
+        server: Server::spawn(cfg).await.unwrap(),
+        dir,
+    }
+}
+
+/// A plain-HTTP relay (what `--dev` runs).
+pub async fn relay_plain(limits: Limits) -> Relay {
+    let dir = tempfile::tempdir().unwrap();
+    Relay {
+        server: Server::spawn(Config {
+            limits,
+            ..Config::dev_loopback()
+        })
+        .await
+        .unwrap(),
+        dir,
+    }
+}
+
+/// A rustls client config that trusts exactly this certificate (ring provider: ts_derp turns
+/// on aws-lc-rs too, so the process has no default provider).
+pub fn client_tls(cert_der: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// TCP (+ TLS if the relay has it) to the relay.
+pub async fn dial(relay: &Relay) -> BoxIo {
+    let tcp = TcpStream::connect(relay.addr()).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    match relay.server.cert_der() {
+        Some(der) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            Box::new(
+                tokio::time::timeout(T, client_tls(&der).connect(name, tcp))
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            )
+        }
+        None => Box::new(tcp),
+    }
+}
+
+/// Reads an HTTP response head byte by byte (so no DERP byte after it is consumed).
+pub async fn read_head<S: AsyncRead + Unpin>(io: &mut S) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = tokio::time::timeout(T, io.read_u8())
+            .await
+            .expect("response head in time")
+            .expect("response head");
+        head.push(b);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// Does the DERP upgrade the way Tailscale's Rust client does (POST, absolute-form target).
+pub async fn upgrade(relay: &Relay) -> BoxIo {
+    let mut io = dial(relay).await;
+    let req = format!(
+        "POST {}://127.0.0.1:{}/derp HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: DERP\r\nconnection: Upgrade\r\n\r\n",
+        if relay.tls() { "https" } else { "http" },
+        relay.addr().port()
+    );
+    io.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.contains(&format!(
+            "Derp-Public-Key: {}",
+            relay.server.public_key().to_hex()
+        )),
+        "{head}"
+    );
+    io
+}
+
+/// A ts_derp client (Tailscale's Rust DERP client) connected to the relay.
+pub struct TsClient {
+    pub kp: ts_keys::NodeKeyPair,
+    pub client: ts_derp::Client<BoxIo>,
+}
+
+pub fn ts_pub(k: &ts_keys::NodePublicKey) -> PublicKey {
+    use ts_keys::ExportableKey;
+    PublicKey(*k.export().as_bytes())
+}
+
+pub fn ts_key(k: &PublicKey) -> ts_keys::NodePublicKey {
+    ts_keys::NodePublicKey::from_bytes(k.0)
+}
+
+pub async fn ts_connect(relay: &Relay) -> TsClient {
+    let kp = ts_keys::NodeKeyPair::random();
+    let io = upgrade(relay).await;
+    let client = tokio::time::timeout(T, ts_derp::Client::handshake(io, &kp))
+        .await
+        .unwrap()
+        .unwrap();
+    TsClient { kp, client }
+}
+
+impl TsClient {
+    pub fn key(&self) -> PublicKey {
+        ts_pub(&self.kp.public)
+    }
+    pub async fn send(&self, to: PublicKey, data: &[u8]) {
+        tokio::time::timeout(T, self.client.send_one(ts_key(&to), data))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    pub async fn recv(&self) -> (PublicKey, Vec<u8>) {
+        let (k, p) = tokio::time::timeout(T, self.client.recv_one())
+            .await
+            .expect("a packet in time")
+            .expect("recv");
+        (ts_pub(&k), p.as_ref().to_vec())
+    }
+}
+
+/// ferry's own minimal DERP client over any stream: for tests that speak the protocol wrongly on
+/// purpose, and for frames ts_derp does not accept (Restarting, PeerGone details).
+pub struct RawClient {
+    pub io: BoxIo,
+    pub secret: SecretKey,
+    pub server_key: PublicKey,
+    buf: BytesMut,
+    dec: FrameDecoder,
+}
+
+impl RawClient {
+    pub fn from_parts(io: BoxIo, secret: SecretKey, server_key: PublicKey) -> RawClient {
+        RawClient {
+            io,
+            secret,
+            server_key,
+            buf: BytesMut::new(),
+            dec: FrameDecoder::new(),
+        }
+    }
+
+    /// Handshake on an upgraded stream with a fresh key.
+    pub async fn handshake(io: BoxIo, info: ClientInfo) -> RawClient {
+        Self::handshake_full(io, SecretKey::generate(), info).await
+    }
+
+    /// Handshake with a given key (two connections with one key: duplicate-key tests).
+    pub async fn handshake_with(io: BoxIo, secret: SecretKey) -> RawClient {
+        Self::handshake_full(
+            io,
+            secret,
+            ClientInfo {
+                version: 2,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn handshake_full(io: BoxIo, secret: SecretKey, info: ClientInfo) -> RawClient {
+        let mut c = Self::from_parts(io, secret, PublicKey([0; 32]));
+        let f = c.frame().await.expect("ServerKey");
+        assert_eq!(f.frame_type, ft::SERVER_KEY);
+        c.server_key = proto::parse_server_key(&f.payload).unwrap();
+        let payload = proto::client_info_payload(&c.secret, &c.server_key, &info);
+        c.send_frame(ft::CLIENT_INFO, &[&payload]).await;
+        let f = c.frame().await.expect("ServerInfo");
+        assert_eq!(f.frame_type, ft::SERVER_INFO);
+        let si = proto::open(&c.secret, &c.server_key, &f.payload).unwrap();
+        assert_eq!(proto::ServerInfo::from_json(&si).unwrap().version, 2);
+        c
+    }
+
+    pub async fn connect(relay: &Relay) -> RawClient {
+        Self::handshake(
+            upgrade(relay).await,
+            ClientInfo {
+                version: 2,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub fn key(&self) -> PublicKey {
+        self.secret.public()
+    }
+
+    pub async fn send_frame(&mut self, t: u8, parts: &[&[u8]]) {
+        let mut out = Vec::new();
+        proto::put_frame(&mut out, t, parts);
+        self.io.write_all(&out).await.unwrap();
+        self.io.flush().await.unwrap();
+    }
+
+    pub async fn send(&mut self, to: PublicKey, data: &[u8]) {
+        self.send_frame(ft::SEND_PACKET, &[to.as_bytes(), data])
+            .await;
+    }
+
+    /// The next frame, or None at EOF / error.
+    pub async fn frame(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some(f) = self.dec.decode(&mut self.buf).unwrap() {
+                return Some(f);
+            }
+            self.buf.reserve(4096);
+            match tokio::time::timeout(T, self.io.read_buf(&mut self.buf))
+                .await
+                .expect("a frame in time")
+            {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// The next frame other than KeepAlive, parsed.
+    pub async fn next(&mut self) -> Option<ServerFrame> {
+        loop {
+            let f = ServerFrame::parse(self.frame().await?).unwrap();
+            if f != ServerFrame::KeepAlive {
+                return Some(f);
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> (PublicKey, Vec<u8>) {
+        match self.next().await {
+            Some(ServerFrame::RecvPacket { src, packet }) => (src, packet.to_vec()),
+            other => panic!("expected RecvPacket, got {other:?}"),
+        }
+    }
+
+    /// Waits for the server to close the connection (EOF or reset), skipping frames.
+    pub async fn expect_closed(&mut self) {
+        while self.frame().await.is_some() {}
+    }
+}
+
+/// Two ts_derp clients that exchange one packet each way; panics if anything is lost.
+pub async fn ping_pong(a: &TsClient, b: &TsClient, tag: &str) {
+    a.send(b.key(), format!("{tag} a->b").as_bytes()).await;
+    assert_eq!(
+        b.recv().await,
+        (a.key(), format!("{tag} a->b").into_bytes())
+    );
+    b.send(a.key(), format!("{tag} b->a").as_bytes()).await;
+    assert_eq!(
+        a.recv().await,
+        (b.key(), format!("{tag} b->a").into_bytes())
+    );
+}
+
+/// Waits until `cond` holds, polling a metric or a count (events that have no channel to await).
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + T;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,626 @@
+//! The relay against real clients over real sockets: Tailscale's `ts_derp`, a WebSocket client,
+//! and ferry's own raw client for the misbehaving cases.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry_relay::proto::{
+    self, frame_type as ft, ClientInfo, PeerGoneReason, SecretKey, ServerFrame,
+};
+use ferry_relay::server::{Config, Server, TlsConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn ts_derp_clients_exchange_packets_over_tls_and_survivor_gets_peer_gone() {
+    let relay = relay_tls(test_limits()).await;
+    let a = ts_connect(&relay).await;
+    let b = ts_connect(&relay).await;
+    for i in 0..20 {
+        ping_pong(&a, &b, &format!("round {i}")).await;
+    }
+    // A large packet (the most a ts_derp receiver accepts: 64 KiB frame minus the key).
+    let big = vec![0xAB; 65504];
+    a.send(b.key(), &big).await;
+    assert_eq!(b.recv().await, (a.key(), big));
+
+    let a_key = a.key();
+    drop(a);
+    // ts_derp's recv_one logs PeerGone and keeps reading; we see it with a raw observer instead:
+    // b has received from a, so b gets PeerGone(disconnected). Check via the relay's counter and
+    // that b stays healthy.
+    eventually("a unregistered", || relay.server.client_count() == 1).await;
+    eventually("PeerGone queued", || {
+        relay
+            .server
+            .metrics()
+            .sample("ferry_relay_peer_gone_sent_total", "")
+            >= 1.0
+    })
+    .await;
+    let c = ts_connect(&relay).await;
+    ping_pong(&b, &c, "after a left").await;
+    assert_ne!(a_key, c.key());
+}
+
+#[tokio::test]
+async fn peer_gone_disconnected_reaches_everyone_who_received_from_the_leaver() {
+    let relay = relay_plain(test_limits()).await;
+    let mut a = RawClient::connect(&relay).await;
+    let mut b = RawClient::connect(&relay).await;
+    let mut c = RawClient::connect(&relay).await;
+    a.send(b.key(), b"hi b").await;
+    assert_eq!(b.recv().await, (a.key(), b"hi b".to_vec()));
+    a.send(c.key(), b"hi c").await;
+    assert_eq!(c.recv().await, (a.key(), b"hi c".to_vec()));
+    let a_key = a.key();
+    drop(a);
+    for who in [&mut b, &mut c] {
+        assert_eq!(
+            who.next().await,
+            Some(ServerFrame::PeerGone {
+                key: a_key,
+                reason: PeerGoneReason::Disconnected
+            })
+        );
+    }
+}
+
+#[tokio::test]
+async fn peer_gone_not_here_only_for_disco_and_rate_limited() {
+    let relay = relay_plain(test_limits()).await;
+    let mut a = RawClient::connect(&relay).await;
+    let nobody = SecretKey::generate().public();
+    // Not disco: dropped silently (counted).
+    a.send(nobody, b"plain data").await;
+    // Disco-looking packets: PeerGone(not here), at most a burst of 3.
+    let mut disco = proto::DISCO_MAGIC.to_vec();
+    disco.resize(62, 7);
+    for _ in 0..10 {
+        a.send(nobody, &disco).await;
+    }
+    // Then a ping: its pong marks the end of what the server sent in reply.
+    a.send_frame(ft::PING, &[b"12345678"]).await;
+    let mut gone = 0;
+    loop {
+        match a.next().await.unwrap() {
+            ServerFrame::PeerGone {
+                key,
+                reason: PeerGoneReason::NotHere,
+            } => {
+                assert_eq!(key, nobody);
+                gone += 1;
+            }
+            ServerFrame::Pong(p) => {
+                assert_eq!(&p, b"12345678");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(gone, 3, "burst of 3, then 1/s");
+    assert_eq!(
+        relay.server.metrics().sample(
+            "ferry_relay_packets_dropped_total",
+            "reason=\"unknown_dest\""
+        ),
+        11.0
+    );
+}
+
+#[tokio::test]
+async fn source_is_always_the_authenticated_key() {
+    let relay = relay_plain(test_limits()).await;
+    let mut mallory = RawClient::connect(&relay).await;
+    let mut victim = RawClient::connect(&relay).await;
+    let alice = SecretKey::generate().public();
+    // A SendPacket whose payload starts with a forged "source" is still from mallory.
+    mallory
+        .send(
+            victim.key(),
+            &[alice.as_bytes().as_slice(), b"i am alice"].concat(),
+        )
+        .await;
+    let (src, data) = victim.recv().await;
+    assert_eq!(src, mallory.key());
+    assert_eq!(&data[32..], b"i am alice");
+    // ForwardPacket (which names a source) is mesh-only: it closes mallory's connection.
+    mallory
+        .send_frame(
+            ft::FORWARD_PACKET,
+            &[alice.as_bytes(), victim.key().as_bytes(), b"forged"],
+        )
+        .await;
+    mallory.expect_closed().await;
+    // Claiming someone else's key at the handshake fails: the box does not open.
+    let mut io = upgrade(&relay).await;
+    let mut buf = [0u8; 45];
+    io.read_exact(&mut buf).await.unwrap();
+    let server = proto::parse_server_key(&buf[5..]).unwrap();
+    let mut payload = proto::client_info_payload(
+        &SecretKey::generate(),
+        &server,
+        &ClientInfo {
+            version: 2,
+            ..Default::default()
+        },
+    );
+    payload[..32].copy_from_slice(victim.key().as_bytes());
+    let mut f = Vec::new();
+    proto::put_frame(&mut f, ft::CLIENT_INFO, &[&payload]);
+    io.write_all(&f).await.unwrap();
+    assert_eq!(
+        tokio::time::timeout(T, io.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0),
+        0,
+        "closed without ServerInfo"
+    );
+    // The victim is unharmed; it hears that mallory (who sent to it) left, then its pong.
+    victim.send_frame(ft::PING, &[b"stillok!"]).await;
+    assert_eq!(
+        victim.next().await,
+        Some(ServerFrame::PeerGone {
+            key: mallory.key(),
+            reason: PeerGoneReason::Disconnected
+        })
+    );
+    assert_eq!(victim.next().await, Some(ServerFrame::Pong(*b"stillok!")));
+}
+
+#[tokio::test]
+async fn websocket_and_plain_upgrade_clients_exchange_packets() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let relay = relay_plain(test_limits()).await;
+    let mut plain = RawClient::connect(&relay).await;
+
+    let tcp = TcpStream::connect(relay.addr()).await.unwrap();
+    let mut req = format!("ws://{}/derp", relay.addr())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "derp".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "derp");
+    // Speak DERP in binary messages, with frames split across messages on purpose.
+    let first = match ws.next().await.unwrap().unwrap() {
+        Message::Binary(b) => b,
+        m => panic!("{m:?}"),
+    };
+    assert_eq!(first[0], ft::SERVER_KEY);
+    let server = proto::parse_server_key(&first[5..]).unwrap();
+    let me = SecretKey::generate();
+    let mut f = Vec::new();
+    proto::put_frame(
+        &mut f,
+        ft::CLIENT_INFO,
+        &[&proto::client_info_payload(
+            &me,
+            &server,
+            &ClientInfo {
+                version: 2,
+                ..Default::default()
+            },
+        )],
+    );
+    let (x, y) = f.split_at(10);
+    ws.send(Message::Binary(x.to_vec().into())).await.unwrap();
+    ws.send(Message::Binary(y.to_vec().into())).await.unwrap();
+    let mut io = ferry_relay::server::ws::WsIo::new(ws);
+    let mut buf = bytes::BytesMut::new();
+    let mut dec = proto::FrameDecoder::new();
+    let f = loop {
+        if let Some(f) = dec.decode(&mut buf).unwrap() {
+            break f;
+        }
+        tokio::time::timeout(T, io.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    };
+    assert_eq!(f.frame_type, ft::SERVER_INFO);
+
+    let mut out = Vec::new();
+    proto::put_send_packet(&mut out, &plain.key(), b"from websocket");
+    io.write_all(&out).await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(
+        plain.recv().await,
+        (me.public(), b"from websocket".to_vec())
+    );
+    plain.send(me.public(), b"from plain").await;
+    let f = loop {
+        if let Some(f) = dec.decode(&mut buf).unwrap() {
+            break f;
+        }
+        tokio::time::timeout(T, io.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+    };
+    assert_eq!(
+        ServerFrame::parse(f).unwrap(),
+        ServerFrame::RecvPacket {
+            src: plain.key(),
+            packet: bytes::Bytes::from_static(b"from plain")
+        }
+    );
+}
+
+#[tokio::test]
+async fn fast_start_skips_the_101_and_accepts_pipelined_client_info() {
+    let relay = relay_tls(test_limits()).await;
+    let server_pub = relay.server.public_key();
+    let me = SecretKey::generate();
+    let mut io = dial(&relay).await;
+    let mut req = b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Fast-Start: 1\r\n\r\n".to_vec();
+    proto::put_frame(
+        &mut req,
+        ft::CLIENT_INFO,
+        &[&proto::client_info_payload(
+            &me,
+            &server_pub,
+            &ClientInfo {
+                version: 2,
+                ..Default::default()
+            },
+        )],
+    );
+    io.write_all(&req).await.unwrap();
+    let mut c = RawClient::from_parts(io, me, server_pub);
+    // First bytes are the ServerKey frame, not an HTTP response.
+    let f = c.frame().await.unwrap();
+    assert_eq!(f.frame_type, ft::SERVER_KEY);
+    assert_eq!(c.frame().await.unwrap().frame_type, ft::SERVER_INFO);
+}
+
+#[tokio::test]
+async fn http_endpoints_answer_like_derper() {
+    let relay = relay_tls(test_limits()).await;
+    let get = |path: &'static str, extra: &'static str| {
+        let relay = &relay;
+        async move {
+            let mut io = dial(relay).await;
+            io.write_all(
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut s = String::new();
+            tokio::time::timeout(T, io.read_to_string(&mut s))
+                .await
+                .unwrap()
+                .ok();
+            s
+        }
+    };
+    assert!(get("/derp/probe", "").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/derp/latency-check", "")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let r = get("/generate_204", "X-Tailscale-Challenge: abc-123:x\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 204") && r.contains("X-Tailscale-Response: response abc-123:x"),
+        "{r}"
+    );
+    let r = get("/generate_204", "X-Tailscale-Challenge: bad challenge!\r\n").await;
+    assert!(
+        r.starts_with("HTTP/1.1 204") && !r.contains("X-Tailscale-Response"),
+        "{r}"
+    );
+    assert!(get("/healthz", "").await.starts_with("HTTP/1.1 200"));
+    let home = get("/", "").await;
+    assert!(
+        home.contains("ferry-relay") && home.contains(env!("CARGO_PKG_VERSION")),
+        "{home}"
+    );
+    assert!(get("/robots.txt", "").await.contains("Disallow: /"));
+    assert!(get("/derp", "").await.starts_with("HTTP/1.1 426"));
+    assert!(get("/derp", "Upgrade: h2c\r\n")
+        .await
+        .starts_with("HTTP/1.1 426"));
+    assert!(get("/nope", "").await.starts_with("HTTP/1.1 404"));
+    // Keep-alive: two requests on one connection.
+    let mut io = dial(&relay).await;
+    io.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /derp/probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut s = String::new();
+    tokio::time::timeout(T, io.read_to_string(&mut s))
+        .await
+        .unwrap()
+        .ok();
+    assert_eq!(s.matches("HTTP/1.1 200").count(), 2, "{s}");
+}
+
+/// Bad input: each case closes only its own connection while two healthy clients keep exchanging.
+#[tokio::test]
+async fn bad_input_closes_only_the_offender() {
+    let limits = ferry_relay::server::Limits {
+        handshake_timeout: Duration::from_millis(500),
+        ..test_limits()
+    };
+    let relay = relay_tls(limits).await;
+    let a = ts_connect(&relay).await;
+    let b = ts_connect(&relay).await;
+    ping_pong(&a, &b, "before").await;
+    let m = relay.server.metrics();
+
+    // 1. Garbage before the upgrade (and a TLS-less client on the TLS port).
+    let mut io = dial(&relay).await;
+    io.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
+    let mut s = String::new();
+    tokio::time::timeout(T, io.read_to_string(&mut s))
+        .await
+        .unwrap()
+        .ok();
+    assert!(s.starts_with("HTTP/1.1 400"), "{s}");
+    let mut tcp = TcpStream::connect(relay.addr()).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    tokio::time::timeout(T, tcp.read_to_end(&mut sink))
+        .await
+        .unwrap()
+        .ok();
+    ping_pong(&a, &b, "after garbage").await;
+
+    // 2. Wrong first frame / ClientInfo that does not open / too long ClientInfo.
+    for bad in [
+        (ft::SEND_PACKET, vec![0u8; 40]),
+        (ft::CLIENT_INFO, vec![7u8; 120]),
+        (ft::CLIENT_INFO, vec![0u8; 10]),
+    ] {
+        let mut io = upgrade(&relay).await;
+        let mut sk = [0u8; 45];
+        io.read_exact(&mut sk).await.unwrap();
+        let mut f = Vec::new();
+        proto::put_frame(&mut f, bad.0, &[&bad.1]);
+        io.write_all(&f).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(T, io.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .ok();
+        assert!(rest.is_empty(), "no ServerInfo for a bad ClientInfo");
+    }
+    let mut io = upgrade(&relay).await;
+    let mut sk = [0u8; 45];
+    io.read_exact(&mut sk).await.unwrap();
+    let mut hdr = Vec::new();
+    proto::put_header(&mut hdr, ft::CLIENT_INFO, proto::MAX_CLIENT_INFO_LEN + 1);
+    io.write_all(&hdr).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, io.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .ok();
+    assert!(rest.is_empty());
+    ping_pong(&a, &b, "after bad client info").await;
+
+    // 3. Frame lengths over the limits, malformed known frames, mesh frames without the key.
+    let cases: Vec<Vec<u8>> = vec![
+        {
+            let mut h = Vec::new();
+            proto::put_header(&mut h, ft::SEND_PACKET, 32 + proto::MAX_PACKET_SIZE + 1);
+            h
+        },
+        {
+            let mut h = Vec::new();
+            proto::put_header(&mut h, 0x7f, proto::MAX_FRAME_SIZE + 1);
+            h
+        },
+        {
+            let mut h = Vec::new();
+            proto::put_frame(&mut h, ft::NOTE_PREFERRED, &[&[1, 2]]);
+            h
+        },
+        {
+            let mut h = Vec::new();
+            proto::put_frame(&mut h, ft::WATCH_CONNS, &[]);
+            h
+        },
+        {
+            let mut h = Vec::new();
+            proto::put_frame(&mut h, ft::CLOSE_PEER, &[a.key().as_bytes()]);
+            h
+        },
+    ];
+    let closed_before = m.sample(
+        "ferry_relay_connections_closed_total",
+        "reason=\"protocol_error\"",
+    ) + m.sample(
+        "ferry_relay_connections_closed_total",
+        "reason=\"not_permitted\"",
+    );
+    for bytes in &cases {
+        let mut c = RawClient::connect(&relay).await;
+        c.io.write_all(bytes).await.unwrap();
+        c.expect_closed().await;
+        ping_pong(&a, &b, "after bad frame").await;
+    }
+    eventually("closes counted", || {
+        m.sample(
+            "ferry_relay_connections_closed_total",
+            "reason=\"protocol_error\"",
+        ) + m.sample(
+            "ferry_relay_connections_closed_total",
+            "reason=\"not_permitted\"",
+        ) - closed_before
+            >= cases.len() as f64
+    })
+    .await;
+
+    // 4. Unknown frame types are skipped (as derper does, so newer clients keep working): the
+    //    connection stays usable.
+    let mut c = RawClient::connect(&relay).await;
+    c.send_frame(0x7e, &[b"from the future"]).await;
+    c.send_frame(ft::KEEP_ALIVE, &[]).await;
+    c.send_frame(ft::PING, &[b"alive?!!"]).await;
+    assert_eq!(c.next().await, Some(ServerFrame::Pong(*b"alive?!!")));
+    assert!(m.sample("ferry_relay_frames_ignored_total", "") >= 2.0);
+
+    // 5. A client that never finishes the handshake (TLS, HTTP head, or ClientInfo) is cut at
+    //    the deadline.
+    let mut silent_tcp = TcpStream::connect(relay.addr()).await.unwrap();
+    let mut slow_http = dial(&relay).await;
+    slow_http
+        .write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut no_info = upgrade(&relay).await;
+    for io in [&mut slow_http as &mut BoxIo, &mut no_info] {
+        let mut sink = Vec::new();
+        tokio::time::timeout(T, io.read_to_end(&mut sink))
+            .await
+            .expect("closed at the deadline")
+            .ok();
+    }
+    let mut sink = Vec::new();
+    tokio::time::timeout(T, silent_tcp.read_to_end(&mut sink))
+        .await
+        .expect("closed at the deadline")
+        .ok();
+    assert!(
+        m.sample(
+            "ferry_relay_handshake_failures_total",
+            "reason=\"handshake_timeout\""
+        ) >= 1.0
+    );
+    assert!(
+        m.sample(
+            "ferry_relay_handshake_failures_total",
+            "reason=\"http_timeout\""
+        ) >= 1.0
+    );
+    ping_pong(&a, &b, "after").await;
+}
+
+/// A receiver that stops reading: its queue fills, drops are counted, its connection is cut at
+/// the write timeout, and the sender and everyone else carry on at full speed.
+#[tokio::test]
+async fn a_client_that_stops_reading_hurts_nobody_else() {
+    let limits = ferry_relay::server::Limits {
+        write_timeout: Duration::from_millis(300),
+        ..test_limits()
+    };
+    let relay = relay_plain(limits).await;
+    let a = ts_connect(&relay).await;
+    let b = ts_connect(&relay).await;
+    let stuck = RawClient::connect(&relay).await; // never reads again
+    let stuck_key = stuck.key();
+    let sender = ts_connect(&relay).await;
+    let payload = vec![1u8; 16 << 10];
+    // Far more than socket buffers + queue hold.
+    for i in 0..2000 {
+        sender.send(stuck_key, &payload).await;
+        if i % 200 == 0 {
+            ping_pong(&a, &b, "while stuck").await;
+        }
+    }
+    let m = relay.server.metrics();
+    eventually("queue drops counted", || {
+        m.sample("ferry_relay_packets_dropped_total", "reason=\"queue_head\"") > 0.0
+    })
+    .await;
+    eventually("stuck client cut at the write timeout", || {
+        m.sample(
+            "ferry_relay_connections_closed_total",
+            "reason=\"write_timeout\"",
+        ) >= 1.0
+    })
+    .await;
+    ping_pong(&a, &b, "after").await;
+    ping_pong(&sender, &a, "sender fine").await;
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn duplicate_key_last_writer_receives() {
+    let relay = relay_plain(test_limits()).await;
+    let mut peer = RawClient::connect(&relay).await;
+    let secret = SecretKey::generate();
+    let mut one = RawClient::handshake_with(upgrade(&relay).await, secret.clone()).await;
+    let mut two = RawClient::handshake_with(upgrade(&relay).await, secret.clone()).await;
+    // The newest connection receives...
+    peer.send(secret.public(), b"to newest").await;
+    assert_eq!(two.recv().await.1, b"to newest");
+    // ...until the other one sends.
+    one.send(peer.key(), b"i'm here").await;
+    assert_eq!(peer.recv().await.1, b"i'm here");
+    peer.send(secret.public(), b"to last writer").await;
+    assert_eq!(one.recv().await.1, b"to last writer");
+    // Both stay open.
+    two.send_frame(ft::PING, &[b"ping-two"]).await;
+    assert_eq!(two.next().await, Some(ServerFrame::Pong(*b"ping-two")));
+}
+
+#[tokio::test]
+async fn shutdown_sends_restarting_only_to_clients_that_understand_it_and_drains() {
+    let relay = relay_tls(test_limits()).await;
+    let ts = ts_connect(&relay).await;
+    let mut go_like = RawClient::handshake(
+        upgrade(&relay).await,
+        ClientInfo {
+            version: 2,
+            can_ack_pings: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut plain = RawClient::connect(&relay).await;
+    // A packet queued right before shutdown is still delivered (drain).
+    go_like.send(plain.key(), b"last words").await;
+    assert_eq!(plain.recv().await.1, b"last words");
+    let started = std::time::Instant::now();
+    let Relay { server, dir: _dir } = relay;
+    let hard = tokio::time::timeout(T, server.shutdown())
+        .await
+        .expect("shutdown within its bound");
+    assert_eq!(hard, 0, "everything drained");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    match go_like.next().await {
+        Some(ServerFrame::Restarting {
+            reconnect_in_ms,
+            try_for_ms,
+        }) => {
+            assert!(reconnect_in_ms < 5000);
+            assert_eq!(try_for_ms, 60_000);
+        }
+        other => panic!("expected Restarting, got {other:?}"),
+    }
+    assert_eq!(go_like.next().await, None);
+    // ts_derp and the other raw client get a clean close, no Restarting (ts_derp would error).
+    assert_eq!(plain.next().await, None);
+    assert!(ts.client.recv_one().await.is_err());
+}
+
+#[tokio::test]
+async fn same_key_file_same_server_key_and_cert_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("relay.key");
+    let start = || async {
+        let (key, _) = ferry_relay::server::keyfile::load_or_create(&key_path).unwrap();
+        let cfg = Config {
+            server_key: key,
+            tls: Some(TlsConfig::SelfSigned {
+                names: vec!["localhost".into()],
+                dir: dir.path().into(),
+            }),
+            ..Config::dev_loopback()
+        };
+        Server::spawn(cfg).await.unwrap()
+    };
+    let one = start().await;
+    let (k1, c1) = (one.public_key(), one.cert_der());
+    one.shutdown().await;
+    let two = start().await;
+    assert_eq!(two.public_key(), k1);
+    assert_eq!(two.cert_der(), c1);
+}
