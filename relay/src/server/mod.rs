@@ -222,10 +222,11 @@ impl Server {
     pub async fn spawn(config: Config) -> Result<Server, SpawnError> {
         let (metrics, recorder) = RelayMetrics::new();
         if config.install_global_recorder {
-            ferry_stun::describe_metrics();
             if ::metrics::set_global_recorder(recorder).is_err() {
                 warn!("a global metrics recorder is already installed; STUN metrics go there, not to this server's /metrics");
             }
+            // After installing: descriptions go to the global recorder.
+            ferry_stun::describe_metrics();
         }
         let cert = match config.tls.clone() {
             Some(t) => Some(Arc::new(tls::ReloadableCert::load(t)?)),

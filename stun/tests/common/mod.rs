@@ -47,8 +47,11 @@ pub struct Harness {
 /// them, so the deltas are added up here.
 struct Counters {
     snapshotter: Snapshotter,
-    totals: Mutex<BTreeMap<(String, Vec<(String, String)>), u64>>,
+    totals: Mutex<BTreeMap<MetricId, u64>>,
 }
+
+/// A metric name and its sorted labels.
+type MetricId = (String, Vec<(String, String)>);
 
 impl Counters {
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> u64 {

@@ -1,0 +1,389 @@
+//! The real `ferry-relay` process: config errors, Tailscale's `derpprobe`, `promtool`, signals.
+//!
+//! Foreign tools come from `scripts/test-deps.sh` (into `<repo>/.tools/bin`) or PATH. When one is
+//! missing the test says so and is skipped, except under CI (`CI` set), where it fails.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::T;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ferry-relay");
+
+fn tool(name: &str) -> Option<PathBuf> {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.tools/bin")
+        .join(name);
+    if local.exists() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+    })
+}
+
+/// The tool, or `None` after printing why the test is skipped (a failure under CI).
+fn require(name: &str, install: &str) -> Option<PathBuf> {
+    let t = tool(name);
+    if t.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required under CI: {install}"
+        );
+        eprintln!("SKIPPED: {name} not found; run {install}");
+    }
+    t
+}
+
+/// A running `ferry-relay` and what its ready line said.
+struct Proc {
+    child: Child,
+    derp_port: u16,
+    stun_port: Option<u16>,
+    metrics: Option<SocketAddr>,
+    server_key: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field<'a>(line: &'a str, after: &str, until: &[char]) -> Option<&'a str> {
+    let i = line.find(after)? + after.len();
+    let rest = &line[i..];
+    Some(rest.split(|c| until.contains(&c)).next().unwrap_or(rest))
+}
+
+/// Starts the binary with `args` and waits for its ready line on stdout.
+fn start(args: &[&str]) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains(" ready: "), "no ready line, got {line:?}");
+    // "... DERP https://localhost:PORT/derp, STUN udp+tcp [127.0.0.1:PORT], metrics http://ADDR/metrics, server key HEX"
+    let derp = field(&line, "/derp", &[]).map(|_| ()).and_then(|_| {
+        let url = field(&line, "DERP ", &[' ', ','])?;
+        url.rsplit_once(':')?.1.split('/').next()?.parse().ok()
+    });
+    let stun_port = field(&line, "STUN udp+tcp [", &[']', ','])
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port());
+    let metrics = field(&line, "metrics http://", &['/']).and_then(|a| a.parse().ok());
+    let server_key = field(&line, "server key ", &['\n', ' '])
+        .unwrap()
+        .to_string();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in out.lines() {});
+    Proc {
+        child,
+        derp_port: derp.expect("DERP port in ready line"),
+        stun_port,
+        metrics,
+        server_key,
+    }
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+    assert_eq!(rc, 0);
+}
+
+fn tls_args<'a>(dir: &'a str) -> Vec<&'a str> {
+    vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--hostname",
+        "localhost",
+        "--key-file",
+        dir,
+        "--http-listen",
+        "off",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--stun-listen",
+        "127.0.0.1:0",
+    ]
+}
+
+#[test]
+fn bad_config_fails_at_start_naming_file_line_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\n[limits]\nqueue_dept = 8\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("relay.toml")
+            && err.contains("line 3")
+            && err.contains("queue_dept")
+            && err.contains("queue_depth"),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--key-file"])
+        .arg(dir.path().join("k"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--hostname is required") && err.contains("--dev"),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["--dev", "--metrics-listen", "port nine"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("IP:PORT"), "{err}");
+
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("Examples:") && help.contains("--dev") && help.contains("SIGHUP"),
+        "{help}"
+    );
+}
+
+/// Tailscale's derpprobe, pointed at ferry through a DERP map, reports TLS, STUN and delivery OK;
+/// then the metrics scrape passes `promtool check metrics`.
+#[test]
+fn derpprobe_reports_every_probe_ok_and_metrics_pass_promtool() {
+    let Some(derpprobe) = require("derpprobe", "scripts/test-deps.sh") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("relay.key");
+    let key_s = key.to_str().unwrap().to_string();
+    let p = start(&tls_args(&key_s));
+    let stun = p.stun_port.expect("STUN on");
+    let map = serde_json::json!({"Regions": {"900": {"RegionID": 900, "RegionCode": "ferry", "RegionName": "ferry test",
+        "Nodes": [{"Name": "900a", "RegionID": 900, "HostName": "localhost", "IPv4": "127.0.0.1",
+                   "STUNPort": stun, "DERPPort": p.derp_port}]}}});
+    let map_path = dir.path().join("derpmap.json");
+    std::fs::write(&map_path, map.to_string()).unwrap();
+    let out = Command::new(derpprobe)
+        .args(["-once", "-spread=false", "-derp-map"])
+        .arg(format!("file://{}", map_path.display()))
+        .env("SSL_CERT_FILE", dir.path().join("self-signed-cert.pem"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{log}");
+    assert!(out.status.success(), "derpprobe failed:\n{log}");
+    for probe in [
+        "derp/ferry/900a/tls",
+        "derp/ferry/900a/udp",
+        "derp/ferry/900a/900a/mesh",
+    ] {
+        assert!(
+            log.contains(&format!("good: {probe}:")),
+            "{probe} not good:\n{log}"
+        );
+    }
+    assert!(!log.contains("bad:"), "{log}");
+
+    let scrape = http_get(p.metrics.expect("metrics on"), "/metrics");
+    assert!(
+        scrape.contains("ferry_relay_handshakes_total 2"),
+        "the mesh probe's two clients:\n{scrape}"
+    );
+    assert!(
+        scrape.contains("ferry_stun_requests_total{transport=\"udp\",result=\"success\"} 1"),
+        "{scrape}"
+    );
+    if let Some(promtool) = require(
+        "promtool",
+        "scripts/test-deps.sh (Debian package prometheus)",
+    ) {
+        let mut c = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut c.stdin.take().unwrap(), scrape.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        let msg = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "promtool check metrics failed:\n{msg}"
+        );
+        assert!(msg.trim().is_empty(), "promtool has complaints:\n{msg}");
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// SIGTERM drains and exits within the bound; a restart with the same key file has the same key.
+#[test]
+fn sigterm_drains_in_time_and_restart_keeps_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("relay.key");
+    let key_s = key.to_str().unwrap().to_string();
+    let mut args = tls_args(&key_s);
+    args.extend(["--shutdown-timeout", "3s"]);
+    let mut p = start(&args);
+    let first_key = p.server_key.clone();
+    // Hold a real DERP connection open across the signal.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let port = p.derp_port;
+    let cert = std::fs::read(dir.path().join("self-signed-cert.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut &cert[..])
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    let conn = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = common::client_tls(&der).connect(name, tcp).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        tls.write_all(b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+        let head = common::read_head(&mut tls).await;
+        assert!(head.starts_with("HTTP/1.1 101"));
+        let kp = ts_keys::NodeKeyPair::random();
+        ts_derp::Client::handshake(tls, &kp).await.unwrap()
+    });
+    let t0 = Instant::now();
+    signal(&p.child, libc::SIGTERM);
+    let status = wait_exit(&mut p.child, Duration::from_secs(6));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "drained in {:?}",
+        t0.elapsed()
+    );
+    // The client saw the connection end (no Restarting: ts_derp would not understand it).
+    assert!(rt
+        .block_on(async { tokio::time::timeout(T, conn.recv_one()).await.unwrap() })
+        .is_err());
+
+    let again = start(&args);
+    assert_eq!(
+        again.server_key, first_key,
+        "same key file, same server key"
+    );
+}
+
+/// SIGHUP reloads manual certificate files; established connections keep working.
+#[test]
+fn sighup_reloads_manual_certs_without_dropping_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, kp) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let write_cert = |name: &str| {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), name.to_string()])
+            .unwrap();
+        std::fs::write(&cp, c.cert.pem()).unwrap();
+        std::fs::write(&kp, c.key_pair.serialize_pem()).unwrap();
+        c.cert.der().to_vec()
+    };
+    let first = write_cert("one.test");
+    let key = dir.path().join("relay.key");
+    let key_s = key.to_str().unwrap().to_string();
+    let mut args = tls_args(&key_s);
+    let (cps, kps) = (
+        cp.to_str().unwrap().to_string(),
+        kp.to_str().unwrap().to_string(),
+    );
+    args.extend([
+        "--cert-mode",
+        "manual",
+        "--cert-file",
+        &cps,
+        "--cert-key-file",
+        &kps,
+    ]);
+    let p = start(&args);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let port = p.derp_port;
+    let connect = |der: Vec<u8>| {
+        rt.block_on(async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            common::client_tls(&der).connect(name, tcp).await
+        })
+    };
+    let mut old_conn = connect(first.clone()).expect("first cert trusted");
+    let second = write_cert("two.test");
+    signal(&p.child, libc::SIGHUP);
+    // The reload is asynchronous to us: wait until a new handshake sees the new certificate.
+    let deadline = Instant::now() + T;
+    while connect(second.clone()).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "new certificate not served after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(connect(first).is_err(), "old certificate no longer served");
+    // The connection made before the reload still works.
+    rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        old_conn
+            .write_all(b"GET /derp/probe HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let head = common::read_head(&mut old_conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    });
+}
