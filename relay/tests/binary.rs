@@ -120,7 +120,7 @@ fn signal(child: &Child, sig: libc::c_int) {
     assert_eq!(rc, 0);
 }
 
-fn tls_args<'a>(dir: &'a str) -> Vec<&'a str> {
+fn tls_args(dir: &str) -> Vec<&str> {
     vec![
         "--listen",
         "127.0.0.1:0",

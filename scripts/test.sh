@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need, then runs them.
+#   scripts/test.sh            everything
+#   scripts/test.sh -p ferry-stun   extra args go to `cargo test`
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/test-deps.sh
+export PATH="$PWD/.tools/bin:$PATH"
+cargo test --workspace --locked "$@"
