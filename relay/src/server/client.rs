@@ -177,9 +177,7 @@ pub(crate) async fn run<S>(
     m.handshake_duration
         .record(accepted.elapsed().as_secs_f64());
 
-    let span = tracing::debug_span!("client", key = %key.short(), mesh = is_mesh);
-    let _enter = span.enter();
-    debug!(version = info.version, prober = info.is_prober, "connected");
+    debug!(key = %key.short(), mesh = is_mesh, version = info.version, prober = info.is_prober, "connected");
 
     let cancel = shared.conns_cancel.child_token();
     let me = Arc::new(ClientHandle::new(
@@ -211,7 +209,7 @@ pub(crate) async fn run<S>(
     }
     let why = writer_why.unwrap_or(why);
     m.closed(why);
-    debug!(reason = why.label(), "disconnected");
+    debug!(key = %key.short(), reason = why.label(), "disconnected");
     if key_gone {
         for peer in sent_to {
             if let Some(p) = shared.registry.get(&peer) {
@@ -375,7 +373,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let jitter = rand::random::<f64>() * limits.keepalive_jitter.as_secs_f64();
         now + limits.keepalive_interval + Duration::from_secs_f64(jitter)
     };
-    let mut next_keepalive = keepalive(tokio::time::Instant::now());
+    // One timer for the connection's life, reset when it fires (not re-created per batch).
+    let keepalive_timer = tokio::time::sleep_until(keepalive(tokio::time::Instant::now()));
+    tokio::pin!(keepalive_timer);
     let mut restarting = false;
     loop {
         tokio::select! {
@@ -387,9 +387,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 restarting = true;
             }
             _ = me.notify.notified() => {}
-            _ = tokio::time::sleep_until(next_keepalive) => {
+            _ = &mut keepalive_timer => {
                 proto::put_frame(&mut out, ft::KEEP_ALIVE, &[]);
-                next_keepalive = keepalive(tokio::time::Instant::now());
+                keepalive_timer.as_mut().reset(keepalive(tokio::time::Instant::now()));
             }
         }
         me.take_queued(&mut q);

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 pub use self::metrics::RelayMetrics;
 pub use self::tls::{cert_name_pin, TlsConfig, TlsError};
@@ -464,13 +464,17 @@ async fn accept_loop(
                 };
                 let shared = Arc::clone(&shared);
                 let conn_cancel = shared.conns_cancel.clone();
-                tracker.spawn(async move {
-                    let _permit = permit;
-                    tokio::select! {
-                        _ = conn_cancel.cancelled() => {}
-                        _ = conn::handle_tcp(tcp, remote, kind, shared) => {}
+                let span = tracing::debug_span!("conn", %remote);
+                tracker.spawn(
+                    async move {
+                        let _permit = permit;
+                        tokio::select! {
+                            _ = conn_cancel.cancelled() => {}
+                            _ = conn::handle_tcp(tcp, remote, kind, shared) => {}
+                        }
                     }
-                });
+                    .instrument(span),
+                );
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
