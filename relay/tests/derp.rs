@@ -503,7 +503,7 @@ async fn bad_input_closes_only_the_offender() {
 }
 
 /// A receiver that stops reading: its queue fills, drops are counted, its connection is cut at
-/// the write timeout, and the sender and everyone else carry on at full speed.
+/// the write timeout, and the sender and everyone else keep exchanging packets meanwhile.
 #[tokio::test]
 async fn a_client_that_stops_reading_hurts_nobody_else() {
     let limits = ferry_relay::server::Limits {
