@@ -30,7 +30,7 @@ die() { log "ERROR: $*"; exit 1; }
 # ---------------------------------------------------------------- Debian packages
 apt_part() {
     local missing=() bin pkg
-    for pair in turnutils_stunclient:coturn promtool:prometheus; do
+    for pair in turnutils_stunclient:coturn promtool:prometheus stun:stun-client; do
         bin="${pair%%:*}"; pkg="${pair#*:}"
         if command -v "$bin" >/dev/null 2>&1; then
             log "ok: $bin ($(command -v "$bin"))"

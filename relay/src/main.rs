@@ -194,6 +194,24 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
     };
 
     let stun_enabled = !cli.no_stun && file.stun.enabled.unwrap_or(true);
+    // RFC 5780 answers "from the other address", so the primary must be a specific IP.
+    let rfc5780 = match file.stun.rfc5780_alternate {
+        None => None,
+        Some(alternate) => {
+            let primary = cli
+                .stun_listen
+                .first()
+                .copied()
+                .or_else(|| file.stun.listen.as_ref().and_then(|l| l.first().copied()));
+            match primary {
+                Some(p) if !p.ip().is_unspecified() => Some(ferry_relay::server::Rfc5780Config { primary: p, alternate }),
+                _ => bail!(
+                    "[stun] rfc5780_alternate needs the first STUN listen address to be a specific IP \
+                     (e.g. listen = [\"192.0.2.1:3478\"]), not a wildcard: replies must come from known addresses"
+                ),
+            }
+        }
+    };
     let stun = stun_enabled.then(|| {
         let addrs = if !cli.stun_listen.is_empty() {
             cli.stun_listen.clone()
@@ -215,17 +233,7 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
                 .stun_software
                 .clone()
                 .or_else(|| file.stun.software.clone()),
-            rfc5780: file.stun.rfc5780_alternate.map(|alternate| {
-                ferry_relay::server::Rfc5780Config {
-                    primary: file
-                        .stun
-                        .listen
-                        .as_ref()
-                        .and_then(|l| l.first().copied())
-                        .unwrap_or_else(|| "0.0.0.0:3478".parse().expect("literal")),
-                    alternate,
-                }
-            }),
+            rfc5780,
             ..Default::default()
         }
     });

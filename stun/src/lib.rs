@@ -110,8 +110,9 @@ impl Default for StunConfig {
 /// | A2:P2 | `alternate` |
 ///
 /// A request to any of them may carry CHANGE-REQUEST and is answered from the socket the flags
-/// select; every reply carries MAPPED-ADDRESS, XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN and
-/// OTHER-ADDRESS. The two IPs must be distinct, specific (not `0.0.0.0`/`::`, since they are
+/// select (and RESPONSE-PORT, which redirects the reply to another port of the requester's
+/// IP); every reply carries MAPPED-ADDRESS, XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN and
+/// OTHER-ADDRESS. PADDING is not supported (420). The two IPs must be distinct, specific (not `0.0.0.0`/`::`, since they are
 /// reported to clients) and of one family; on a real deployment, two public addresses of the
 /// host. Ports may be 0 (tests): the server then picks P1 and P2 free on both IPs. These
 /// sockets are in addition to [`StunConfig::udp_addrs`] (an identical entry there is not bound
