@@ -176,9 +176,19 @@ fn bad_config_fails_at_start_naming_file_line_and_fix() {
     assert!(!out.status.success() && err.contains("IP:PORT"), "{err}");
 
     std::fs::write(&cfg, "[stun]\nrfc5780_alternate = \"127.0.0.2:3479\"\n").unwrap();
-    let out = Command::new(BIN).arg("--dev").arg("--config").arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--dev")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("rfc5780_alternate needs") && err.contains("specific IP"), "{err}");
+    assert!(
+        !out.status.success()
+            && err.contains("rfc5780_alternate needs")
+            && err.contains("specific IP"),
+        "{err}"
+    );
 
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
