@@ -878,21 +878,8 @@ pub fn handle(request: &[u8], src: SocketAddr, ctx: &Ctx, out: &mut [u8]) -> Out
     }
 
     let method = msg.method();
-    if method != METHOD_BINDING {
-        return error_response(
-            &msg,
-            method,
-            400,
-            "Bad Request",
-            &[],
-            false,
-            ctx,
-            out,
-            had_fingerprint,
-        );
-    }
-    if padding && response_port.is_some() {
-        // RFC 5780 §6.1: PADDING with RESPONSE-PORT is a 400.
+    // Methods other than Binding, and (RFC 5780 §6.1) PADDING together with RESPONSE-PORT: 400.
+    if method != METHOD_BINDING || (padding && response_port.is_some()) {
         return error_response(
             &msg,
             method,

@@ -27,7 +27,7 @@ pub(crate) struct QueuedPacket {
 }
 
 /// Frames other than packets that the writer sends.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Control {
     Pong([u8; 8]),
     PeerGone(PublicKey, PeerGoneReason),
@@ -286,7 +286,7 @@ impl Registry {
         self.watchers.insert(w.conn_id, w);
     }
 
-    fn notify_watchers(&self, make: Control, except_conn: u64) {
+    fn notify_watchers(&self, note: Control, except_conn: u64) {
         if self.watchers.is_empty() {
             return;
         }
@@ -297,16 +297,7 @@ impl Registry {
             .collect();
         for w in ws {
             if w.conn_id != except_conn {
-                let c = match &make {
-                    Control::PeerPresent { key, addr, flags } => Control::PeerPresent {
-                        key: *key,
-                        addr: *addr,
-                        flags: *flags,
-                    },
-                    Control::PeerGone(k, r) => Control::PeerGone(*k, *r),
-                    _ => continue,
-                };
-                w.enqueue_control(c);
+                w.enqueue_control(note.clone());
             }
         }
     }
