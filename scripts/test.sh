@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/test-deps.sh
 export PATH="$PWD/.tools/bin:$PATH"
+bash scripts/lint-deploy.sh   # Dockerfile + Helm chart: hadolint, helm lint/template, kubernetes-validate, checkov
 cargo test --workspace --locked "$@"
