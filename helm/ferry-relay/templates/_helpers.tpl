@@ -110,6 +110,12 @@ true
 {{- if and (eq .Values.tls.mode "acme") (eq .Values.exposure.mode "loadBalancer") (ne (int .Values.exposure.loadBalancer.ports.http) 80) -}}
 {{- fail "tls.mode=acme needs the load balancer's HTTP port to be 80 (HTTP-01): set exposure.loadBalancer.ports.http=80" -}}
 {{- end -}}
+{{- if and (eq .Values.tls.mode "selfSigned") (gt (int .Values.replicas) 1) (eq .Values.exposure.mode "loadBalancer") -}}
+{{- fail "tls.mode=selfSigned behind a load balancer works only with replicas=1: each relay makes its own certificate, so clients would meet a different certificate (and CertName pin) on each connection. Use certManager, secret or acme" -}}
+{{- end -}}
+{{- if and (eq .Values.tls.mode "selfSigned") (gt (int .Values.replicas) 1) .Values.mesh.enabled -}}
+{{- fail "tls.mode=selfSigned with several meshed relays: peers cannot verify each other's self-signed certificates. Use certManager, secret or acme (or mesh.enabled=false for independent relays)" -}}
+{{- end -}}
 {{- if and (eq .Values.serverKey.store "persistentVolume") (not .Values.persistence.enabled) -}}
 {{- fail "serverKey.store=persistentVolume needs persistence.enabled=true (or use serverKey.store=secret, or ephemeral for tests)" -}}
 {{- end -}}
