@@ -29,10 +29,11 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
-# Dependencies only: cached until the lock file or a manifest changes.
-RUN cargo chef cook --release --locked --recipe-path recipe.json
+# Dependencies only: cached until the lock file or a manifest changes. The same package selection
+# in both steps, so Cargo resolves the same features and reuses every dependency built here.
+RUN cargo chef cook --release --locked -p ferry-relay -p ferry-stun --recipe-path recipe.json
 COPY . .
-RUN cargo build --release --locked --bin ferry-relay --bin ferry-stun \
+RUN cargo build --release --locked -p ferry-relay -p ferry-stun \
  && install -D -m 0755 target/release/ferry-relay /out/usr/local/bin/ferry-relay \
  && install -D -m 0755 target/release/ferry-stun /out/usr/local/bin/ferry-stun \
  && install -D -m 0644 docker/ferry-relay.toml /out/etc/ferry/relay.toml \

@@ -74,6 +74,8 @@ install_python_tools() {
         return
     fi
     command -v python3 >/dev/null 2>&1 || die "python3 not found: needed for the PyPI tools"
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+        die "python3 >= 3.11 needed (checkov; tomllib for the config check), found $(python3 --version)"
     [[ -x $VENV/bin/pip ]] || python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
     log "running: pip install $want (into $VENV)"
     # shellcheck disable=SC2086  # $want is a list of requirement specifiers
