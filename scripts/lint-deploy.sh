@@ -170,6 +170,12 @@ print(f"[lint-deploy] ok: {len(configs) - bad}/{len(configs)} configs", file=sys
 sys.exit(1 if bad else 0)
 EOF
 
+# Every metric the Grafana dashboard queries must exist in the relay's or STUN server's source.
+log "dashboard metrics exist in relay/src and stun/src"
+for m in $(grep -o 'ferry_[a-z_]*' "$CHART/files/dashboard.json" | sed 's/_bucket$//' | sort -u); do
+    grep -rqw "$m" relay/src stun/src || fail "dashboard queries $m, which neither relay/src nor stun/src defines"
+done
+
 # ---------------------------------------------------------------- 3. kubernetes-validate
 shopt -s nullglob
 rendered=("$OUT"/rendered/*.yaml)
