@@ -112,6 +112,16 @@ go_part() {
     go_install derpprobe tailscale.com/cmd/derpprobe tailscale.com "$TAILSCALE_VERSION"
     go_install pebble    github.com/letsencrypt/pebble/v2/cmd/pebble \
         github.com/letsencrypt/pebble/v2 "$PEBBLE_VERSION"
+    # pebble's HTTPS certificate and its CA, from the module, to a fixed place for the tests.
+    local pdir
+    pdir="$(GOTOOLCHAIN=local go env GOMODCACHE)/github.com/letsencrypt/pebble/v2@$PEBBLE_VERSION"
+    [[ -d $pdir ]] || GOTOOLCHAIN=local go mod download "github.com/letsencrypt/pebble/v2@$PEBBLE_VERSION" \
+        || die "go mod download pebble $PEBBLE_VERSION failed"
+    mkdir -p "$REPO/.tools/pebble"
+    cp -f "$pdir/test/certs/localhost/cert.pem" "$pdir/test/certs/localhost/key.pem" \
+        "$pdir/test/certs/pebble.minica.pem" "$REPO/.tools/pebble/" \
+        || die "pebble test certificates missing in $pdir"
+    chmod 0644 "$REPO/.tools/pebble/"*.pem
 }
 
 [[ ${SKIP_APT:-0} == 1 ]] && log "SKIP_APT=1: skipping Debian packages" || apt_part
@@ -126,13 +136,5 @@ if [[ ${SKIP_GO:-0} != 1 ]]; then
     for bin in derper derpprobe pebble; do
         printf '  %-22s %s\n' "$bin" "$TOOLS_BIN/$bin"
     done
-    # pebble's test material (read-only, inside the module cache):
-    PEBBLE_DIR="$(go env GOMODCACHE)/github.com/letsencrypt/pebble/v2@$PEBBLE_VERSION"
-    [[ -d $PEBBLE_DIR ]] || GOTOOLCHAIN=local \
-        go mod download "github.com/letsencrypt/pebble/v2@$PEBBLE_VERSION"
-    printf '  %-22s %s\n' "pebble module dir" "$PEBBLE_DIR"
-    printf '  %-22s %s\n' "pebble config" "$PEBBLE_DIR/test/config/pebble-config.json"
-    printf '  %-22s %s\n' "pebble https cert" "$PEBBLE_DIR/test/certs/localhost/cert.pem"
-    printf '  %-22s %s\n' "pebble https key" "$PEBBLE_DIR/test/certs/localhost/key.pem"
-    printf '  %-22s %s\n' "pebble https CA" "$PEBBLE_DIR/test/certs/pebble.minica.pem"
+    printf '  %-22s %s\n' "pebble certs" "$REPO/.tools/pebble/{cert,key,pebble.minica}.pem"
 fi

@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use ferry_relay::proto::SecretKey;
 use ferry_relay::server::config_file::{CertMode, FileConfig, Listen, LogFormat};
-use ferry_relay::server::{cert_name_pin, keyfile, Config, Limits, Server, StunConfig, TlsConfig};
+use ferry_relay::server::{
+    cert_name_pin, keyfile, AcmeConfig, Config, Limits, Server, StunConfig, TlsConfig,
+    LETS_ENCRYPT_DIRECTORY,
+};
 use tracing::{error, info, warn};
 
 const ABOUT: &str =
@@ -23,6 +26,9 @@ Examples:
 
   A production relay with a self-signed certificate (prints the CertName pin for the DERP map):
     ferry-relay --hostname relay.example.com --key-file /var/lib/ferry/relay.key
+
+  With a Let's Encrypt certificate (HTTP-01: port 80 must reach this relay; cached in --cert-dir):
+    ferry-relay --hostname relay.example.com --cert-mode acme --acme-email ops@example.com
 
   With certificates you manage (reloaded on SIGHUP without dropping clients):
     ferry-relay --hostname relay.example.com --cert-mode manual \\
@@ -68,6 +74,23 @@ struct Cli {
     /// Manual mode: PEM private key of the certificate.
     #[arg(long, env = "FERRY_CERT_KEY_FILE", value_name = "FILE")]
     cert_key_file: Option<PathBuf>,
+
+    /// Self-signed and ACME modes: where the certificate (and ACME account) is kept
+    /// [default: the key file's directory].
+    #[arg(long, env = "FERRY_CERT_DIR", value_name = "DIR")]
+    cert_dir: Option<PathBuf>,
+
+    /// ACME mode: contact e-mail for the CA (expiry notices).
+    #[arg(long, env = "FERRY_ACME_EMAIL")]
+    acme_email: Option<String>,
+
+    /// ACME mode: the CA's directory URL [default: Let's Encrypt production].
+    #[arg(long, env = "FERRY_ACME_DIRECTORY", value_name = "URL")]
+    acme_directory: Option<String>,
+
+    /// ACME mode: PEM CA certificate to trust for the ACME server itself (private CA, pebble).
+    #[arg(long, env = "FERRY_ACME_CA_FILE", value_name = "FILE")]
+    acme_ca_file: Option<PathBuf>,
 
     /// Port-80 listener (captive-portal check, HTTPS redirect), or `off` [default: 0.0.0.0:80; --dev: off].
     #[arg(long, env = "FERRY_HTTP_LISTEN", value_name = "ADDR|off")]
@@ -160,7 +183,40 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
             .cert_mode
             .or(file.tls.mode)
             .unwrap_or(CertMode::SelfSigned);
+        let cert_dir = cli
+            .cert_dir
+            .clone()
+            .or_else(|| file.tls.dir.clone())
+            .unwrap_or_else(|| {
+                key_path
+                    .as_deref()
+                    .and_then(Path::parent)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| {
+                        ferry_relay::server::default_key_path()
+                            .parent()
+                            .expect("has parent")
+                            .into()
+                    })
+            });
         Some(match mode {
+            CertMode::Acme => TlsConfig::Acme(AcmeConfig {
+                hostname: host,
+                email: cli
+                    .acme_email
+                    .clone()
+                    .or_else(|| file.tls.acme_email.clone()),
+                directory: cli
+                    .acme_directory
+                    .clone()
+                    .or_else(|| file.tls.acme_directory.clone())
+                    .unwrap_or_else(|| LETS_ENCRYPT_DIRECTORY.into()),
+                ca_file: cli
+                    .acme_ca_file
+                    .clone()
+                    .or_else(|| file.tls.acme_ca_file.clone()),
+                dir: cert_dir,
+            }),
             CertMode::Manual => {
                 let cert = cli.cert_file.clone().or_else(|| file.tls.cert_file.clone());
                 let key = cli
@@ -172,24 +228,10 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
                     _ => bail!("cert mode `manual` needs both --cert-file and --cert-key-file (or [tls] cert_file and key_file in the config file); or use --cert-mode self-signed"),
                 }
             }
-            CertMode::SelfSigned => {
-                let dir = file.tls.dir.clone().unwrap_or_else(|| {
-                    key_path
-                        .as_deref()
-                        .and_then(Path::parent)
-                        .map(Path::to_path_buf)
-                        .unwrap_or_else(|| {
-                            ferry_relay::server::default_key_path()
-                                .parent()
-                                .expect("has parent")
-                                .into()
-                        })
-                });
-                TlsConfig::SelfSigned {
-                    names: vec![host],
-                    dir,
-                }
-            }
+            CertMode::SelfSigned => TlsConfig::SelfSigned {
+                names: vec![host],
+                dir: cert_dir,
+            },
         })
     };
 
@@ -329,7 +371,7 @@ async fn run(cli: Cli) -> Result<()> {
     println!(
         "ferry-relay {} ready: DERP {}://{}:{}/derp, STUN {}, metrics {}, server key {}",
         env!("CARGO_PKG_VERSION"),
-        if server.cert_der().is_some() {
+        if server.tls_enabled() {
             "https"
         } else {
             "http"

@@ -7,40 +7,13 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::T;
+use common::{require, T};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferry-relay");
-
-fn tool(name: &str) -> Option<PathBuf> {
-    let local = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../.tools/bin")
-        .join(name);
-    if local.exists() {
-        return Some(local);
-    }
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.exists())
-    })
-}
-
-/// The tool, or `None` after printing why the test is skipped (a failure under CI).
-fn require(name: &str, install: &str) -> Option<PathBuf> {
-    let t = tool(name);
-    if t.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required under CI: {install}"
-        );
-        eprintln!("SKIPPED: {name} not found; run {install}");
-    }
-    t
-}
 
 /// A running `ferry-relay` and what its ready line said.
 struct Proc {
@@ -187,6 +160,25 @@ fn bad_config_fails_at_start_naming_file_line_and_fix() {
         !out.status.success()
             && err.contains("rfc5780_alternate needs")
             && err.contains("specific IP"),
+        "{err}"
+    );
+
+    // ACME from the config file: an IP hostname cannot pass HTTP-01; the error says what to do.
+    std::fs::write(
+        &cfg,
+        "hostname = \"192.0.2.7\"\nlisten = \"127.0.0.1:0\"\nhttp_listen = \"127.0.0.1:0\"\nmetrics_listen = \"off\"\n[tls]\nmode = \"acme\"\nacme_email = \"ops@example.com\"\n[stun]\nenabled = false\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--key-file")
+        .arg(dir.path().join("k"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("DNS name") && err.contains("self-signed"),
         "{err}"
     );
 

@@ -58,20 +58,30 @@ pub enum CertMode {
     SelfSigned,
     /// PEM files you provide (`cert_file`, `key_file`); reloaded on SIGHUP.
     Manual,
+    /// A certificate from an ACME CA (Let's Encrypt by default) over HTTP-01 on port 80,
+    /// cached in `dir` and renewed automatically.
+    Acme,
 }
 
 /// `[tls]`
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
-    /// `self-signed` (default) or `manual`.
+    /// `self-signed` (default), `manual` or `acme`.
     pub mode: Option<CertMode>,
     /// Manual mode: PEM certificate chain.
     pub cert_file: Option<PathBuf>,
     /// Manual mode: PEM private key.
     pub key_file: Option<PathBuf>,
-    /// Self-signed mode: directory for the generated pair (default: the key file's directory).
+    /// Self-signed and ACME modes: directory for the generated or issued pair (and the ACME
+    /// account); default: the key file's directory.
     pub dir: Option<PathBuf>,
+    /// ACME mode: contact address for the CA.
+    pub acme_email: Option<String>,
+    /// ACME mode: the CA's directory URL (default: Let's Encrypt production).
+    pub acme_directory: Option<String>,
+    /// ACME mode: extra PEM trust anchor for the CA's HTTPS endpoint (private CA, pebble).
+    pub acme_ca_file: Option<PathBuf>,
 }
 
 /// `[stun]`

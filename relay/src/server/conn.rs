@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
+use super::acme::CHALLENGE_PREFIX;
 use super::http::{self, HttpError, Request, Response};
 use super::metrics::HandshakeFailure;
 use super::ws::WsIo;
@@ -24,7 +25,7 @@ pub(crate) enum Listener {
     Derp,
     /// The port-80 listener: captive-portal check and health; everything else redirects to HTTPS.
     Port80,
-    /// The metrics listener: `/metrics` only.
+    /// The metrics listener: `/metrics` and `/healthz`.
     Metrics,
 }
 
@@ -47,7 +48,12 @@ fn route(req: &Request, listener: Listener, shared: &Shared) -> Route {
                 "text/plain; version=0.0.4; charset=utf-8",
                 shared.metrics.render(),
             ),
-            _ => Response::text(404, "Not Found", "ferry-relay metrics: GET /metrics\n"),
+            ("/healthz", true) => health(shared),
+            _ => Response::text(
+                404,
+                "Not Found",
+                "ferry-relay metrics listener: GET /metrics, GET /healthz\n",
+            ),
         });
     }
     match path {
@@ -100,15 +106,16 @@ fn route(req: &Request, listener: Listener, shared: &Shared) -> Route {
             }
             Route::Respond(r)
         }
-        "/healthz" if get_like => Route::Respond(if shared.is_ready() {
-            Response::text(200, "OK", "ok\n")
-        } else {
-            Response::text(
-                503,
-                "Service Unavailable",
-                "not ready (starting or shutting down)\n",
-            )
-        }),
+        "/healthz" if get_like => Route::Respond(health(shared)),
+        p if get_like && listener == Listener::Port80 && p.starts_with(CHALLENGE_PREFIX) => {
+            let token = &p[CHALLENGE_PREFIX.len()..];
+            Route::Respond(match shared.acme_challenges.get(token) {
+                Some(key_auth) => {
+                    Response::new(200, "OK", "application/octet-stream", key_auth.into_bytes())
+                }
+                None => Response::text(404, "Not Found", "no such ACME challenge\n"),
+            })
+        }
         "/robots.txt" if get_like => {
             Route::Respond(Response::text(200, "OK", "User-agent: *\nDisallow: /\n"))
         }
@@ -128,6 +135,19 @@ fn route(req: &Request, listener: Listener, shared: &Shared) -> Route {
             }
         }
         _ => Route::Respond(Response::text(404, "Not Found", "not found\n")),
+    }
+}
+
+/// `/healthz`: 200 once every listener is up, 503 while starting or draining.
+fn health(shared: &Shared) -> Response {
+    if shared.is_ready() {
+        Response::text(200, "OK", "ok\n")
+    } else {
+        Response::text(
+            503,
+            "Service Unavailable",
+            "not ready (starting or shutting down)\n",
+        )
     }
 }
 

@@ -4,6 +4,7 @@
 //! the handle for the bound addresses. Every task hangs off the handle; [`Server::shutdown`]
 //! drains gracefully and dropping the handle aborts.
 
+pub mod acme;
 mod client;
 pub mod config_file;
 mod conn;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+pub use self::acme::{AcmeConfig, LETS_ENCRYPT_DIRECTORY};
 pub use self::metrics::RelayMetrics;
 pub use self::tls::{cert_name_pin, TlsConfig, TlsError};
 use crate::proto::{PublicKey, SecretKey};
@@ -143,6 +145,8 @@ pub(crate) struct Shared {
     pub(crate) registry: registry::Registry,
     pub(crate) metrics: RelayMetrics,
     pub(crate) tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// HTTP-01 challenges the port-80 listener answers (ACME mode).
+    pub(crate) acme_challenges: Arc<acme::Challenges>,
     ready: AtomicBool,
     /// Cancelled at shutdown: writers flush, send Restarting where understood, and close.
     pub(crate) drain: CancellationToken,
@@ -228,6 +232,15 @@ impl Server {
             // After installing: descriptions go to the global recorder.
             ferry_stun::describe_metrics();
         }
+        if let Some(TlsConfig::Acme(acme)) = &config.tls {
+            acme.validate().map_err(TlsError::Acme)?;
+            if config.http_listen.is_none() {
+                return Err(TlsError::Acme(
+                    "ACME answers the CA's HTTP-01 challenge on the port-80 listener, and it is off: set http_listen (e.g. 0.0.0.0:80)".into(),
+                )
+                .into());
+            }
+        }
         let cert = match config.tls.clone() {
             Some(t) => Some(Arc::new(tls::ReloadableCert::load(t)?)),
             None => None,
@@ -259,6 +272,7 @@ impl Server {
             registry: registry::Registry::default(),
             metrics,
             tls_acceptor,
+            acme_challenges: Arc::default(),
             ready: AtomicBool::new(false),
             drain: CancellationToken::new(),
             conns_cancel: CancellationToken::new(),
@@ -310,6 +324,19 @@ impl Server {
                     }
                 }
             });
+        }
+        if let Some(c) = &cert {
+            if let TlsConfig::Acme(acme) = c.source() {
+                if c.leaf_der().is_none() {
+                    info!(hostname = %acme.hostname, "no cached ACME certificate yet: TLS handshakes fail until the CA issues one");
+                }
+                tracker.spawn(acme::run(
+                    acme.clone(),
+                    Arc::clone(c),
+                    Arc::clone(&shared.acme_challenges),
+                    accept_cancel.clone(),
+                ));
+            }
         }
         shared.ready.store(true, Ordering::Relaxed);
         info!(
@@ -363,9 +390,14 @@ impl Server {
     pub fn public_key(&self) -> PublicKey {
         self.shared.public
     }
-    /// The TLS leaf certificate (DER) now served, if TLS is on.
+    /// Whether the DERP listener speaks TLS.
+    pub fn tls_enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+    /// The leaf certificate in use (DER); `None` without TLS, or in ACME mode before the
+    /// first certificate is issued.
     pub fn cert_der(&self) -> Option<Vec<u8>> {
-        self.cert.as_ref().map(|c| c.leaf_der())
+        self.cert.as_ref().and_then(|c| c.leaf_der())
     }
     /// This server's metrics.
     pub fn metrics(&self) -> &RelayMetrics {

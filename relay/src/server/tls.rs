@@ -30,6 +30,9 @@ pub enum TlsConfig {
         /// Directory holding `self-signed-cert.pem` and `self-signed-key.pem`.
         dir: PathBuf,
     },
+    /// A certificate from an ACME CA (Let's Encrypt by default) over HTTP-01 on the port-80
+    /// listener, cached in `dir` and renewed before it expires.
+    Acme(super::acme::AcmeConfig),
 }
 
 /// Errors setting up TLS. Each says which file and what to do.
@@ -49,6 +52,8 @@ pub enum TlsError {
     SelfSigned { names: Vec<String>, msg: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("ACME: {0}")]
+    Acme(String),
 }
 
 /// The `CertName` value that pins a self-signed leaf in a DERP map: `sha256-raw:<hex>`.
@@ -59,39 +64,61 @@ pub fn cert_name_pin(leaf_der: &[u8]) -> String {
 /// A certificate resolver whose certificate can be replaced while the server runs.
 #[derive(Debug)]
 pub(crate) struct ReloadableCert {
-    current: RwLock<Arc<CertifiedKey>>,
+    /// `None` only in ACME mode, until the first certificate is issued: TLS handshakes fail
+    /// (and are counted) until then.
+    current: RwLock<Option<Arc<CertifiedKey>>>,
     source: TlsConfig,
 }
 
 impl ResolvesServerCert for ReloadableCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(Arc::clone(
-            &self.current.read().expect("cert lock poisoned"),
-        ))
+        self.current.read().expect("cert lock poisoned").clone()
     }
 }
 
 impl ReloadableCert {
     pub(crate) fn load(source: TlsConfig) -> Result<Self, TlsError> {
-        let ck = load_certified_key(&source)?;
+        let ck = match &source {
+            TlsConfig::Acme(acme) => super::acme::load_cached(acme)?,
+            _ => Some(load_certified_key(&source)?),
+        };
         Ok(ReloadableCert {
-            current: RwLock::new(Arc::new(ck)),
+            current: RwLock::new(ck.map(Arc::new)),
             source,
         })
     }
 
-    /// Reads the files again; on error the old certificate stays in use.
+    /// Reads the files again; on error the old certificate stays in use. In ACME mode this
+    /// re-reads the cached certificate (the renewal task keeps it fresh by itself).
     pub(crate) fn reload(&self) -> Result<(), TlsError> {
-        let ck = load_certified_key(&self.source)?;
-        *self.current.write().expect("cert lock poisoned") = Arc::new(ck);
+        let ck = match &self.source {
+            TlsConfig::Acme(acme) => match super::acme::load_cached(acme)? {
+                Some(ck) => ck,
+                None => return Ok(()),
+            },
+            src => load_certified_key(src)?,
+        };
+        self.set(ck);
         Ok(())
     }
 
-    /// The leaf certificate now in use (DER).
-    pub(crate) fn leaf_der(&self) -> Vec<u8> {
-        self.current.read().expect("cert lock poisoned").cert[0]
+    /// Puts a new certificate in use for the next handshakes.
+    pub(crate) fn set(&self, ck: CertifiedKey) {
+        *self.current.write().expect("cert lock poisoned") = Some(Arc::new(ck));
+    }
+
+    /// Where the certificate comes from.
+    pub(crate) fn source(&self) -> &TlsConfig {
+        &self.source
+    }
+
+    /// The leaf certificate now in use (DER), if there is one yet.
+    pub(crate) fn leaf_der(&self) -> Option<Vec<u8>> {
+        self.current
+            .read()
+            .expect("cert lock poisoned")
             .as_ref()
-            .to_vec()
+            .map(|ck| ck.cert[0].as_ref().to_vec())
     }
 
     pub(crate) fn server_config(self: &Arc<Self>) -> Arc<rustls::ServerConfig> {
@@ -114,7 +141,7 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-fn parse_pem(
+pub(crate) fn parse_pem(
     cert_pem: &[u8],
     cert_path: &Path,
     key_pem: &[u8],
@@ -165,6 +192,7 @@ fn load_certified_key(source: &TlsConfig) -> Result<CertifiedKey, TlsError> {
             }
             parse_pem(&read(&cert_path)?, &cert_path, &read(&key_path)?, &key_path)
         }
+        TlsConfig::Acme(_) => unreachable!("ACME certificates are loaded by the acme module"),
     }
 }
 
@@ -203,9 +231,30 @@ fn generate_self_signed(names: &[String]) -> Result<(String, String), TlsError> 
 /// Writes a secret file readable by its owner only (mode 0600 on Unix), without ever exposing
 /// it with wider permissions.
 pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    write_private_opts(path, contents, false)
+}
+
+/// Replaces a secret file atomically: writes `<path>.tmp` (mode 0600), then renames it over
+/// `path`, so a crash never leaves a half-written key or certificate behind.
+pub(crate) fn replace_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    write_private_opts(&tmp, contents, true)?;
+    fs::rename(&tmp, path).map_err(|source| TlsError::Write {
+        path: path.into(),
+        source,
+    })
+}
+
+fn write_private_opts(path: &Path, contents: &[u8], truncate: bool) -> Result<(), TlsError> {
     use std::io::Write;
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create_new(true);
+    if truncate {
+        opts.write(true).create(true).truncate(true);
+    } else {
+        opts.write(true).create_new(true);
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -237,7 +286,7 @@ mod tests {
         let a = ReloadableCert::load(cfg.clone()).unwrap();
         let b = ReloadableCert::load(cfg).unwrap();
         assert_eq!(a.leaf_der(), b.leaf_der(), "same cert after a restart");
-        let pin = cert_name_pin(&a.leaf_der());
+        let pin = cert_name_pin(&a.leaf_der().unwrap());
         assert!(
             pin.starts_with("sha256-raw:") && pin.len() == 11 + 64,
             "{pin}"
@@ -272,13 +321,13 @@ mod tests {
         fs::write(&kp, second.key_pair.serialize_pem()).unwrap();
         r.reload().unwrap();
         assert_ne!(r.leaf_der(), before);
-        assert_eq!(r.leaf_der(), second.cert.der().to_vec());
+        assert_eq!(r.leaf_der(), Some(second.cert.der().to_vec()));
         fs::write(&kp, "not a key").unwrap();
         let err = r.reload().unwrap_err();
         assert!(err.to_string().contains("k.pem"), "{err}");
         assert_eq!(
             r.leaf_der(),
-            second.cert.der().to_vec(),
+            Some(second.cert.der().to_vec()),
             "old cert still served"
         );
     }

@@ -25,6 +25,8 @@ pub type BoxIo = Box<dyn Io>;
 pub struct Relay {
     pub server: Server,
     pub dir: tempfile::TempDir,
+    /// The root to trust instead of the served leaf (a CA-issued certificate, e.g. ACME).
+    pub root: Option<Vec<u8>>,
 }
 
 impl Relay {
@@ -58,6 +60,7 @@ pub async fn relay_tls(limits: Limits) -> Relay {
     Relay {
         server: Server::spawn(cfg).await.unwrap(),
         dir,
+        root: None,
     }
 }
 
@@ -72,6 +75,7 @@ pub async fn relay_plain(limits: Limits) -> Relay {
         .await
         .unwrap(),
         dir,
+        root: None,
     }
 }
 
@@ -96,7 +100,7 @@ pub fn client_tls(cert_der: &[u8]) -> tokio_rustls::TlsConnector {
 pub async fn dial(relay: &Relay) -> BoxIo {
     let tcp = TcpStream::connect(relay.addr()).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    match relay.server.cert_der() {
+    match relay.root.clone().or_else(|| relay.server.cert_der()) {
         Some(der) => {
             let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
             Box::new(
@@ -320,6 +324,34 @@ pub async fn ping_pong(a: &TsClient, b: &TsClient, tag: &str) {
         a.recv().await,
         (b.key(), format!("{tag} b->a").into_bytes())
     );
+}
+
+/// A foreign tool from `<repo>/.tools/bin` (put there by `scripts/test-deps.sh`) or PATH.
+pub fn tool(name: &str) -> Option<std::path::PathBuf> {
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.tools/bin")
+        .join(name);
+    if local.exists() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.exists())
+    })
+}
+
+/// The tool, or `None` after printing why the test is skipped (a failure under CI).
+pub fn require(name: &str, install: &str) -> Option<std::path::PathBuf> {
+    let t = tool(name);
+    if t.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{name} is required under CI: {install}"
+        );
+        eprintln!("SKIPPED: {name} not found; run {install}");
+    }
+    t
 }
 
 /// Waits until `cond` holds, polling a metric or a count (events that have no channel to await).

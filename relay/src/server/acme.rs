@@ -1,0 +1,441 @@
+//! Certificates from an ACME CA (RFC 8555; Let's Encrypt by default) through the HTTP-01
+//! challenge, which the port-80 listener answers.
+//!
+//! The protocol client is `instant-acme`; its HTTP client is built here from rustls on the ring
+//! provider (this process installs no default crypto provider). The account key, the issued
+//! chain and its private key are cached in the configured directory (mode 0600), so a restart
+//! serves the cached certificate at once and asks the CA only when renewal is due: when a third
+//! of the certificate's lifetime is left (30 days for Let's Encrypt's 90-day certificates).
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType, Identifier,
+    NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::tls::{parse_pem, replace_private, ReloadableCert, TlsError};
+
+/// Let's Encrypt's production directory, the default.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// Path prefix of HTTP-01 challenge requests.
+pub(crate) const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// ACME settings.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// The DNS name to get a certificate for (an IP address cannot pass HTTP-01 here).
+    pub hostname: String,
+    /// Contact address given to the CA (expiry warnings), e.g. `ops@example.com`.
+    pub email: Option<String>,
+    /// The CA's directory URL.
+    pub directory: String,
+    /// Extra trust anchor (PEM) for the CA's own HTTPS endpoint: for a private CA or a test
+    /// server such as pebble. Public CAs need none (webpki roots are built in).
+    pub ca_file: Option<PathBuf>,
+    /// Where the account and the issued certificate are cached. Must persist across restarts:
+    /// CAs rate-limit issuance (Let's Encrypt: 5 identical certificates a week).
+    pub dir: PathBuf,
+}
+
+impl AcmeConfig {
+    fn cert_path(&self) -> PathBuf {
+        self.dir.join(format!("acme-{}-cert.pem", self.hostname))
+    }
+    fn key_path(&self) -> PathBuf {
+        self.dir.join(format!("acme-{}-key.pem", self.hostname))
+    }
+    fn account_path(&self) -> PathBuf {
+        self.dir.join("acme-account.json")
+    }
+
+    /// Checks what can be checked before start: a DNS name, an https directory URL.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.hostname.parse::<std::net::IpAddr>().is_ok() {
+            return Err(format!(
+                "ACME needs a DNS name, and the hostname is the IP address {}: point a DNS name at this relay and use it as the hostname, or use tls mode \"self-signed\" (clients pin it with CertName)",
+                self.hostname
+            ));
+        }
+        if self.hostname.is_empty() || self.hostname.contains(['/', ':', ' ']) {
+            return Err(format!(
+                "ACME needs a plain DNS name as the hostname, not {:?}",
+                self.hostname
+            ));
+        }
+        if !self.directory.starts_with("https://") {
+            return Err(format!(
+                "the ACME directory must be an https:// URL, not {:?} (Let's Encrypt: {LETS_ENCRYPT_DIRECTORY})",
+                self.directory
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// HTTP-01 tokens being validated right now: token → key authorization. The port-80 listener
+/// answers `GET /.well-known/acme-challenge/<token>` from here.
+#[derive(Debug, Default)]
+pub(crate) struct Challenges(parking_lot::Mutex<HashMap<String, String>>);
+
+impl Challenges {
+    pub(crate) fn get(&self, token: &str) -> Option<String> {
+        self.0.lock().get(token).cloned()
+    }
+}
+
+/// Removes the tokens it added when dropped, whatever way the order ends.
+struct TokenGuard<'a> {
+    challenges: &'a Challenges,
+    tokens: Vec<String>,
+}
+
+impl TokenGuard<'_> {
+    fn add(&mut self, token: String, key_authorization: String) {
+        self.challenges
+            .0
+            .lock()
+            .insert(token.clone(), key_authorization);
+        self.tokens.push(token);
+    }
+}
+
+impl Drop for TokenGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.challenges.0.lock();
+        for t in &self.tokens {
+            map.remove(t);
+        }
+    }
+}
+
+/// The cached certificate, if there is one.
+pub(crate) fn load_cached(cfg: &AcmeConfig) -> Result<Option<CertifiedKey>, TlsError> {
+    let (cert_path, key_path) = (cfg.cert_path(), cfg.key_path());
+    if !cert_path.exists() || !key_path.exists() {
+        return Ok(None);
+    }
+    let read = |p: &Path| {
+        fs::read(p).map_err(|source| TlsError::Read {
+            path: p.into(),
+            source,
+        })
+    };
+    let ck = parse_pem(&read(&cert_path)?, &cert_path, &read(&key_path)?, &key_path)?;
+    if let Err(e) = ck.keys_match() {
+        warn!(cert = %cert_path.display(), "cached ACME key and certificate do not match ({e}); requesting a new certificate");
+        return Ok(None);
+    }
+    Ok(Some(ck))
+}
+
+/// The validity window of a certificate.
+pub(crate) fn validity(der: &[u8]) -> Option<(SystemTime, SystemTime)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let v = cert.validity();
+    let at = |t: i64| Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t).ok()?));
+    Some((at(v.not_before.timestamp())?, at(v.not_after.timestamp())?))
+}
+
+/// How long until the certificate should be renewed (zero: now).
+fn renewal_due_in(leaf: Option<&[u8]>, now: SystemTime) -> Duration {
+    let Some((not_before, not_after)) = leaf.and_then(validity) else {
+        return Duration::ZERO;
+    };
+    let lifetime = not_after
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO);
+    let renew_at = not_after - lifetime / 3;
+    renew_at.duration_since(now).unwrap_or(Duration::ZERO)
+}
+
+/// Keeps a certificate in `cert`: obtains one when there is none, renews it when due, retries
+/// failures with backoff (30 s doubling to 1 h), and stops when `cancel` fires.
+pub(crate) async fn run(
+    cfg: AcmeConfig,
+    cert: Arc<ReloadableCert>,
+    challenges: Arc<Challenges>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_secs(30);
+    loop {
+        let due = renewal_due_in(cert.leaf_der().as_deref(), SystemTime::now());
+        if !due.is_zero() {
+            // Wake at least twice a day: the clock may jump, and a sleeping task costs nothing.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(due.min(Duration::from_secs(12 * 3600))) => continue,
+            }
+        }
+        info!(hostname = %cfg.hostname, directory = %cfg.directory, "requesting an ACME certificate");
+        let attempt = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = obtain(&cfg, &challenges) => r,
+        };
+        match attempt {
+            Ok(ck) => {
+                let until = validity(ck.cert[0].as_ref())
+                    .map(|(_, na)| humantime::format_rfc3339_seconds(na).to_string())
+                    .unwrap_or_default();
+                cert.set(ck);
+                backoff = Duration::from_secs(30);
+                info!(hostname = %cfg.hostname, valid_until = %until, "ACME certificate installed");
+            }
+            Err(e) => {
+                warn!(
+                    hostname = %cfg.hostname,
+                    retry_in = %humantime::format_duration(backoff),
+                    "ACME certificate request failed: {e}"
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
+fn acme_err(what: &str) -> impl Fn(instant_acme::Error) -> TlsError + '_ {
+    move |e| TlsError::Acme(format!("{what}: {e}"))
+}
+
+/// An HTTPS client for the CA on rustls + ring, trusting webpki roots plus `ca_file`.
+fn http_client(cfg: &AcmeConfig) -> Result<Box<dyn instant_acme::HttpClient>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &cfg.ca_file {
+        let pem = fs::read(path).map_err(|source| TlsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
+            .collect::<Result<_, _>>()
+            .map_err(|source| TlsError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(TlsError::NoCert { path: path.clone() });
+        }
+        for c in certs {
+            roots.add(c)?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: HyperClient<_, BodyWrapper<Bytes>> =
+        HyperClient::builder(TokioExecutor::new()).build(https);
+    Ok(Box::new(client))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAccount {
+    directory: String,
+    credentials: AccountCredentials,
+}
+
+/// The account for this directory: restored from the cache, or registered and cached.
+async fn account(cfg: &AcmeConfig) -> Result<Account, TlsError> {
+    let path = cfg.account_path();
+    if let Ok(text) = fs::read(&path) {
+        match serde_json::from_slice::<StoredAccount>(&text) {
+            Ok(stored) if stored.directory == cfg.directory => {
+                return Account::builder_with_http(http_client(cfg)?)
+                    .from_credentials(stored.credentials)
+                    .await
+                    .map_err(acme_err("restoring the cached ACME account"));
+            }
+            Ok(_) => {
+                info!(path = %path.display(), "cached ACME account is for another directory; registering a new one")
+            }
+            Err(e) => warn!(path = %path.display(), "ignoring unreadable ACME account cache: {e}"),
+        }
+    }
+    let contact = cfg.email.as_ref().map(|e| format!("mailto:{e}"));
+    let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let (account, credentials) = Account::builder_with_http(http_client(cfg)?)
+        .create(
+            &NewAccount {
+                contact: &contacts,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            cfg.directory.clone(),
+            None,
+        )
+        .await
+        .map_err(acme_err(&format!(
+            "registering an account at {}",
+            cfg.directory
+        )))?;
+    let stored = StoredAccount {
+        directory: cfg.directory.clone(),
+        credentials,
+    };
+    let json = serde_json::to_vec_pretty(&stored).expect("account credentials serialize");
+    replace_private(&path, &json)?;
+    Ok(account)
+}
+
+/// One full order: HTTP-01 for the hostname, a fresh P-256 key, the chain; cached on success.
+async fn obtain(cfg: &AcmeConfig, challenges: &Challenges) -> Result<CertifiedKey, TlsError> {
+    let account = account(cfg).await?;
+    let ids = [Identifier::Dns(cfg.hostname.clone())];
+    let mut order = account
+        .new_order(&NewOrder::new(&ids))
+        .await
+        .map_err(acme_err("creating the order"))?;
+    let mut guard = TokenGuard {
+        challenges,
+        tokens: Vec::new(),
+    };
+    {
+        let mut authzs = order.authorizations();
+        while let Some(authz) = authzs.next().await {
+            let mut authz = authz.map_err(acme_err("fetching the authorization"))?;
+            match authz.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => {
+                    return Err(TlsError::Acme(format!(
+                        "authorization for {} is {other:?}",
+                        cfg.hostname
+                    )))
+                }
+            }
+            let mut ch = authz.challenge(ChallengeType::Http01).ok_or_else(|| {
+                TlsError::Acme("the CA offers no http-01 challenge for this name".into())
+            })?;
+            guard.add(
+                ch.token.clone(),
+                ch.key_authorization().as_str().to_string(),
+            );
+            ch.set_ready()
+                .await
+                .map_err(acme_err("telling the CA the challenge is ready"))?;
+        }
+    }
+    let retry = RetryPolicy::new().timeout(Duration::from_secs(120));
+    let status = order
+        .poll_ready(&retry)
+        .await
+        .map_err(acme_err("waiting for validation"))?;
+    if status != OrderStatus::Ready {
+        let mut why = Vec::new();
+        let mut authzs = order.authorizations();
+        while let Some(Ok(authz)) = authzs.next().await {
+            for ch in &authz.challenges {
+                if let Some(p) = &ch.error {
+                    why.push(p.to_string());
+                }
+            }
+        }
+        return Err(TlsError::Acme(format!(
+            "the order is {status:?}{}{}. The CA must reach http://{}{CHALLENGE_PREFIX}… on port 80: check that the name resolves to this relay and that port 80 is forwarded to its http_listen",
+            if why.is_empty() { "" } else { ": " },
+            why.join("; "),
+            cfg.hostname
+        )));
+    }
+    drop(guard);
+    let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Acme(e.to_string()))?;
+    let csr = rcgen::CertificateParams::new(vec![cfg.hostname.clone()])
+        .and_then(|p| p.serialize_request(&key))
+        .map_err(|e| TlsError::Acme(format!("building the CSR: {e}")))?;
+    order
+        .finalize_csr(csr.der())
+        .await
+        .map_err(acme_err("finalizing the order"))?;
+    let chain = order
+        .poll_certificate(&retry)
+        .await
+        .map_err(acme_err("downloading the certificate"))?;
+    let key_pem = key.serialize_pem();
+    let ck = parse_pem(
+        chain.as_bytes(),
+        &cfg.cert_path(),
+        key_pem.as_bytes(),
+        &cfg.key_path(),
+    )?;
+    // Each file is replaced atomically. A crash between the two leaves a key that does not
+    // match the chain: `load_cached` then ignores the pair and a new certificate is requested.
+    replace_private(&cfg.key_path(), key_pem.as_bytes())?;
+    replace_private(&cfg.cert_path(), chain.as_bytes())?;
+    Ok(ck)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_with_a_third_of_the_lifetime_left() {
+        let mut p = rcgen::CertificateParams::new(vec!["a.test".into()]).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        p.not_before = t0.into();
+        p.not_after = (t0 + Duration::from_secs(90 * 86400)).into();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        assert_eq!(
+            validity(&der),
+            Some((t0, t0 + Duration::from_secs(90 * 86400)))
+        );
+        let day = |d: u64| t0 + Duration::from_secs(d * 86400);
+        assert_eq!(
+            renewal_due_in(Some(&der), day(0)),
+            Duration::from_secs(60 * 86400)
+        );
+        assert_eq!(
+            renewal_due_in(Some(&der), day(59)),
+            Duration::from_secs(86400)
+        );
+        assert_eq!(renewal_due_in(Some(&der), day(61)), Duration::ZERO);
+        assert_eq!(renewal_due_in(None, day(0)), Duration::ZERO);
+        assert_eq!(renewal_due_in(Some(b"junk"), day(0)), Duration::ZERO);
+    }
+
+    #[test]
+    fn config_errors_say_what_to_do() {
+        let cfg = |h: &str, d: &str| AcmeConfig {
+            hostname: h.into(),
+            email: None,
+            directory: d.into(),
+            ca_file: None,
+            dir: "/tmp".into(),
+        };
+        assert!(cfg("relay.example.com", LETS_ENCRYPT_DIRECTORY)
+            .validate()
+            .is_ok());
+        let e = cfg("192.0.2.1", LETS_ENCRYPT_DIRECTORY)
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("DNS name") && e.contains("self-signed"), "{e}");
+        let e = cfg("relay.example.com", "http://ca.test/dir")
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("https://"), "{e}");
+    }
+}
