@@ -1,0 +1,302 @@
+//! Command line (clap derive). `ferry-loadtest --help` and `ferry-loadtest derp --help` teach
+//! by example.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const ABOUT: &str = "Load generator for any DERP v2 relay (ferry, Tailscale's derper, anything \
+wire-compatible) and any STUN server.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  # 8 pairs flooding 1200-byte packets through a dev relay (ferry-relay --dev), 10 s after 2 s warm-up
+  ferry-loadtest derp http://127.0.0.1:3340/derp --clients 16 --size 1200
+
+  # Round-trip latency at 20,000 packets/s through a TLS relay with a private CA
+  ferry-loadtest derp https://relay.lab:443/derp --ca-file ca.pem --echo --rate 20000 --svg rtt.svg
+
+  # A self-signed relay, trusted by its CertName pin, name on the certificate given explicitly
+  ferry-loadtest derp https://127.0.0.1:8443/derp --tls-name localhost \\
+      --pin sha256-raw:3f1c...e9 --size 64 --json > run.json
+
+  # Connect storm: handshakes per second with 64 dialers
+  ferry-loadtest connect https://127.0.0.1:8443/derp --insecure --concurrency 64
+
+  # 10,000 idle connections; server memory per connection from /proc (server on this host)
+  ferry-loadtest idle https://127.0.0.1:8443/derp --insecure --clients 10000 --server-pid 1234
+
+  # STUN: Binding requests over UDP, 4 sockets x 128 in flight
+  ferry-loadtest stun 127.0.0.1:3478 --sockets 4 --window 128
+
+Output: a text summary on stdout, or the JSON report with --json (schema: loadtest/report.schema.json);
+--svg FILE writes a chart (latency percentiles and throughput over time). A progress bar is drawn
+on stderr when it is a terminal. Against a loopback target the clients' source addresses are
+spread over 127.0.0.0/8 and the open-files limit is raised to its hard limit; when a limit is hit
+anyway the error says which one.";
+
+/// ferry-loadtest
+#[derive(Debug, Parser)]
+#[command(name = "ferry-loadtest", version, about = ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// What to measure.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The modes.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Packets through a DERP relay: delivered packets/s and bytes/s, loss, one-way and
+    /// round-trip latency.
+    #[command(after_help = DERP_HELP)]
+    Derp(DerpArgs),
+    /// Connect storm: TCP + TLS + upgrade + DERP handshake, then close, as fast as possible.
+    #[command(after_help = CONNECT_HELP)]
+    Connect(ConnectArgs),
+    /// Open N DERP connections and hold them (server memory per connection).
+    #[command(after_help = IDLE_HELP)]
+    Idle(IdleArgs),
+    /// STUN Binding requests over UDP (RFC 8489): answers/s, latency, loss.
+    #[command(after_help = STUN_HELP)]
+    Stun(StunArgs),
+}
+
+const DERP_HELP: &str = "\
+Every packet carries a sequence number and its send time (one clock: all clients live in this
+process), so the receiver measures one-way latency; with --echo it sends each packet back and the
+sender measures the round trip. At the end every sender stops, makes sure the relay has read all
+it sent (Ping/Pong), and a last marker packet flushes each receiver's queue: `sent` = `received` +
+the packets the relay dropped, exactly.
+
+Examples:
+  ferry-loadtest derp http://127.0.0.1:3340/derp                       # 8 pairs, 1200 B, flood
+  ferry-loadtest derp http://127.0.0.1:3340/derp --topology fan-in --clients 9 --size 64
+  ferry-loadtest derp http://127.0.0.1:3340/derp --echo --rate 10000 --svg rtt.svg";
+
+const CONNECT_HELP: &str = "\
+Examples:
+  ferry-loadtest connect http://127.0.0.1:3340/derp --concurrency 32 --duration 10s
+  ferry-loadtest connect https://127.0.0.1:8443/derp --insecure --json";
+
+const IDLE_HELP: &str = "\
+Reads the server's VmRSS from /proc/PID/status before connecting and after all connections are up
+and have been held for --hold, and reports the growth per connection.
+
+Example:
+  ferry-loadtest idle https://127.0.0.1:8443/derp --insecure --clients 10000 --server-pid $(pidof ferry-relay)";
+
+const STUN_HELP: &str = "\
+Each socket keeps --window requests in flight (20-byte Binding requests, sendmmsg/recvmmsg). An
+answer counts if it is a Binding success response to a transaction this socket sent; a request
+unanswered for --loss-timeout is counted lost.
+
+Examples:
+  ferry-loadtest stun 127.0.0.1:3478
+  ferry-loadtest stun 127.0.0.1:3478 --sockets 64 --window 8 --server-pid $(pidof turnserver)";
+
+/// Where the DERP server is and how to trust it.
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// DERP URL: https://host[:port]/derp, or http:// for a plain dev relay.
+    #[arg(value_name = "URL")]
+    pub url: String,
+
+    /// Trust this CA (PEM file) instead of the system roots.
+    #[arg(long, value_name = "PEM", help_heading = "TLS")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Trust exactly the leaf certificate with this CertName pin (`sha256-raw:<hex>`, the sha256
+    /// of the certificate's DER, as in a DERP map); the name is not checked.
+    #[arg(long, value_name = "sha256-raw:HEX", help_heading = "TLS")]
+    pub pin: Option<String>,
+
+    /// Accept any certificate (labs only: no protection against an impostor).
+    #[arg(long, help_heading = "TLS")]
+    pub insecure: bool,
+
+    /// Name sent in SNI and checked on the certificate [default: the URL's host].
+    #[arg(long, value_name = "NAME", help_heading = "TLS")]
+    pub tls_name: Option<String>,
+
+    /// Spread client source addresses over this many 127.0.0.x addresses when the target is on
+    /// loopback (more source addresses, more ephemeral ports). 1 disables.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub source_ips: u8,
+}
+
+/// What every run shares: timing, the server to watch, and the outputs.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Warm-up before measuring (not counted in rates or histograms).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// How long to measure.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// PID of the server, if it runs on this host: its CPU time (utime+stime) over the measured
+    /// window, its RSS and peak RSS (VmHWM) from /proc.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+
+    /// Print the JSON report on stdout instead of the text summary.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write a chart (latency percentiles, throughput over time) to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+
+    /// No progress bar (it is hidden anyway when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+
+    /// Worker threads of the load generator's runtime [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// Who sends to whom.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Topology {
+    /// Client 2i sends to client 2i+1.
+    Pairs,
+    /// Clients 1..N all send to client 0.
+    FanIn,
+}
+
+/// `derp` mode.
+#[derive(Debug, Clone, Args)]
+pub struct DerpArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Number of DERP connections (pairs: an even number; fan-in: 1 receiver + N-1 senders).
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+
+    /// Who sends to whom.
+    #[arg(long, value_enum, default_value_t = Topology::Pairs)]
+    pub topology: Topology,
+
+    /// Packet size in bytes (the DERP payload, 24..=65536; 24 bytes carry the sequence number
+    /// and timestamp).
+    #[arg(long, default_value_t = 1200)]
+    pub size: usize,
+
+    /// Total packets per second over all senders; 0 floods (as fast as the relay takes them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+
+    /// Receivers send every packet back: round-trip latency at the sender.
+    #[arg(long)]
+    pub echo: bool,
+}
+
+/// `connect` mode.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Handshakes in progress at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+/// `idle` mode.
+#[derive(Debug, Clone, Args)]
+pub struct IdleArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Connections to open and hold.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+
+    /// Handshakes in progress at once while opening.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+
+    /// How long to hold all connections before reading the server's memory.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+
+    /// PID of the server on this host: its RSS before and after, per connection.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+
+    /// Print the JSON report on stdout instead of the text summary.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write a chart (handshake latency percentiles) to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+
+    /// No progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+
+    /// Worker threads of the load generator's runtime [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// `stun` mode.
+#[derive(Debug, Clone, Args)]
+pub struct StunArgs {
+    /// STUN server, IP:PORT (UDP).
+    #[arg(value_name = "ADDR")]
+    pub target: std::net::SocketAddr,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// UDP sockets (each a distinct source port).
+    #[arg(long, default_value_t = 4)]
+    pub sockets: usize,
+
+    /// Requests in flight per socket.
+    #[arg(long, default_value_t = 128)]
+    pub window: usize,
+
+    /// A request unanswered this long is counted lost.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub loss_timeout: Duration,
+
+    /// Send requests as Tailscale's clients do (SOFTWARE=tailnode, FINGERPRINT); derper's STUN
+    /// server answers only those.
+    #[arg(long)]
+    pub tailscale: bool,
+}
+
+impl Command {
+    /// Worker threads asked for, if any.
+    pub fn threads(&self) -> Option<usize> {
+        match self {
+            Command::Derp(a) => a.run.threads,
+            Command::Connect(a) => a.run.threads,
+            Command::Idle(a) => a.threads,
+            Command::Stun(a) => a.run.threads,
+        }
+    }
+
+    /// Whether to print JSON, where to write the SVG, whether to draw progress.
+    pub fn outputs(&self) -> (bool, Option<&std::path::Path>, bool) {
+        match self {
+            Command::Derp(a) => (a.run.json, a.run.svg.as_deref(), !a.run.no_progress),
+            Command::Connect(a) => (a.run.json, a.run.svg.as_deref(), !a.run.no_progress),
+            Command::Idle(a) => (a.json, a.svg.as_deref(), !a.no_progress),
+            Command::Stun(a) => (a.run.json, a.run.svg.as_deref(), !a.run.no_progress),
+        }
+    }
+}

@@ -1,0 +1,37 @@
+//! ferry-loadtest: a load generator for any DERP v2 relay and any STUN server.
+//!
+//! The binary (`src/main.rs`) is a thin clap front; everything it runs lives here so the tests
+//! can run the same code against an in-process relay and check its accounting.
+//!
+//! - [`target`]: the URL, TCP dialing spread over 127.0.0.0/8, TLS (CA file, pin, insecure), the
+//!   HTTP upgrade and the DERP handshake, with errors that say what went wrong.
+//! - [`derp`]: packet runs (pairs or fan-in, flood or fixed rate, echo for round trips) with an
+//!   exact end-of-run drain, so sent = received + what the relay dropped.
+//! - [`conns`]: connect storm (handshakes/s) and idle connections (server memory per client).
+//! - [`stun`]: STUN Binding requests over UDP, pipelined, with latency and loss.
+//! - [`report`], [`svg`]: the JSON report (schema in `report.schema.json`), the text summary and
+//!   the chart.
+
+pub mod cli;
+pub mod conns;
+pub mod derp;
+pub mod limits;
+pub mod procfs;
+pub mod progress;
+pub mod report;
+pub mod stun;
+pub mod svg;
+pub mod target;
+
+pub use cli::{Cli, Command};
+pub use report::Report;
+
+/// Runs one command to completion and returns its report.
+pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
+    match &cli.command {
+        Command::Derp(a) => derp::run(a).await,
+        Command::Connect(a) => conns::run_connect(a).await,
+        Command::Idle(a) => conns::run_idle(a).await,
+        Command::Stun(a) => stun::run(a).await,
+    }
+}

@@ -1,0 +1,165 @@
+//! The load generator's accounting, checked against an in-process ferry relay's own counters:
+//! every packet sent is either received or counted as dropped by the relay.
+
+mod common;
+
+use common::*;
+use ferry_relay::server::Limits;
+
+fn tiny_queues() -> Limits {
+    // Depth 2: a fan-in flood overflows the receiver's queue, so drops happen and are counted.
+    Limits {
+        queue_depth: 2,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_fan_in_sent_equals_received_plus_relay_drops() {
+    let relay = relay(false, false, tiny_queues()).await;
+    let url = relay.url();
+    let r = run(&[
+        "derp",
+        &url,
+        "--topology",
+        "fan-in",
+        "--clients",
+        "5",
+        "--size",
+        "64",
+        "--warmup",
+        "200ms",
+        "--duration",
+        "1s",
+        "--no-progress",
+    ])
+    .await;
+    assert_report_schema(&r);
+    let p = r.packets.as_ref().unwrap();
+    let drops = relay.drops();
+    eprintln!("{}relay drops: {drops}", r.summary());
+    relay.assert_write_errors_only_at_teardown();
+    assert!(p.drain_complete, "{}", r.summary());
+    assert!(p.sent > 0 && p.received > 0, "{}", r.summary());
+    assert_eq!(p.sent, p.received + drops, "{}", r.summary());
+    assert_eq!(p.lost, drops);
+    assert!(p.delivered_in_window <= p.received && p.sent_in_window <= p.sent);
+    assert_eq!(p.peer_gone, 0);
+    assert!(r.latency.one_way.is_some() && r.latency.round_trip.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_pairs_over_tls_with_a_pin_account_for_both_directions() {
+    let relay = relay(true, false, Limits::default()).await;
+    let (url, pin) = (relay.url(), relay.pin());
+    let r = run(&[
+        "derp",
+        &url,
+        "--pin",
+        &pin,
+        "--tls-name",
+        "localhost",
+        "--clients",
+        "4",
+        "--echo",
+        "--rate",
+        "2000",
+        "--size",
+        "200",
+        "--warmup",
+        "200ms",
+        "--duration",
+        "1s",
+        "--no-progress",
+    ])
+    .await;
+    assert_report_schema(&r);
+    let p = r.packets.as_ref().unwrap();
+    assert!(p.drain_complete, "{}", r.summary());
+    assert_eq!(p.sent, p.received + relay.drops(), "{}", r.summary());
+    relay.assert_write_errors_only_at_teardown();
+    // Data one way, echoes back: both are counted, and every echo has a round trip.
+    let rtt = r.latency.round_trip.as_ref().expect("round trips");
+    let one_way = r.latency.one_way.as_ref().expect("one-way latencies");
+    assert!(rtt.count > 0 && one_way.count > 0);
+    assert!(rtt.p50_us <= rtt.p99_us && rtt.p99_us <= rtt.max_us);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_storm_handshakes_are_the_relays_handshakes() {
+    let relay = relay(true, false, Limits::default()).await;
+    let url = relay.url();
+    let r = run(&[
+        "connect",
+        &url,
+        "--insecure",
+        "--concurrency",
+        "4",
+        "--warmup",
+        "0s",
+        "--duration",
+        "500ms",
+        "--no-progress",
+    ])
+    .await;
+    assert_report_schema(&r);
+    let h = r.handshakes.as_ref().unwrap();
+    assert!(h.completed > 0 && h.failed == 0, "{}", r.summary());
+    assert_eq!(r.latency.handshake.as_ref().unwrap().count, h.completed);
+    // The relay completed at least ours (plus the probe and any begun after the window).
+    assert!(relay.counter("ferry_relay_handshakes_total") > h.completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_held_and_measured() {
+    let relay = relay(false, false, Limits::default()).await;
+    let url = relay.url();
+    // The relay runs in this process, so this process's RSS is the server's.
+    let pid = std::process::id().to_string();
+    let r = run(&[
+        "idle",
+        &url,
+        "--clients",
+        "200",
+        "--hold",
+        "0s",
+        "--server-pid",
+        &pid,
+        "--no-progress",
+    ])
+    .await;
+    assert_report_schema(&r);
+    let idle = r.idle.as_ref().unwrap();
+    assert_eq!(idle.connections, 200, "{}", r.summary());
+    assert!(
+        idle.server_rss_after_bytes.is_some() && idle.server_rss_per_connection_bytes.is_some()
+    );
+    assert_eq!(r.handshakes.as_ref().unwrap().completed, 200);
+    assert_eq!(relay.counter("ferry_relay_handshakes_total"), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_requests_are_answered_or_counted_lost() {
+    let relay = relay(false, true, Limits::default()).await;
+    let addr = relay.stun_addr().to_string();
+    let r = run(&[
+        "stun",
+        &addr,
+        "--sockets",
+        "2",
+        "--window",
+        "16",
+        "--warmup",
+        "100ms",
+        "--duration",
+        "500ms",
+        "--no-progress",
+    ])
+    .await;
+    assert_report_schema(&r);
+    let s = r.stun.as_ref().unwrap();
+    assert!(s.answers > 0, "{}", r.summary());
+    assert_eq!(s.requests, s.answers + s.lost, "{}", r.summary());
+    assert_eq!(s.invalid, 0);
+    assert_eq!(r.latency.stun.as_ref().unwrap().count, s.answers_in_window);
+}
