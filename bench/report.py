@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Turns the JSON reports of bench/run.sh into docs/benchmarks.md and its SVG charts.
+
+    python3 bench/report.py OUT_DIR DOCS_DIR
+
+OUT_DIR holds machine.txt, rate3.txt and s1/ .. s6/ with one ferry-loadtest (or iroh-load)
+JSON report per server and round. Medians over rounds are reported; every round is listed too.
+"""
+
+import json
+import os
+import statistics
+import sys
+from glob import glob
+
+OUT, DOCS = sys.argv[1], sys.argv[2]
+NAMES = {"ferry": "ferry-relay", "derper": "derper", "iroh": "iroh-relay", "coturn": "coturn"}
+COLORS = {"ferry": "#1f77b4", "derper": "#d62728", "iroh": "#2ca02c", "coturn": "#9467bd"}
+
+
+def machine():
+    m = {}
+    for line in open(os.path.join(OUT, "machine.txt")):
+        k, _, v = line.strip().partition("=")
+        m[k] = v
+    return m
+
+
+def runs(scenario, prefix=""):
+    """{server: [report, ...]} for one scenario, in round order."""
+    by = {}
+    for f in sorted(glob(os.path.join(OUT, f"s{scenario}", f"*{prefix}-r*.json"))):
+        base = os.path.basename(f)
+        server = base.split("-")[0]
+        if prefix and f"-{prefix.strip('-')}-" not in base:
+            continue
+        try:
+            by.setdefault(server, []).append(json.load(open(f)))
+        except json.JSONDecodeError:
+            pass
+    return by
+
+
+def get(r, *path):
+    for p in path:
+        if r is None:
+            return None
+        r = r.get(p)
+    return r
+
+
+def med(reports, *path):
+    vals = [get(r, *path) for r in reports]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(x, digits=0):
+    if x is None:
+        return "—"
+    return f"{x:,.{digits}f}"
+
+
+def ratio(a, b):
+    if a is None or b in (None, 0):
+        return "—"
+    return f"**{a / b:.2f}×**"
+
+
+def order(servers):
+    return [s for s in ("ferry", "derper", "iroh", "coturn") if s in servers]
+
+
+# --------------------------------------------------------------------------------------------
+# SVG charts (hand-written: no plotting library needed).
+
+def esc(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def bar_chart(path, title, groups, unit):
+    """groups: [(label, {server: value})]; one panel, grouped bars."""
+    servers = order({s for _, vals in groups for s in vals})
+    W, H, L, T, PH = 900, 360, 90, 60, 220
+    n = max(len(groups), 1)
+    gw = (W - L - 40) / n
+    bw = min(60, gw * 0.8 / max(len(servers), 1))
+    vmax = max([v for _, vals in groups for v in vals.values() if v is not None] + [1]) * 1.15
+    y = lambda v: T + PH - v / vmax * PH
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="20" y="28" font-size="16" font-weight="bold">{esc(title)}</text>']
+    for i in range(5):
+        v = vmax / 1.15 * i / 4
+        out.append(f'<line x1="{L}" y1="{y(v):.1f}" x2="{W-40}" y2="{y(v):.1f}" stroke="#eee"/>'
+                   f'<text x="{L-6}" y="{y(v)+4:.1f}" text-anchor="end" fill="#444">{esc(fmt(v))}</text>')
+    out.append(f'<text x="14" y="{T + PH/2}" transform="rotate(-90 14 {T + PH/2})" text-anchor="middle" fill="#444">{esc(unit)}</text>')
+    for gi, (label, vals) in enumerate(groups):
+        x0 = L + gi * gw + (gw - bw * len(servers)) / 2
+        for si, s in enumerate(servers):
+            v = vals.get(s)
+            if v is None:
+                continue
+            x = x0 + si * bw
+            out.append(f'<rect x="{x:.1f}" y="{y(v):.1f}" width="{bw*0.9:.1f}" height="{T+PH-y(v):.1f}" fill="{COLORS[s]}"/>'
+                       f'<text x="{x+bw*0.45:.1f}" y="{y(v)-4:.1f}" text-anchor="middle" font-size="10">{esc(fmt(v))}</text>')
+        out.append(f'<text x="{L + gi*gw + gw/2:.1f}" y="{T+PH+18}" text-anchor="middle">{esc(label)}</text>')
+    for si, s in enumerate(servers):
+        out.append(f'<rect x="{L + si*140}" y="{H-30}" width="12" height="12" fill="{COLORS[s]}"/>'
+                   f'<text x="{L + si*140 + 18}" y="{H-20}">{esc(NAMES[s])}</text>')
+    out.append("</svg>")
+    open(path, "w").write("\n".join(out) + "\n")
+
+
+def curve_chart(path, title, series):
+    """series: {server: [[percentile, us], ...]}: latency by percentile, log y."""
+    import math
+    W, H, L, T, PW, PH = 900, 380, 90, 60, 760, 250
+    nines = lambda p: 5.0 if p >= 100 else min(5.0, -math.log10(1 - p / 100))
+    pts = [us for s in series.values() for _, us in s]
+    lo = math.floor(math.log10(max(min(pts), 0.1)))
+    hi = max(math.ceil(math.log10(max(pts))), lo + 1)
+    x = lambda p: L + nines(p) / 5 * PW
+    y = lambda us: T + PH - (math.log10(max(us, 0.1)) - lo) / (hi - lo) * PH
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="20" y="28" font-size="16" font-weight="bold">{esc(title)}</text>',
+           f'<rect x="{L}" y="{T}" width="{PW}" height="{PH}" fill="none" stroke="#888"/>']
+    for d in range(lo, hi + 1):
+        us = 10 ** d
+        label = f"{us:g} µs" if us < 1000 else f"{us/1000:g} ms"
+        out.append(f'<line x1="{L}" y1="{y(us):.1f}" x2="{L+PW}" y2="{y(us):.1f}" stroke="#eee"/>'
+                   f'<text x="{L-6}" y="{y(us)+4:.1f}" text-anchor="end" fill="#444">{label}</text>')
+    for p, label in [(0, "0"), (90, "90"), (99, "99"), (99.9, "99.9"), (99.99, "99.99"), (99.999, "99.999")]:
+        out.append(f'<line x1="{x(p):.1f}" y1="{T}" x2="{x(p):.1f}" y2="{T+PH}" stroke="#eee"/>'
+                   f'<text x="{x(p):.1f}" y="{T+PH+16}" text-anchor="middle" fill="#444">{label}</text>')
+    out.append(f'<text x="{L+PW/2}" y="{T+PH+36}" text-anchor="middle" fill="#444">percentile</text>')
+    for i, (s, curve) in enumerate(series.items()):
+        p = " ".join(f"{x(pc):.1f},{y(us):.1f}" for pc, us in curve)
+        out.append(f'<polyline points="{p}" fill="none" stroke="{COLORS[s]}" stroke-width="2"/>')
+        out.append(f'<rect x="{L + 10}" y="{T + 10 + 18*i}" width="12" height="3" fill="{COLORS[s]}"/>'
+                   f'<text x="{L + 28}" y="{T + 16 + 18*i}">{esc(NAMES[s])}</text>')
+    out.append("</svg>")
+    open(path, "w").write("\n".join(out) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+
+m = machine()
+date = m.get("date", "?")[:10]
+knobs = dict(kv.split("=", 1) for kv in m.get("rounds", "").split() if "=" in kv)
+doc = []
+w = doc.append
+w("# ferry benchmarks\n")
+w(f"Every figure here comes from one run of `bench/run.sh` on **{m.get('date','?')}** (UTC), on the "
+  "machine below; raw JSON reports were in `target/bench/`. The report is written by "
+  "`bench/report.py` from those files; nothing is typed in by hand. Medians over rounds; every "
+  "round is listed under each scenario.\n")
+w("## Machine and versions\n")
+w("| | |\n| --- | --- |")
+for k, label in [("nproc", "CPUs"), ("cpu", "CPU model"), ("kernel", "kernel"), ("rustc", "Rust"),
+                 ("ferry", "ferry (git)"), ("derper", "Tailscale derper (`derper -version`)"),
+                 ("iroh", "iroh-relay"), ("coturn", "coturn (Debian)"),
+                 ("loadavg_before", "load average before the run"), ("pinned", "CPU pinning (servers / load generator)"),
+                 ("rounds", "rounds and durations")]:
+    w(f"| {label} | {esc(m.get(k, '?'))} |")
+w("")
+w("## How it was run\n")
+w("```sh\nbench/run.sh          # ROUNDS=3 RUN_SECONDS=8 WARMUP=2 IDLE_CLIENTS=10000 by default\n```\n")
+w("`bench/run.sh` builds ferry in release mode, installs what is missing (derper via "
+  "`scripts/test-deps.sh`, coturn with apt-get, `cargo install iroh-relay --features server`), makes a "
+  "throw-away CA and one certificate for localhost/127.0.0.1, and serves it from every relay:\n")
+w("```sh")
+w("taskset -c 0 target/release/ferry-relay --hostname localhost --listen 127.0.0.1:18443 --http-listen off \\\n"
+  "    --metrics-listen 127.0.0.1:19090 --stun-listen 127.0.0.1:13478 --key-file K \\\n"
+  "    --cert-mode manual --cert-file localhost.crt --cert-key-file localhost.key --log-level warn")
+w("taskset -c 0 derper -a 127.0.0.1:28443 -certmode manual -certdir DIR -hostname localhost -http-port -1 -stun-port 23478")
+w("taskset -c 0 iroh-relay --config-path iroh.toml   # https 127.0.0.1:38443, manual cert, no QUIC, no metrics")
+w("taskset -c 0 turnserver -n --no-auth -S -L 127.0.0.1 -p 43478 --no-tls --no-dtls --no-cli --no-rfc5780 -m 1")
+w("```\n")
+w("The load generator runs on the other core: `ferry-loadtest` (this repository, `loadtest/`) for "
+  "ferry, derper, coturn, and `bench/iroh-load` (the iroh-relay crate's own client) for iroh-relay, "
+  "whose protocol is not DERP. Every relay round starts fresh server processes, and the order of "
+  "servers alternates from round to round. Queue depths: ferry and derper both queue 32 packets per "
+  "receiver (derper's default, ferry's default matches it); iroh-relay runs with its defaults. "
+  "Server CPU (utime+stime) over the measured window and peak RSS (VmHWM) come from /proc, so "
+  "*per server CPU-second* figures do not depend on how much CPU the load generator left over.\n")
+
+goals = []
+
+def relay_flood(n, title, size):
+    by = runs(n)
+    if not by:
+        return
+    w(f"## {n}. {title}\n")
+    w(f"`ferry-loadtest derp URL --clients 16 --size {size} --warmup {knobs.get('warmup', '?')}s "
+      f"--duration {knobs.get('run_seconds', '?')}s` (8 pairs, each sender floods its receiver; both directions of TLS on the relay). "
+      "*Delivered* counts packets that reached their receiver within the measured window.\n")
+    w("| server | rounds | delivered packets/s | payload MB/s | server cores | delivered per server CPU-second | loss | peak RSS |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for s in order(by):
+        rs = by[s]
+        w(f"| {NAMES[s]} | {len(rs)} | {fmt(med(rs,'packets','delivered_per_second'))} | "
+          f"{fmt((med(rs,'packets','delivered_bytes_per_second') or 0)/1e6,1)} | {fmt(med(rs,'server','cores'),2)} | "
+          f"{fmt(med(rs,'server','per_cpu_second'))} | {fmt(100*(med(rs,'packets','lost') or 0)/max(med(rs,'packets','sent') or 1,1),1)} % | "
+          f"{fmt((med(rs,'server','peak_rss_bytes') or 0)/2**20,1)} MiB |")
+    f = by.get("ferry", [])
+    w("")
+    for peer in ("derper", "iroh"):
+        if f and peer in by:
+            a, b = med(f, "packets", "delivered_per_second"), med(by[peer], "packets", "delivered_per_second")
+            c, d = med(f, "server", "per_cpu_second"), med(by[peer], "server", "per_cpu_second")
+            w(f"- ferry / {NAMES[peer]}: delivered packets/s {ratio(a, b)}, per server CPU-second {ratio(c, d)}")
+            if peer == "derper":
+                goals.append((f"scenario {n}: ferry/derper ≥ 2× packets/s", f"{a/b:.2f}× packets/s, {c/d:.2f}× per CPU-s" if a and b and c and d else "—",
+                              "met" if a and b and a / b >= 2 else "not met"))
+    w("\n<details><summary>every round</summary>\n")
+    w("| server | round | delivered/s | sent/s | server cores | per server CPU-s | lost/sent | generator CPU-s |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for s in order(by):
+        for i, r in enumerate(by[s], 1):
+            p, sv = r["packets"], r.get("server") or {}
+            w(f"| {NAMES[s]} | {i} | {fmt(p['delivered_per_second'])} | {fmt(p.get('sent_per_second'))} | {fmt(sv.get('cores'),2)} | "
+              f"{fmt(sv.get('per_cpu_second'))} | {p['lost']:,}/{p['sent']:,} | {fmt(get(r,'client','cpu_seconds'),1)} |")
+    w("\n</details>\n")
+    return by
+
+s1 = relay_flood(1, "1200-byte packets, flood, 8 pairs", 1200)
+s2 = relay_flood(2, "64-byte packets, flood, 8 pairs", 64)
+groups = []
+for n, by in ((1, s1), (2, s2)):
+    if by:
+        groups.append((f"{'1200' if n == 1 else '64'} B: packets/s", {s: med(by[s], "packets", "delivered_per_second") for s in by}))
+        groups.append((f"{'1200' if n == 1 else '64'} B: per server CPU-s", {s: med(by[s], "server", "per_cpu_second") for s in by}))
+if groups:
+    bar_chart(os.path.join(DOCS, "bench-throughput.svg"), f"Relay throughput, 8 pairs flooding (median of rounds, {date})", groups, "packets")
+    w("![throughput](bench-throughput.svg)\n")
+
+by = runs(3)
+if by:
+    rate = open(os.path.join(OUT, "rate3.txt")).read().strip() if os.path.exists(os.path.join(OUT, "rate3.txt")) else "?"
+    w("## 3. Round-trip latency at a fixed rate\n")
+    w(f"`ferry-loadtest derp URL --clients 16 --size 1200 --echo --rate {rate}`: 8 senders share "
+      f"{int(rate):,} packets/s and every receiver sends each packet straight back, so each relay carries "
+      f"{2*int(rate):,} packets/s, half of derper's median in scenario 1. Latency is measured by the sender on one clock.\n")
+    w("| server | rounds | RTT p50 | p90 | p99 | p99.9 | one-way p99 | delivered packets/s | server cores |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for s in order(by):
+        rs = by[s]
+        w(f"| {NAMES[s]} | {len(rs)} | {fmt(med(rs,'latency','round_trip','p50_us'))} µs | {fmt(med(rs,'latency','round_trip','p90_us'))} µs | "
+          f"{fmt(med(rs,'latency','round_trip','p99_us'))} µs | {fmt(med(rs,'latency','round_trip','p999_us'))} µs | "
+          f"{fmt(med(rs,'latency','one_way','p99_us'))} µs | {fmt(med(rs,'packets','delivered_per_second'))} | {fmt(med(rs,'server','cores'),2)} |")
+    f = by.get("ferry", [])
+    w("")
+    for peer in ("derper", "iroh"):
+        if f and peer in by:
+            a, b = med(f, "latency", "round_trip", "p99_us"), med(by[peer], "latency", "round_trip", "p99_us")
+            w(f"- ferry / {NAMES[peer]}: RTT p99 {ratio(a, b)} (lower is better)")
+            if peer == "derper" and a and b:
+                goals.append(("scenario 3: ferry p99 ≤ 0.5× derper's", f"{a/b:.2f}×", "met" if a / b <= 0.5 else "not met"))
+    # Chart: the round with the median p99 per server.
+    series = {}
+    for s in order(by):
+        rs = sorted([r for r in by[s] if get(r, "latency", "round_trip")], key=lambda r: r["latency"]["round_trip"]["p99_us"])
+        if rs:
+            series[s] = rs[len(rs) // 2]["latency"]["round_trip"]["percentiles"]
+    if series:
+        curve_chart(os.path.join(DOCS, "bench-latency.svg"), f"Round-trip latency by percentile at {2*int(rate):,} relayed packets/s (median round, {date})", series)
+        w("\n![latency](bench-latency.svg)\n")
+
+by = runs(4)
+if by:
+    w("## 4. Idle TLS clients: memory per connection\n")
+    w(f"`ferry-loadtest idle URL --clients {knobs.get('idle_clients', '?')} --hold 5s`: "
+      "the server's VmRSS before any connection and after all are open and have been held, divided by the number held.\n")
+    w("| server | rounds | connections held | RSS per connection | RSS after | peak RSS | handshakes/s while opening |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for s in order(by):
+        rs = by[s]
+        w(f"| {NAMES[s]} | {len(rs)} | {fmt(med(rs,'idle','connections'))} | {fmt((med(rs,'idle','server_rss_per_connection_bytes') or 0)/1024,1)} KiB | "
+          f"{fmt((med(rs,'idle','server_rss_after_bytes') or 0)/2**20,1)} MiB | {fmt((med(rs,'server','peak_rss_bytes') or 0)/2**20,1)} MiB | "
+          f"{fmt(med(rs,'handshakes','per_second'))} |")
+    f = by.get("ferry", [])
+    w("")
+    for peer in ("derper", "iroh"):
+        if f and peer in by:
+            a, b = med(f, "idle", "server_rss_per_connection_bytes"), med(by[peer], "idle", "server_rss_per_connection_bytes")
+            w(f"- ferry / {NAMES[peer]}: RSS per connection {ratio(a, b)} (lower is better)")
+    if f:
+        a = med(f, "idle", "server_rss_per_connection_bytes")
+        goals.append(("scenario 4: ≤ 16 KiB per idle client", f"{a/1024:.1f} KiB" if a else "—", "met" if a and a <= 16 * 1024 else "not met"))
+    bar_chart(os.path.join(DOCS, "bench-idle.svg"), f"Server RSS per idle TLS connection, KiB (median, {date})",
+              [("KiB per connection", {s: (med(by[s], "idle", "server_rss_per_connection_bytes") or 0) / 1024 for s in by})], "KiB")
+    w("\n![idle](bench-idle.svg)\n")
+
+by = runs(5)
+if by:
+    w("## 5. Connect storm\n")
+    w("`ferry-loadtest connect URL --concurrency 32`: TCP + TLS + HTTP upgrade + DERP handshake, then "
+      "close, by 32 dialers spread over 32 loopback source addresses (iroh-load: iroh's own handshake).\n")
+    w("| server | rounds | handshakes/s | server cores | handshakes per server CPU-second | handshake p50 | p99 | failures |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for s in order(by):
+        rs = by[s]
+        w(f"| {NAMES[s]} | {len(rs)} | {fmt(med(rs,'handshakes','per_second'))} | {fmt(med(rs,'server','cores'),2)} | "
+          f"{fmt(med(rs,'server','per_cpu_second'))} | {fmt((med(rs,'latency','handshake','p50_us') or 0)/1000,2)} ms | "
+          f"{fmt((med(rs,'latency','handshake','p99_us') or 0)/1000,2)} ms | {sum(get(r,'handshakes','failed') or 0 for r in rs)} |")
+    f = by.get("ferry", [])
+    w("")
+    for peer in ("derper", "iroh"):
+        if f and peer in by:
+            w(f"- ferry / {NAMES[peer]}: handshakes/s {ratio(med(f,'handshakes','per_second'), med(by[peer],'handshakes','per_second'))}, "
+              f"per server CPU-second {ratio(med(f,'server','per_cpu_second'), med(by[peer],'server','per_cpu_second'))}")
+    bar_chart(os.path.join(DOCS, "bench-connect.svg"), f"Connect storm (median, {date})",
+              [("handshakes/s", {s: med(by[s], "handshakes", "per_second") for s in by}),
+               ("per server CPU-second", {s: med(by[s], "server", "per_cpu_second") for s in by})], "handshakes")
+    w("\n![connect](bench-connect.svg)\n")
+
+ts, plain = runs(6, "-ts"), runs(6, "-plain")
+if ts or plain:
+    w("## 6. STUN Binding answers\n")
+    w("`ferry-loadtest stun ADDR --sockets 4 --window 128 [--tailscale]`: 4 UDP sockets, 128 requests "
+      "in flight each, `sendmmsg`/`recvmmsg` on one thread. ferry's STUN server runs inside "
+      "ferry-relay (the process measured). Tailscale-style requests carry SOFTWARE=tailnode and a "
+      "FINGERPRINT (40 bytes), the only kind derper answers; plain requests are the bare 20-byte header.\n")
+    w("| server | requests | rounds | answers/s | server cores | answers per server CPU-second | lost |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for kind, by in (("Tailscale-style", ts), ("plain", plain)):
+        for s in order(by):
+            rs = by[s]
+            w(f"| {NAMES[s]} | {kind} | {len(rs)} | {fmt(med(rs,'stun','answers_per_second'))} | {fmt(med(rs,'server','cores'),2)} | "
+              f"{fmt(med(rs,'server','per_cpu_second'))} | {sum(get(r,'stun','lost') or 0 for r in rs)} |")
+    w("")
+    for kind, by in (("Tailscale-style", ts), ("plain", plain)):
+        f = by.get("ferry", [])
+        for peer in ("coturn", "derper"):
+            if f and peer in by:
+                a, b = med(f, "server", "per_cpu_second"), med(by[peer], "server", "per_cpu_second")
+                w(f"- {kind}: ferry / {NAMES[peer]} answers per server CPU-second {ratio(a, b)}, answers/s "
+                  f"{ratio(med(f,'stun','answers_per_second'), med(by[peer],'stun','answers_per_second'))}")
+                if peer == "coturn" and kind == "plain" and a and b:
+                    goals.append(("scenario 6: STUN ≥ 5× coturn per server CPU-second", f"{a/b:.2f}×", "met" if a / b >= 5 else "not met"))
+    groups = [(f"{k}: per server CPU-s", {s: med(by[s], "server", "per_cpu_second") for s in by}) for k, by in (("Tailscale-style", ts), ("plain", plain)) if by]
+    bar_chart(os.path.join(DOCS, "bench-stun.svg"), f"STUN answers per server CPU-second (median, {date})", groups, "answers")
+    w("\n![stun](bench-stun.svg)\n")
+
+if goals:
+    summary = ["## Goals of issue 5, as measured\n", "| goal | measured | |", "| --- | --- | --- |"]
+    summary += [f"| {g} | {v} | {ok} |" for g, v, ok in goals]
+    summary.append("\nGoals not met are reported as measured; see \"Where the time goes\" below for what bounds ferry.\n")
+    # After the "How it was run" section.
+    idx = next(i for i, l in enumerate(doc) if l.startswith("## 1.") or l.startswith("## 2.") or l.startswith("## 3.")
+               or l.startswith("## 4.") or l.startswith("## 5.") or l.startswith("## 6."))
+    doc[idx:idx] = summary
+
+notes = os.path.join(os.path.dirname(__file__), "notes.md")
+if os.path.exists(notes):
+    w(open(notes).read())
+appendix = os.path.join(os.path.dirname(__file__), "stun-only-2026-11-24.md")
+if os.path.exists(appendix):
+    w(open(appendix).read())
+
+open(os.path.join(DOCS, "benchmarks.md"), "w").write("\n".join(doc) + "\n")
+print(f"wrote {os.path.join(DOCS, 'benchmarks.md')}")

@@ -1,0 +1,330 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark, one command: ferry-relay against Tailscale's derper and iroh-relay
+# (relay scenarios), and ferry against coturn and derper (STUN). Writes docs/benchmarks.md and
+# its charts (docs/bench-*.svg) from the JSON reports it collects in $OUT.
+#
+#   bench/run.sh                      # everything, 3 rounds per scenario
+#   ROUNDS=5 RUN_SECONDS=10 bench/run.sh
+#   SCENARIOS="1 2" SKIP_IROH=1 bench/run.sh   # a subset
+#
+# Scenarios (see docs/benchmarks.md for what each measures):
+#   1  1200-byte packets, flood, 8 pairs        delivered packets/s, per server CPU-second
+#   2  64-byte packets, flood, 8 pairs          the same
+#   3  round trips at a fixed rate (relay carries half of derper's scenario-1 maximum)
+#   4  10,000 idle TLS clients                   server RSS per client
+#   5  connect storm (32 dialers)               handshakes/s, per server CPU-second
+#   6  STUN Binding requests (4 sockets x 128)  answers per server CPU-second
+#
+# Every server runs over TLS with the same certificate (a throw-away CA and a leaf for
+# localhost/127.0.0.1), fresh for every scenario, pinned to CPU 0 (PIN=0: no pinning); the load
+# generator runs on CPU 1. Servers alternate within a round (A B C, then C B A, ...). CPU time
+# (utime+stime) and peak RSS (VmHWM) come from /proc. Everything listens on 127.0.0.1 only.
+#
+# Needs: Rust, Go (derper, via scripts/test-deps.sh), Debian's coturn and openssl (installed with
+# apt-get when missing), python3. iroh-relay is installed with `cargo install` (~8 min, once).
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+RUN_SECONDS=${RUN_SECONDS:-8}
+WARMUP=${WARMUP:-2}
+IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
+IDLE_HOLD=${IDLE_HOLD:-5}
+PIN=${PIN:-1}
+SKIP_IROH=${SKIP_IROH:-0}
+SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6"}
+IROH_VERSION=1.4.1
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/target/bench}
+export PATH="$ROOT/.tools/bin:$PATH"
+mkdir -p "$OUT"
+log() { printf '\n[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# Build and install.
+log "building ferry (release)"
+cargo build --release --locked -p ferry-relay -p ferry-loadtest
+FERRY=$ROOT/target/release/ferry-relay
+LT=$ROOT/target/release/ferry-loadtest
+
+if ! command -v derper >/dev/null; then
+    log "derper missing: scripts/test-deps.sh installs it"
+    bash scripts/test-deps.sh
+fi
+for tool in turnserver openssl python3 taskset; do
+    if ! command -v "$tool" >/dev/null; then
+        log "installing Debian packages for $tool"
+        apt-get update -qq && apt-get install -y -qq coturn openssl python3 util-linux >/dev/null
+    fi
+done
+if [ "$SKIP_IROH" != 1 ]; then
+    if ! iroh-relay --version 2>/dev/null | grep -q "$IROH_VERSION"; then
+        log "installing iroh-relay $IROH_VERSION (cargo install, several minutes)"
+        cargo install "iroh-relay@$IROH_VERSION" --features server --root .tools --locked
+    fi
+    log "building bench/iroh-load (its own lockfile, not in the workspace)"
+    CARGO_TARGET_DIR=$ROOT/target/iroh-load cargo build --release --manifest-path bench/iroh-load/Cargo.toml
+    IROH_LOAD=$ROOT/target/iroh-load/release/iroh-load
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Certificates: a CA, and a leaf for localhost and 127.0.0.1 that every server uses.
+CERTS=$OUT/certs
+mkdir -p "$CERTS"
+if [ ! -s "$CERTS/localhost.crt" ]; then
+    log "making a throw-away CA and a localhost certificate"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+        -subj "/CN=ferry bench CA" -keyout "$CERTS/ca.key" -out "$CERTS/ca.crt" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -subj "/CN=localhost" -keyout "$CERTS/localhost.key" -out "$CERTS/localhost.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$CERTS/ext.cnf"
+    openssl x509 -req -in "$CERTS/localhost.csr" -CA "$CERTS/ca.crt" -CAkey "$CERTS/ca.key" \
+        -CAcreateserial -days 30 -extfile "$CERTS/ext.cnf" -out "$CERTS/localhost.crt" 2>/dev/null
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Servers.
+FERRY_PORT=18443 FERRY_METRICS=19090 FERRY_STUN=13478
+DERPER_PORT=28443 DERPER_STUN=23478
+IROH_PORT=38443 IROH_HTTP=38080
+COTURN_PORT=43478
+
+pin_server=()
+pin_load=()
+if [ "$PIN" = 1 ] && [ "$(nproc)" -ge 2 ]; then
+    pin_server=(taskset -c 0)
+    pin_load=(taskset -c 1)
+fi
+
+declare -A PIDS=()
+RUN=$OUT/run
+mkdir -p "$RUN"
+
+wait_tcp() {
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "nothing listens on 127.0.0.1:$1; logs in $RUN" >&2
+    return 1
+}
+
+# A port already taken (a leftover server) would silently measure the wrong process.
+port_free() { # port_free tcp|udp PORT
+    if ss -Hln "--$1" "sport = :$2" 2>/dev/null | grep -q .; then
+        echo "127.0.0.1:$2 ($1) is already in use: stop whatever listens there (ss -lnp '( sport = :$2 )')" >&2
+        exit 1
+    fi
+}
+
+start() { # start NAME
+    case $1 in
+    ferry) port_free tcp "$FERRY_PORT"; port_free udp "$FERRY_STUN" ;;
+    derper) port_free tcp "$DERPER_PORT"; port_free udp "$DERPER_STUN" ;;
+    iroh) port_free tcp "$IROH_PORT"; port_free tcp "$IROH_HTTP" ;;
+    coturn) port_free udp "$COTURN_PORT" ;;
+    esac
+    case $1 in
+    ferry)
+        rm -f "$RUN/ferry.key"
+        "${pin_server[@]}" "$FERRY" --hostname localhost --listen "127.0.0.1:$FERRY_PORT" \
+            --http-listen off --metrics-listen "127.0.0.1:$FERRY_METRICS" \
+            --stun-listen "127.0.0.1:$FERRY_STUN" --key-file "$RUN/ferry.key" \
+            --cert-mode manual --cert-file "$CERTS/localhost.crt" --cert-key-file "$CERTS/localhost.key" \
+            --log-level warn >"$RUN/ferry.log" 2>&1 &
+        PIDS[ferry]=$!
+        wait_tcp "$FERRY_PORT"
+        ;;
+    derper)
+        mkdir -p "$RUN/derper-certs"
+        cp "$CERTS/localhost.crt" "$CERTS/localhost.key" "$RUN/derper-certs/"
+        "${pin_server[@]}" derper -c "$RUN/derper.conf" -a "127.0.0.1:$DERPER_PORT" -certmode manual \
+            -certdir "$RUN/derper-certs" -hostname localhost -http-port -1 \
+            -stun-port "$DERPER_STUN" >"$RUN/derper.log" 2>&1 &
+        PIDS[derper]=$!
+        wait_tcp "$DERPER_PORT"
+        ;;
+    iroh)
+        cat >"$RUN/iroh.toml" <<EOF
+enable_relay = true
+http_bind_addr = "127.0.0.1:$IROH_HTTP"
+enable_quic_addr_discovery = false
+enable_metrics = false
+
+[tls]
+https_bind_addr = "127.0.0.1:$IROH_PORT"
+cert_mode = "Manual"
+manual_cert_path = "$CERTS/localhost.crt"
+manual_key_path = "$CERTS/localhost.key"
+hostname = "localhost"
+EOF
+        RUST_LOG=warn "${pin_server[@]}" iroh-relay --config-path "$RUN/iroh.toml" >"$RUN/iroh.log" 2>&1 &
+        PIDS[iroh]=$!
+        wait_tcp "$IROH_PORT"
+        ;;
+    coturn)
+        "${pin_server[@]}" turnserver -n --no-auth -S -L 127.0.0.1 -p "$COTURN_PORT" --no-tls \
+            --no-dtls --no-cli --no-rfc5780 -m 1 >"$RUN/coturn.log" 2>&1 &
+        PIDS[coturn]=$!
+        sleep 1
+        ;;
+    esac
+}
+
+stop_all() {
+    for name in "${!PIDS[@]}"; do
+        kill "${PIDS[$name]}" 2>/dev/null || true
+        wait "${PIDS[$name]}" 2>/dev/null || true
+    done
+    PIDS=()
+}
+trap stop_all EXIT
+
+relay_servers() {
+    if [ "$SKIP_IROH" = 1 ]; then echo "ferry derper"; else echo "ferry derper iroh"; fi
+}
+
+order() { # order ROUND SERVERS... -> the servers, reversed on even rounds
+    local round=$1
+    shift
+    if [ $((round % 2)) = 1 ]; then echo "$@"; else echo "$@" | tr ' ' '\n' | tac | tr '\n' ' '; fi
+}
+
+# One run of the relay load generator against SERVER; JSON to FILE. Extra args follow.
+relay_run() { # relay_run SERVER FILE MODE ARGS...
+    local server=$1 file=$2 mode=$3
+    shift 3
+    local pid=${PIDS[$server]}
+    case $server in
+    ferry | derper)
+        local port=$FERRY_PORT
+        [ "$server" = derper ] && port=$DERPER_PORT
+        "${pin_load[@]}" "$LT" "$mode" "https://127.0.0.1:$port/derp" --ca-file "$CERTS/ca.crt" \
+            --tls-name localhost --server-pid "$pid" --json --no-progress "$@" >"$file"
+        ;;
+    iroh)
+        # iroh-load takes seconds as numbers and no --no-progress.
+        local args=()
+        while [ $# -gt 0 ]; do
+            case $1 in
+            --warmup | --duration | --hold) args+=("$1" "${2%s}"); shift 2 ;;
+            *) args+=("$1"); shift ;;
+            esac
+        done
+        "${pin_load[@]}" "$IROH_LOAD" "$mode" "https://127.0.0.1:$IROH_PORT" --ca-file "$CERTS/ca.crt" \
+            --server-pid "$pid" "${args[@]}" >"$file"
+        ;;
+    esac
+    python3 - "$file" "$server" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+p, h, i, s = r.get("packets"), r.get("handshakes"), r.get("idle"), r.get("server") or {}
+msg = []
+if p: msg.append(f"delivered {p['delivered_per_second']:,.0f}/s")
+if r["latency"].get("round_trip"): msg.append(f"rtt p99 {r['latency']['round_trip']['p99_us']:,.0f} us")
+if h and not i: msg.append(f"handshakes {h['per_second']:,.0f}/s")
+if i and i.get("server_rss_per_connection_bytes") is not None: msg.append(f"{i['server_rss_per_connection_bytes']/1024:.1f} KiB/conn")
+if s.get("per_cpu_second"): msg.append(f"{s['per_cpu_second']:,.0f} per server CPU-s")
+if s.get("cores") is not None: msg.append(f"server cores {s['cores']:.2f}")
+print(f"    {sys.argv[2]:7s} " + ", ".join(msg), file=sys.stderr)
+EOF
+}
+
+scenario_relay() { # scenario_relay N MODE ARGS...
+    local n=$1
+    shift
+    mkdir -p "$OUT/s$n"
+    rm -f "$OUT/s$n"/*.json
+    for round in $(seq "$ROUNDS"); do
+        # Fresh servers every round: no state carried from one run to the next.
+        for s in $(relay_servers); do start "$s"; done
+        log "scenario $n, round $round"
+        for s in $(order "$round" $(relay_servers)); do
+            relay_run "$s" "$OUT/s$n/$s-r$round.json" "$@"
+        done
+        stop_all
+    done
+}
+
+median_of() { # median_of FILES... : median delivered_per_second
+    python3 - "$@" <<'EOF'
+import json, statistics, sys
+print(int(statistics.median(json.load(open(f))["packets"]["delivered_per_second"] for f in sys.argv[1:])))
+EOF
+}
+
+T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
+
+{
+    echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "nproc=$(nproc)"
+    echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
+    echo "kernel=$(uname -r)"
+    echo "rustc=$(rustc --version)"
+    echo "derper=$(derper -version 2>&1 | head -1)"
+    echo "coturn=$(dpkg-query -W -f='${Version}' coturn 2>/dev/null || echo unknown)"
+    echo "iroh=$( [ "$SKIP_IROH" = 1 ] && echo skipped || iroh-relay --version)"
+    echo "ferry=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay stun || echo '+uncommitted')"
+    echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "pinned=${pin_server[*]:-no} / ${pin_load[*]:-no}"
+    echo "rounds=$ROUNDS run_seconds=$RUN_SECONDS warmup=$WARMUP idle_clients=$IDLE_CLIENTS"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+
+for n in $SCENARIOS; do
+    case $n in
+    1) log "scenario 1: 1200-byte flood, 8 pairs"
+       scenario_relay 1 derp --clients 16 --size 1200 "${T[@]}" ;;
+    2) log "scenario 2: 64-byte flood, 8 pairs"
+       scenario_relay 2 derp --clients 16 --size 64 "${T[@]}" ;;
+    3) # The relay carries data + echoes, so a send rate of a quarter of derper's scenario-1
+       # delivered packets/s puts half of derper's maximum through each relay.
+       if [ -z "${RATE3:-}" ]; then
+           if ls "$OUT"/s1/derper-r*.json >/dev/null 2>&1; then
+               RATE3=$(( $(median_of "$OUT"/s1/derper-r*.json) / 4 ))
+           else
+               RATE3=20000
+           fi
+       fi
+       echo "$RATE3" >"$OUT/rate3.txt"
+       log "scenario 3: round trips at $RATE3 packets/s sent ($((RATE3 * 2)) relayed), 1200 bytes, 8 pairs"
+       scenario_relay 3 derp --clients 16 --size 1200 --echo --rate "$RATE3" "${T[@]}" ;;
+    4) log "scenario 4: $IDLE_CLIENTS idle TLS clients"
+       scenario_relay 4 idle --clients "$IDLE_CLIENTS" --hold "${IDLE_HOLD}s" ;;
+    5) log "scenario 5: connect storm, 32 dialers"
+       scenario_relay 5 connect --concurrency 32 "${T[@]}" ;;
+    6) log "scenario 6: STUN"
+       mkdir -p "$OUT/s6"
+       rm -f "$OUT/s6"/*.json
+       for round in $(seq "$ROUNDS"); do
+           start ferry; start derper; start coturn
+           log "scenario 6, round $round"
+           for s in $(order "$round" ferry coturn derper); do
+               case $s in
+               ferry) port=$FERRY_STUN ;; coturn) port=$COTURN_PORT ;; derper) port=$DERPER_STUN ;;
+               esac
+               # Tailscale-style requests (SOFTWARE + FINGERPRINT): the only kind derper answers.
+               "${pin_load[@]}" "$LT" stun "127.0.0.1:$port" --tailscale --sockets 4 --window 128 \
+                   --server-pid "${PIDS[$s]}" --json --no-progress "${T[@]}" >"$OUT/s6/$s-ts-r$round.json"
+               if [ "$s" != derper ]; then
+                   # Plain 20-byte requests, as in stun/bench/compare.sh.
+                   "${pin_load[@]}" "$LT" stun "127.0.0.1:$port" --sockets 4 --window 128 \
+                       --server-pid "${PIDS[$s]}" --json --no-progress "${T[@]}" >"$OUT/s6/$s-plain-r$round.json"
+               fi
+               python3 -c "
+import json,sys
+for kind in ('ts','plain'):
+    try: r=json.load(open('$OUT/s6/$s-'+kind+'-r$round.json'))
+    except FileNotFoundError: continue
+    print('    $s', kind, f\"{r['stun']['answers_per_second']:,.0f}/s, {r['server']['per_cpu_second'] or 0:,.0f} per server CPU-s, lost {r['stun']['lost']}\", file=sys.stderr)"
+           done
+           stop_all
+       done ;;
+    *) echo "unknown scenario $n" >&2; exit 2 ;;
+    esac
+done
+
+log "writing docs/benchmarks.md"
+python3 bench/report.py "$OUT" docs
+log "done: docs/benchmarks.md, docs/bench-*.svg; raw JSON in $OUT"
