@@ -129,11 +129,13 @@ log "relay.toml of every case: TOML syntax and ferry-relay's keys"
 import glob, os, sys, tomllib, yaml
 KEYS = {
     "": {"listen", "hostname", "key_file", "http_listen", "metrics_listen", "log_format",
-         "log_level", "tls", "stun", "mesh", "admission", "limits"},
+         "log_level", "tls", "stun", "mesh", "admission", "limits", "derpmap"},
     "tls": {"mode", "cert_file", "key_file", "dir", "acme_email", "acme_directory", "acme_ca_file"},
     "stun": {"enabled", "listen", "tcp", "software", "rfc5780_alternate"},
     "mesh": {"key_file", "peers", "dns", "dns_port", "dns_interval", "tls_name", "ca_file"},
     "admission": {"allowlist_file", "verify_url", "verify_timeout", "verify_fail"},
+    "derpmap": {"region_id", "region_code", "region_name", "node_name", "ipv4", "ipv6",
+                "derp_port", "stun_port"},
     "limits": {"max_connections", "handshake_timeout", "write_timeout", "keepalive_interval",
                "queue_depth", "shutdown_timeout", "client_rate_limit", "client_rate_burst",
                "accept_rate", "accept_burst", "max_connections_per_ip"},

@@ -394,3 +394,211 @@ fn sighup_reloads_manual_certs_without_dropping_clients() {
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     });
 }
+
+/// `healthcheck` exits 0 against a running relay's metrics listener and 1, saying why, when
+/// nothing listens there.
+#[test]
+fn healthcheck_subcommand_reports_up_and_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("relay.key");
+    let key_s = key.to_str().unwrap().to_string();
+    let p = start(&tls_args(&key_s));
+    let metrics = p.metrics.expect("metrics on");
+    let out = Command::new(BIN)
+        .args(["healthcheck", "--url"])
+        .arg(format!("http://{metrics}/healthz"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["healthcheck", "--timeout", "2s", "--url"])
+        .arg(format!("http://{dead}/healthz"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.lines().count() == 1 && err.contains("unhealthy") && err.contains("cannot connect"),
+        "{err}"
+    );
+    // A path that answers, but not 200.
+    let out = Command::new(BIN)
+        .args(["healthcheck", "--url"])
+        .arg(format!("http://{metrics}/nope"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("404"), "{err}");
+}
+
+/// `derpmap` prints the relay's region from the same flags, environment and file as the relay,
+/// with the self-signed certificate's pin; Tailscale's derpprobe consumes it as it is.
+#[test]
+fn derpmap_prints_a_map_derpprobe_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("relay.key");
+    let key_s = key.to_str().unwrap().to_string();
+
+    // Before the first start there is no certificate to pin: say so, create nothing.
+    let out = Command::new(BIN)
+        .args(["derpmap", "--key-file", &key_s])
+        .env("FERRY_HOSTNAME", "localhost")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("start the relay once"),
+        "{err}"
+    );
+    assert!(!key.exists(), "derpmap created nothing");
+
+    let p = start(&tls_args(&key_s));
+    let stun = p.stun_port.expect("STUN on");
+    let cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!("[derpmap]\nregion_id = 901\nregion_code = \"test\"\nregion_name = \"ferry test\"\nderp_port = {}\nipv4 = \"127.0.0.1\"\n", p.derp_port),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["derpmap", "--config"])
+        .arg(&cfg)
+        .args(["--key-file", &key_s, "--stun-listen"])
+        .arg(format!("127.0.0.1:{stun}"))
+        .env("FERRY_HOSTNAME", "localhost")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let node = &map["Regions"]["901"]["Nodes"][0];
+    let pem = std::fs::read(dir.path().join("self-signed-cert.pem")).unwrap();
+    let der = rustls_pemfile::certs(&mut &pem[..])
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(node["CertName"], ferry_relay::server::cert_name_pin(&der));
+    assert_eq!(node["HostName"], "localhost");
+    assert_eq!(node["Name"], "901a");
+    assert_eq!(node["DERPPort"], p.derp_port);
+    assert_eq!(node["STUNPort"], stun);
+    assert_eq!(map["Regions"]["901"]["RegionCode"], "test");
+
+    let out = Command::new(BIN)
+        .args([
+            "derpmap",
+            "--format",
+            "headscale",
+            "--no-stun",
+            "--key-file",
+            &key_s,
+        ])
+        .env("FERRY_HOSTNAME", "localhost")
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        yaml.starts_with("regions:\n  900:\n")
+            && yaml.contains("        certname: \"sha256-raw:")
+            && yaml.contains("        stunport: -1\n")
+            && yaml.contains("        derpport: 443\n"),
+        "{yaml}"
+    );
+
+    let Some(derpprobe) = require("derpprobe", "scripts/test-deps.sh") else {
+        return;
+    };
+    let map_path = dir.path().join("derpmap.json");
+    std::fs::write(&map_path, map.to_string()).unwrap();
+    // No SSL_CERT_FILE: nothing trusts the self-signed certificate except the CertName pin.
+    // The mesh probe's DERP clients (derphttp) honour the pin, so "good" there proves it right.
+    // derpprobe's separate TLS probe checks the chain against system roots and ignores
+    // CertName (it is meant for CA-issued certificates), so it is the one expected "bad".
+    let out = Command::new(derpprobe)
+        .args(["-once", "-spread=false", "-derp-map"])
+        .arg(format!("file://{}", map_path.display()))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{log}");
+    for probe in [
+        "derpmap-probe",
+        "derp/test/901a/udp",
+        "derp/test/901a/901a/mesh",
+    ] {
+        assert!(
+            log.contains(&format!("good: {probe}:")),
+            "{probe} not good:\n{log}"
+        );
+    }
+    let bad: Vec<&str> = log.lines().filter(|l| l.contains(" bad: ")).collect();
+    assert!(
+        bad.iter().all(|l| l.contains("bad: derp/test/901a/tls: ")),
+        "{log}"
+    );
+}
+
+/// Bad admission and limit settings stop the relay at start, saying what to fix.
+#[test]
+fn bad_admission_and_limit_values_fail_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    let run = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args([
+                "--dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-stun",
+                "--metrics-listen",
+                "off",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let err = run(&["--accept-rate=-1"]);
+    assert!(
+        err.contains("accept_rate") && err.contains("0 turns"),
+        "{err}"
+    );
+    let missing = dir.path().join("keys.txt");
+    let err = run(&["--allowlist-file", missing.to_str().unwrap()]);
+    assert!(
+        err.contains("keys.txt") && err.contains("allowlist"),
+        "{err}"
+    );
+    std::fs::write(&missing, "nodekey:00\n").unwrap();
+    let err = run(&["--allowlist-file", missing.to_str().unwrap()]);
+    assert!(
+        err.contains("line 1") && err.contains("nodekey:<64 hex>"),
+        "{err}"
+    );
+    std::fs::write(&cfg, "[admission]\nverify_url = \"headscale/verify\"\n").unwrap();
+    let err = run(&["--config", cfg.to_str().unwrap()]);
+    assert!(err.contains("http://"), "{err}");
+    std::fs::write(
+        &cfg,
+        "[admission]\nverify_url = \"http://h/verify\"\nverify_timeout = \"0s\"\n",
+    )
+    .unwrap();
+    let err = run(&["--config", cfg.to_str().unwrap()]);
+    assert!(
+        err.contains("relay.toml") && err.contains("verify_timeout"),
+        "{err}"
+    );
+}

@@ -208,6 +208,16 @@ verify_fail = {{ $v.admission.verifyFail | toJson }}
 {{- end }}
 {{- end }}
 
+[derpmap]
+# What `ferry-relay derpmap` prints (the relay itself ignores this section).
+region_id = {{ int $v.region.id }}
+region_code = {{ $v.region.code | toJson }}
+region_name = {{ $v.region.name | toJson }}
+{{- if not $hn }}
+derp_port = {{ int $v.exposure.loadBalancer.ports.derp }}
+stun_port = {{ if $v.relay.stun.enabled }}{{ int $v.exposure.loadBalancer.ports.stun }}{{ else }}-1{{ end }}
+{{- end }}
+
 [limits]
 {{- with $v.relay.limits }}
 max_connections = {{ int .maxConnections }}

@@ -356,6 +356,15 @@ pub fn put_send_packet(out: &mut impl BufMut, dst: &PublicKey, packet: &[u8]) {
     put_frame(out, ft::SEND_PACKET, &[dst.as_bytes(), packet]);
 }
 
+/// Appends ForwardPacket(src, dst, packet) (mesh: a packet for a client of the peer relay).
+pub fn put_forward_packet(out: &mut impl BufMut, src: &PublicKey, dst: &PublicKey, packet: &[u8]) {
+    put_frame(
+        out,
+        ft::FORWARD_PACKET,
+        &[src.as_bytes(), dst.as_bytes(), packet],
+    );
+}
+
 /// Appends PeerGone(key, reason).
 pub fn put_peer_gone(out: &mut impl BufMut, key: &PublicKey, reason: PeerGoneReason) {
     put_frame(out, ft::PEER_GONE, &[key.as_bytes(), &[reason.to_byte()]]);

@@ -13,7 +13,7 @@ use tracing::{debug, trace};
 
 use super::metrics::{CloseReason, DropReason, HandshakeFailure};
 use super::registry::{ClientHandle, Control, Queues};
-use super::Shared;
+use super::{ratelimit, Shared};
 use crate::proto::{
     self, frame_type as ft, ClientFrame, FrameDecoder, PeerGoneReason, ProtoError, PublicKey,
     ServerInfo,
@@ -155,11 +155,31 @@ pub(crate) async fn run<S>(
         _ => false,
     };
 
+    // Admission (allowlist, verify URL), as derper: after ClientInfo proves the key, before
+    // ServerInfo; a refused client is closed without another frame. Mesh peers skip it.
+    if !is_mesh {
+        if let Some(adm) = &shared.admission {
+            let verdict = adm.check(&key, remote.ip()).await;
+            m.admission(verdict);
+            if !verdict.admits() {
+                debug!(key = %key.short(), result = verdict.label(), "client refused by admission control");
+                return;
+            }
+        }
+    }
+    // Receive rate limit (mesh peers exempt), advertised so clients can pace themselves.
+    let bucket = (limits.client_rate_limit > 0 && !is_mesh).then(|| {
+        let burst = limits.client_rate_burst.max(ratelimit::MIN_CLIENT_BURST);
+        (limits.client_rate_limit, burst)
+    });
+
     // 3. ServerInfo.
     out.clear();
+    let clamp = |n: u64| n.min(u32::MAX as u64) as u32;
     let si = ServerInfo {
         version: proto::PROTOCOL_VERSION,
-        ..Default::default()
+        token_bucket_bytes_per_second: bucket.map(|(r, _)| clamp(r)),
+        token_bucket_bytes_burst: bucket.map(|(_, b)| clamp(b)),
     };
     proto::put_frame(
         &mut out,
@@ -192,7 +212,10 @@ pub(crate) async fn run<S>(
     m.connections.increment(1.0);
 
     let writer = tokio::spawn(write_loop(w, Arc::clone(&me), Arc::clone(&shared)));
-    let (why, sent_to, home) = read_loop(&mut r, rbuf, dec, &me, is_mesh, &shared).await;
+    let bucket = bucket.map(|(rate, burst)| {
+        ratelimit::TokenBucket::new(rate as f64, burst as f64, Instant::now())
+    });
+    let (why, sent_to, home) = read_loop(&mut r, rbuf, dec, &me, is_mesh, bucket, &shared).await;
 
     // Tear down: nobody may queue for us any more, then stop the writer.
     let key_gone = shared.registry.unregister(&me);
@@ -234,6 +257,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut dec: FrameDecoder,
     me: &Arc<ClientHandle>,
     is_mesh: bool,
+    mut bucket: Option<ratelimit::TokenBucket>,
     shared: &Shared,
 ) -> (CloseReason, HashSet<PublicKey>, bool) {
     let m = &shared.metrics;
@@ -281,6 +305,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             }
                         }
                         None => {
+                            if let Some(link) = reg.get_remote(&dst) {
+                                bytes += packet.len() as u64;
+                                pkts += 1;
+                                m.mesh_forwarded.increment(1);
+                                link.forward(me.key, dst, packet, shared);
+                                continue;
+                            }
                             m.drop(DropReason::UnknownDest);
                             if disco
                                 && not_here.allow(Instant::now())
@@ -351,7 +382,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
             res = r.read_buf(&mut rbuf) => match res {
                 Ok(0) => break CloseReason::ClientClosed,
                 Err(_) => break CloseReason::ReadError,
-                Ok(_) => {}
+                Ok(n) => {
+                    // Rate limit: bytes are forwarded only once paid for. While this waits,
+                    // nothing is read, the socket buffers fill and TCP slows the sender.
+                    if let Some(b) = &mut bucket {
+                        let wait = b.take(n as u64, Instant::now());
+                        if !wait.is_zero() {
+                            m.rate_limit_delay.record(wait.as_secs_f64());
+                            tokio::select! {
+                                biased;
+                                _ = me.cancel.cancelled() => break me.close_reason().unwrap_or(CloseReason::Shutdown),
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                        }
+                    }
+                }
             }
         }
     };

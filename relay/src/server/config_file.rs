@@ -120,6 +120,53 @@ pub struct LimitsSection {
     /// Graceful shutdown bound.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,
+    /// Per-client receive rate, bytes/s (0 = off).
+    pub client_rate_limit: Option<u64>,
+    /// Burst of the receive rate, bytes.
+    pub client_rate_burst: Option<u64>,
+    /// New connections accepted per second (0 = off).
+    pub accept_rate: Option<f64>,
+    /// Burst of the accept rate.
+    pub accept_burst: Option<u32>,
+    /// Connections at once from one source IP (0 = off).
+    pub max_connections_per_ip: Option<u32>,
+}
+
+/// `[admission]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionSection {
+    /// File of allowed node keys (`nodekey:<hex>` per line), re-read when it changes.
+    pub allowlist_file: Option<PathBuf>,
+    /// derper-compatible verify URL (`--verify-client-url`).
+    pub verify_url: Option<String>,
+    /// Bound on one verify request (default 2s).
+    #[serde(default, with = "humantime_serde")]
+    pub verify_timeout: Option<Duration>,
+    /// `closed` (default) or `open`: what happens when the verify URL cannot answer.
+    pub verify_fail: Option<super::admission::VerifyFail>,
+}
+
+/// `[derpmap]`: what `ferry-relay derpmap` prints (the public view of this relay).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DerpmapSection {
+    /// Region ID (default 900; Tailscale's own regions are below 900).
+    pub region_id: Option<u32>,
+    /// Region code (default "ferry").
+    pub region_code: Option<String>,
+    /// Region name (default: the region code).
+    pub region_name: Option<String>,
+    /// Node name (default "<region_id>a").
+    pub node_name: Option<String>,
+    /// The node's IPv4 address (clients then need no DNS for it).
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// The node's IPv6 address.
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    /// Public DERP port (default: the listen port; differs behind a load balancer).
+    pub derp_port: Option<u16>,
+    /// Public STUN port (default: the first STUN listen port; -1 when STUN is off).
+    pub stun_port: Option<i32>,
 }
 
 /// The whole file.
@@ -149,6 +196,37 @@ pub struct FileConfig {
     /// Limits.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Admission control.
+    #[serde(default)]
+    pub admission: AdmissionSection,
+    /// The DERP map `ferry-relay derpmap` prints.
+    #[serde(default)]
+    pub derpmap: DerpmapSection,
+    /// Mesh with the other relays of the region.
+    #[serde(default)]
+    pub mesh: MeshSection,
+}
+
+/// `[mesh]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// File holding the region's mesh key (64 hex characters; derper's `--mesh-psk-file`).
+    pub key_file: Option<PathBuf>,
+    /// Static peers, `host:port` (derper's `--mesh-with`); listing this relay is harmless.
+    pub peers: Option<Vec<String>>,
+    /// A DNS name whose A/AAAA records are the peers (a headless Kubernetes Service).
+    pub dns: Option<String>,
+    /// The peers' DERP port for `dns` (default: this relay's listen port).
+    pub dns_port: Option<u16>,
+    /// How often `dns` is resolved again (default 30s).
+    #[serde(default, with = "humantime_serde")]
+    pub dns_interval: Option<Duration>,
+    /// The name peers' certificates must carry (default: a static peer's host; for DNS peers,
+    /// this relay's hostname).
+    pub tls_name: Option<String>,
+    /// Extra PEM trust anchors for peers' certificates (private CA, shared self-signed cert).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -217,6 +295,37 @@ mod tests {
         );
         assert_eq!(c.limits.write_timeout, Some(Duration::from_secs(2)));
         assert_eq!(c.stun.enabled, Some(true));
+        assert_eq!(c.limits.client_rate_limit, Some(0));
+        assert_eq!(c.limits.accept_rate, Some(0.0));
+        assert_eq!(
+            c.admission.verify_fail,
+            Some(super::super::admission::VerifyFail::Closed)
+        );
+        assert_eq!(c.admission.verify_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(c.derpmap.region_id, Some(900));
+    }
+
+    #[test]
+    fn admission_and_limits_keys_parse_and_bad_values_name_the_line() {
+        let c = FileConfig::parse(
+            "[limits]\naccept_rate = 2.5\nmax_connections_per_ip = 8\n[admission]\nverify_fail = \"open\"\nverify_timeout = \"500ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.accept_rate, Some(2.5));
+        assert_eq!(c.limits.max_connections_per_ip, Some(8));
+        assert_eq!(
+            c.admission.verify_fail,
+            Some(super::super::admission::VerifyFail::Open)
+        );
+        let e = FileConfig::parse("[admission]\n\nverify_fail = \"sometimes\"\n").unwrap_err();
+        assert!(
+            e.starts_with("line 3:") && e.contains("closed") && e.contains("open"),
+            "{e}"
+        );
+        let e = FileConfig::parse("[limits]\nclient_rate_limit = -5\n").unwrap_err();
+        assert!(e.starts_with("line 2:"), "{e}");
+        let e = FileConfig::parse("[derpmap]\nregion = 3\n").unwrap_err();
+        assert!(e.contains("region_id"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! The file uses derper's format, `{"PrivateKey":"privkey:<hex>"}`, so an operator moving from
 //! derper can keep the key (and every client's pinned `Derp-Public-Key`). A bare `privkey:<hex>`
-//! line is accepted too. It is created with mode 0600 on first start.
+//! line is accepted too. It is created with mode 0600 on first start. An existing file is only
+//! read: any mode that lets the relay read it is fine (Kubernetes mounts Secrets read-only, e.g.
+//! 0440 owned by another group), and it is never rewritten.
 
 use std::path::{Path, PathBuf};
 
@@ -96,6 +98,33 @@ mod tests {
                 0o600
             );
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_read_only_0440_file_is_used_as_it_is_and_never_rewritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("relay.key");
+        let k = SecretKey::generate();
+        let text = format!("{{\"PrivateKey\":\"{}\"}}\n", k.to_privkey_string());
+        std::fs::write(&p, &text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o440)).unwrap();
+        // The directory is read-only too, as a Secret volume is: nothing may be created there.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+        let before = std::fs::metadata(&p).unwrap();
+        let (got, created) = load_or_create(&p).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!created);
+        assert_eq!(got.to_bytes(), k.to_bytes());
+        let after = std::fs::metadata(&p).unwrap();
+        assert_eq!(after.permissions().mode() & 0o777, 0o440, "mode untouched");
+        assert_eq!(
+            after.modified().unwrap(),
+            before.modified().unwrap(),
+            "not rewritten"
+        );
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
     }
 
     #[test]

@@ -35,6 +35,7 @@ reasons!(DropReason {
     QueueTail => "queue_tail",
     WriteError => "write_error",
     DupClient => "dup_client",
+    MeshQueue => "mesh_queue",
 });
 
 reasons!(HandshakeFailure {
@@ -58,7 +59,27 @@ reasons!(CloseReason {
     Shutdown => "shutdown",
 });
 
+reasons!(AdmissionResult {
+    Allowed => "allowed",
+    RefusedAllowlist => "refused_allowlist",
+    RefusedVerify => "refused_verify",
+    VerifyErrorOpen => "verify_error_open",
+    VerifyErrorClosed => "verify_error_closed",
+});
+
+impl AdmissionResult {
+    /// Whether the client is let in.
+    pub(crate) fn admits(self) -> bool {
+        matches!(
+            self,
+            AdmissionResult::Allowed | AdmissionResult::VerifyErrorOpen
+        )
+    }
+}
+
 const NAME_DROPS: &str = "ferry_relay_packets_dropped_total";
+const NAME_ADMISSION: &str = "ferry_relay_admission_total";
+const NAME_RATE_DELAY: &str = "ferry_relay_rate_limit_delay_seconds";
 
 /// All of the relay's metric handles.
 #[derive(Debug)]
@@ -68,6 +89,10 @@ pub struct RelayMetrics {
     pub(crate) home_connections: Gauge,
     pub(crate) accepts: Counter,
     pub(crate) rejected_capacity: Counter,
+    pub(crate) rejected_accept_rate: Counter,
+    pub(crate) rejected_per_ip: Counter,
+    /// Each time a client's reads were paused by its receive rate limit: for how long.
+    pub(crate) rate_limit_delay: Histogram,
     pub(crate) handshakes: Counter,
     pub(crate) handshake_duration: Histogram,
     pub(crate) packets_forwarded: Counter,
@@ -76,10 +101,18 @@ pub struct RelayMetrics {
     pub(crate) peer_gone_sent: Counter,
     pub(crate) http_requests: Counter,
     pub(crate) restarting_sent: Counter,
+    pub(crate) mesh_forwarded: Counter,
+    pub(crate) mesh_connect_failures: Counter,
+    pub(crate) mesh_links: Gauge,
+    pub(crate) mesh_remote_keys: Gauge,
     drops: Vec<Counter>,
     handshake_failures: Vec<Counter>,
     closes: Vec<Counter>,
+    admissions: Vec<Counter>,
 }
+
+/// Buckets for the rate-limit delay histogram, in seconds.
+const RATE_DELAY_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
 /// Buckets for the handshake duration histogram, in seconds.
 const HANDSHAKE_BUCKETS: &[f64] = &[
@@ -95,6 +128,11 @@ impl RelayMetrics {
                     "ferry_relay_handshake_duration_seconds".into(),
                 ),
                 HANDSHAKE_BUCKETS,
+            )
+            .expect("bucket list is non-empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(NAME_RATE_DELAY.into()),
+                RATE_DELAY_BUCKETS,
             )
             .expect("bucket list is non-empty")
             .build_recorder();
@@ -184,6 +222,24 @@ impl RelayMetrics {
             None,
             "Restarting frames sent during graceful shutdown.",
         );
+        describe(
+            "ferry_relay_mesh_forwarded_packets_total",
+            None,
+            "Packets sent on to a mesh peer (ForwardPacket) for a client connected there.",
+        );
+        describe(
+            "ferry_relay_mesh_connect_failures_total",
+            None,
+            "Failed attempts to connect to a mesh peer.",
+        );
+        describe_g(
+            "ferry_relay_mesh_links",
+            "Mesh peers this relay has a working link to.",
+        );
+        describe_g(
+            "ferry_relay_mesh_remote_keys",
+            "Clients known to be connected to mesh peers.",
+        );
         describe_g(
             "ferry_relay_connections",
             "DERP connections currently established.",
@@ -191,6 +247,16 @@ impl RelayMetrics {
         describe_g(
             "ferry_relay_home_connections",
             "Connections whose client says this relay is its home.",
+        );
+        describe(
+            NAME_ADMISSION,
+            None,
+            "Admission decisions (allowlist, verify URL) for non-mesh clients, by result.",
+        );
+        r.describe_histogram(
+            NAME_RATE_DELAY.into(),
+            Some(metrics::Unit::Seconds),
+            "Pauses of a client's reads by its receive rate limit (back-pressure); _sum is the total time.".into(),
         );
         describe_g("ferry_build_info", "Always 1; labels carry the version.");
         r.describe_histogram(
@@ -217,6 +283,9 @@ impl RelayMetrics {
             ),
             accepts: counter("ferry_relay_accepts_total"),
             rejected_capacity: labelled("ferry_relay_rejected_total", "reason", "capacity"),
+            rejected_accept_rate: labelled("ferry_relay_rejected_total", "reason", "accept_rate"),
+            rejected_per_ip: labelled("ferry_relay_rejected_total", "reason", "per_ip"),
+            rate_limit_delay: r.register_histogram(&Key::from_static_name(NAME_RATE_DELAY), &meta),
             handshakes: counter("ferry_relay_handshakes_total"),
             handshake_duration: r.register_histogram(
                 &Key::from_static_name("ferry_relay_handshake_duration_seconds"),
@@ -228,6 +297,13 @@ impl RelayMetrics {
             peer_gone_sent: counter("ferry_relay_peer_gone_sent_total"),
             http_requests: counter("ferry_relay_http_requests_total"),
             restarting_sent: counter("ferry_relay_restarting_sent_total"),
+            mesh_forwarded: counter("ferry_relay_mesh_forwarded_packets_total"),
+            mesh_connect_failures: counter("ferry_relay_mesh_connect_failures_total"),
+            mesh_links: r.register_gauge(&Key::from_static_name("ferry_relay_mesh_links"), &meta),
+            mesh_remote_keys: r.register_gauge(
+                &Key::from_static_name("ferry_relay_mesh_remote_keys"),
+                &meta,
+            ),
             drops: DropReason::ALL
                 .iter()
                 .map(|d| labelled(NAME_DROPS, "reason", d.label()))
@@ -239,6 +315,15 @@ impl RelayMetrics {
             closes: CloseReason::ALL
                 .iter()
                 .map(|d| labelled("ferry_relay_connections_closed_total", "reason", d.label()))
+                .collect(),
+            admissions: AdmissionResult::ALL
+                .iter()
+                .map(|d| {
+                    r.register_counter(
+                        &Key::from_parts(NAME_ADMISSION, vec![Label::new("result", d.label())]),
+                        &meta,
+                    )
+                })
                 .collect(),
         }
     }
@@ -256,6 +341,11 @@ impl RelayMetrics {
     /// Counts a closed connection.
     pub(crate) fn closed(&self, why: CloseReason) {
         self.closes[why as usize].increment(1);
+    }
+
+    /// Counts an admission decision.
+    pub(crate) fn admission(&self, r: AdmissionResult) {
+        self.admissions[r as usize].increment(1);
     }
 
     /// The Prometheus text exposition of everything on this recorder.

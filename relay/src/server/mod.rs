@@ -5,14 +5,20 @@
 //! drains gracefully and dropping the handle aborts.
 
 pub mod acme;
+pub mod admission;
 mod client;
 pub mod config_file;
 mod conn;
+pub mod derpmap;
+pub mod healthcheck;
 mod http;
 pub mod keyfile;
+pub mod mesh;
 pub mod metrics;
+mod ratelimit;
 mod registry;
 pub mod tls;
+mod watch;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -27,6 +33,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 pub use self::acme::{AcmeConfig, LETS_ENCRYPT_DIRECTORY};
+pub use self::admission::{AdmissionConfig, AdmissionError, VerifyFail};
+pub use self::mesh::{MeshConfig, MeshDns, MeshTls};
 pub use self::metrics::RelayMetrics;
 pub use self::tls::{cert_name_pin, TlsConfig, TlsError};
 use crate::proto::{PublicKey, SecretKey};
@@ -56,6 +64,19 @@ pub struct Limits {
     pub restart_reconnect_spread: Duration,
     /// ... and keep trying for this long.
     pub restart_try_for: Duration,
+    /// Per-client receive rate in bytes/s (0 = off). Reads pause when a client exceeds it, so
+    /// TCP flow control slows the sender; advertised in ServerInfo; mesh peers are exempt.
+    pub client_rate_limit: u64,
+    /// Burst of the receive rate, in bytes (raised to at least 65,568, as derper does).
+    pub client_rate_burst: u64,
+    /// New DERP-listener connections accepted per second (0 = off); more are closed at accept.
+    pub accept_rate: f64,
+    /// Burst of the accept rate (0: the rate rounded up, at least 1).
+    pub accept_burst: u32,
+    /// DERP-listener connections at once from one source IP (0 = off).
+    pub max_connections_per_ip: u32,
+    /// Manual certificate mode: how often the certificate files are checked for changes.
+    pub cert_reload_interval: Duration,
 }
 
 impl Default for Limits {
@@ -71,6 +92,12 @@ impl Default for Limits {
             shutdown_timeout: Duration::from_secs(10),
             restart_reconnect_spread: Duration::from_secs(5),
             restart_try_for: Duration::from_secs(60),
+            client_rate_limit: 0,
+            client_rate_burst: 0,
+            accept_rate: 0.0,
+            accept_burst: 0,
+            max_connections_per_ip: 0,
+            cert_reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -92,10 +119,14 @@ pub struct Config {
     pub server_key: SecretKey,
     /// Mesh key: clients presenting it may use mesh frames.
     pub mesh_key: Option<[u8; 32]>,
+    /// Mesh peers to forward to (needs `mesh_key`).
+    pub mesh: Option<MeshConfig>,
     /// Host name, for redirects and logs.
     pub hostname: Option<String>,
     /// Timeouts and caps.
     pub limits: Limits,
+    /// Allowlist and verify URL; `None` admits every client.
+    pub admission: Option<AdmissionConfig>,
     /// Install this server's metrics recorder as the process-global one (the binary does, so
     /// the STUN server's counters land in the same scrape; tests don't).
     pub install_global_recorder: bool,
@@ -112,8 +143,10 @@ impl Config {
             stun: None,
             server_key: SecretKey::generate(),
             mesh_key: None,
+            mesh: None,
             hostname: None,
             limits: Limits::default(),
+            admission: None,
             install_global_recorder: false,
         }
     }
@@ -133,6 +166,10 @@ pub enum SpawnError {
     Tls(#[from] TlsError),
     #[error("STUN: {0}")]
     Stun(#[from] ferry_stun::StunError),
+    #[error("admission: {0}")]
+    Admission(#[from] AdmissionError),
+    #[error("mesh: {0}")]
+    Mesh(String),
 }
 
 /// State shared by every task of one server.
@@ -142,6 +179,8 @@ pub(crate) struct Shared {
     pub(crate) mesh_key: Option<[u8; 32]>,
     pub(crate) hostname: Option<String>,
     pub(crate) limits: Limits,
+    /// `None`: every client is admitted.
+    pub(crate) admission: Option<Arc<admission::Admission>>,
     pub(crate) registry: registry::Registry,
     pub(crate) metrics: RelayMetrics,
     pub(crate) tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
@@ -241,6 +280,19 @@ impl Server {
                 .into());
             }
         }
+        let mesh = match config.mesh.clone() {
+            Some(m) => Some(
+                mesh::prepare(m, config.mesh_key, config.hostname.as_deref())
+                    .map_err(SpawnError::Mesh)?,
+            ),
+            None => None,
+        };
+        let admission = match &config.admission {
+            Some(a) if a.allowlist_file.is_some() || a.verify_url.is_some() => {
+                Some(Arc::new(admission::Admission::new(a)?))
+            }
+            _ => None,
+        };
         let cert = match config.tls.clone() {
             Some(t) => Some(Arc::new(tls::ReloadableCert::load(t)?)),
             None => None,
@@ -269,6 +321,7 @@ impl Server {
             mesh_key: config.mesh_key,
             hostname: config.hostname,
             limits: config.limits,
+            admission,
             registry: registry::Registry::default(),
             metrics,
             tls_acceptor,
@@ -325,7 +378,22 @@ impl Server {
                 }
             });
         }
+        if let Some(a) = &shared.admission {
+            tracker.spawn(Arc::clone(a).watch(accept_cancel.clone()));
+        }
         if let Some(c) = &cert {
+            if let TlsConfig::Manual {
+                cert_path,
+                key_path,
+            } = c.source()
+            {
+                tracker.spawn(tls::watch_manual(
+                    Arc::clone(c),
+                    vec![cert_path.clone(), key_path.clone()],
+                    shared.limits.cert_reload_interval,
+                    accept_cancel.clone(),
+                ));
+            }
             if let TlsConfig::Acme(acme) = c.source() {
                 if c.leaf_der().is_none() {
                     info!(hostname = %acme.hostname, "no cached ACME certificate yet: TLS handshakes fail until the CA issues one");
@@ -337,6 +405,9 @@ impl Server {
                     accept_cancel.clone(),
                 ));
             }
+        }
+        if let Some(mesh) = mesh {
+            mesh::start(mesh, Arc::clone(&shared), &tracker, accept_cancel.clone());
         }
         shared.ready.store(true, Ordering::Relaxed);
         info!(
@@ -389,6 +460,14 @@ impl Server {
     /// The server's public key (what `Derp-Public-Key` and ServerKey announce).
     pub fn public_key(&self) -> PublicKey {
         self.shared.public
+    }
+    /// Clients known to be connected to mesh peers (not here).
+    pub fn mesh_remote_keys(&self) -> usize {
+        self.shared.registry.remote_len()
+    }
+    /// Whether a mesh peer has reported `key` as connected to it.
+    pub fn mesh_knows(&self, key: &PublicKey) -> bool {
+        self.shared.registry.get_remote(key).is_some()
     }
     /// Whether the DERP listener speaks TLS.
     pub fn tls_enabled(&self) -> bool {
@@ -472,6 +551,23 @@ async fn accept_loop(
     sem: Option<Arc<tokio::sync::Semaphore>>,
 ) {
     let mut backoff = Duration::from_millis(5);
+    // DERP listener only (the one with a connection cap): accept rate and per-IP cap. Owned by
+    // this task, so no lock.
+    let l = &shared.limits;
+    let mut accept_bucket = (sem.is_some() && l.accept_rate > 0.0).then(|| {
+        let burst = if l.accept_burst > 0 {
+            l.accept_burst as f64
+        } else {
+            l.accept_rate.ceil().max(1.0)
+        };
+        ratelimit::TokenBucket::new(l.accept_rate, burst, std::time::Instant::now())
+    });
+    let per_ip_cap = if sem.is_some() {
+        l.max_connections_per_ip
+    } else {
+        0
+    };
+    let per_ip = Arc::new(ratelimit::PerIp::default());
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -483,6 +579,15 @@ async fn accept_loop(
                 let permit = match &sem {
                     Some(s) => {
                         shared.metrics.accepts.increment(1);
+                        if let Some(b) = &mut accept_bucket {
+                            if !b.try_take_one(std::time::Instant::now()) {
+                                // As derper: accept and close at once rather than leave
+                                // connections piling up in the kernel's backlog.
+                                shared.metrics.rejected_accept_rate.increment(1);
+                                drop(tcp);
+                                continue;
+                            }
+                        }
                         match Arc::clone(s).try_acquire_owned() {
                             Ok(p) => Some(p),
                             Err(_) => {
@@ -494,12 +599,25 @@ async fn accept_loop(
                     }
                     None => None,
                 };
+                let ip_slot = if per_ip_cap > 0 {
+                    match per_ip.acquire(remote.ip(), per_ip_cap) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            shared.metrics.rejected_per_ip.increment(1);
+                            drop(tcp);
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let shared = Arc::clone(&shared);
                 let conn_cancel = shared.conns_cancel.clone();
                 let span = tracing::debug_span!("conn", %remote);
                 tracker.spawn(
                     async move {
                         let _permit = permit;
+                        let _ip_slot = ip_slot;
                         tokio::select! {
                             _ = conn_cancel.cancelled() => {}
                             _ = conn::handle_tcp(tcp, remote, kind, shared) => {}

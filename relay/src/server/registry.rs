@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::mesh::MeshLink;
 use super::metrics::{CloseReason, DropReason, RelayMetrics};
 use crate::proto::{PeerGoneReason, PublicKey};
 
@@ -180,6 +181,9 @@ pub(crate) type Watcher = Arc<ClientHandle>;
 pub(crate) struct Registry {
     clients: DashMap<PublicKey, ClientSet>,
     watchers: DashMap<u64, Watcher>,
+    /// Keys connected to mesh peers, with the links that reach them (the newest is used).
+    /// Local clients always win over these.
+    remote: DashMap<PublicKey, Vec<Arc<MeshLink>>>,
     next_conn_id: AtomicU64,
 }
 
@@ -191,6 +195,33 @@ impl Registry {
     /// The connection that receives for `key`, if any.
     pub(crate) fn get(&self, key: &PublicKey) -> Option<Arc<ClientHandle>> {
         self.clients.get(key).map(|s| Arc::clone(&s.active))
+    }
+
+    /// The mesh link that reaches `key` on a peer relay, if any.
+    pub(crate) fn get_remote(&self, key: &PublicKey) -> Option<Arc<MeshLink>> {
+        self.remote.get(key).and_then(|v| v.last().cloned())
+    }
+
+    /// A mesh peer reports `key` connected to it.
+    pub(crate) fn add_remote(&self, key: PublicKey, link: Arc<MeshLink>) {
+        let mut v = self.remote.entry(key).or_default();
+        v.retain(|l| l.id != link.id);
+        v.push(link);
+    }
+
+    /// `key` left the peer behind `link_id` (or that link broke).
+    pub(crate) fn remove_remote(&self, key: &PublicKey, link_id: u64) {
+        if let dashmap::Entry::Occupied(mut e) = self.remote.entry(*key) {
+            e.get_mut().retain(|l| l.id != link_id);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+    }
+
+    /// Number of distinct keys reachable through mesh peers.
+    pub(crate) fn remote_len(&self) -> usize {
+        self.remote.len()
     }
 
     /// Number of distinct keys connected.

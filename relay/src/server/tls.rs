@@ -170,7 +170,39 @@ pub(crate) fn parse_pem(
         path: key_path.into(),
         msg: e.to_string(),
     })?;
-    Ok(CertifiedKey::new(certs, signing))
+    let ck = CertifiedKey::new(certs, signing);
+    // A pair caught half-replaced (new certificate, old key) must not go into service.
+    match ck.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(ck),
+        Err(_) => Err(TlsError::BadKey {
+            path: key_path.into(),
+            msg: format!(
+                "it does not belong to the certificate in {} (if they are being replaced, the next reload picks up the matching pair)",
+                cert_path.display()
+            ),
+        }),
+    }
+}
+
+/// Manual mode: re-reads the certificate files whenever their contents change (cert-manager
+/// and the kubelet update mounted Secrets in place), until `cancel`. A pair that does not parse
+/// or does not match keeps the old certificate in service; the next change is tried again.
+pub(crate) async fn watch_manual(
+    cert: Arc<ReloadableCert>,
+    paths: Vec<PathBuf>,
+    interval: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    // Taken now, after the load at start: a change in between is at worst one reload late
+    // (the SIGHUP path still works).
+    let initial = super::watch::Fingerprint::of(&paths);
+    super::watch::poll_files(paths, initial, interval, cancel, move || {
+        match cert.reload() {
+            Ok(()) => tracing::info!("certificate files changed: certificate reloaded"),
+            Err(e) => tracing::error!(error = %e, "certificate files changed but cannot be used; still serving the previous certificate"),
+        }
+    })
+    .await;
 }
 
 fn load_certified_key(source: &TlsConfig) -> Result<CertifiedKey, TlsError> {
@@ -325,6 +357,15 @@ mod tests {
         fs::write(&kp, "not a key").unwrap();
         let err = r.reload().unwrap_err();
         assert!(err.to_string().contains("k.pem"), "{err}");
+        // A new certificate with the old key (a pair caught mid-update) is refused too.
+        let third = gen("three.test");
+        fs::write(&cp, third.cert.pem()).unwrap();
+        fs::write(&kp, second.key_pair.serialize_pem()).unwrap();
+        let err = r.reload().unwrap_err().to_string();
+        assert!(
+            err.contains("does not belong") && err.contains("c.pem"),
+            "{err}"
+        );
         assert_eq!(
             r.leaf_der(),
             Some(second.cert.der().to_vec()),

@@ -164,7 +164,11 @@ pub fn ts_key(k: &PublicKey) -> ts_keys::NodePublicKey {
 }
 
 pub async fn ts_connect(relay: &Relay) -> TsClient {
-    let kp = ts_keys::NodeKeyPair::random();
+    ts_connect_kp(relay, ts_keys::NodeKeyPair::random()).await
+}
+
+/// A ts_derp client with a given key (allowlist tests).
+pub async fn ts_connect_kp(relay: &Relay, kp: ts_keys::NodeKeyPair) -> TsClient {
     let io = upgrade(relay).await;
     let client = tokio::time::timeout(T, ts_derp::Client::handshake(io, &kp))
         .await

@@ -1,0 +1,664 @@
+//! Mesh: the relays of one region forward to each other, exactly as derper's mesh does.
+//!
+//! Each relay dials every peer as a DERP client, with its own server key and the shared mesh key,
+//! and sends WatchConns. The peer then reports who is connected to it (PeerPresent) and who
+//! leaves (PeerGone). A SendPacket for a key that is not local but present on a peer goes out on
+//! that peer's link as ForwardPacket; the peer delivers it to its local client and never forwards
+//! it again (one hop). When a link breaks, every key learned on it is dropped at once, so nothing
+//! is sent into the void; the keys come back when the link (or the client, elsewhere) does.
+//!
+//! Peers come from a static list (`host:port`) and/or from DNS (every A/AAAA record of a name,
+//! e.g. a Kubernetes headless Service, re-resolved periodically). A peer whose server key is our
+//! own is ourselves (a DNS list includes this relay) and is skipped, as derper does.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::metrics::DropReason;
+use super::Shared;
+use crate::proto::{self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, ServerFrame};
+
+/// Where the mesh peers are and how to reach them.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Static peers, `host:port` (derper's `--mesh-with`). This relay itself may be listed: it
+    /// recognises its own server key and skips itself.
+    pub peers: Vec<String>,
+    /// Peers from DNS: every address `name` resolves to, on `port`, re-resolved every `interval`.
+    pub dns: Option<MeshDns>,
+    /// How links are secured.
+    pub tls: MeshTls,
+}
+
+/// Peers discovered through DNS (a headless Kubernetes Service, a round-robin name).
+#[derive(Debug, Clone)]
+pub struct MeshDns {
+    /// The name to resolve.
+    pub name: String,
+    /// The peers' DERP port.
+    pub port: u16,
+    /// How often to resolve it again.
+    pub interval: Duration,
+}
+
+/// Transport security of mesh links.
+#[derive(Debug, Clone)]
+pub enum MeshTls {
+    /// Plain TCP: only for relays without TLS (`--dev`, tests).
+    Plain,
+    /// TLS, verifying the peer's certificate against webpki roots plus `ca_file`, for the name
+    /// `name` (default: a static peer's host name; for DNS peers this relay's own hostname).
+    Verify {
+        /// Extra trust anchors (PEM), e.g. a private CA or the region's self-signed certificate.
+        ca_file: Option<PathBuf>,
+        /// The name the certificates must carry.
+        name: Option<String>,
+    },
+}
+
+/// Forwarded packets waiting per link; beyond this the oldest is dropped (and counted).
+const LINK_QUEUE: usize = 8192;
+/// No frame at all from a peer for this long (it sends KeepAlive every 60 s) ends the link.
+const READ_IDLE: Duration = Duration::from_secs(150);
+/// A write to a peer that makes no progress for this long ends the link (derper: 30 s for mesh).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Default)]
+struct LinkQueue {
+    packets: VecDeque<(PublicKey, PublicKey, Bytes)>,
+    pongs: Vec<[u8; 8]>,
+}
+
+/// One established link to a peer relay: the way packets for its clients go out.
+#[derive(Debug)]
+pub(crate) struct MeshLink {
+    pub(crate) id: u64,
+    queue: Mutex<LinkQueue>,
+    notify: Notify,
+}
+
+static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
+
+impl MeshLink {
+    fn new() -> Self {
+        MeshLink {
+            id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
+            queue: Mutex::new(LinkQueue::default()),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Queues a packet from local `src` to `dst` on the peer. Never blocks; drops the oldest when
+    /// the queue is full.
+    pub(crate) fn forward(&self, src: PublicKey, dst: PublicKey, packet: Bytes, shared: &Shared) {
+        let dropped = {
+            let mut q = self.queue.lock();
+            let dropped = q.packets.len() >= LINK_QUEUE && q.packets.pop_front().is_some();
+            q.packets.push_back((src, dst, packet));
+            dropped
+        };
+        if dropped {
+            shared.metrics.drop(DropReason::MeshQueue);
+        }
+        self.notify.notify_one();
+    }
+
+    fn pong(&self, data: [u8; 8]) {
+        self.queue.lock().pongs.push(data);
+        self.notify.notify_one();
+    }
+}
+
+/// A peer to keep a link to.
+#[derive(Debug, Clone)]
+struct Target {
+    /// What to connect to: `host:port` (resolved at each dial) or an address from DNS.
+    dial: String,
+    /// Host header and, unless configured otherwise, the TLS name.
+    host: String,
+    tls_name: Option<String>,
+}
+
+/// A checked mesh configuration, ready to start.
+pub(crate) struct Prepared {
+    targets: Vec<Target>,
+    dns: Option<(MeshDns, Option<String>)>,
+    mesh_key: [u8; 32],
+    connector: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("targets", &self.targets)
+            .field("dns", &self.dns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks everything that can be checked before start: a mesh key, peer addresses, the CA file.
+pub(crate) fn prepare(
+    cfg: MeshConfig,
+    mesh_key: Option<[u8; 32]>,
+    own_hostname: Option<&str>,
+) -> Result<Prepared, String> {
+    let Some(mesh_key) = mesh_key else {
+        return Err("mesh peers are configured but there is no mesh key: set [mesh] key_file (or --mesh-psk-file) to a file with 64 hex characters, the same on every relay of the region".into());
+    };
+    let (connector, name_override) = match &cfg.tls {
+        MeshTls::Plain => (None, None),
+        MeshTls::Verify { ca_file, name } => (Some(tls_connector(ca_file.as_ref())?), name.clone()),
+    };
+    let mut targets = Vec::new();
+    for p in &cfg.peers {
+        let (host, _port) = split_host_port(p)?;
+        targets.push(Target {
+            dial: p.clone(),
+            host: host.to_string(),
+            tls_name: name_override.clone().or_else(|| Some(host.to_string())),
+        });
+    }
+    let dns = cfg.dns.map(|d| {
+        let tls_name = name_override
+            .or_else(|| own_hostname.map(str::to_string))
+            .or_else(|| Some(d.name.clone()));
+        (d, tls_name)
+    });
+    Ok(Prepared {
+        targets,
+        dns,
+        mesh_key,
+        connector,
+    })
+}
+
+/// Starts the mesh: one task per static peer and, with DNS, a resolver task that starts and
+/// stops peer tasks as the records change. Everything stops when `cancel` fires.
+pub(crate) fn start(
+    p: Prepared,
+    shared: Arc<Shared>,
+    tracker: &tokio_util::task::TaskTracker,
+    cancel: CancellationToken,
+) {
+    let ctx = Arc::new(LinkCtx {
+        shared,
+        mesh_key: p.mesh_key,
+        connector: p.connector,
+    });
+    for target in p.targets {
+        tracker.spawn(peer_loop(target, Arc::clone(&ctx), cancel.clone()));
+    }
+    if let Some((dns, tls_name)) = p.dns {
+        tracker.spawn(dns_loop(
+            dns,
+            tls_name,
+            ctx,
+            tracker.clone(),
+            cancel.clone(),
+        ));
+    }
+}
+
+fn split_host_port(p: &str) -> Result<(&str, u16), String> {
+    let bad = || {
+        format!(
+            "mesh peer {p:?} is not host:port (e.g. derp1b.example.com:443 or [2001:db8::1]:443)"
+        )
+    };
+    let (host, port) = p.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host, port))
+}
+
+fn tls_connector(ca_file: Option<&PathBuf>) -> Result<tokio_rustls::TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("mesh ca_file {}: {e}", path.display()))?;
+        let mut n = 0;
+        for c in rustls_pemfile::certs(&mut &pem[..]) {
+            let c = c.map_err(|e| format!("mesh ca_file {}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("mesh ca_file {}: {e}", path.display()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(format!(
+                "mesh ca_file {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+struct LinkCtx {
+    shared: Arc<Shared>,
+    mesh_key: [u8; 32],
+    connector: Option<tokio_rustls::TlsConnector>,
+}
+
+/// Resolves the DNS name periodically; keeps one peer task per address.
+async fn dns_loop(
+    dns: MeshDns,
+    tls_name: Option<String>,
+    ctx: Arc<LinkCtx>,
+    tracker: tokio_util::task::TaskTracker,
+    cancel: CancellationToken,
+) {
+    let mut running: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    let mut tick = tokio::time::interval(dns.interval.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let addrs: HashSet<SocketAddr> =
+            match tokio::net::lookup_host((dns.name.as_str(), dns.port)).await {
+                Ok(a) => a.collect(),
+                Err(e) => {
+                    // Keep the links we have: a DNS hiccup is not a peer going away.
+                    warn!(name = %dns.name, "mesh DNS lookup failed: {e}; keeping current peers");
+                    continue;
+                }
+            };
+        running.retain(|addr, token| {
+            if addrs.contains(addr) {
+                return true;
+            }
+            info!(peer = %addr, "mesh peer left DNS; closing its link");
+            token.cancel();
+            false
+        });
+        for addr in addrs {
+            if running.contains_key(&addr) {
+                continue;
+            }
+            let token = cancel.child_token();
+            running.insert(addr, token.clone());
+            let target = Target {
+                dial: addr.to_string(),
+                host: tls_name.clone().unwrap_or_else(|| addr.ip().to_string()),
+                tls_name: tls_name.clone(),
+            };
+            tracker.spawn(peer_loop(target, Arc::clone(&ctx), token));
+        }
+    }
+}
+
+/// Keeps a link to one peer: connect, watch, forward; reconnect with backoff. Returns when
+/// cancelled, or when the peer turns out to be this relay.
+async fn peer_loop(target: Target, ctx: Arc<LinkCtx>, cancel: CancellationToken) {
+    let m = &ctx.shared.metrics;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        // run_link watches `cancel` itself, so its cleanup always runs.
+        let outcome = run_link(&target, &ctx, &cancel).await;
+        let wait = match outcome {
+            LinkEnd::SelfConnect => {
+                info!(peer = %target.dial, "mesh peer is this relay itself; skipping it");
+                // Stay "running" so a DNS loop does not start it again.
+                cancel.cancelled().await;
+                return;
+            }
+            LinkEnd::Cancelled => return,
+            LinkEnd::Failed(e) => {
+                m.mesh_connect_failures.increment(1);
+                warn!(peer = %target.dial, retry_in = ?backoff, "mesh link failed: {e}");
+                let w = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                w
+            }
+            LinkEnd::Lost(e, was_up_for) => {
+                warn!(peer = %target.dial, "mesh link lost: {e}; reconnecting");
+                if was_up_for > Duration::from_secs(10) {
+                    backoff = Duration::from_millis(500);
+                }
+                let w = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                w
+            }
+            LinkEnd::Restarting(after) => after.min(Duration::from_secs(30)),
+        };
+        let jitter = wait.mul_f64(rand::random::<f64>() * 0.2);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait + jitter) => {}
+        }
+    }
+}
+
+enum LinkEnd {
+    SelfConnect,
+    Cancelled,
+    /// Never got to the watch stage.
+    Failed(String),
+    /// Was up (for this long), then broke.
+    Lost(String, Duration),
+    /// The peer is restarting; come back after this.
+    Restarting(Duration),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<X: AsyncRead + AsyncWrite + Unpin + Send> Io for X {}
+
+async fn connect(target: &Target, ctx: &LinkCtx) -> Result<(Box<dyn Io>, BytesMut), String> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.dial.as_str()))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut io: Box<dyn Io> = match &ctx.connector {
+        None => Box::new(tcp),
+        Some(c) => {
+            let name = target
+                .tls_name
+                .clone()
+                .unwrap_or_else(|| target.host.clone());
+            let sn = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| format!("TLS name {name:?}: {e}"))?;
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, c.connect(sn, tcp))
+                .await
+                .map_err(|_| "TLS handshake timed out".to_string())?
+                .map_err(|e| format!("TLS with {name:?}: {e} (is the peer's certificate valid for that name? set [mesh] tls_name / ca_file)"))?;
+            Box::new(tls)
+        }
+    };
+    let req = format!(
+        "GET /derp HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nUser-Agent: ferry-relay/{} mesh\r\n\r\n",
+        target.host,
+        env!("CARGO_PKG_VERSION")
+    );
+    io.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    io.flush().await.map_err(|e| format!("write: {e}"))?;
+    // Read the response head; keep whatever DERP bytes came after it.
+    let mut buf = BytesMut::with_capacity(4096);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 << 10 {
+            return Err("HTTP response head too long: not a DERP server?".into());
+        }
+        let n = tokio::time::timeout(CONNECT_TIMEOUT, io.read_buf(&mut buf))
+            .await
+            .map_err(|_| "no HTTP response in time".to_string())?
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed before the HTTP response".into());
+        }
+    };
+    let head = buf.split_to(head_end);
+    let status = String::from_utf8_lossy(&head[..head.len().min(64)]).into_owned();
+    if !status.starts_with("HTTP/1.1 101") {
+        return Err(format!(
+            "upgrade refused: {}",
+            status.lines().next().unwrap_or("")
+        ));
+    }
+    Ok((io, buf))
+}
+
+/// Reads one frame, with the idle bound.
+async fn next_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    dec: &mut FrameDecoder,
+    idle: Duration,
+) -> Result<proto::RawFrame, String> {
+    loop {
+        if let Some(f) = dec.decode(buf).map_err(|e| e.to_string())? {
+            return Ok(f);
+        }
+        buf.reserve(dec.bytes_needed(buf).max(16 << 10));
+        let n = tokio::time::timeout(idle, r.read_buf(buf))
+            .await
+            .map_err(|_| format!("nothing from the peer for {idle:?}"))?
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("peer closed the connection".into());
+        }
+    }
+}
+
+type Halves = (
+    tokio::io::ReadHalf<Box<dyn Io>>,
+    tokio::io::WriteHalf<Box<dyn Io>>,
+    BytesMut,
+    FrameDecoder,
+    PublicKey,
+);
+
+/// Connects, upgrades and handshakes as a client with our own server key and the mesh key, then
+/// asks to watch connections.
+async fn establish(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkEnd> {
+    let shared = &ctx.shared;
+    let (io, mut buf) = connect(target, ctx).await.map_err(LinkEnd::Failed)?;
+    let (mut r, mut w) = tokio::io::split(io);
+    let mut dec = FrameDecoder::new();
+    let f = next_frame(&mut r, &mut buf, &mut dec, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| LinkEnd::Failed(format!("waiting for ServerKey: {e}")))?;
+    if f.frame_type != ft::SERVER_KEY {
+        return Err(LinkEnd::Failed(format!(
+            "first frame is type {:#04x}, not ServerKey: not a DERP server?",
+            f.frame_type
+        )));
+    }
+    let peer_key = proto::parse_server_key(&f.payload)
+        .map_err(|e| LinkEnd::Failed(format!("bad ServerKey: {e}")))?;
+    if peer_key == shared.public {
+        return Err(LinkEnd::SelfConnect);
+    }
+    let info = ClientInfo {
+        version: proto::PROTOCOL_VERSION,
+        mesh_key: Some(ctx.mesh_key),
+        can_ack_pings: true,
+        is_prober: false,
+    };
+    let payload = proto::client_info_payload(&shared.secret, &peer_key, &info);
+    let mut out = Vec::new();
+    proto::put_frame(&mut out, ft::CLIENT_INFO, &[&payload]);
+    proto::put_frame(&mut out, ft::WATCH_CONNS, &[]);
+    let sent = async {
+        w.write_all(&out).await?;
+        w.flush().await
+    };
+    sent.await
+        .map_err(|e| LinkEnd::Failed(format!("write: {e}")))?;
+    match next_frame(&mut r, &mut buf, &mut dec, CONNECT_TIMEOUT).await {
+        Ok(f) if f.frame_type == ft::SERVER_INFO => Ok((r, w, buf, dec, peer_key)),
+        Ok(f) => Err(LinkEnd::Failed(format!(
+            "expected ServerInfo, got frame type {:#04x}",
+            f.frame_type
+        ))),
+        Err(e) => Err(LinkEnd::Failed(format!(
+            "no ServerInfo: {e} (a peer closes the connection when the mesh key differs: check that every relay has the same mesh key)"
+        ))),
+    }
+}
+
+/// The keys learned over one link. Dropping it (however the link ends, even if its task is
+/// aborted) removes them from the registry, so nothing is forwarded into a dead link.
+struct Learned<'a> {
+    shared: &'a Shared,
+    link: Arc<MeshLink>,
+    keys: HashSet<PublicKey>,
+}
+
+impl Drop for Learned<'_> {
+    fn drop(&mut self) {
+        let m = &self.shared.metrics;
+        for key in &self.keys {
+            self.shared.registry.remove_remote(key, self.link.id);
+        }
+        m.mesh_remote_keys.decrement(self.keys.len() as f64);
+        m.mesh_links.decrement(1.0);
+        let dropped = std::mem::take(&mut self.link.queue.lock().packets).len();
+        for _ in 0..dropped {
+            m.drop(DropReason::MeshQueue);
+        }
+    }
+}
+
+async fn run_link(target: &Target, ctx: &Arc<LinkCtx>, cancel: &CancellationToken) -> LinkEnd {
+    let shared = &ctx.shared;
+    let (mut r, w, mut buf, mut dec, peer_key) = tokio::select! {
+        _ = cancel.cancelled() => return LinkEnd::Cancelled,
+        est = establish(target, ctx) => match est {
+            Ok(x) => x,
+            Err(end) => return end,
+        },
+    };
+    let m = &shared.metrics;
+    m.mesh_links.increment(1.0);
+    let mut learned = Learned {
+        shared,
+        link: Arc::new(MeshLink::new()),
+        keys: HashSet::new(),
+    };
+    let link = Arc::clone(&learned.link);
+    let up_since = tokio::time::Instant::now();
+    info!(peer = %target.dial, peer_key = %peer_key.short(), "mesh link up");
+    let link_cancel = cancel.child_token();
+    let _stop_writer = link_cancel.clone().drop_guard();
+    tokio::spawn(link_writer(w, Arc::clone(&link), link_cancel.clone()));
+    let end = loop {
+        let f = tokio::select! {
+            _ = link_cancel.cancelled() => break if cancel.is_cancelled() {
+                LinkEnd::Cancelled
+            } else {
+                LinkEnd::Lost("write failed or timed out".into(), up_since.elapsed())
+            },
+            f = next_frame(&mut r, &mut buf, &mut dec, READ_IDLE) => f,
+        };
+        let f = match f.and_then(|f| ServerFrame::parse(f).map_err(|e| e.to_string())) {
+            Ok(f) => f,
+            Err(e) => break LinkEnd::Lost(e, up_since.elapsed()),
+        };
+        match f {
+            ServerFrame::PeerPresent { key, .. } => {
+                if key != shared.public && learned.keys.insert(key) {
+                    shared.registry.add_remote(key, Arc::clone(&link));
+                    m.mesh_remote_keys.increment(1.0);
+                }
+            }
+            ServerFrame::PeerGone { key, .. } => {
+                if learned.keys.remove(&key) {
+                    shared.registry.remove_remote(&key, link.id);
+                    m.mesh_remote_keys.decrement(1.0);
+                }
+            }
+            ServerFrame::Ping(d) => link.pong(d),
+            ServerFrame::Restarting {
+                reconnect_in_ms, ..
+            } => {
+                break LinkEnd::Restarting(Duration::from_millis(reconnect_in_ms.into()));
+            }
+            ServerFrame::RecvPacket { .. } => {
+                // Nobody sends to a relay's own key; nothing to deliver it to.
+                m.drop(DropReason::UnknownDest);
+            }
+            ServerFrame::KeepAlive
+            | ServerFrame::Pong(_)
+            | ServerFrame::Health(_)
+            | ServerFrame::Other(_) => {}
+        }
+    };
+    debug!(peer = %target.dial, keys = learned.keys.len(), "mesh link down; its keys dropped");
+    drop(learned);
+    end
+}
+
+/// Sends queued ForwardPackets (and pongs) to the peer, one flush per batch.
+async fn link_writer<W: AsyncWrite + Unpin>(
+    mut w: W,
+    link: Arc<MeshLink>,
+    cancel: CancellationToken,
+) {
+    let mut batch = LinkQueue::default();
+    let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = link.notify.notified() => {}
+        }
+        {
+            let mut q = link.queue.lock();
+            std::mem::swap(&mut *q, &mut batch);
+        }
+        for d in batch.pongs.drain(..) {
+            proto::put_frame(&mut out, ft::PONG, &[&d]);
+        }
+        for (src, dst, p) in batch.packets.drain(..) {
+            proto::put_forward_packet(&mut out, &src, &dst, &p);
+        }
+        if out.is_empty() {
+            continue;
+        }
+        let res = tokio::time::timeout(WRITE_TIMEOUT, async {
+            w.write_all(&out).await?;
+            w.flush().await
+        })
+        .await;
+        if !matches!(res, Ok(Ok(()))) {
+            cancel.cancel();
+            return;
+        }
+        out.clear();
+        if out.capacity() > 1 << 20 {
+            out = Vec::with_capacity(64 << 10);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addresses_parse_or_say_what_is_wrong() {
+        assert_eq!(
+            split_host_port("a.example:443").unwrap(),
+            ("a.example", 443)
+        );
+        assert_eq!(
+            split_host_port("[2001:db8::1]:8443").unwrap(),
+            ("2001:db8::1", 8443)
+        );
+        for bad in ["a.example", "a.example:https", ":443", "a:70000"] {
+            let e = split_host_port(bad).unwrap_err();
+            assert!(e.contains("host:port"), "{bad}: {e}");
+        }
+    }
+}

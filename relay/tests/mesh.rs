@@ -1,0 +1,363 @@
+//! Mesh: relays of one region forward to each other (ferry with ferry, and ferry with
+//! Tailscale's own `derper`), over TLS with certificate verification, and forget a dead peer's
+//! clients at once.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{eventually, read_head, require, upgrade, BoxIo, RawClient, Relay, T};
+use ferry_relay::proto::{ClientInfo, PublicKey, SecretKey, ServerFrame};
+use ferry_relay::server::{Config, MeshConfig, MeshDns, MeshTls, Server, TlsConfig};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One certificate for "localhost" that every relay of the test region serves and trusts.
+struct RegionCert {
+    dir: tempfile::TempDir,
+    der: Vec<u8>,
+}
+
+impl RegionCert {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyCertSign,
+        ];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        // derper's manual mode wants <certdir>/<hostname>.crt and .key.
+        std::fs::write(dir.path().join("localhost.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("localhost.key"), key.serialize_pem()).unwrap();
+        RegionCert {
+            der: cert.der().to_vec(),
+            dir,
+        }
+    }
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("localhost.crt")
+    }
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("localhost.key")
+    }
+}
+
+const MESH_KEY: [u8; 32] = [7; 32];
+
+async fn meshed_relay(rc: &RegionCert, port: u16, peers: Vec<String>) -> Relay {
+    meshed_relay_dns(rc, port, peers, None).await
+}
+
+async fn meshed_relay_dns(
+    rc: &RegionCert,
+    port: u16,
+    peers: Vec<String>,
+    dns: Option<MeshDns>,
+) -> Relay {
+    let cfg = Config {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        tls: Some(TlsConfig::Manual {
+            cert_path: rc.cert(),
+            key_path: rc.key(),
+        }),
+        mesh_key: Some(MESH_KEY),
+        mesh: Some(MeshConfig {
+            peers,
+            dns,
+            tls: MeshTls::Verify {
+                ca_file: Some(rc.cert()),
+                name: None,
+            },
+        }),
+        hostname: Some("localhost".into()),
+        ..Config::dev_loopback()
+    };
+    Relay {
+        server: Server::spawn(cfg).await.unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+        root: Some(rc.der.clone()),
+    }
+}
+
+async fn connect_with(relay: &Relay, secret: SecretKey) -> RawClient {
+    RawClient::handshake_with(upgrade(relay).await, secret).await
+}
+
+/// The next packet, skipping PeerGone/PeerPresent notes.
+async fn recv_packet(c: &mut RawClient) -> (PublicKey, Vec<u8>) {
+    loop {
+        match c.next().await.expect("connection open") {
+            ServerFrame::RecvPacket { src, packet } => return (src, packet.to_vec()),
+            ServerFrame::PeerGone { .. } | ServerFrame::PeerPresent { .. } => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_meshed_relays_deliver_across_and_forget_a_dead_peers_clients() {
+    let rc = RegionCert::new();
+    let ports = [free_port(), free_port(), free_port()];
+    // Every relay gets the full list, itself included: it must recognise and skip itself.
+    let all: Vec<String> = ports.iter().map(|p| format!("localhost:{p}")).collect();
+    let mut relays = Vec::new();
+    for p in ports {
+        relays.push(meshed_relay(&rc, p, all.clone()).await);
+    }
+    let mut clients = Vec::new();
+    for r in &relays {
+        clients.push(RawClient::connect(r).await);
+    }
+    let keys: Vec<PublicKey> = clients.iter().map(|c| c.key()).collect();
+    // Each relay learns the clients of the other two through its mesh links.
+    for (i, r) in relays.iter().enumerate() {
+        for (j, k) in keys.iter().enumerate() {
+            if i != j {
+                eventually("mesh learns the peer's client", || r.server.mesh_knows(k)).await;
+            }
+        }
+        assert!(
+            !r.server.mesh_knows(&keys[i]),
+            "a local client is not remote"
+        );
+    }
+    // Every ordered pair exchanges a packet, with the sender's key as the source.
+    for i in 0..3 {
+        for j in 0..3 {
+            if i == j {
+                continue;
+            }
+            let msg = format!("{i}->{j}").into_bytes();
+            clients[i].send(keys[j], &msg).await;
+            let got = recv_packet(&mut clients[j]).await;
+            assert_eq!(got, (keys[i], msg));
+        }
+    }
+    for r in &relays {
+        assert!(
+            r.server
+                .metrics()
+                .sample("ferry_relay_mesh_forwarded_packets_total", "")
+                >= 2.0
+        );
+        assert_eq!(r.server.metrics().sample("ferry_relay_mesh_links", ""), 2.0);
+    }
+
+    // Relay 2 dies: the others drop its client's key at once (no forwarding into the void).
+    let dead = relays.pop().unwrap();
+    let c2_secret = clients.pop().unwrap().secret;
+    dead.server.shutdown().await;
+    for r in &relays {
+        eventually("dead peer's client forgotten", || {
+            !r.server.mesh_knows(&keys[2])
+        })
+        .await;
+    }
+    let before = relays[0].server.metrics().sample(
+        "ferry_relay_packets_dropped_total",
+        "reason=\"unknown_dest\"",
+    );
+    clients[0].send(keys[2], b"into the void?").await;
+    eventually("counted as unknown destination, not forwarded", || {
+        relays[0].server.metrics().sample(
+            "ferry_relay_packets_dropped_total",
+            "reason=\"unknown_dest\"",
+        ) > before
+    })
+    .await;
+
+    // The client comes back on relay 1: traffic resumes through the mesh, and the first packet
+    // it sees is the new one (the one sent while it was away was dropped, not held or misrouted).
+    let mut back = connect_with(&relays[1], c2_secret).await;
+    eventually("mesh learns the returning client", || {
+        relays[0].server.mesh_knows(&keys[2])
+    })
+    .await;
+    clients[0].send(keys[2], b"welcome back").await;
+    assert_eq!(
+        recv_packet(&mut back).await,
+        (keys[0], b"welcome back".to_vec())
+    );
+}
+
+/// Peers from DNS: "localhost" on relay A's port leads B to A. (A mesh link forwards one way,
+/// from the relay that dialled; a real region gives every relay the same name and port, so each
+/// dials all the others. Loopback relays need distinct ports, so this checks the one direction.)
+/// TLS for DNS peers is checked against this relay's own hostname. A relay whose DNS name leads
+/// to itself skips it and keeps no link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_discovered_peers_mesh_and_self_is_skipped() {
+    let rc = RegionCert::new();
+    let a = meshed_relay(&rc, free_port(), vec![]).await;
+    let dns = |port| MeshDns {
+        name: "localhost".into(),
+        port,
+        interval: Duration::from_secs(1),
+    };
+    let b = meshed_relay_dns(&rc, free_port(), vec![], Some(dns(a.addr().port()))).await;
+    let mut on_a = RawClient::connect(&a).await;
+    let mut on_b = RawClient::connect(&b).await;
+    eventually("b finds a through DNS", || b.server.mesh_knows(&on_a.key())).await;
+    on_b.send(on_a.key(), b"via dns").await;
+    assert_eq!(
+        recv_packet(&mut on_a).await,
+        (on_b.key(), b"via dns".to_vec())
+    );
+    assert_eq!(b.server.metrics().sample("ferry_relay_mesh_links", ""), 1.0);
+
+    let c_port = free_port();
+    let c = meshed_relay_dns(&rc, c_port, vec![], Some(dns(c_port))).await;
+    // c dials its own address, sees its own server key in the ServerKey frame and hangs up
+    // before ClientInfo (counted by c's server side as a handshake cut short); no link stays.
+    eventually("c dialled itself and hung up", || {
+        c.server
+            .metrics()
+            .sample("ferry_relay_handshake_failures_total", "reason=\"io\"")
+            >= 1.0
+    })
+    .await;
+    assert_eq!(c.server.metrics().sample("ferry_relay_mesh_links", ""), 0.0);
+    assert_eq!(c.server.client_count(), 0);
+}
+
+struct Derper {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Derper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_derper(
+    bin: &Path,
+    port: u16,
+    rc: &RegionCert,
+    key_file: &Path,
+    mesh_with: &str,
+) -> Derper {
+    let child = Command::new(bin)
+        .args(["-a", &format!("127.0.0.1:{port}"), "-hostname", "localhost"])
+        .args(["-certmode", "manual", "-certdir"])
+        .arg(rc.dir.path())
+        .args(["-http-port", "-1", "-stun=false", "-mesh-psk-file"])
+        .arg(key_file)
+        .args(["-mesh-with", mesh_with])
+        // derper dials ferry over TLS and must trust the region's certificate.
+        .env("SSL_CERT_FILE", rc.cert())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "derper never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Derper { child, port }
+}
+
+/// A raw DERP client on derper (TLS, upgrade, handshake).
+async fn derper_client(d: &Derper, rc: &RegionCert) -> RawClient {
+    let tcp = TcpStream::connect(("127.0.0.1", d.port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut io: BoxIo = Box::new(
+        common::client_tls(&rc.der)
+            .connect(name, tcp)
+            .await
+            .unwrap(),
+    );
+    io.write_all(
+        b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut io).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    RawClient::handshake(
+        io,
+        ClientInfo {
+            version: 2,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_and_tailscale_derper_in_one_mesh_exchange_packets() {
+    let Some(bin) = require("derper", "scripts/test-deps.sh") else {
+        return;
+    };
+    let rc = RegionCert::new();
+    let key_file = rc.dir.path().join("mesh.key");
+    std::fs::write(&key_file, format!("{}\n", hex::encode(MESH_KEY))).unwrap();
+    // ferry first (its link retries within a second), so derper's first dial finds it up
+    // (derper waits 5 s between attempts).
+    let (ferry_port, derper_port) = (free_port(), free_port());
+    let ferry = meshed_relay(&rc, ferry_port, vec![format!("localhost:{derper_port}")]).await;
+    let derper = start_derper(
+        &bin,
+        derper_port,
+        &rc,
+        &key_file,
+        &format!("localhost:{ferry_port}"),
+    );
+
+    let mut on_ferry = RawClient::connect(&ferry).await;
+    let mut on_derper = derper_client(&derper, &rc).await;
+    // ferry learns derper's client through its WatchConns link.
+    eventually("ferry learns derper's client", || {
+        ferry.server.mesh_knows(&on_derper.key())
+    })
+    .await;
+    on_ferry.send(on_derper.key(), b"ferry -> derper").await;
+    assert_eq!(
+        recv_packet(&mut on_derper).await,
+        (on_ferry.key(), b"ferry -> derper".to_vec())
+    );
+    // derper learns ferry's client through its own link to ferry (derper retries every 5 s);
+    // its table cannot be read, so probe until one packet gets through, then check it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "derper never forwarded to ferry"
+        );
+        on_derper.send(on_ferry.key(), b"derper -> ferry").await;
+        if let Ok(got) =
+            tokio::time::timeout(Duration::from_millis(250), recv_packet(&mut on_ferry)).await
+        {
+            break got;
+        }
+    };
+    assert_eq!(got, (on_derper.key(), b"derper -> ferry".to_vec()));
+    // derper's link to ferry is a mesh client of ferry's: it watched and got ForwardPackets in.
+    assert!(
+        ferry
+            .server
+            .metrics()
+            .sample("ferry_relay_packets_forwarded_total", "")
+            >= 1.0
+    );
+}
