@@ -174,7 +174,7 @@ EOF
 
 # Every metric the Grafana dashboard queries must exist in the relay's or STUN server's source.
 log "dashboard metrics exist in relay/src and stun/src"
-for m in $(grep -o 'ferry_[a-z_]*' "$CHART/files/dashboard.json" | sed 's/_bucket$//' | sort -u); do
+for m in $(grep -o 'ferry_[a-z_]*' "$CHART/files/dashboard.json" | sed -E 's/_(bucket|sum|count)$//' | sort -u); do
     grep -rqw "$m" relay/src stun/src || fail "dashboard queries $m, which neither relay/src nor stun/src defines"
 done
 
