@@ -1,0 +1,820 @@
+//! End-to-end encryption between nodes: Noise IK keyed by the node keys, sans-IO.
+//!
+//! The pattern is `Noise_IK_25519_ChaChaPoly_BLAKE2s` (WireGuard's choice): the initiator knows
+//! the responder's node key in advance, and each side's static key is its node key (Curve25519,
+//! the same key the relay handshake uses), so a completed handshake proves both identities.
+//! Both messages carry fresh ephemeral keys, so transport keys are forward secret; a session is
+//! replaced by a new handshake after [`REKEY_AFTER`] (the old one still opens packets in flight
+//! for [`PREVIOUS_KEEP`]).
+//!
+//! Wire format (the bytes a relay, or later a UDP path, carries; none starts with the disco
+//! magic):
+//!
+//! | type | layout |
+//! |---|---|
+//! | `0x01` init | `sender_index: u32` ‖ Noise message 1 (payload: a timestamp, u64 ns) |
+//! | `0x02` response | `sender_index: u32` ‖ `receiver_index: u32` ‖ Noise message 2 |
+//! | `0x03` data | `receiver_index: u32` ‖ `counter: u64` ‖ ChaCha20-Poly1305 ciphertext |
+//!
+//! Transport messages use snow's stateless transport mode: the counter on the wire is the AEAD
+//! nonce, and a sliding window ([`ReplayWindow`], [`REPLAY_WINDOW`] packets) rejects repeats
+//! and packets too old, while allowing reordering within the window. The window only moves
+//! after a packet authenticated, so forged packets cannot push it. Replayed handshake
+//! initiations are rejected by their timestamp (it must grow per peer), as WireGuard does.
+//!
+//! Packets queued while a handshake is in flight are sent as soon as it completes, so the first
+//! packet is never lost to the handshake.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use ferry_relay::proto::{PublicKey, SecretKey};
+use snow::{HandshakeState, StatelessTransportState};
+
+/// The Noise protocol name.
+pub const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// Bound into every handshake: a different application or version never interoperates.
+const PROLOGUE: &[u8] = b"ferry e2e v1";
+/// Packets reordered by up to this many are still accepted.
+pub const REPLAY_WINDOW: u64 = 2048;
+/// Start a new handshake when the current session is this old (forward secrecy over time).
+pub const REKEY_AFTER: Duration = Duration::from_secs(120);
+/// Resend an unanswered initiation after this long.
+pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(5);
+/// Give up (drop queued packets) when a handshake has not completed after this long.
+pub const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(90);
+/// After a new session takes over, the old one still decrypts for this long.
+pub const PREVIOUS_KEEP: Duration = Duration::from_secs(180);
+/// Packets queued per peer while a handshake is in flight.
+pub const QUEUE_LIMIT: usize = 1024;
+/// Most bytes of plaintext per packet.
+pub const MAX_PLAINTEXT: usize = 65535 - 16 - HEADER_DATA;
+/// Sessions never use counters at or above this (far beyond any rekey).
+const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+
+const T_INIT: u8 = 0x01;
+const T_RESP: u8 = 0x02;
+const T_DATA: u8 = 0x03;
+const HEADER_DATA: usize = 1 + 4 + 8;
+
+/// Whether a packet is an E2E packet (by its type byte).
+pub fn is_e2e(packet: &[u8]) -> bool {
+    matches!(packet.first(), Some(&(T_INIT | T_RESP | T_DATA)))
+}
+
+/// Why a packet was rejected. None of these should end a connection: drop the packet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum E2eError {
+    /// Too short, or an unknown type.
+    #[error("malformed E2E packet: {0}")]
+    Malformed(&'static str),
+    /// The handshake did not verify (tampered, or sealed for another key).
+    #[error("handshake from {0} failed to verify (tampered, or not for this node's key)")]
+    Handshake(String),
+    /// The Noise static key inside the handshake is not the sender's node key.
+    #[error("handshake claims node key {claimed} but arrived from {from}")]
+    WrongPeerKey {
+        /// Key proven by Noise.
+        claimed: String,
+        /// Key the transport (relay) says it came from.
+        from: String,
+    },
+    /// An old handshake initiation was replayed.
+    #[error("replayed handshake initiation from {0}")]
+    ReplayedHandshake(String),
+    /// No session with this index (expired, or never existed).
+    #[error("no session for index {0:#010x}")]
+    UnknownSession(u32),
+    /// A session's packet arrived from another node.
+    #[error("packet for a session with {expected} arrived from {from}")]
+    WrongSender {
+        /// The session's peer.
+        expected: String,
+        /// The claimed sender.
+        from: String,
+    },
+    /// Decryption failed (tampered or forged).
+    #[error("packet failed authentication (tampered or forged)")]
+    Decrypt,
+    /// Counter seen before, or older than the window.
+    #[error("replayed or too old packet (counter {0})")]
+    Replay(u64),
+    /// Plaintext too big.
+    #[error("plaintext of {0} bytes is over the {MAX_PLAINTEXT}-byte limit")]
+    TooBig(usize),
+    /// Too many packets waiting for the handshake.
+    #[error("{QUEUE_LIMIT} packets already wait for the handshake with this peer")]
+    QueueFull,
+}
+
+/// Sliding-window replay protection over 64-bit counters (RFC 6479 style bitmap).
+#[derive(Debug, Clone)]
+pub struct ReplayWindow {
+    /// One past the highest counter accepted (0: none yet).
+    next: u64,
+    bits: Vec<u64>,
+}
+
+impl Default for ReplayWindow {
+    fn default() -> Self {
+        ReplayWindow {
+            next: 0,
+            bits: vec![0; (REPLAY_WINDOW / 64) as usize],
+        }
+    }
+}
+
+impl ReplayWindow {
+    fn bit(&self, n: u64) -> (usize, u64) {
+        let i = n % REPLAY_WINDOW;
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
+
+    /// Whether `n` would be accepted (not seen, not too old). Does not change the window.
+    pub fn check(&self, n: u64) -> bool {
+        if n >= self.next {
+            return true;
+        }
+        if self.next - n > REPLAY_WINDOW {
+            return false;
+        }
+        let (w, m) = self.bit(n);
+        self.bits[w] & m == 0
+    }
+
+    /// Records `n` as seen (call only after the packet authenticated).
+    pub fn mark(&mut self, n: u64) {
+        if n >= self.next {
+            let advance = n - self.next + 1;
+            if advance >= REPLAY_WINDOW {
+                self.bits.iter_mut().for_each(|b| *b = 0);
+            } else {
+                for k in self.next..=n {
+                    let (w, m) = self.bit(k);
+                    self.bits[w] &= !m;
+                }
+            }
+            self.next = n + 1;
+        }
+        let (w, m) = self.bit(n);
+        self.bits[w] |= m;
+    }
+}
+
+struct Session {
+    local_index: u32,
+    remote_index: u32,
+    transport: StatelessTransportState,
+    send_counter: u64,
+    replay: ReplayWindow,
+    created: Instant,
+}
+
+struct Pending {
+    index: u32,
+    hs: HandshakeState,
+    sent: Instant,
+    first_sent: Instant,
+}
+
+#[derive(Default)]
+struct Peer {
+    current: Option<Session>,
+    /// The session the current one replaced, and when it was replaced.
+    previous: Option<(Session, Instant)>,
+    pending: Option<Pending>,
+    queue: VecDeque<Vec<u8>>,
+    /// Highest handshake timestamp accepted from this peer.
+    last_init_ts: u64,
+}
+
+/// What [`Sessions::open`] produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Opened {
+    /// Packets to send back to the peer (a handshake response, queued data).
+    pub replies: Vec<Vec<u8>>,
+    /// Decrypted application plaintext, if the packet carried some.
+    pub plaintext: Option<Vec<u8>>,
+}
+
+/// The E2E state of one node towards all its peers. Sans-IO: bytes in, bytes out.
+pub struct Sessions {
+    local: SecretKey,
+    local_pub: PublicKey,
+    peers: HashMap<PublicKey, Peer>,
+    /// Local session index → peer.
+    index: HashMap<u32, PublicKey>,
+    last_ts: u64,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("local", &self.local_pub)
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn hs_error(peer: &PublicKey) -> E2eError {
+    E2eError::Handshake(peer.short())
+}
+
+impl Sessions {
+    /// E2E state for the node with this key.
+    pub fn new(local: SecretKey) -> Sessions {
+        let local_pub = local.public();
+        Sessions {
+            local,
+            local_pub,
+            peers: HashMap::new(),
+            index: HashMap::new(),
+            last_ts: 0,
+        }
+    }
+
+    /// Whether a session with `peer` is established.
+    pub fn has_session(&self, peer: &PublicKey) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.current.is_some())
+    }
+
+    fn new_index(&mut self, peer: PublicKey) -> u32 {
+        loop {
+            let i: u32 = rand::random();
+            if i != 0 && !self.index.contains_key(&i) {
+                self.index.insert(i, peer);
+                return i;
+            }
+        }
+    }
+
+    fn timestamp(&mut self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        self.last_ts = now.max(self.last_ts + 1);
+        self.last_ts
+    }
+
+    fn builder(&self) -> snow::Builder<'static> {
+        snow::Builder::new(NOISE_PARAMS.parse().expect("valid Noise params"))
+    }
+
+    /// Starts (or restarts) a handshake with `peer`: returns the initiation packet.
+    fn initiate(&mut self, peer: PublicKey, now: Instant) -> Vec<u8> {
+        let local = self.local.to_bytes();
+        let mut hs = self
+            .builder()
+            .local_private_key(&local)
+            .and_then(|b| b.remote_public_key(peer.as_bytes()))
+            .and_then(|b| b.prologue(PROLOGUE))
+            .and_then(|b| b.build_initiator())
+            .expect("static Noise setup");
+        let ts = self.timestamp();
+        let index = self.new_index(peer);
+        let mut out = vec![0u8; 1 + 4 + 256];
+        out[0] = T_INIT;
+        out[1..5].copy_from_slice(&index.to_be_bytes());
+        let n = hs
+            .write_message(&ts.to_be_bytes(), &mut out[5..])
+            .expect("handshake message fits");
+        out.truncate(5 + n);
+        let p = self.peers.entry(peer).or_default();
+        let first_sent = match p.pending.take() {
+            Some(old) => {
+                self.index.remove(&old.index);
+                old.first_sent
+            }
+            None => now,
+        };
+        p.pending = Some(Pending {
+            index,
+            hs,
+            sent: now,
+            first_sent,
+        });
+        out
+    }
+
+    /// Encrypts `plaintext` for `peer`. Returns the packets to send now: a data packet, or (while
+    /// no session exists) a handshake initiation, with the plaintext queued until it completes.
+    pub fn seal(
+        &mut self,
+        peer: &PublicKey,
+        plaintext: &[u8],
+        now: Instant,
+    ) -> Result<Vec<Vec<u8>>, E2eError> {
+        if plaintext.len() > MAX_PLAINTEXT {
+            return Err(E2eError::TooBig(plaintext.len()));
+        }
+        let p = self.peers.entry(*peer).or_default();
+        let mut out = Vec::new();
+        match p.current.as_mut() {
+            Some(s) if s.send_counter < REJECT_AFTER_MESSAGES => {
+                out.push(seal_data(s, plaintext));
+                let rekey = s.created + REKEY_AFTER <= now && p.pending.is_none();
+                if rekey {
+                    out.push(self.initiate(*peer, now));
+                }
+            }
+            _ => {
+                if p.queue.len() >= QUEUE_LIMIT {
+                    return Err(E2eError::QueueFull);
+                }
+                p.queue.push_back(plaintext.to_vec());
+                let start = p
+                    .pending
+                    .as_ref()
+                    .is_none_or(|pd| pd.sent + HANDSHAKE_RETRY <= now);
+                if start {
+                    out.push(self.initiate(*peer, now));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Retransmits and expiry. Call about once a second; returns packets to send.
+    pub fn poll(&mut self, now: Instant) -> Vec<(PublicKey, Vec<u8>)> {
+        let mut retry = Vec::new();
+        let mut dead_indexes = Vec::new();
+        for (key, p) in self.peers.iter_mut() {
+            if let Some((old, since)) = &p.previous {
+                if *since + PREVIOUS_KEEP <= now {
+                    dead_indexes.push(old.local_index);
+                    p.previous = None;
+                }
+            }
+            let Some(pd) = &p.pending else { continue };
+            if pd.first_sent + HANDSHAKE_GIVE_UP <= now {
+                dead_indexes.push(pd.index);
+                p.pending = None;
+                p.queue.clear();
+            } else if pd.sent + HANDSHAKE_RETRY <= now
+                && (p.current.is_none() || !p.queue.is_empty())
+            {
+                retry.push(*key);
+            }
+        }
+        for i in dead_indexes {
+            self.index.remove(&i);
+        }
+        retry
+            .into_iter()
+            .map(|k| {
+                let pkt = self.initiate(k, now);
+                (k, pkt)
+            })
+            .collect()
+    }
+
+    /// Handles a packet from `src` (the key the transport authenticated: the relay's RecvPacket
+    /// source, or the peer of a direct path).
+    pub fn open(
+        &mut self,
+        src: &PublicKey,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<Opened, E2eError> {
+        match packet.first() {
+            Some(&T_INIT) => self.on_init(src, packet, now),
+            Some(&T_RESP) => self.on_resp(src, packet, now),
+            Some(&T_DATA) => self.on_data(src, packet, now),
+            Some(_) => Err(E2eError::Malformed("unknown type")),
+            None => Err(E2eError::Malformed("empty")),
+        }
+    }
+
+    fn on_init(&mut self, src: &PublicKey, pkt: &[u8], now: Instant) -> Result<Opened, E2eError> {
+        if pkt.len() < 5 + 32 + 48 + 24 {
+            return Err(E2eError::Malformed("short initiation"));
+        }
+        let remote_index = u32::from_be_bytes(pkt[1..5].try_into().expect("len"));
+        let local = self.local.to_bytes();
+        let mut hs = self
+            .builder()
+            .local_private_key(&local)
+            .and_then(|b| b.prologue(PROLOGUE))
+            .and_then(|b| b.build_responder())
+            .expect("static Noise setup");
+        let mut payload = [0u8; 64];
+        let n = hs
+            .read_message(&pkt[5..], &mut payload)
+            .map_err(|_| hs_error(src))?;
+        let claimed = hs
+            .get_remote_static()
+            .and_then(PublicKey::from_slice)
+            .ok_or_else(|| hs_error(src))?;
+        if claimed != *src {
+            return Err(E2eError::WrongPeerKey {
+                claimed: claimed.short(),
+                from: src.short(),
+            });
+        }
+        if n != 8 {
+            return Err(hs_error(src));
+        }
+        let ts = u64::from_be_bytes(payload[..8].try_into().expect("len"));
+        let p = self.peers.entry(*src).or_default();
+        if ts <= p.last_init_ts {
+            return Err(E2eError::ReplayedHandshake(src.short()));
+        }
+        // Both sides initiated at once: the smaller key's initiation wins; the other side
+        // answers it and drops its own.
+        if p.pending.is_some() && self.local_pub.0 < src.0 {
+            return Ok(Opened::default());
+        }
+        p.last_init_ts = ts;
+        if let Some(pd) = p.pending.take() {
+            self.index.remove(&pd.index);
+        }
+        let local_index = self.new_index(*src);
+        let mut out = vec![0u8; 1 + 8 + 128];
+        out[0] = T_RESP;
+        out[1..5].copy_from_slice(&local_index.to_be_bytes());
+        out[5..9].copy_from_slice(&remote_index.to_be_bytes());
+        let m = hs
+            .write_message(&[], &mut out[9..])
+            .map_err(|_| hs_error(src))?;
+        out.truncate(9 + m);
+        let transport = hs
+            .into_stateless_transport_mode()
+            .map_err(|_| hs_error(src))?;
+        let session = Session {
+            local_index,
+            remote_index,
+            transport,
+            send_counter: 0,
+            replay: ReplayWindow::default(),
+            created: now,
+        };
+        let mut replies = vec![out];
+        replies.extend(self.install(*src, session, now));
+        Ok(Opened {
+            replies,
+            plaintext: None,
+        })
+    }
+
+    fn on_resp(&mut self, src: &PublicKey, pkt: &[u8], now: Instant) -> Result<Opened, E2eError> {
+        if pkt.len() < 9 + 32 + 16 {
+            return Err(E2eError::Malformed("short response"));
+        }
+        let remote_index = u32::from_be_bytes(pkt[1..5].try_into().expect("len"));
+        let local_index = u32::from_be_bytes(pkt[5..9].try_into().expect("len"));
+        let peer = *self
+            .index
+            .get(&local_index)
+            .ok_or(E2eError::UnknownSession(local_index))?;
+        if peer != *src {
+            return Err(E2eError::WrongSender {
+                expected: peer.short(),
+                from: src.short(),
+            });
+        }
+        let p = self.peers.get_mut(&peer).expect("indexed peer exists");
+        let Some(pd) = p.pending.as_mut().filter(|pd| pd.index == local_index) else {
+            return Err(E2eError::UnknownSession(local_index));
+        };
+        let mut payload = [0u8; 64];
+        pd.hs
+            .read_message(&pkt[9..], &mut payload)
+            .map_err(|_| hs_error(src))?;
+        let pd = p.pending.take().expect("checked");
+        let transport = pd
+            .hs
+            .into_stateless_transport_mode()
+            .map_err(|_| hs_error(src))?;
+        let session = Session {
+            local_index,
+            remote_index,
+            transport,
+            send_counter: 0,
+            replay: ReplayWindow::default(),
+            created: now,
+        };
+        Ok(Opened {
+            replies: self.install(peer, session, now),
+            plaintext: None,
+        })
+    }
+
+    /// Makes `s` the current session and flushes the queue through it.
+    fn install(&mut self, peer: PublicKey, s: Session, now: Instant) -> Vec<Vec<u8>> {
+        let p = self.peers.get_mut(&peer).expect("peer exists");
+        if let Some(old) = p.current.take() {
+            if let Some((older, _)) = p.previous.replace((old, now)) {
+                self.index.remove(&older.local_index);
+            }
+        }
+        let s = p.current.insert(s);
+        p.queue.drain(..).map(|pt| seal_data(s, &pt)).collect()
+    }
+
+    fn on_data(&mut self, src: &PublicKey, pkt: &[u8], _now: Instant) -> Result<Opened, E2eError> {
+        if pkt.len() < HEADER_DATA + 16 {
+            return Err(E2eError::Malformed("short data packet"));
+        }
+        let local_index = u32::from_be_bytes(pkt[1..5].try_into().expect("len"));
+        let counter = u64::from_be_bytes(pkt[5..13].try_into().expect("len"));
+        let peer = *self
+            .index
+            .get(&local_index)
+            .ok_or(E2eError::UnknownSession(local_index))?;
+        if peer != *src {
+            return Err(E2eError::WrongSender {
+                expected: peer.short(),
+                from: src.short(),
+            });
+        }
+        let p = self.peers.get_mut(&peer).expect("indexed peer exists");
+        let s = match (&mut p.current, &mut p.previous) {
+            (Some(c), _) if c.local_index == local_index => c,
+            (_, Some((o, _))) if o.local_index == local_index => o,
+            _ => return Err(E2eError::UnknownSession(local_index)),
+        };
+        if counter >= REJECT_AFTER_MESSAGES || !s.replay.check(counter) {
+            return Err(E2eError::Replay(counter));
+        }
+        let mut out = vec![0u8; pkt.len() - HEADER_DATA];
+        let n = s
+            .transport
+            .read_message(counter, &pkt[HEADER_DATA..], &mut out)
+            .map_err(|_| E2eError::Decrypt)?;
+        s.replay.mark(counter);
+        out.truncate(n);
+        Ok(Opened {
+            replies: Vec::new(),
+            plaintext: Some(out),
+        })
+    }
+}
+
+fn seal_data(s: &mut Session, plaintext: &[u8]) -> Vec<u8> {
+    let counter = s.send_counter;
+    s.send_counter += 1;
+    let mut out = vec![0u8; HEADER_DATA + plaintext.len() + 16];
+    out[0] = T_DATA;
+    out[1..5].copy_from_slice(&s.remote_index.to_be_bytes());
+    out[5..13].copy_from_slice(&counter.to_be_bytes());
+    let n = s
+        .transport
+        .write_message(counter, plaintext, &mut out[HEADER_DATA..])
+        .expect("buffer sized for the ciphertext");
+    out.truncate(HEADER_DATA + n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Pair {
+        a: Sessions,
+        b: Sessions,
+        ka: PublicKey,
+        kb: PublicKey,
+        now: Instant,
+    }
+
+    fn pair() -> Pair {
+        let (sa, sb) = (SecretKey::generate(), SecretKey::generate());
+        Pair {
+            ka: sa.public(),
+            kb: sb.public(),
+            a: Sessions::new(sa),
+            b: Sessions::new(sb),
+            now: Instant::now(),
+        }
+    }
+
+    /// Delivers packets back and forth until quiet; returns what each side decrypted.
+    fn pump(p: &mut Pair, mut to_b: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        let mut to_a: Vec<Vec<u8>> = Vec::new();
+        while !to_a.is_empty() || !to_b.is_empty() {
+            for pkt in std::mem::take(&mut to_b) {
+                let o = p.b.open(&p.ka, &pkt, p.now).unwrap();
+                to_a.extend(o.replies);
+                got_b.extend(o.plaintext);
+            }
+            for pkt in std::mem::take(&mut to_a) {
+                let o = p.a.open(&p.kb, &pkt, p.now).unwrap();
+                to_b.extend(o.replies);
+                got_a.extend(o.plaintext);
+            }
+        }
+        (got_a, got_b)
+    }
+
+    #[test]
+    fn handshake_then_data_both_ways_first_packet_kept() {
+        let mut p = pair();
+        let first = p.a.seal(&p.kb, b"hello", p.now).unwrap();
+        assert_eq!(first.len(), 1, "initiation only; data waits");
+        assert_eq!(first[0][0], T_INIT);
+        let more = p.a.seal(&p.kb, b"second", p.now).unwrap();
+        assert!(
+            more.is_empty(),
+            "no second initiation within the retry time"
+        );
+        let (_, got_b) = pump(&mut p, first);
+        assert_eq!(got_b, vec![b"hello".to_vec(), b"second".to_vec()]);
+        // Now B → A on the session B answered.
+        let back = p.b.seal(&p.ka, b"reply", p.now).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0][0], T_DATA);
+        let o = p.a.open(&p.kb, &back[0], p.now).unwrap();
+        assert_eq!(o.plaintext.as_deref(), Some(&b"reply"[..]));
+        // Ciphertext does not contain the plaintext.
+        let d = p.a.seal(&p.kb, b"secret-marker-123", p.now).unwrap();
+        assert!(!d[0].windows(17).any(|w| w == b"secret-marker-123"));
+    }
+
+    #[test]
+    fn tampered_packets_are_rejected() {
+        let mut p = pair();
+        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
+        pump(&mut p, first);
+        let d = p.a.seal(&p.kb, b"payload", p.now).unwrap().remove(0);
+        for i in [HEADER_DATA, d.len() - 1, 6] {
+            let mut t = d.clone();
+            t[i] ^= 0x40;
+            let e = p.b.open(&p.ka, &t, p.now).unwrap_err();
+            assert!(matches!(e, E2eError::Decrypt), "byte {i}: {e:?}");
+        }
+        // The untampered packet still opens: failed attempts did not move the window.
+        assert!(p.b.open(&p.ka, &d, p.now).unwrap().plaintext.is_some());
+        // A tampered initiation is rejected.
+        let mut q = pair();
+        let mut init = q.a.seal(&q.kb, b"x", q.now).unwrap().remove(0);
+        let last = init.len() - 1;
+        init[last] ^= 1;
+        assert!(matches!(
+            q.b.open(&q.ka, &init, q.now),
+            Err(E2eError::Handshake(_))
+        ));
+    }
+
+    #[test]
+    fn replays_are_rejected_reordering_within_window_accepted() {
+        let mut p = pair();
+        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
+        pump(&mut p, first);
+        let pkts: Vec<Vec<u8>> = (0..10)
+            .map(|i| p.a.seal(&p.kb, &[i], p.now).unwrap().remove(0))
+            .collect();
+        // Out of order is fine, each once.
+        for i in [3usize, 1, 2, 0, 9, 4, 8, 5, 7, 6] {
+            let o = p.b.open(&p.ka, &pkts[i], p.now).unwrap();
+            assert_eq!(o.plaintext, Some(vec![i as u8]));
+        }
+        for pkt in &pkts {
+            assert!(matches!(
+                p.b.open(&p.ka, pkt, p.now),
+                Err(E2eError::Replay(_))
+            ));
+        }
+        // Older than the window: rejected even if never seen.
+        let late = [p.a.seal(&p.kb, b"late", p.now).unwrap().remove(0)];
+        for _ in 0..REPLAY_WINDOW + 1 {
+            let pkt = p.a.seal(&p.kb, b"n", p.now).unwrap().remove(0);
+            p.b.open(&p.ka, &pkt, p.now).unwrap();
+        }
+        assert!(matches!(
+            p.b.open(&p.ka, &late[0], p.now),
+            Err(E2eError::Replay(_))
+        ));
+    }
+
+    #[test]
+    fn replayed_handshake_initiation_is_rejected() {
+        let mut p = pair();
+        let init = p.a.seal(&p.kb, b"x", p.now).unwrap().remove(0);
+        p.b.open(&p.ka, &init, p.now).unwrap();
+        assert!(matches!(
+            p.b.open(&p.ka, &init, p.now),
+            Err(E2eError::ReplayedHandshake(_))
+        ));
+    }
+
+    #[test]
+    fn wrong_keys_are_rejected() {
+        // A initiates to a key that is not B's: B cannot open it.
+        let mut p = pair();
+        let other = SecretKey::generate().public();
+        let init = p.a.seal(&other, b"x", p.now).unwrap().remove(0);
+        assert!(matches!(
+            p.b.open(&p.ka, &init, p.now),
+            Err(E2eError::Handshake(_))
+        ));
+        // A's initiation relayed with a forged source: the Noise static key gives it away.
+        let mut p = pair();
+        let init = p.a.seal(&p.kb, b"x", p.now).unwrap().remove(0);
+        let mallory = SecretKey::generate().public();
+        assert!(matches!(
+            p.b.open(&mallory, &init, p.now),
+            Err(E2eError::WrongPeerKey { .. })
+        ));
+        // A data packet of the A–B session presented as coming from someone else.
+        let mut p = pair();
+        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
+        pump(&mut p, first);
+        let d = p.a.seal(&p.kb, b"y", p.now).unwrap().remove(0);
+        assert!(matches!(
+            p.b.open(&mallory, &d, p.now),
+            Err(E2eError::WrongSender { .. })
+        ));
+        // A third node with its own session cannot decrypt A–B traffic.
+        let mut c = Sessions::new(SecretKey::generate());
+        assert!(c.open(&p.ka, &d, p.now).is_err());
+    }
+
+    #[test]
+    fn simultaneous_initiation_converges() {
+        let mut p = pair();
+        let ia = p.a.seal(&p.kb, b"from a", p.now).unwrap();
+        let ib = p.b.seal(&p.ka, b"from b", p.now).unwrap();
+        // Cross-deliver both initiations, then pump.
+        let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+        let ob = p.b.open(&p.ka, &ia[0], p.now).unwrap();
+        let oa = p.a.open(&p.kb, &ib[0], p.now).unwrap();
+        let (ga, gb) = pump(&mut p, oa.replies);
+        got_a.extend(ga);
+        got_b.extend(gb);
+        let mut to_a = ob.replies;
+        while !to_a.is_empty() {
+            let mut next = Vec::new();
+            for pkt in to_a {
+                let o = p.a.open(&p.kb, &pkt, p.now).unwrap();
+                got_a.extend(o.plaintext);
+                for r in o.replies {
+                    let o2 = p.b.open(&p.ka, &r, p.now).unwrap();
+                    got_b.extend(o2.plaintext);
+                    next.extend(o2.replies);
+                }
+            }
+            to_a = next;
+        }
+        assert_eq!(got_a, vec![b"from b".to_vec()]);
+        assert_eq!(got_b, vec![b"from a".to_vec()]);
+        // And traffic continues both ways.
+        let d = p.a.seal(&p.kb, b"more", p.now).unwrap();
+        let (_, gb) = pump(&mut p, d);
+        assert_eq!(gb, vec![b"more".to_vec()]);
+    }
+
+    #[test]
+    fn rekey_replaces_session_and_old_packets_still_open() {
+        let mut p = pair();
+        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
+        pump(&mut p, first);
+        let old = p.a.seal(&p.kb, b"in flight", p.now).unwrap().remove(0);
+        p.now += REKEY_AFTER;
+        let out = p.a.seal(&p.kb, b"trigger", p.now).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1][0], T_INIT, "rekey starts a handshake");
+        let (_, got_b) = pump(&mut p, out);
+        assert_eq!(got_b, vec![b"trigger".to_vec()]);
+        let fresh = p.a.seal(&p.kb, b"new", p.now).unwrap().remove(0);
+        assert_ne!(fresh[1..5], old[1..5], "a new session index");
+        assert!(p.b.open(&p.ka, &fresh, p.now).unwrap().plaintext.is_some());
+        assert!(p.b.open(&p.ka, &old, p.now).unwrap().plaintext.is_some());
+        // After PREVIOUS_KEEP the old session is gone.
+        p.now += PREVIOUS_KEEP;
+        p.b.poll(p.now);
+        let old2 = old.clone();
+        assert!(matches!(
+            p.b.open(&p.ka, &old2, p.now),
+            Err(E2eError::UnknownSession(_))
+        ));
+    }
+
+    #[test]
+    fn lost_initiation_is_retried_by_poll() {
+        let mut p = pair();
+        let _lost = p.a.seal(&p.kb, b"q", p.now).unwrap();
+        assert!(p.a.poll(p.now).is_empty());
+        p.now += HANDSHAKE_RETRY;
+        let retry = p.a.poll(p.now);
+        assert_eq!(retry.len(), 1);
+        let (_, got_b) = pump(&mut p, vec![retry[0].1.clone()]);
+        assert_eq!(got_b, vec![b"q".to_vec()]);
+    }
+
+    #[test]
+    fn replay_window_unit() {
+        let mut w = ReplayWindow::default();
+        assert!(w.check(0));
+        w.mark(0);
+        assert!(!w.check(0));
+        w.mark(5000);
+        assert!(!w.check(5000 - REPLAY_WINDOW - 1));
+        assert!(w.check(5000 - REPLAY_WINDOW + 1));
+        assert!(w.check(4999));
+        w.mark(4999);
+        assert!(!w.check(4999));
+        assert!(w.check(5001));
+    }
+}

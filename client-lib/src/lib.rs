@@ -1,0 +1,26 @@
+//! ferry's client library: reach other nodes by public key, end-to-end encrypted, through
+//! ferry (or any DERP v2) relays.
+//!
+//! * [`Endpoint`] — the application API: one node key, one relay map, one UDP socket;
+//!   `send(peer, bytes)` / `recv()`, with the current path per peer and path-change events.
+//! * [`relaymap`] — Tailscale's DERP map JSON.
+//! * [`relay`] — a DERP v2 client that stays connected (TLS, pins, WebSocket fallback,
+//!   reconnects, Restarting).
+//! * [`netcheck`] — STUN from the data socket: latencies, IPv4/IPv6, hard-NAT detection, home.
+//! * [`e2e`] — Noise IK sessions between nodes (sans-IO).
+//!
+//! The DERP protocol itself comes from `ferry_relay::proto`, the relay's own codec.
+
+pub mod e2e;
+pub mod endpoint;
+pub mod keys;
+pub mod netcheck;
+pub mod relay;
+pub mod relaymap;
+pub mod stun;
+pub mod tls;
+pub mod udp;
+
+pub use endpoint::{Endpoint, EndpointConfig, EndpointError, Path, PathEvent, PingReply};
+pub use ferry_relay::proto::{PublicKey, SecretKey};
+pub use relaymap::RelayMap;

@@ -1,0 +1,166 @@
+//! The node's UDP sockets (one IPv4, one IPv6 if the host has it) and the demultiplexer on
+//! them: STUN answers go to whoever waits for that transaction, everything else to the
+//! endpoint (disco and direct data, later). One socket carries data, disco and STUN, so STUN
+//! reports the NAT mapping of the very socket data uses.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::stun::{self, TxId};
+
+/// A STUN answer: the reflexive address, who answered, and when it arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct StunAnswer {
+    /// Our address as the server saw it.
+    pub mapped: SocketAddr,
+    /// The server.
+    pub from: SocketAddr,
+    /// Arrival time.
+    pub at: Instant,
+}
+
+/// Transactions waiting for an answer.
+#[derive(Debug, Default)]
+pub struct StunWaiters {
+    map: Mutex<HashMap<TxId, mpsc::Sender<StunAnswer>>>,
+}
+
+impl StunWaiters {
+    /// Registers `txid`; its answer goes to `tx`.
+    pub fn register(&self, txid: TxId, tx: mpsc::Sender<StunAnswer>) {
+        self.map.lock().expect("not poisoned").insert(txid, tx);
+    }
+
+    /// Forgets `txid`.
+    pub fn remove(&self, txid: &TxId) {
+        self.map.lock().expect("not poisoned").remove(txid);
+    }
+
+    /// Hands a STUN datagram to its waiter. Returns false if nobody waits for it.
+    pub fn deliver(&self, packet: &[u8], from: SocketAddr, at: Instant) -> bool {
+        let Ok((txid, mapped)) = stun::parse_binding_response(packet) else {
+            return false;
+        };
+        let tx = self.map.lock().expect("not poisoned").get(&txid).cloned();
+        match tx {
+            Some(tx) => tx.try_send(StunAnswer { mapped, from, at }).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// The sockets and their reader tasks. Dropping it stops the readers.
+#[derive(Debug)]
+pub struct Sockets {
+    /// The IPv4 socket.
+    pub v4: Arc<UdpSocket>,
+    /// The IPv6 socket, if IPv6 is available.
+    pub v6: Option<Arc<UdpSocket>>,
+    /// STUN transactions in flight.
+    pub stun: Arc<StunWaiters>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Sockets {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
+}
+
+/// A datagram that is not a STUN answer.
+#[derive(Debug, Clone)]
+pub struct Datagram {
+    /// Sender.
+    pub from: SocketAddr,
+    /// Payload.
+    pub data: Bytes,
+}
+
+impl Sockets {
+    /// Binds the IPv4 socket to `v4` (e.g. `0.0.0.0:0`) and, if `v6` is given, tries an IPv6
+    /// socket (IPv6 being unavailable is not an error). Non-STUN datagrams go to `other`.
+    pub async fn bind(
+        v4: SocketAddr,
+        v6: Option<SocketAddr>,
+        other: Option<mpsc::Sender<Datagram>>,
+    ) -> std::io::Result<Sockets> {
+        let s4 = Arc::new(UdpSocket::bind(v4).await?);
+        let s6 = match v6 {
+            Some(a) => UdpSocket::bind(a).await.ok().map(Arc::new),
+            None => None,
+        };
+        let stun = Arc::new(StunWaiters::default());
+        let mut readers = vec![tokio::spawn(read_loop(
+            Arc::clone(&s4),
+            Arc::clone(&stun),
+            other.clone(),
+        ))];
+        if let Some(s) = &s6 {
+            readers.push(tokio::spawn(read_loop(
+                Arc::clone(s),
+                Arc::clone(&stun),
+                other,
+            )));
+        }
+        Ok(Sockets {
+            v4: s4,
+            v6: s6,
+            stun,
+            readers,
+        })
+    }
+
+    /// The socket for sending to `dst`'s family.
+    pub fn for_addr(&self, dst: &SocketAddr) -> Option<&Arc<UdpSocket>> {
+        if dst.is_ipv4() {
+            Some(&self.v4)
+        } else {
+            self.v6.as_ref()
+        }
+    }
+
+    /// The local addresses of the sockets.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let mut v = Vec::new();
+        v.extend(self.v4.local_addr().ok());
+        if let Some(s) = &self.v6 {
+            v.extend(s.local_addr().ok());
+        }
+        v
+    }
+}
+
+async fn read_loop(
+    sock: Arc<UdpSocket>,
+    stun: Arc<StunWaiters>,
+    other: Option<mpsc::Sender<Datagram>>,
+) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            // ICMP errors (port unreachable from an earlier send) surface here on Linux;
+            // they say nothing about this read.
+            Err(_) => continue,
+        };
+        let pkt = &buf[..n];
+        if stun::is_stun(pkt) {
+            stun.deliver(pkt, from, Instant::now());
+            continue;
+        }
+        if let Some(tx) = &other {
+            let _ = tx.try_send(Datagram {
+                from,
+                data: Bytes::copy_from_slice(pkt),
+            });
+        }
+    }
+}
