@@ -1,0 +1,128 @@
+//! Shared test support: in-process ferry relays (TLS with a self-signed certificate and its
+//! pin, or plain HTTP), STUN beside them, and DERP maps pointing at them.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_client::{RelayMap, SecretKey};
+use ferry_relay::server::{cert_name_pin, Config, Limits, Server, StunConfig, TlsConfig};
+
+/// Bounds every await in tests, so a bug shows as a failure, not a hang.
+pub const T: Duration = Duration::from_secs(20);
+
+pub fn limits() -> Limits {
+    Limits {
+        handshake_timeout: Duration::from_secs(5),
+        shutdown_timeout: Duration::from_secs(5),
+        // Clients told "Restarting" come back within 100 ms.
+        restart_reconnect_spread: Duration::from_millis(100),
+        ..Limits::default()
+    }
+}
+
+pub fn stun_loopback() -> StunConfig {
+    StunConfig {
+        udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
+        tcp_addrs: vec![],
+        ..StunConfig::default()
+    }
+}
+
+/// A TLS relay with a self-signed certificate kept in `dir`, on `listen`, with `key`.
+pub async fn tls_relay(listen: SocketAddr, dir: &Path, key: SecretKey, stun: bool) -> Server {
+    Server::spawn(Config {
+        listen,
+        tls: Some(TlsConfig::SelfSigned {
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+            dir: dir.into(),
+        }),
+        server_key: key,
+        stun: stun.then(stun_loopback),
+        limits: limits(),
+        ..Config::dev_loopback()
+    })
+    .await
+    .unwrap()
+}
+
+/// A plain-HTTP relay (what `ferry-relay --dev` serves), optionally with STUN.
+pub async fn plain_relay(stun: bool) -> Server {
+    Server::spawn(Config {
+        stun: stun.then(stun_loopback),
+        limits: limits(),
+        ..Config::dev_loopback()
+    })
+    .await
+    .unwrap()
+}
+
+/// The pin of a TLS relay's certificate, as the DERP map's CertName.
+pub fn pin(server: &Server) -> String {
+    cert_name_pin(&server.cert_der().expect("a TLS relay"))
+}
+
+/// One region's node JSON for a relay on loopback.
+pub fn node_json(
+    region: u32,
+    derp_port: u16,
+    stun_port: Option<u16>,
+    tls: bool,
+    cert_name: Option<&str>,
+) -> serde_json::Value {
+    let mut n = serde_json::json!({
+        "Name": format!("{region}a"),
+        "RegionID": region,
+        "HostName": "127.0.0.1",
+        "IPv4": "127.0.0.1",
+        "IPv6": "none",
+        "DERPPort": derp_port,
+        "STUNPort": stun_port.map(i64::from).unwrap_or(-1),
+    });
+    if !tls {
+        n["InsecureForTests"] = true.into();
+    }
+    if let Some(c) = cert_name {
+        n["CertName"] = c.into();
+    }
+    n
+}
+
+/// A DERP map with one region per `(region id, node json)`.
+pub fn map(regions: &[(u32, serde_json::Value)]) -> RelayMap {
+    let mut rs = serde_json::Map::new();
+    for (id, node) in regions {
+        rs.insert(
+            id.to_string(),
+            serde_json::json!({"RegionID": id, "RegionCode": format!("r{id}"), "Nodes": [node]}),
+        );
+    }
+    RelayMap::from_json(&serde_json::json!({ "Regions": rs }).to_string()).unwrap()
+}
+
+/// A one-region map for a server (TLS pinned, or plain).
+pub fn map_for(server: &Server) -> RelayMap {
+    let stun = server.stun_udp_addrs().first().map(|a| a.port());
+    let node = match server.cert_der() {
+        Some(_) => node_json(
+            900,
+            server.listen_addr().port(),
+            stun,
+            true,
+            Some(&pin(server)),
+        ),
+        None => node_json(900, server.listen_addr().port(), stun, false, None),
+    };
+    map(&[(900, node)])
+}
+
+/// Endpoint settings for loopback tests: IPv4 loopback socket, no IPv6, no periodic re-STUN.
+pub fn ep_config(map: RelayMap) -> ferry_client::EndpointConfig {
+    let mut c = ferry_client::EndpointConfig::new(SecretKey::generate(), map);
+    c.bind_v4 = "127.0.0.1:0".parse().unwrap();
+    c.bind_v6 = None;
+    c.restun_interval = None;
+    c.netcheck.timeout = Duration::from_secs(2);
+    c
+}
