@@ -44,7 +44,7 @@ log() { printf '\n[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 # ---------------------------------------------------------------------------------------------
 # Build and install.
 log "building ferry (release)"
-cargo build --release --locked -p ferry-relay -p ferry-loadtest
+cargo build --release -p ferry-relay -p ferry-loadtest
 FERRY=$ROOT/target/release/ferry-relay
 LT=$ROOT/target/release/ferry-loadtest
 
@@ -64,7 +64,7 @@ if [ "$SKIP_IROH" != 1 ]; then
         cargo install "iroh-relay@$IROH_VERSION" --features server --root .tools --locked
     fi
     log "building bench/iroh-load (its own lockfile, not in the workspace)"
-    CARGO_TARGET_DIR=$ROOT/target/iroh-load cargo build --release --manifest-path bench/iroh-load/Cargo.toml
+    CARGO_TARGET_DIR=$ROOT/target/iroh-load cargo build --release --locked --manifest-path bench/iroh-load/Cargo.toml
     IROH_LOAD=$ROOT/target/iroh-load/release/iroh-load
 fi
 
