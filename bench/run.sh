@@ -6,14 +6,19 @@
 #   bench/run.sh                      # everything, 3 rounds per scenario
 #   ROUNDS=5 RUN_SECONDS=10 bench/run.sh
 #   SCENARIOS="1 2" SKIP_IROH=1 bench/run.sh   # a subset
+#   WINDOW=32 bench/run.sh            # another closed-loop window for scenarios 1 and 2
 #
 # Scenarios (see docs/benchmarks.md for what each measures):
-#   1  1200-byte packets, flood, 8 pairs        delivered packets/s, per server CPU-second
-#   2  64-byte packets, flood, 8 pairs          the same
-#   3  round trips at a fixed rate (relay carries half of derper's scenario-1 maximum)
+#   1  1200-byte packets, 8 pairs, closed loop (--window $WINDOW): capacity, delivered
+#      packets/s and per server CPU-second, loss ~0
+#   2  64-byte packets, the same
+#   3  round trips at a fixed rate (relay carries half of derper's scenario-1 capacity)
 #   4  10,000 idle TLS clients                   server RSS per client
 #   5  connect storm (32 dialers)               handshakes/s, per server CPU-second
 #   6  STUN Binding requests (4 sockets x 128)  answers per server CPU-second
+#   7  overload: 1200- and 64-byte floods, 8 pairs (open loop): goodput under overload and
+#      the drops, which ferry counts in ferry_relay_packets_dropped_total (read from its
+#      metrics listener after each run)
 #
 # Every server runs over TLS with the same certificate (a throw-away CA and a leaf for
 # localhost/127.0.0.1), fresh for every scenario, pinned to CPU 0 (PIN=0: no pinning); the load
@@ -31,7 +36,11 @@ IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 IDLE_HOLD=${IDLE_HOLD:-5}
 PIN=${PIN:-1}
 SKIP_IROH=${SKIP_IROH:-0}
-SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6"}
+SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7"}
+# Closed-loop window for scenarios 1 and 2: at most the 32-packet receive queue of ferry and
+# derper, so no relay has to drop in pairs; 16 leaves room for the end marker and control
+# frames and keeps 8 x 16 = 128 packets in flight.
+WINDOW=${WINDOW:-16}
 IROH_VERSION=1.4.1
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -216,12 +225,16 @@ relay_run() { # relay_run SERVER FILE MODE ARGS...
             --server-pid "$pid" "${args[@]}" >"$file"
         ;;
     esac
+    if [ "$server" = ferry ] && [ -n "${DROPS_FILE:-}" ]; then
+        # ferry's own count of what it dropped (every reason), for the overload scenario.
+        curl -sf "http://127.0.0.1:$FERRY_METRICS/metrics" | grep '^ferry_relay_packets_dropped_total' >"$DROPS_FILE" || true
+    fi
     python3 - "$file" "$server" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
 p, h, i, s = r.get("packets"), r.get("handshakes"), r.get("idle"), r.get("server") or {}
 msg = []
-if p: msg.append(f"delivered {p['delivered_per_second']:,.0f}/s")
+if p: msg.append(f"delivered {p['delivered_per_second']:,.0f}/s, lost {p['lost']:,}/{p['sent']:,}")
 if r["latency"].get("round_trip"): msg.append(f"rtt p99 {r['latency']['round_trip']['p99_us']:,.0f} us")
 if h and not i: msg.append(f"handshakes {h['per_second']:,.0f}/s")
 if i and i.get("server_rss_per_connection_bytes") is not None: msg.append(f"{i['server_rss_per_connection_bytes']/1024:.1f} KiB/conn")
@@ -231,17 +244,19 @@ print(f"    {sys.argv[2]:7s} " + ", ".join(msg), file=sys.stderr)
 EOF
 }
 
-scenario_relay() { # scenario_relay N MODE ARGS...
-    local n=$1
+scenario_relay() { # scenario_relay N MODE ARGS...   (TAG=x: files SERVER-x-rR.json)
+    local n=$1 tag=${TAG:+-$TAG}
     shift
     mkdir -p "$OUT/s$n"
-    rm -f "$OUT/s$n"/*.json
+    rm -f "$OUT/s$n"/*"$tag"-r*.json "$OUT/s$n"/*"$tag"-r*.drops
     for round in $(seq "$ROUNDS"); do
-        # Fresh servers every round: no state carried from one run to the next.
+        # Fresh servers every round: no state carried from one run to the next, and ferry's
+        # drop counters cover exactly one run.
         for s in $(relay_servers); do start "$s"; done
-        log "scenario $n, round $round"
+        log "scenario $n${tag}, round $round"
         for s in $(order "$round" $(relay_servers)); do
-            relay_run "$s" "$OUT/s$n/$s-r$round.json" "$@"
+            DROPS_FILE=${COUNT_DROPS:+$OUT/s$n/$s$tag-r$round.drops} \
+                relay_run "$s" "$OUT/s$n/$s$tag-r$round.json" "$@"
         done
         stop_all
     done
@@ -268,18 +283,19 @@ T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
     echo "ferry=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay stun || echo '+uncommitted')"
     echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "pinned=${pin_server[*]:-no} / ${pin_load[*]:-no}"
-    echo "rounds=$ROUNDS run_seconds=$RUN_SECONDS warmup=$WARMUP idle_clients=$IDLE_CLIENTS"
+    echo "rounds=$ROUNDS run_seconds=$RUN_SECONDS warmup=$WARMUP idle_clients=$IDLE_CLIENTS window=$WINDOW"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 
 for n in $SCENARIOS; do
     case $n in
-    1) log "scenario 1: 1200-byte flood, 8 pairs"
-       scenario_relay 1 derp --clients 16 --size 1200 "${T[@]}" ;;
-    2) log "scenario 2: 64-byte flood, 8 pairs"
-       scenario_relay 2 derp --clients 16 --size 64 "${T[@]}" ;;
+    1) log "scenario 1: capacity, 1200-byte packets, 8 pairs, window $WINDOW"
+       scenario_relay 1 derp --clients 16 --size 1200 --window "$WINDOW" "${T[@]}" ;;
+    2) log "scenario 2: capacity, 64-byte packets, 8 pairs, window $WINDOW"
+       scenario_relay 2 derp --clients 16 --size 64 --window "$WINDOW" "${T[@]}" ;;
     3) # The relay carries data + echoes, so a send rate of a quarter of derper's scenario-1
-       # delivered packets/s puts half of derper's maximum through each relay.
+       # delivered packets/s (its closed-loop capacity, measured in this run) puts half of
+       # derper's capacity through each relay.
        if [ -z "${RATE3:-}" ]; then
            if ls "$OUT"/s1/derper-r*.json >/dev/null 2>&1; then
                RATE3=$(( $(median_of "$OUT"/s1/derper-r*.json) / 4 ))
@@ -320,6 +336,10 @@ for kind in ('ts','plain'):
     print('    $s', kind, f\"{r['stun']['answers_per_second']:,.0f}/s, {r['server']['per_cpu_second'] or 0:,.0f} per server CPU-s, lost {r['stun']['lost']}\", file=sys.stderr)"
            done
            stop_all
+       done ;;
+    7) for size in 1200 64; do
+           log "scenario 7: overload, $size-byte flood, 8 pairs (open loop)"
+           TAG=$size COUNT_DROPS=1 scenario_relay 7 derp --clients 16 --size "$size" "${T[@]}"
        done ;;
     *) echo "unknown scenario $n" >&2; exit 2 ;;
     esac

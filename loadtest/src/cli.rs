@@ -14,6 +14,9 @@ Examples:
   # 8 pairs flooding 1200-byte packets through a dev relay (ferry-relay --dev), 10 s after 2 s warm-up
   ferry-loadtest derp http://127.0.0.1:3340/derp --clients 16 --size 1200
 
+  # Capacity: the same pairs, closed loop, at most 16 packets in flight per sender
+  ferry-loadtest derp http://127.0.0.1:3340/derp --clients 16 --size 1200 --window 16
+
   # Round-trip latency at 20,000 packets/s through a TLS relay with a private CA
   ferry-loadtest derp https://relay.lab:443/derp --ca-file ca.pem --echo --rate 20000 --svg rtt.svg
 
@@ -70,8 +73,15 @@ sender measures the round trip. At the end every sender stops, makes sure the re
 it sent (Ping/Pong), and a last marker packet flushes each receiver's queue: `sent` = `received` +
 the packets the relay dropped, exactly.
 
+Three ways to send: flood (the default: open loop, as fast as TCP takes them; measures a relay
+under overload, most packets are dropped at the receivers' queues), --rate R (open loop, R
+packets/s in all) and --window N (closed loop: each sender keeps at most N packets in flight to
+its receiver, so the relay runs at its capacity with ~0 loss: use it to measure capacity). The
+report says which one ran (settings.send_mode).
+
 Examples:
   ferry-loadtest derp http://127.0.0.1:3340/derp                       # 8 pairs, 1200 B, flood
+  ferry-loadtest derp http://127.0.0.1:3340/derp --window 16           # capacity, closed loop
   ferry-loadtest derp http://127.0.0.1:3340/derp --topology fan-in --clients 9 --size 64
   ferry-loadtest derp http://127.0.0.1:3340/derp --echo --rate 10000 --svg rtt.svg";
 
@@ -191,8 +201,31 @@ pub struct DerpArgs {
     pub size: usize,
 
     /// Total packets per second over all senders; 0 floods (as fast as the relay takes them).
+    /// Open loop: senders do not wait for their receivers.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+
+    /// Closed loop (capacity): each sender keeps at most N packets in flight to its receiver
+    /// (sent but not yet read by it) and sends the next as soon as one arrives. `--window`
+    /// alone means 16: at most the 32-packet receive queue of ferry and derper, so in pairs a
+    /// relay never has to drop, yet 8 pairs x 16 keep enough in flight to saturate a relay.
+    /// In fan-in keep senders x N at most the relay's queue depth.
+    #[arg(
+        long,
+        value_name = "N",
+        num_args = 0..=1,
+        default_missing_value = "16",
+        conflicts_with = "rate",
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000)
+    )]
+    pub window: Option<u64>,
+
+    /// With --window: when a full window sees no progress for this long (the relay dropped
+    /// its last packets, and DERP does not report loss), the sender writes off what is
+    /// outstanding and opens the window again. Written-off packets are reported; the exact
+    /// loss figure still comes from the end-of-run drain.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration, requires = "window")]
+    pub window_timeout: Duration,
 
     /// Receivers send every packet back: round-trip latency at the sender.
     #[arg(long)]
@@ -298,5 +331,42 @@ impl Command {
             Command::Idle(a) => (a.json, a.svg.as_deref(), !a.no_progress),
             Command::Stun(a) => (a.run.json, a.run.svg.as_deref(), !a.run.no_progress),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn derp(args: &[&str]) -> Result<DerpArgs, clap::Error> {
+        let mut argv = vec!["ferry-loadtest", "derp", "http://127.0.0.1:3340/derp"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Derp(a) => Ok(a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn window_flags() {
+        let a = derp(&[]).unwrap();
+        assert_eq!((a.window, a.rate), (None, 0), "flood by default");
+        let a = derp(&["--window"]).unwrap();
+        assert_eq!(a.window, Some(16), "--window alone is 16");
+        assert_eq!(a.window_timeout, Duration::from_millis(200));
+        let a = derp(&["--window", "8", "--window-timeout", "1s"]).unwrap();
+        assert_eq!(
+            (a.window, a.window_timeout),
+            (Some(8), Duration::from_secs(1))
+        );
+        assert!(
+            derp(&["--window", "8", "--rate", "1000"]).is_err(),
+            "closed or open loop"
+        );
+        assert!(derp(&["--window", "0"]).is_err());
+        assert!(
+            derp(&["--window-timeout", "1s"]).is_err(),
+            "only with --window"
+        );
     }
 }

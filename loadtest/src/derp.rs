@@ -14,7 +14,18 @@
 //!    before it has been delivered or dropped;
 //! 3. with echo, the receiver, after the marker, Pings too and then sends an end marker to each
 //!    of its senders, which wait for it.
+//!
+//! Senders flood (open loop), keep a fixed rate (open loop), or keep a window (closed loop,
+//! `--window N`): at most N packets sent and not yet read by the receiver. The receiver task
+//! publishes the sequence number it has read up to in a [`Window`] it shares with the sender
+//! task (both run in this process) and wakes it; the sender never polls. A relay keeps each
+//! sender's packets in order, so every packet below the highest one read was delivered or
+//! dropped and none of them is in flight. Only a drop of the last packets of a full window
+//! would stall it forever (DERP does not report loss), so a window that sees no progress for
+//! `--window-timeout` writes its outstanding packets off and opens again ([`WindowCtl`]).
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +34,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ferry_relay::proto::{self, frame_type as ft, FrameDecoder, PublicKey, ServerFrame, KEY_LEN};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch, Barrier, Semaphore};
+use tokio::sync::{mpsc, watch, Barrier, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cli::{DerpArgs, Topology};
@@ -89,6 +100,91 @@ impl Clock {
 struct SendStats {
     sent: u64,
     sent_in_window: u64,
+    window_timeouts: u64,
+    written_off: u64,
+}
+
+/// Closed-loop state one sender shares with the receiver task that reads its packets.
+#[derive(Debug, Default)]
+struct Window {
+    /// One past the highest sequence number the receiver has read from this sender.
+    read_to: AtomicU64,
+    /// Wakes the sender when `read_to` moves. There is one waiter, and `notify_one` keeps a
+    /// permit when it is not waiting yet, so no wake-up is lost between its check and its wait.
+    notify: Notify,
+}
+
+impl Window {
+    /// The receiver read packet `seq` of this sender.
+    fn read(&self, seq: u64) -> bool {
+        self.read_to.fetch_max(seq + 1, Ordering::Release) <= seq
+    }
+}
+
+/// What a closed-loop sender does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Send this many packets now.
+    Send(u64),
+    /// The window is full: wait for progress, or until this instant (the timeout).
+    WaitUntil(Instant),
+}
+
+/// The sender's side of a window: decisions from the counters and the clock only (no I/O), so
+/// they are tested without a relay and without sleeping.
+#[derive(Debug)]
+struct WindowCtl {
+    size: u64,
+    timeout: Duration,
+    /// Packets below this sequence number were written off by a timeout.
+    written_off_to: u64,
+    /// The start of the window (lowest sequence number that may be in flight) last seen...
+    base: u64,
+    /// ...and since when the window has had no progress.
+    since: Instant,
+    timeouts: u64,
+    written_off: u64,
+}
+
+impl WindowCtl {
+    fn new(size: u64, timeout: Duration, now: Instant) -> WindowCtl {
+        WindowCtl {
+            size: size.max(1),
+            timeout,
+            written_off_to: 0,
+            base: 0,
+            since: now,
+            timeouts: 0,
+            written_off: 0,
+        }
+    }
+
+    /// `sent`: packets sent so far (the next sequence number); `read_to`: from [`Window`].
+    fn step(&mut self, sent: u64, read_to: u64, now: Instant) -> Step {
+        let base = read_to.max(self.written_off_to).min(sent);
+        if base != self.base {
+            self.base = base;
+            self.since = now;
+        }
+        let in_flight = sent - base;
+        if in_flight < self.size {
+            // The no-progress clock runs only while the window is full.
+            self.since = now;
+            return Step::Send(self.size - in_flight);
+        }
+        let deadline = self.since + self.timeout;
+        if now < deadline {
+            return Step::WaitUntil(deadline);
+        }
+        // No progress for the whole timeout: the relay dropped the rest (or holds it far
+        // longer than any queue should). Count it and open the window again.
+        self.timeouts += 1;
+        self.written_off += in_flight;
+        self.written_off_to = sent;
+        self.base = sent;
+        self.since = now;
+        Step::Send(self.size)
+    }
 }
 
 #[derive(Debug)]
@@ -236,6 +332,16 @@ pub async fn run(a: &DerpArgs) -> Result<Report> {
             ),
             packet_size: Some(a.size as u64),
             rate: Some(a.rate),
+            send_mode: Some(
+                match (a.window, a.rate) {
+                    (Some(_), _) => "window",
+                    (None, 0) => "flood",
+                    (None, _) => "rate",
+                }
+                .into(),
+            ),
+            window: a.window,
+            window_timeout_seconds: a.window.map(|_| a.window_timeout.as_secs_f64()),
             echo: Some(a.echo),
             warmup_seconds: a.run.warmup.as_secs_f64(),
             duration_seconds: a.run.duration.as_secs_f64(),
@@ -282,6 +388,18 @@ pub async fn run(a: &DerpArgs) -> Result<Report> {
         a.clients - n_senders
     };
 
+    if a.window.is_some() && a.window_timeout.is_zero() {
+        bail!("--window-timeout must be more than 0");
+    }
+    // Closed loop: one window per sender, shared with the reader of its receiver.
+    let windows: Vec<Option<Arc<Window>>> = roles
+        .iter()
+        .map(|r| match r {
+            Role::Sender { .. } if a.window.is_some() => Some(Arc::new(Window::default())),
+            _ => None,
+        })
+        .collect();
+
     let mut writers: JoinSet<(usize, std::io::Result<SendStats>)> = JoinSet::new();
     let mut readers: JoinSet<(usize, std::io::Result<RecvStats>)> = JoinSet::new();
     for (i, (conn, role)) in conns.into_iter().zip(roles.iter()).enumerate() {
@@ -290,7 +408,21 @@ pub async fn run(a: &DerpArgs) -> Result<Report> {
         let (pong_tx, pong_rx) = mpsc::channel::<()>(4);
         let (echo_tx, echo_rx) = mpsc::channel::<Echo>(1024);
         let is_sender = matches!(role, Role::Sender { .. });
+        let (window_keys, window_of) = match role {
+            Role::Receiver { senders } if a.window.is_some() => {
+                let w: Vec<Arc<Window>> = senders
+                    .iter()
+                    .map(|s| Arc::clone(windows[*s].as_ref().expect("a sender's window")))
+                    .collect();
+                let k = senders.iter().enumerate().map(|(j, s)| (keys[*s], j));
+                (k.collect(), w)
+            }
+            _ => (HashMap::new(), Vec::new()),
+        };
         let reader = Reader {
+            window_dirty: vec![false; window_of.len()],
+            window_keys,
+            window_of,
             clock,
             size: a.size,
             echo: (a.echo && !is_sender).then_some(echo_tx),
@@ -309,6 +441,12 @@ pub async fn run(a: &DerpArgs) -> Result<Report> {
                     size: a.size,
                     rate: per_sender_rate,
                     end_marker: *marks_end,
+                    window: windows[i].as_ref().map(|w| {
+                        (
+                            WindowCtl::new(a.window.unwrap_or(1), a.window_timeout, epoch),
+                            Arc::clone(w),
+                        )
+                    }),
                     barrier: Arc::clone(&barrier),
                     pongs: pong_rx,
                     finish: finish.clone(),
@@ -407,6 +545,8 @@ pub async fn run(a: &DerpArgs) -> Result<Report> {
     for s in sent_stats {
         send.sent += s.sent;
         send.sent_in_window += s.sent_in_window;
+        send.window_timeouts += s.window_timeouts;
+        send.written_off += s.written_off;
     }
     let mut recv = RecvStats::default();
     for s in recv_stats {
@@ -444,6 +584,8 @@ pub async fn run(a: &DerpArgs) -> Result<Report> {
         delivered_bytes_per_second: delivered_per_second * a.size as f64,
         peer_gone: recv.peer_gone,
         drain_complete,
+        window_timeouts: a.window.map(|_| send.window_timeouts),
+        written_off: a.window.map(|_| send.written_off),
     });
     if !drain_complete {
         rep.warnings.push(format!(
@@ -477,9 +619,11 @@ struct SenderTask {
     clock: Clock,
     dst: PublicKey,
     size: usize,
-    /// Packets per second; 0 floods.
+    /// Packets per second; 0 floods (unless there is a window).
     rate: f64,
     end_marker: bool,
+    /// Closed loop: the window's controller and the state shared with the receiver.
+    window: Option<(WindowCtl, Arc<Window>)>,
     barrier: Arc<Barrier>,
     pongs: mpsc::Receiver<()>,
     finish: watch::Receiver<bool>,
@@ -497,7 +641,19 @@ impl SenderTask {
             if now >= self.clock.stop_at {
                 break;
             }
-            let n = if self.rate > 0.0 {
+            let n = if let Some((ctl, w)) = self.window.as_mut() {
+                match ctl.step(seq, w.read_to.load(Ordering::Acquire), now) {
+                    Step::Send(k) => k.min(batch),
+                    Step::WaitUntil(deadline) => {
+                        tokio::select! {
+                            _ = w.notify.notified() => {}
+                            _ = tokio::time::sleep_until(deadline.min(self.clock.stop_at).into()) => {}
+                            _ = self.finish.changed() => return Ok(st),
+                        }
+                        continue;
+                    }
+                }
+            } else if self.rate > 0.0 {
                 let due = (now.duration_since(self.clock.epoch).as_secs_f64() * self.rate) as u64;
                 if due <= seq {
                     let next =
@@ -526,6 +682,10 @@ impl SenderTask {
             if self.clock.in_window(now) {
                 st.sent_in_window += n;
             }
+        }
+        if let Some((ctl, _)) = &self.window {
+            st.window_timeouts = ctl.timeouts;
+            st.written_off = ctl.written_off;
         }
         // 1. Ping: its Pong proves the relay has read all we sent.
         ping_and_wait(&mut wr, &mut self.pongs, &mut self.finish).await?;
@@ -646,6 +806,11 @@ impl EchoTask {
 
 /// Every client's reader.
 struct Reader {
+    /// Closed loop, receivers: the window of each sender, by its key...
+    window_keys: HashMap<PublicKey, usize>,
+    window_of: Vec<Arc<Window>>,
+    /// ...and which moved in the frames read so far (woken once per read, not per packet).
+    window_dirty: Vec<bool>,
     clock: Clock,
     size: usize,
     /// Receivers with --echo: where packets go back out.
@@ -674,7 +839,7 @@ impl Reader {
             while let Some(f) = dec.decode(&mut buf).map_err(bad_data)? {
                 match ServerFrame::parse(f).map_err(bad_data)? {
                     ServerFrame::RecvPacket { src, packet } => {
-                        let Some((kind, _seq, ts)) = parse_packet(&packet) else {
+                        let Some((kind, seq, ts)) = parse_packet(&packet) else {
                             continue;
                         };
                         let sent_at = self.clock.epoch + Duration::from_nanos(ts);
@@ -683,6 +848,11 @@ impl Reader {
                             KIND_DATA => {
                                 st.data += 1;
                                 delivered += 1;
+                                if let Some(&j) = self.window_keys.get(&src) {
+                                    if self.window_of[j].read(seq) {
+                                        self.window_dirty[j] = true;
+                                    }
+                                }
                                 if in_window {
                                     st.data_in_window += 1;
                                     report::record(&mut st.one_way, age);
@@ -727,6 +897,11 @@ impl Reader {
             if delivered > 0 {
                 self.meter.add(delivered, delivered * self.size as u64);
             }
+            for (w, dirty) in self.window_of.iter().zip(self.window_dirty.iter_mut()) {
+                if std::mem::take(dirty) {
+                    w.notify.notify_one();
+                }
+            }
             buf.reserve(dec.bytes_needed(&buf).max(BATCH_BYTES));
             tokio::select! {
                 r = rd.read_buf(&mut buf) => {
@@ -766,6 +941,55 @@ mod tests {
         );
         assert_eq!(parse_packet(b"short"), None);
         assert_eq!(parse_packet(&[0u8; 64]), None);
+    }
+
+    #[test]
+    fn a_window_sends_until_full_then_waits_for_progress() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut w = WindowCtl::new(16, ms(200), t0);
+        assert_eq!(w.step(0, 0, t0), Step::Send(16));
+        // 16 in flight: full, wait at most the timeout (from the last send).
+        assert_eq!(w.step(16, 0, t0 + ms(1)), Step::WaitUntil(t0 + ms(200)));
+        // The receiver read 5: 5 free slots, and the no-progress clock restarts.
+        assert_eq!(w.step(16, 5, t0 + ms(2)), Step::Send(5));
+        assert_eq!(w.step(21, 5, t0 + ms(3)), Step::WaitUntil(t0 + ms(202)));
+        // A dropped packet below the highest read one is not in flight: read_to jumps past it.
+        assert_eq!(w.step(21, 12, t0 + ms(4)), Step::Send(7));
+        assert_eq!((w.timeouts, w.written_off), (0, 0));
+    }
+
+    #[test]
+    fn a_stalled_window_is_written_off_after_the_timeout_and_opens_again() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut w = WindowCtl::new(8, ms(200), t0);
+        assert_eq!(w.step(0, 0, t0), Step::Send(8));
+        // The relay dropped the last 3 of the 8 (it never says so): 5 read, then nothing.
+        assert_eq!(w.step(8, 5, t0 + ms(1)), Step::Send(5));
+        assert_eq!(w.step(13, 5, t0 + ms(2)), Step::WaitUntil(t0 + ms(201)));
+        assert_eq!(w.step(13, 5, t0 + ms(200)), Step::WaitUntil(t0 + ms(201)));
+        // Timeout: the 8 outstanding are written off and a whole window is free.
+        assert_eq!(w.step(13, 5, t0 + ms(201)), Step::Send(8));
+        assert_eq!((w.timeouts, w.written_off), (1, 8));
+        // One of them arrives late: it is not counted twice, and frees nothing.
+        assert_eq!(w.step(21, 6, t0 + ms(203)), Step::WaitUntil(t0 + ms(401)));
+        // Packets sent after the write-off arrive: progress as usual.
+        assert_eq!(w.step(21, 15, t0 + ms(204)), Step::Send(2));
+        assert_eq!((w.timeouts, w.written_off), (1, 8));
+    }
+
+    #[test]
+    fn the_receiver_side_of_a_window_only_moves_forward() {
+        let w = Window::default();
+        assert!(w.read(0));
+        assert!(w.read(4));
+        assert!(
+            !w.read(2),
+            "an older packet (or a duplicate) is no progress"
+        );
+        assert!(!w.read(4));
+        assert_eq!(w.read_to.load(Ordering::Relaxed), 5);
     }
 
     #[test]

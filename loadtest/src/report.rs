@@ -78,10 +78,18 @@ pub struct Settings {
     pub packet_size: Option<u64>,
     /// Total packets/s over all senders; 0 = flood.
     pub rate: Option<u64>,
+    /// derp mode: how senders sent, `flood`, `rate` (open loop) or `window` (closed loop,
+    /// at most `window` packets in flight per sender).
+    pub send_mode: Option<String>,
     pub echo: Option<bool>,
     pub concurrency: Option<u64>,
     pub sockets: Option<u64>,
+    /// stun: requests in flight per socket; derp with `send_mode` `window`: packets in flight
+    /// per sender.
     pub window: Option<u64>,
+    /// derp `window`: how long a full window may see no progress before its packets are
+    /// written off.
+    pub window_timeout_seconds: Option<f64>,
     pub warmup_seconds: f64,
     pub duration_seconds: f64,
 }
@@ -108,6 +116,12 @@ pub struct Packets {
     pub peer_gone: u64,
     /// Whether every receiver saw its end marker, so `lost` is exact.
     pub drain_complete: bool,
+    /// `window` mode: times a full window saw no progress for the window timeout and was
+    /// opened again (null in other modes).
+    pub window_timeouts: Option<u64>,
+    /// `window` mode: packets outstanding when their window timed out, written off as lost by
+    /// the sender (a packet that arrives later still counts as received; `lost` is exact).
+    pub written_off: Option<u64>,
 }
 
 /// Latency distributions that apply to the mode.
@@ -269,12 +283,14 @@ impl Report {
         if let Some(p) = st.packet_size {
             knobs.push(format!("{p}-byte packets"));
         }
-        if let Some(r) = st.rate {
-            knobs.push(if r == 0 {
-                "flood".into()
-            } else {
-                format!("{r} packets/s")
-            });
+        match (st.send_mode.as_deref(), st.rate, st.window) {
+            (Some("window"), _, Some(n)) => knobs.push(format!(
+                "closed loop: window {n} packets in flight per sender (timeout {})",
+                dur(st.window_timeout_seconds.unwrap_or(0.0) * 1e6)
+            )),
+            (_, Some(0), _) => knobs.push("flood (open loop)".into()),
+            (_, Some(r), _) => knobs.push(format!("{r} packets/s (open loop)")),
+            _ => {}
         }
         if st.echo == Some(true) {
             knobs.push("echo".into());
@@ -309,6 +325,12 @@ impl Report {
                     "  [drain incomplete: lost includes packets still in flight]"
                 }
             );
+            if let (Some(t), Some(off)) = (p.window_timeouts, p.written_off) {
+                let _ = writeln!(
+                    w,
+                    "  window     {t} timeout(s) without progress, {off} packet(s) written off (lost counts them if they never arrived)"
+                );
+            }
             if p.peer_gone > 0 {
                 let _ = writeln!(w, "  PeerGone frames: {}", p.peer_gone);
             }

@@ -39,6 +39,8 @@ async fn flood_fan_in_sent_equals_received_plus_relay_drops() {
     let drops = relay.drops();
     eprintln!("{}relay drops: {drops}", r.summary());
     relay.assert_write_errors_only_at_teardown();
+    assert_eq!(r.settings.send_mode.as_deref(), Some("flood"));
+    assert_eq!((p.window_timeouts, p.written_off), (None, None));
     assert!(p.drain_complete, "{}", r.summary());
     assert!(p.sent > 0 && p.received > 0, "{}", r.summary());
     assert_eq!(p.sent, p.received + drops, "{}", r.summary());
@@ -46,6 +48,100 @@ async fn flood_fan_in_sent_equals_received_plus_relay_drops() {
     assert!(p.delivered_in_window <= p.received && p.sent_in_window <= p.sent);
     assert_eq!(p.peer_gone, 0);
     assert!(r.latency.one_way.is_some() && r.latency.round_trip.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_pairs_below_the_queue_depth_lose_nothing_and_say_so() {
+    // Closed loop: each sender has at most 4 packets in flight (plus its end marker at the
+    // end), and each receiver's queue holds 8, so the relay never has to drop one: whatever the
+    // timing, lost = 0 and the relay's drop counters stay at 0. The window timeout is far
+    // longer than the run: without drops no window can stall, so none may time out.
+    let relay = relay(
+        false,
+        false,
+        Limits {
+            queue_depth: 8,
+            ..Limits::default()
+        },
+    )
+    .await;
+    let url = relay.url();
+    let r = run(&[
+        "derp",
+        &url,
+        "--clients",
+        "4",
+        "--size",
+        "1200",
+        "--window",
+        "4",
+        "--window-timeout",
+        "10min",
+        "--warmup",
+        "200ms",
+        "--duration",
+        "1s",
+        "--no-progress",
+    ])
+    .await;
+    assert_report_schema(&r);
+    eprintln!("{}", r.summary());
+    let st = &r.settings;
+    assert_eq!(st.send_mode.as_deref(), Some("window"));
+    assert_eq!(
+        (st.window, st.window_timeout_seconds),
+        (Some(4), Some(600.0))
+    );
+    assert!(r.summary().contains("closed loop: window 4"));
+    let p = r.packets.as_ref().unwrap();
+    assert!(p.drain_complete, "{}", r.summary());
+    assert!(p.received > 0, "{}", r.summary());
+    assert_eq!(relay.drops(), 0, "{}", r.summary());
+    assert_eq!(p.sent, p.received, "{}", r.summary());
+    assert_eq!((p.lost, p.loss_ratio), (0, 0.0));
+    assert_eq!((p.window_timeouts, p.written_off), (Some(0), Some(0)));
+    relay.assert_write_errors_only_at_teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn window_fan_in_over_a_tiny_queue_accounts_for_every_drop() {
+    // 4 senders x 4 in flight into one receiver whose queue holds 2: the relay drops, some
+    // windows lose their last packets and can only go on after the window timeout. The run
+    // still ends, and sent = received + the relay's drop counters, exactly.
+    let relay = relay(false, false, tiny_queues()).await;
+    let url = relay.url();
+    let r = run(&[
+        "derp",
+        &url,
+        "--topology",
+        "fan-in",
+        "--clients",
+        "5",
+        "--size",
+        "64",
+        "--window",
+        "4",
+        "--window-timeout",
+        "20ms",
+        "--warmup",
+        "200ms",
+        "--duration",
+        "1s",
+        "--no-progress",
+    ])
+    .await;
+    assert_report_schema(&r);
+    let p = r.packets.as_ref().unwrap();
+    let drops = relay.drops();
+    eprintln!("{}relay drops: {drops}", r.summary());
+    relay.assert_write_errors_only_at_teardown();
+    assert_eq!(r.settings.send_mode.as_deref(), Some("window"));
+    assert!(p.drain_complete, "{}", r.summary());
+    assert!(p.received > 0, "{}", r.summary());
+    assert_eq!(p.sent, p.received + drops, "{}", r.summary());
+    assert_eq!(p.lost, drops);
+    assert!(p.window_timeouts.is_some() && p.written_off.is_some());
+    assert_eq!(p.peer_gone, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,6 +170,7 @@ async fn echo_pairs_over_tls_with_a_pin_account_for_both_directions() {
     ])
     .await;
     assert_report_schema(&r);
+    assert_eq!(r.settings.send_mode.as_deref(), Some("rate"));
     let p = r.packets.as_ref().unwrap();
     assert!(p.drain_complete, "{}", r.summary());
     assert_eq!(p.sent, p.received + relay.drops(), "{}", r.summary());

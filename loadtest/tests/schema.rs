@@ -15,6 +15,7 @@ fn sample_report() -> Report {
             topology: Some("pairs".into()),
             packet_size: Some(1200),
             rate: Some(0),
+            send_mode: Some("flood".into()),
             echo: Some(false),
             warmup_seconds: 1.0,
             duration_seconds: 2.0,
@@ -59,7 +60,40 @@ fn the_schema_rejects_drift() {
     wrong_mode["mode"] = "bench".into();
     assert!(!v.is_valid(&wrong_mode));
 
-    let mut wrong_version = good;
+    let mut wrong_version = good.clone();
     wrong_version["schema"] = "ferry-loadtest/v0".into();
     assert!(!v.is_valid(&wrong_version));
+
+    let mut wrong_send_mode = good.clone();
+    wrong_send_mode["settings"]["send_mode"] = "closed".into();
+    assert!(
+        !v.is_valid(&wrong_send_mode),
+        "send_mode is flood, rate or window"
+    );
+
+    let mut window_without_size = good;
+    window_without_size["settings"]["send_mode"] = "window".into();
+    assert!(
+        !v.is_valid(&window_without_size),
+        "a window run says how big its window was"
+    );
+}
+
+#[test]
+fn a_window_report_follows_the_schema_and_says_so() {
+    let mut r = sample_report();
+    r.settings.send_mode = Some("window".into());
+    r.settings.window = Some(16);
+    r.settings.window_timeout_seconds = Some(0.2);
+    let p = r.packets.as_mut().unwrap();
+    p.window_timeouts = Some(1);
+    p.written_off = Some(3);
+    assert_report_schema(&r);
+    let text = r.summary();
+    assert!(text.contains("closed loop: window 16"), "{text}");
+    assert!(
+        text.contains("1 timeout(s)") && text.contains("3 packet(s) written off"),
+        "{text}"
+    );
+    assert!(sample_report().summary().contains("flood (open loop)"));
 }

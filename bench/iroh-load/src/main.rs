@@ -5,6 +5,10 @@
 //! difference: the end of a run is not an exact drain (iroh's protocol has no per-connection
 //! ordering guarantee we could use), so `sent`/`received` are approximate; rates, latencies,
 //! CPU and memory are measured the same way.
+//!
+//! `derp --window N` is ferry-loadtest's closed loop: each sender keeps at most N packets in
+//! flight (sent, not yet read by its receiver, which shares the count and wakes the sender); a
+//! full window without progress for --window-timeout is written off and opened again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,6 +54,12 @@ enum Cmd {
         rate: u64,
         #[arg(long)]
         echo: bool,
+        /// Closed loop: at most N packets in flight per sender.
+        #[arg(long, conflicts_with = "rate")]
+        window: Option<u64>,
+        /// Seconds a full window may see no progress before it is written off.
+        #[arg(long, default_value_t = 0.2)]
+        window_timeout: f64,
         #[arg(long, default_value_t = 2.0)]
         warmup: f64,
         #[arg(long, default_value_t = 10.0)]
@@ -181,8 +191,16 @@ fn server_json(pid: Option<u32>, cpu0: f64, secs: f64, count: f64) -> Value {
     }
 }
 
+/// Closed-loop state shared by a sender and its receiver.
+#[derive(Default)]
+struct Window {
+    /// One past the highest sequence number the receiver read.
+    read_to: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
 #[allow(clippy::too_many_arguments)]
-async fn derp(c: Common, clients: usize, size: usize, rate: u64, echo: bool, warmup: f64, duration: f64) -> Result<Value> {
+async fn derp(c: Common, clients: usize, size: usize, rate: u64, echo: bool, window: Option<u64>, window_timeout: f64, warmup: f64, duration: f64) -> Result<Value> {
     anyhow::ensure!(clients >= 2 && clients % 2 == 0 && size >= HDR);
     let t = Arc::new(Target::new(&c)?);
     let keys: Vec<SecretKey> = (0..clients).map(|_| SecretKey::generate()).collect();
@@ -196,6 +214,10 @@ async fn derp(c: Common, clients: usize, size: usize, rate: u64, echo: bool, war
     let per_sender = rate as f64 / (clients / 2) as f64;
     let sent_w = Arc::new(AtomicU64::new(0));
     let sent_all = Arc::new(AtomicU64::new(0));
+    let timeouts = Arc::new(AtomicU64::new(0));
+    let written_off_all = Arc::new(AtomicU64::new(0));
+    let wtimeout = Duration::from_secs_f64(window_timeout);
+    let windows: Vec<Arc<Window>> = (0..clients / 2).map(|_| Arc::new(Window::default())).collect();
     let mut tasks = Vec::new();
     let mut readers = Vec::new();
     for (i, conn) in conns.into_iter().enumerate() {
@@ -203,17 +225,46 @@ async fn derp(c: Common, clients: usize, size: usize, rate: u64, echo: bool, war
         let is_sender = i % 2 == 0;
         let mut echo_sink = None;
         let peer: PublicKey = keys[if is_sender { i + 1 } else { i - 1 }].public();
+        let win = Arc::clone(&windows[i / 2]);
+        let win_tx = Arc::clone(&win);
         if is_sender {
             let (sent_w, sent_all) = (Arc::clone(&sent_w), Arc::clone(&sent_all));
+            let (timeouts, written_off_all) = (Arc::clone(&timeouts), Arc::clone(&written_off_all));
             tasks.push(tokio::spawn(async move {
                 let mut seq = 0u64;
                 let batch = (65536 / (size + 40)).max(1) as u64;
+                // Window: written off below this; base last seen and since when no progress.
+                let (mut off_to, mut base, mut since) = (0u64, 0u64, Instant::now());
                 loop {
                     let now = Instant::now();
                     if now >= stop {
                         break;
                     }
-                    let n = if per_sender > 0.0 {
+                    let n = if let Some(wn) = window {
+                        let b = win_tx.read_to.load(Ordering::Acquire).max(off_to).min(seq);
+                        if b != base {
+                            base = b;
+                            since = now;
+                        }
+                        let in_flight = seq - base;
+                        if in_flight < wn {
+                            since = now;
+                            (wn - in_flight).min(batch)
+                        } else if now >= since + wtimeout {
+                            timeouts.fetch_add(1, Ordering::Relaxed);
+                            written_off_all.fetch_add(in_flight, Ordering::Relaxed);
+                            off_to = seq;
+                            base = seq;
+                            since = now;
+                            wn.min(batch)
+                        } else {
+                            tokio::select! {
+                                _ = win_tx.notify.notified() => {}
+                                _ = tokio::time::sleep_until((since + wtimeout).min(stop).into()) => {}
+                            }
+                            continue;
+                        }
+                    } else if per_sender > 0.0 {
                         let due = (now.duration_since(epoch).as_secs_f64() * per_sender) as u64;
                         if due <= seq {
                             let next = epoch + Duration::from_secs_f64((seq + 1) as f64 / per_sender);
@@ -274,6 +325,12 @@ async fn derp(c: Common, clients: usize, size: usize, rate: u64, echo: bool, war
                 }
                 match p[4] {
                     0 => {
+                        if window.is_some() {
+                            let seq = u64::from_be_bytes(p[8..16].try_into().unwrap());
+                            if win.read_to.fetch_max(seq + 1, Ordering::Release) <= seq {
+                                win.notify.notify_one();
+                            }
+                        }
                         if in_w {
                             let _ = one_way.record(ns);
                         }
@@ -325,7 +382,13 @@ async fn derp(c: Common, clients: usize, size: usize, rate: u64, echo: bool, war
         "sent_per_second": sent_w.load(Ordering::Relaxed) as f64 / duration,
         "delivered_in_window": rw, "delivered_per_second": rw as f64 / duration,
         "delivered_bytes_per_second": rw as f64 * size as f64 / duration, "drain_complete": false,
+        "window_timeouts": window.map(|_| timeouts.load(Ordering::Relaxed)),
+        "written_off": window.map(|_| written_off_all.load(Ordering::Relaxed)),
     });
+    rep["settings"] = json!({"clients": clients, "packet_size": size, "rate": rate, "echo": echo,
+        "send_mode": if window.is_some() { "window" } else if rate > 0 { "rate" } else { "flood" },
+        "window": window, "window_timeout_seconds": window.map(|_| window_timeout),
+        "warmup_seconds": warmup, "duration_seconds": duration});
     rep["latency"]["one_way"] = hist_json(&ow);
     rep["latency"]["round_trip"] = hist_json(&rt);
     rep["server"] = server;
@@ -431,7 +494,9 @@ async fn main() -> Result<()> {
         libc::setrlimit(libc::RLIMIT_NOFILE, &r);
     }
     let rep = match Cli::parse().cmd {
-        Cmd::Derp { c, clients, size, rate, echo, warmup, duration } => derp(c, clients, size, rate, echo, warmup, duration).await?,
+        Cmd::Derp { c, clients, size, rate, echo, window, window_timeout, warmup, duration } => {
+            derp(c, clients, size, rate, echo, window, window_timeout, warmup, duration).await?
+        }
         Cmd::Connect { c, concurrency, warmup, duration } => connect(c, concurrency, warmup, duration).await?,
         Cmd::Idle { c, clients, concurrency, hold } => idle(c, clients, concurrency, hold).await?,
     };
