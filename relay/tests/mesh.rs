@@ -4,24 +4,15 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{eventually, read_head, require, upgrade, BoxIo, RawClient, Relay, T};
+use common::{eventually, free_port, read_head, require, upgrade, BoxIo, RawClient, Relay, T};
 use ferry_relay::proto::{ClientInfo, PublicKey, SecretKey, ServerFrame};
 use ferry_relay::server::{Config, MeshConfig, MeshDns, MeshTls, Server, TlsConfig};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One certificate for "localhost" that every relay of the test region serves and trusts.
 struct RegionCert {

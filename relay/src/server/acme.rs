@@ -20,7 +20,6 @@ use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType, Identifier,
     NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
-use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -215,32 +214,7 @@ fn acme_err(what: &str) -> impl Fn(instant_acme::Error) -> TlsError + '_ {
 
 /// An HTTPS client for the CA on rustls + ring, trusting webpki roots plus `ca_file`.
 fn http_client(cfg: &AcmeConfig) -> Result<Box<dyn instant_acme::HttpClient>, TlsError> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &cfg.ca_file {
-        let pem = fs::read(path).map_err(|source| TlsError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &pem[..])
-            .collect::<Result<_, _>>()
-            .map_err(|source| TlsError::Read {
-                path: path.clone(),
-                source,
-            })?;
-        if certs.is_empty() {
-            return Err(TlsError::NoCert { path: path.clone() });
-        }
-        for c in certs {
-            roots.add(c)?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = super::tls::client_config(cfg.ca_file.as_deref())?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

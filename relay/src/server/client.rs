@@ -21,6 +21,8 @@ use crate::proto::{
 
 /// Initial read buffer size; it grows to hold one whole frame when needed.
 const READ_CHUNK: usize = 8 << 10;
+/// Read size of a connection whose last read was small (idle: keepalives, pings).
+const IDLE_CHUNK: usize = 512;
 /// A batch buffer larger than this after a flush is released (idle clients stay small).
 const KEEP_WRITE_BUF: usize = 64 << 10;
 
@@ -66,14 +68,47 @@ async fn write_with_deadline<W: AsyncWrite + Unpin>(
 
 /// Runs a DERP connection to its end. `prefix` is written before the ServerKey frame (the 101
 /// response, or nothing with fast-start); `rbuf` holds bytes the client already sent.
+///
+/// The handshake runs in a boxed future of its own that is freed when it ends, so a connection
+/// that then idles for hours keeps only the state of its read loop (most of a relay's
+/// connections are idle, and this is most of their memory).
 pub(crate) async fn run<S>(
+    io: S,
+    prefix: Vec<u8>,
+    rbuf: BytesMut,
+    remote: SocketAddr,
+    accepted: Instant,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    if let Some(est) = Box::pin(handshake(io, prefix, rbuf, remote, accepted, &shared)).await {
+        established(est, remote, shared).await;
+    }
+}
+
+/// A connection past its handshake.
+struct Established<S> {
+    r: tokio::io::ReadHalf<S>,
+    w: tokio::io::WriteHalf<S>,
+    rbuf: BytesMut,
+    dec: FrameDecoder,
+    key: PublicKey,
+    is_mesh: bool,
+    extended_frames: bool,
+    bucket: Option<(u64, u64)>,
+}
+
+/// ServerKey, ClientInfo, admission, ServerInfo. `None` when the connection ended (counted).
+async fn handshake<S>(
     io: S,
     prefix: Vec<u8>,
     mut rbuf: BytesMut,
     remote: SocketAddr,
     accepted: Instant,
-    shared: Arc<Shared>,
-) where
+    shared: &Arc<Shared>,
+) -> Option<Established<S>>
+where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut r, mut w) = tokio::io::split(io);
@@ -92,7 +127,7 @@ pub(crate) async fn run<S>(
         .is_err()
     {
         m.handshake_failed(HandshakeFailure::Io);
-        return;
+        return None;
     }
 
     // 2. ClientInfo, within the handshake deadline (counted from accept).
@@ -123,16 +158,16 @@ pub(crate) async fn run<S>(
         Err(_) => {
             m.handshake_failed(HandshakeFailure::HandshakeTimeout);
             debug!("no ClientInfo before the handshake deadline");
-            return;
+            return None;
         }
         Ok(Err(HandshakeErr::Io)) => {
             m.handshake_failed(HandshakeFailure::Io);
-            return;
+            return None;
         }
         Ok(Err(HandshakeErr::Proto(e))) => {
             m.handshake_failed(HandshakeFailure::ClientInfo);
             debug!(error = %e, "bad ClientInfo");
-            return;
+            return None;
         }
         Ok(Ok(p)) => p,
     };
@@ -141,7 +176,7 @@ pub(crate) async fn run<S>(
         Err(e) => {
             m.handshake_failed(HandshakeFailure::ClientInfo);
             debug!(error = %e, "ClientInfo did not open");
-            return;
+            return None;
         }
     };
     let is_mesh = match (info.mesh_key, shared.mesh_key) {
@@ -159,11 +194,12 @@ pub(crate) async fn run<S>(
     // ServerInfo; a refused client is closed without another frame. Mesh peers skip it.
     if !is_mesh {
         if let Some(adm) = &shared.admission {
-            let verdict = adm.check(&key, remote.ip()).await;
+            // Boxed: an HTTP request's state must not size every connection's task.
+            let verdict = Box::pin(adm.check(&key, remote.ip())).await;
             m.admission(verdict);
             if !verdict.admits() {
                 debug!(key = %key.short(), result = verdict.label(), "client refused by admission control");
-                return;
+                return None;
             }
         }
     }
@@ -191,14 +227,41 @@ pub(crate) async fn run<S>(
         .is_err()
     {
         m.handshake_failed(HandshakeFailure::Io);
-        return;
+        return None;
     }
     m.handshakes.increment(1);
     m.handshake_duration
         .record(accepted.elapsed().as_secs_f64());
-
     debug!(key = %key.short(), mesh = is_mesh, version = info.version, prober = info.is_prober, "connected");
+    Some(Established {
+        r,
+        w,
+        rbuf,
+        dec,
+        key,
+        is_mesh,
+        extended_frames: info.can_ack_pings || is_mesh,
+        bucket,
+    })
+}
 
+/// The DERP phase: register, forward until the end, tear down.
+async fn established<S>(est: Established<S>, remote: SocketAddr, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let Established {
+        mut r,
+        w,
+        rbuf,
+        dec,
+        key,
+        is_mesh,
+        extended_frames,
+        bucket,
+    } = est;
+    let m = &shared.metrics;
+    let limits = &shared.limits;
     let cancel = shared.conns_cancel.child_token();
     let me = Arc::new(ClientHandle::new(
         key,
@@ -206,7 +269,7 @@ pub(crate) async fn run<S>(
         remote,
         limits.queue_depth,
         cancel.clone(),
-        info.can_ack_pings || is_mesh,
+        extended_frames,
     ));
     shared.registry.register(Arc::clone(&me));
     m.connections.increment(1.0);
@@ -269,6 +332,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         tokens: 3.0,
         last: Instant::now(),
     };
+    let mut read_chunk = IDLE_CHUNK;
     let why = 'conn: loop {
         // Everything already buffered, then one read. Counters are added once per read.
         let (mut pkts, mut bytes) = (0u64, 0u64);
@@ -374,8 +438,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if pkts > 0 {
             m.packets_forwarded.increment(pkts);
             m.bytes_forwarded.increment(bytes);
+            // Let the receivers' writers run before reading more: under a flood the socket is
+            // always readable, and without this a reader could queue up to the scheduler's
+            // budget of reads (hundreds of packets, mostly dropped at full queues) before a
+            // writer gets the core.
+            tokio::task::yield_now().await;
         }
-        rbuf.reserve(dec.bytes_needed(&rbuf).max(READ_CHUNK));
+        // An idle connection keeps a small buffer (most of a relay's connections are idle:
+        // 512 bytes instead of 8 KiB each); one whose reads fill the buffer gets big chunks.
+        if rbuf.is_empty() && rbuf.capacity() > read_chunk && read_chunk == IDLE_CHUNK {
+            rbuf = BytesMut::new();
+        }
+        rbuf.reserve(dec.bytes_needed(&rbuf).max(read_chunk));
+        let room = rbuf.capacity() - rbuf.len();
         tokio::select! {
             biased;
             _ = me.cancel.cancelled() => break me.close_reason().unwrap_or(CloseReason::Shutdown),
@@ -383,6 +458,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Ok(0) => break CloseReason::ClientClosed,
                 Err(_) => break CloseReason::ReadError,
                 Ok(n) => {
+                    read_chunk = if n >= room.min(READ_CHUNK) {
+                        READ_CHUNK
+                    } else if n < IDLE_CHUNK {
+                        IDLE_CHUNK
+                    } else {
+                        read_chunk
+                    };
                     // Rate limit: bytes are forwarded only once paid for. While this waits,
                     // nothing is read, the socket buffers fill and TCP slows the sender.
                     if let Some(b) = &mut bucket {
@@ -449,6 +531,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
             }
         }
+        let batch_packets = (q.disco.len() + q.data.len()) as u64;
         for p in q.disco.drain(..).chain(q.data.drain(..)) {
             out.reserve(proto::FRAME_HEADER_LEN + proto::KEY_LEN + p.data.len());
             proto::put_recv_packet(&mut out, &p.src, &p.data);
@@ -460,9 +543,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         if !out.is_empty() {
             if let Err(why) = write_with_deadline(&mut w, &out, limits.write_timeout).await {
-                if why == CloseReason::WriteError {
-                    m.drop(DropReason::WriteError);
-                }
+                // Every packet of the batch that did not go out is lost (a batch of control
+                // frames only loses no packet).
+                m.drop_n(DropReason::WriteError, batch_packets);
                 me.close(why);
                 return Some(why);
             }

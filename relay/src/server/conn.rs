@@ -174,8 +174,10 @@ pub(crate) async fn handle_tcp(
         (Some(acceptor), Listener::Derp) => {
             let deadline =
                 tokio::time::Instant::from_std(accepted + shared.limits.handshake_timeout);
-            match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => serve(tls, remote, accepted, listener, shared).await,
+            match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
+                // Boxed: the TLS state is large, and a stream inline here would size the
+                // connection's task for it twice over.
+                Ok(Ok(tls)) => serve(Box::new(tls), remote, accepted, listener, shared).await,
                 Ok(Err(e)) => {
                     shared.metrics.handshake_failed(HandshakeFailure::Tls);
                     debug!(%remote, error = %e, "TLS handshake failed");
@@ -210,7 +212,9 @@ async fn serve<S>(
         } else {
             shared.limits.http_idle_timeout
         };
-        let req = match tokio::time::timeout(limit, http::read_request(&mut io, &mut buf)).await {
+        let req = match tokio::time::timeout(limit, Box::pin(http::read_request(&mut io, &mut buf)))
+            .await
+        {
             Err(_) => {
                 if first {
                     shared
@@ -243,14 +247,20 @@ async fn serve<S>(
         first = false;
         match route(&req, listener, &shared) {
             Route::Derp { fast_start } => {
+                // The request's strings must not live on with the connection.
+                drop(req);
                 let prefix = if fast_start {
                     Vec::new()
                 } else {
                     http::derp_switching_protocols(&shared.public.to_hex())
                 };
-                return client::run(io, prefix, buf, remote, accepted, shared).await;
+                // Boxed: the connection task then holds only what the DERP phase needs, not
+                // the largest state of every phase before it (idle connections are most of a
+                // relay's memory).
+                return Box::pin(client::run(io, prefix, buf, remote, accepted, shared)).await;
             }
             Route::WebSocket { key } => {
+                drop(req);
                 let resp = format!(
                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                      Sec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: derp\r\n\r\n",
@@ -266,17 +276,21 @@ async fn serve<S>(
                 let mut cfg = WebSocketConfig::default();
                 cfg.max_message_size = Some(2 << 20);
                 cfg.max_frame_size = Some(2 << 20);
-                let ws =
-                    WebSocketStream::from_partially_read(io, buf.to_vec(), Role::Server, Some(cfg))
-                        .await;
-                return client::run(
+                let ws = Box::pin(WebSocketStream::from_partially_read(
+                    io,
+                    buf.to_vec(),
+                    Role::Server,
+                    Some(cfg),
+                ))
+                .await;
+                return Box::pin(client::run(
                     WsIo::new(ws),
                     Vec::new(),
                     BytesMut::new(),
                     remote,
                     accepted,
                     shared,
-                )
+                ))
                 .await;
             }
             Route::Respond(resp) => {

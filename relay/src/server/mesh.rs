@@ -228,33 +228,8 @@ fn split_host_port(p: &str) -> Result<(&str, u16), String> {
 }
 
 fn tls_connector(ca_file: Option<&PathBuf>) -> Result<tokio_rustls::TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca_file {
-        let pem =
-            std::fs::read(path).map_err(|e| format!("mesh ca_file {}: {e}", path.display()))?;
-        let mut n = 0;
-        for c in rustls_pemfile::certs(&mut &pem[..]) {
-            let c = c.map_err(|e| format!("mesh ca_file {}: {e}", path.display()))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("mesh ca_file {}: {e}", path.display()))?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(format!(
-                "mesh ca_file {} holds no PEM certificate",
-                path.display()
-            ));
-        }
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let cfg = super::tls::client_config(ca_file.map(PathBuf::as_path))
+        .map_err(|e| format!("mesh ca_file: {e}"))?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 

@@ -333,6 +333,13 @@ impl RelayMetrics {
         self.drops[why as usize].increment(1);
     }
 
+    /// Counts `n` dropped packets.
+    pub(crate) fn drop_n(&self, why: DropReason, n: u64) {
+        if n > 0 {
+            self.drops[why as usize].increment(n);
+        }
+    }
+
     /// Counts a failed handshake.
     pub(crate) fn handshake_failed(&self, why: HandshakeFailure) {
         self.handshake_failures[why as usize].increment(1);

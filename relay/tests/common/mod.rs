@@ -330,6 +330,17 @@ pub async fn ping_pong(a: &TsClient, b: &TsClient, tag: &str) {
     );
 }
 
+/// A free loopback port (bound and released): for configs that must name their ports up front
+/// (pebble, mesh peers). Another process could take it in between; on loopback in a test that
+/// is rare and shows as a bind error, not a wrong result.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A foreign tool from `<repo>/.tools/bin` (put there by `scripts/test-deps.sh`) or PATH.
 pub fn tool(name: &str) -> Option<std::path::PathBuf> {
     let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
