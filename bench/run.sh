@@ -52,8 +52,9 @@ log() { printf '\n[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # ---------------------------------------------------------------------------------------------
 # Build and install.
+# Builds run under nice: they must not compete with anything else on the machine.
 log "building ferry (release)"
-cargo build --release -p ferry-relay -p ferry-loadtest
+nice -n 19 cargo build --release -p ferry-relay -p ferry-loadtest
 FERRY=$ROOT/target/release/ferry-relay
 LT=$ROOT/target/release/ferry-loadtest
 
@@ -70,10 +71,10 @@ done
 if [ "$SKIP_IROH" != 1 ]; then
     if ! iroh-relay --version 2>/dev/null | grep -q "$IROH_VERSION"; then
         log "installing iroh-relay $IROH_VERSION (cargo install, several minutes)"
-        cargo install "iroh-relay@$IROH_VERSION" --features server --root .tools --locked
+        nice -n 19 cargo install "iroh-relay@$IROH_VERSION" --features server --root .tools --locked
     fi
     log "building bench/iroh-load (its own lockfile, not in the workspace)"
-    CARGO_TARGET_DIR=$ROOT/target/iroh-load cargo build --release --locked --manifest-path bench/iroh-load/Cargo.toml
+    CARGO_TARGET_DIR=$ROOT/target/iroh-load nice -n 19 cargo build --release --locked --manifest-path bench/iroh-load/Cargo.toml
     IROH_LOAD=$ROOT/target/iroh-load/release/iroh-load
 fi
 
@@ -225,9 +226,15 @@ relay_run() { # relay_run SERVER FILE MODE ARGS...
             --server-pid "$pid" "${args[@]}" >"$file"
         ;;
     esac
-    if [ "$server" = ferry ] && [ -n "${DROPS_FILE:-}" ]; then
-        # ferry's own count of what it dropped (every reason), for the overload scenario.
-        curl -sf "http://127.0.0.1:$FERRY_METRICS/metrics" | grep '^ferry_relay_packets_dropped_total' >"$DROPS_FILE" || true
+    if [ -n "${DROPS_FILE:-}" ]; then
+        # The relay's own count of what it dropped, by reason (overload scenario): ferry's
+        # metrics listener, derper's /debug/varz (served to localhost on its DERP port).
+        case $server in
+        ferry) curl -sf "http://127.0.0.1:$FERRY_METRICS/metrics" |
+            grep '^ferry_relay_packets_dropped_total' >"$DROPS_FILE" || true ;;
+        derper) curl -sf --cacert "$CERTS/ca.crt" --resolve "localhost:$DERPER_PORT:127.0.0.1" \
+            "https://localhost:$DERPER_PORT/debug/varz" | grep '^derp_packets_dropped{' >"$DROPS_FILE" || true ;;
+        esac
     fi
     python3 - "$file" "$server" <<'EOF'
 import json, sys
@@ -282,6 +289,7 @@ T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
     echo "iroh=$( [ "$SKIP_IROH" = 1 ] && echo skipped || iroh-relay --version)"
     echo "ferry=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay stun || echo '+uncommitted')"
     echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "cpu_stat_before=$(head -1 /proc/stat)"
     echo "pinned=${pin_server[*]:-no} / ${pin_load[*]:-no}"
     echo "rounds=$ROUNDS run_seconds=$RUN_SECONDS warmup=$WARMUP idle_clients=$IDLE_CLIENTS window=$WINDOW"
 } >"$OUT/machine.txt"
@@ -344,6 +352,13 @@ for kind in ('ts','plain'):
     *) echo "unknown scenario $n" >&2; exit 2 ;;
     esac
 done
+
+# Whatever else ran meanwhile: niced processes (other builds) show in /proc/stat's nice column.
+{
+    echo "loadavg_after=$(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "cpu_stat_after=$(head -1 /proc/stat)"
+    echo "date_end=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+} >>"$OUT/machine.txt"
 
 log "writing docs/benchmarks.md"
 python3 bench/report.py "$OUT" docs

@@ -37,8 +37,13 @@ pub fn render(r: &Report) -> String {
     );
     let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
     let headline = if let Some(p) = &r.packets {
+        let mode = match (r.settings.send_mode.as_deref(), r.settings.window) {
+            (Some("window"), Some(n)) => format!(", window {n}"),
+            (Some(m), _) => format!(", {m}"),
+            _ => String::new(),
+        };
         format!(
-            "{} packets/s delivered, {} B packets, loss {:.3} %",
+            "{} packets/s delivered, {} B packets{mode}, loss {:.3} %",
             thousands(p.delivered_per_second),
             r.settings.packet_size.unwrap_or(0),
             p.loss_ratio * 100.0
