@@ -476,13 +476,28 @@ def reading():
         w(f"- **Scenario {n} is capacity, closed loop.** Loss over all rounds: "
           + ", ".join(f"{NAMES[s]} {fmt(l)} of {fmt(t)} ({pct(l, t)})" for s, (l, t) in loss.items())
           + ". Median server cores: " + ", ".join(f"{NAMES[s]} {fmt(c, 2)}" for s, c in cores.items()) + ".")
+        span = float(knobs.get("warmup", 0)) + float(knobs.get("run_seconds", 0))
+        gen = {s: med([r for r in by[s] if get(r, "client", "cpu_seconds")], "client", "cpu_seconds") for s in order(by)}
+        gen = {s: g / span for s, g in gen.items() if g and span}
+        if gen:
+            w("  Load generator (ferry-loadtest; its CPU time over the whole run, connecting and drain included, "
+              "divided by warm-up + measured time, so an upper bound): "
+              + ", ".join(f"{fmt(g, 2)} cores against {NAMES[s]}" for s, g in gen.items()) + ".")
         idle = [NAMES[s] for s, c in cores.items() if c is not None and c < 0.9]
         if idle:
-            w(f"  {', '.join(idle)} used less than 0.9 of its core here: that relay was not saturated, the "
-              f"closed loop ({knobs.get('window', '?')} packets in flight per sender, 8 senders) and the load "
-              "generator's single core (it encrypts, sends, receives and decrypts every packet) set the pace, "
-              "so *delivered packets/s* understates that relay's capacity and *per server CPU-second* is the "
-              "figure to compare.")
+            busy_gen = [s for s, g in gen.items() if g >= 0.9]
+            w(f"  {', '.join(idle)} used less than 0.9 of {'its' if len(idle) == 1 else 'their'} core: not saturated, so "
+              f"*delivered packets/s* is what the closed loop ({knobs.get('window', '?')} packets in flight per sender, "
+              "8 senders) reached on this machine, a lower bound of capacity, and *per server CPU-second* is the "
+              "figure that compares relays. "
+              + ("The load generator's core was the limit in some runs (" + ", ".join(NAMES[s] for s in busy_gen) + ")."
+                 if busy_gen else
+                 "The load generator was not saturated either: the loop's round trip (wake-ups across the two "
+                 "CPUs, loopback TCP, TLS at both ends) set the pace."))
+    if m.get("other_cpu"):
+        w(f"- **Other processes on the machine:** niced processes (other builds) used {m['other_cpu']}. "
+          "Closed-loop figures (scenarios 1-3) are the most sensitive to them: every packet's progress waits "
+          "for a wake-up, and a woken process may wait for a running one's time slice.")
     w("- **The load generator shares the machine.** Servers are pinned to CPU 0 and the generator to CPU 1; "
       "server CPU comes from /proc (utime+stime), so *per server CPU-second* does not depend on how much CPU "
       "the generator left over. On loopback part of the kernel's TCP work for one side runs in the other's "
@@ -507,7 +522,8 @@ if s1 or s2 or s7:
 if goals:
     summary = ["## Goals of issue 5, as measured\n", "| goal | measured | |", "| --- | --- | --- |"]
     summary += [f"| {g} | {v} | {ok} |" for g, v, ok in goals]
-    summary.append("\nGoals not met are reported as measured; see \"Where the time goes\" below for what bounds ferry.\n")
+    summary.append("\nGoals not met are reported as measured; see \"Reading these numbers\" below, and the profile after it "
+                   "(taken at an earlier commit) for what bounded ferry then.\n")
     # After the "How it was run" section.
     idx = next(i for i, l in enumerate(doc) if l.startswith("## 1.") or l.startswith("## 2.") or l.startswith("## 3.")
                or l.startswith("## 4.") or l.startswith("## 5.") or l.startswith("## 6.") or l.startswith("## 7."))
