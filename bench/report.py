@@ -164,7 +164,7 @@ w(f"Every figure here comes from one run of `bench/run.sh` on **{m.get('date','?
 w("## Machine and versions\n")
 w("| | |\n| --- | --- |")
 for k, label in [("nproc", "CPUs"), ("cpu", "CPU model"), ("kernel", "kernel"), ("rustc", "Rust"),
-                 ("ferry", "ferry (git)"), ("derper", "Tailscale derper (`derper -version`)"),
+                 ("ferry", "ferry (git HEAD)"), ("ferry_relay_commit", "last commit to relay/ or stun/ (the code measured)"), ("derper", "Tailscale derper (`derper -version`)"),
                  ("iroh", "iroh-relay"), ("coturn", "coturn (Debian)"),
                  ("loadavg_before", "load average before the run"), ("loadavg_after", "load average after the run"),
                  ("other_cpu", "CPU time of niced processes (other builds) during the run"),

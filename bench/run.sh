@@ -288,6 +288,7 @@ T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
     echo "coturn=$(dpkg-query -W -f='${Version}' coturn 2>/dev/null || echo unknown)"
     echo "iroh=$( [ "$SKIP_IROH" = 1 ] && echo skipped || iroh-relay --version)"
     echo "ferry=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay stun || echo '+uncommitted')"
+    echo "ferry_relay_commit=$(git log -1 --format='%h %cI' -- relay stun)"
     echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "cpu_stat_before=$(head -1 /proc/stat)"
     echo "pinned=${pin_server[*]:-no} / ${pin_load[*]:-no}"
