@@ -279,8 +279,9 @@ def overload():
     w("## 7. Overload: floods, 8 pairs (open loop)\n")
     w(f"`ferry-loadtest derp URL --clients 16 --size SIZE --warmup {knobs.get('warmup', '?')}s "
       f"--duration {knobs.get('run_seconds', '?')}s` (no --window, no --rate): every sender writes as fast as TCP "
-      "takes it, far more than any relay forwards, so most packets are dropped at the receivers' queues. "
-      "This is not capacity (scenarios 1 and 2 are): *delivered* is goodput under overload, and it shows how "
+      "takes it. A relay that reads packets faster than it can forward them drops the excess at the receivers' "
+      "queues; one that reads only about as fast as it forwards pushes back on the senders through TCP and drops "
+      "little (the *lost* column says which). This is not capacity (scenarios 1 and 2 are): *delivered* is goodput under overload, and it shows how "
       "a relay behaves when overloaded and whether its drops are counted. *Counted by the relay* is the "
       "relay's own drop counter after the run (ferry: `ferry_relay_packets_dropped_total` from its metrics "
       "listener; derper: `derp_packets_dropped` from `/debug/varz`), every reason except `write_error`, "
@@ -483,6 +484,11 @@ def reading():
             w("  Load generator (ferry-loadtest; its CPU time over the whole run, connecting and drain included, "
               "divided by warm-up + measured time, so an upper bound): "
               + ", ".join(f"{fmt(g, 2)} cores against {NAMES[s]}" for s, g in gen.items()) + ".")
+        near = [s for s, g in gen.items() if g >= 0.9 and (cores.get(s) or 0) >= 0.9]
+        if near:
+            w(f"  Against {', '.join(NAMES[s] for s in near)} both the relay and the load generator were near a full "
+              "core, so that relay's figure may be somewhat limited by the generator as well (its capacity is at "
+              "least this).")
         idle = [NAMES[s] for s, c in cores.items() if c is not None and c < 0.9]
         if idle:
             busy_gen = [s for s, g in gen.items() if g >= 0.9]
@@ -503,13 +509,21 @@ def reading():
       "the generator left over. On loopback part of the kernel's TCP work for one side runs in the other's "
       "context (softirq), so neither side's CPU time is exactly its own.")
     if s7:
-        w("- **Overload (scenario 7) is not capacity.** Open-loop floods offer far more than any relay forwards; "
-          "goodput under overload measures how a relay shares one core between ingesting packets it will drop "
-          "and writing to receivers. It is reported to show that drops are counted, not as a speed figure.")
+        w("- **Overload (scenario 7) is not capacity.** Open-loop floods offer more than a relay forwards; "
+          "goodput under overload measures how a relay shares one core between reading (and maybe dropping) "
+          "and writing to receivers, so its ratios say how a relay degrades under overload, not how fast it "
+          "forwards. It is reported to show that and that the drops are counted.")
     if os.path.exists(os.path.join(OUT, "rate3.txt")) and s1 and "derper" in s1:
         w(f"- **Scenario 3's rate** is derived from derper's median closed-loop capacity in scenario 1 of this "
           f"run ({fmt(med(s1['derper'], 'packets', 'delivered_per_second'))} packets/s): a quarter of it is sent, "
           "and every packet is echoed, so each relay carries half of it.")
+        relayed = 2 * int(open(os.path.join(OUT, "rate3.txt")).read().strip())
+        over = [(s, med(s1[s], "packets", "delivered_per_second")) for s in order(s1)]
+        over = [(s, c) for s, c in over if c and c < relayed]
+        if over:
+            w("  " + ", ".join(f"{NAMES[s]} ({fmt(c)} packets/s in scenario 1)" for s, c in over)
+              + f": below the {fmt(relayed)} packets/s of scenario 3, so {'it' if len(over) == 1 else 'they'} ran "
+              "overloaded there, and those latencies are mostly queueing.")
     w("- **iroh-relay** is driven by `bench/iroh-load` (its own client library, the same closed loop with "
       "`--window`), whose end of run is not an exact drain: its `sent`/`received`/`lost` are approximate. "
       "Its protocol is different (WebSocket framing, ed25519 keys), so the comparison is of relays that do "
