@@ -540,8 +540,8 @@ if s1 or s2 or s7:
 if goals:
     summary = ["## Goals of issue 5, as measured\n", "| goal | measured | |", "| --- | --- | --- |"]
     summary += [f"| {g} | {v} | {ok} |" for g, v, ok in goals]
-    summary.append("\nGoals not met are reported as measured; see \"Reading these numbers\" below, and the profile after it "
-                   "(taken at an earlier commit) for what bounded ferry then.\n")
+    summary.append("\nGoals not met are reported as measured; see \"Reading these numbers\" below, the profiles after it "
+                   "(\"Where the time goes\") and the STUN appendix for what bounds each part.\n")
     # After the "How it was run" section.
     idx = next(i for i, l in enumerate(doc) if l.startswith("## 1.") or l.startswith("## 2.") or l.startswith("## 3.")
                or l.startswith("## 4.") or l.startswith("## 5.") or l.startswith("## 6.") or l.startswith("## 7."))
