@@ -8,9 +8,11 @@
 //!   reconnects, Restarting).
 //! * [`netcheck`] — STUN from the data socket: latencies, IPv4/IPv6, hard-NAT detection, home.
 //! * [`e2e`] — Noise IK sessions between nodes (sans-IO).
+//! * [`disco`] — ping / pong / call-me-maybe between nodes, sealed with the node keys (sans-IO).
 //!
 //! The DERP protocol itself comes from `ferry_relay::proto`, the relay's own codec.
 
+pub mod disco;
 pub mod e2e;
 pub mod endpoint;
 pub mod keys;

@@ -1,0 +1,395 @@
+//! Disco: the path-discovery messages between two nodes (sans-IO). Ping, Pong (with the
+//! address the ping was seen from) and CallMeMaybe (the sender's candidate endpoints), sealed
+//! end to end with a NaCl box between the two nodes' keys, so neither the relay nor anyone on
+//! the path can forge or read them.
+//!
+//! Wire format (Tailscale's `disco` package, `tailscale.com/disco`):
+//!
+//! ```text
+//! "TS💬" (6 bytes) | sender key (32) | nonce (24) | box(type u8 | version u8 | payload)
+//! Ping:        type 0x01, txid (12) | sender node key (32)
+//! Pong:        type 0x02, txid (12) | observed source: IPv6 or v4-mapped address (16) | port u16
+//! CallMeMaybe: type 0x03, N × (address (16) | port u16)
+//! ```
+//!
+//! Deliberate difference: Tailscale seals with a separate per-process *disco key* that the
+//! control plane distributes; ferry has no control plane, so the sender key field carries the
+//! **node key** and the box is between the two node keys (the same X25519 keys the relay and
+//! the Noise sessions use). A receiver therefore checks that the sender key equals the key it
+//! expects (the relay's source key, or the peer it pinged). Like Tailscale, trailing bytes after
+//! a known payload are ignored (room for later versions and padding); unknown types are an
+//! error.
+//!
+//! The first byte `T` (0x54) is distinct from the E2E packet types 0x01–0x03 and from STUN
+//! (first two bits 0), so one UDP socket carries all three.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use ferry_relay::proto::{self, PublicKey, SecretKey, DISCO_MAGIC, KEY_LEN, NONCE_LEN};
+
+/// A ping's transaction id.
+pub type TxId = [u8; 12];
+
+const T_PING: u8 = 0x01;
+const T_PONG: u8 = 0x02;
+const T_CALL_ME_MAYBE: u8 = 0x03;
+const VERSION: u8 = 0;
+const ADDR_LEN: usize = 18;
+const HEADER_LEN: usize = DISCO_MAGIC.len() + KEY_LEN;
+
+/// Most endpoints a CallMeMaybe carries (keeps it well under a 1280-byte IPv6 MTU).
+pub const MAX_ENDPOINTS: usize = 48;
+
+/// A disco message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Are you there on this address?
+    Ping {
+        /// Echoed in the pong.
+        txid: TxId,
+        /// The sender's node key (redundant with the header here; kept for Tailscale's layout).
+        node_key: PublicKey,
+    },
+    /// Yes; and this is where your ping came from.
+    Pong {
+        /// The ping's id.
+        txid: TxId,
+        /// The ping's source address as the answering node saw it.
+        src: SocketAddr,
+    },
+    /// My candidate endpoints: ping them (and I ping yours) — simultaneous open.
+    CallMeMaybe {
+        /// The sender's candidate addresses.
+        endpoints: Vec<SocketAddr>,
+    },
+}
+
+/// Why a datagram is not an acceptable disco message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiscoError {
+    /// It does not start with the disco magic.
+    #[error("not a disco message (no \"TS💬\" magic)")]
+    NotDisco,
+    /// Too short for the header, nonce and box tag.
+    #[error("disco message too short: {0} bytes, need at least {min}", min = HEADER_LEN + NONCE_LEN + 16)]
+    TooShort(usize),
+    /// The sender key is not the one expected.
+    #[error("disco message from {got} where {expected} was expected")]
+    WrongSender {
+        /// The key in the header.
+        got: String,
+        /// The key expected.
+        expected: String,
+    },
+    /// The box does not open: tampered, or not sealed to this node by the claimed sender.
+    #[error("disco box does not open (tampered, or sealed with other keys)")]
+    BoxOpen,
+    /// The plaintext is not a valid message.
+    #[error("malformed disco {kind}: {why}")]
+    Malformed {
+        /// The message type.
+        kind: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A type this version does not know.
+    #[error("unknown disco message type {0:#04x} (version {1})")]
+    UnknownType(u8, u8),
+}
+
+/// Whether `packet` looks like disco (magic and minimal length); cheap, no crypto.
+pub fn is_disco(packet: &[u8]) -> bool {
+    proto::looks_like_disco(packet)
+}
+
+/// The sender key in a disco header, without opening the box.
+pub fn sender(packet: &[u8]) -> Result<PublicKey, DiscoError> {
+    if !packet.starts_with(&DISCO_MAGIC) {
+        return Err(DiscoError::NotDisco);
+    }
+    if packet.len() < HEADER_LEN + NONCE_LEN + 16 {
+        return Err(DiscoError::TooShort(packet.len()));
+    }
+    Ok(PublicKey::from_slice(&packet[DISCO_MAGIC.len()..]).expect("length checked"))
+}
+
+/// A fresh random transaction id.
+pub fn new_txid() -> TxId {
+    rand::random()
+}
+
+/// Seals `msg` from `ours` to `theirs`: the whole datagram.
+pub fn seal(ours: &SecretKey, theirs: &PublicKey, msg: &Message) -> Vec<u8> {
+    let mut pt = Vec::with_capacity(64);
+    match msg {
+        Message::Ping { txid, node_key } => {
+            pt.extend_from_slice(&[T_PING, VERSION]);
+            pt.extend_from_slice(txid);
+            pt.extend_from_slice(node_key.as_bytes());
+        }
+        Message::Pong { txid, src } => {
+            pt.extend_from_slice(&[T_PONG, VERSION]);
+            pt.extend_from_slice(txid);
+            put_addr(&mut pt, src);
+        }
+        Message::CallMeMaybe { endpoints } => {
+            pt.extend_from_slice(&[T_CALL_ME_MAYBE, VERSION]);
+            for e in endpoints.iter().take(MAX_ENDPOINTS) {
+                put_addr(&mut pt, e);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + 16 + pt.len());
+    out.extend_from_slice(&DISCO_MAGIC);
+    out.extend_from_slice(ours.public().as_bytes());
+    out.extend_from_slice(&proto::seal(ours, theirs, &pt));
+    out
+}
+
+/// Opens a disco datagram sent to `ours`. With `expected`, the sender must be that key.
+/// Returns the (now authenticated) sender and the message.
+pub fn open(
+    ours: &SecretKey,
+    packet: &[u8],
+    expected: Option<&PublicKey>,
+) -> Result<(PublicKey, Message), DiscoError> {
+    let from = sender(packet)?;
+    if let Some(e) = expected.filter(|e| **e != from) {
+        return Err(DiscoError::WrongSender {
+            got: from.short(),
+            expected: e.short(),
+        });
+    }
+    let pt = proto::open(ours, &from, &packet[HEADER_LEN..]).map_err(|_| DiscoError::BoxOpen)?;
+    Ok((from, parse(&pt)?))
+}
+
+fn parse(pt: &[u8]) -> Result<Message, DiscoError> {
+    let (&ty, rest) = pt.split_first().ok_or(DiscoError::Malformed {
+        kind: "message",
+        why: "empty plaintext".into(),
+    })?;
+    let (&ver, body) = rest.split_first().ok_or(DiscoError::Malformed {
+        kind: "message",
+        why: "no version byte".into(),
+    })?;
+    let short = |kind: &'static str, need: usize| DiscoError::Malformed {
+        kind,
+        why: format!("payload of {} bytes, need {need}", body.len()),
+    };
+    match ty {
+        T_PING => {
+            // Tailscale's oldest pings carry only the txid; ferry always sends the key.
+            if body.len() < 12 + KEY_LEN {
+                return Err(short("ping", 12 + KEY_LEN));
+            }
+            Ok(Message::Ping {
+                txid: body[..12].try_into().expect("len"),
+                node_key: PublicKey::from_slice(&body[12..]).expect("len"),
+            })
+        }
+        T_PONG => {
+            if body.len() < 12 + ADDR_LEN {
+                return Err(short("pong", 12 + ADDR_LEN));
+            }
+            Ok(Message::Pong {
+                txid: body[..12].try_into().expect("len"),
+                src: get_addr(&body[12..12 + ADDR_LEN]),
+            })
+        }
+        T_CALL_ME_MAYBE => {
+            if body.len() % ADDR_LEN != 0 {
+                return Err(DiscoError::Malformed {
+                    kind: "call-me-maybe",
+                    why: format!(
+                        "payload of {} bytes is not a multiple of {ADDR_LEN}",
+                        body.len()
+                    ),
+                });
+            }
+            Ok(Message::CallMeMaybe {
+                endpoints: body.chunks(ADDR_LEN).map(get_addr).collect(),
+            })
+        }
+        t => Err(DiscoError::UnknownType(t, ver)),
+    }
+}
+
+fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
+    let ip6 = match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    out.extend_from_slice(&ip6.octets());
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+fn get_addr(b: &[u8]) -> SocketAddr {
+    let ip6 = Ipv6Addr::from(<[u8; 16]>::try_from(&b[..16]).expect("len"));
+    let ip = match ip6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(ip6),
+    };
+    SocketAddr::new(ip, u16::from_be_bytes([b[16], b[17]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (SecretKey, SecretKey) {
+        (SecretKey::generate(), SecretKey::generate())
+    }
+
+    #[test]
+    fn round_trip_every_message() {
+        let (a, b) = keys();
+        let msgs = [
+            Message::Ping {
+                txid: new_txid(),
+                node_key: a.public(),
+            },
+            Message::Pong {
+                txid: new_txid(),
+                src: "192.0.2.7:41641".parse().unwrap(),
+            },
+            Message::Pong {
+                txid: new_txid(),
+                src: "[2001:db8::1]:3478".parse().unwrap(),
+            },
+            Message::CallMeMaybe {
+                endpoints: vec![
+                    "127.0.0.1:1".parse().unwrap(),
+                    "[::1]:65535".parse().unwrap(),
+                ],
+            },
+            Message::CallMeMaybe { endpoints: vec![] },
+        ];
+        for m in msgs {
+            let pkt = seal(&a, &b.public(), &m);
+            assert!(is_disco(&pkt));
+            assert!(!crate::e2e::is_e2e(&pkt));
+            assert!(!crate::stun::is_stun(&pkt));
+            assert_eq!(sender(&pkt).unwrap(), a.public());
+            let (from, got) = open(&b, &pkt, Some(&a.public())).unwrap();
+            assert_eq!(from, a.public());
+            assert_eq!(got, m);
+        }
+    }
+
+    #[test]
+    fn layout_follows_tailscale() {
+        let (a, b) = keys();
+        let txid = [7u8; 12];
+        let pkt = seal(
+            &a,
+            &b.public(),
+            &Message::Pong {
+                txid,
+                src: "1.2.3.4:5".parse().unwrap(),
+            },
+        );
+        assert_eq!(&pkt[..6], "TS💬".as_bytes());
+        assert_eq!(&pkt[6..38], a.public().as_bytes());
+        // nonce 24 + tag 16 + type, version, txid 12, addr 16, port 2
+        assert_eq!(pkt.len(), 38 + 24 + 16 + 2 + 12 + 18);
+        let pt = proto::open(&b, &a.public(), &pkt[38..]).unwrap();
+        assert_eq!(&pt[..2], &[T_PONG, 0]);
+        assert_eq!(&pt[2..14], &txid);
+        assert_eq!(
+            &pt[14..30],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 1, 2, 3, 4]
+        );
+        assert_eq!(&pt[30..], &[0, 5]);
+    }
+
+    #[test]
+    fn tampering_and_wrong_keys_are_rejected() {
+        let (a, b) = keys();
+        let c = SecretKey::generate();
+        let m = Message::CallMeMaybe {
+            endpoints: vec!["10.0.0.1:9".parse().unwrap()],
+        };
+        let pkt = seal(&a, &b.public(), &m);
+        // Every byte after the magic matters: sender key, nonce, tag, ciphertext.
+        for i in DISCO_MAGIC.len()..pkt.len() {
+            let mut t = pkt.clone();
+            t[i] ^= 0x01;
+            assert!(open(&b, &t, None).is_err(), "flipped byte {i} accepted");
+        }
+        // Not sealed to c.
+        assert_eq!(open(&c, &pkt, None), Err(DiscoError::BoxOpen));
+        // c claims to be a: the box does not open.
+        let mut forged = seal(&c, &b.public(), &m);
+        forged[6..38].copy_from_slice(a.public().as_bytes());
+        assert_eq!(open(&b, &forged, None), Err(DiscoError::BoxOpen));
+        // Right box, unexpected sender.
+        let e = open(&b, &pkt, Some(&c.public())).unwrap_err();
+        assert!(matches!(e, DiscoError::WrongSender { .. }), "{e}");
+        assert!(e.to_string().contains(&a.public().short()), "{e}");
+    }
+
+    #[test]
+    fn malformed_input_is_a_clear_error() {
+        let (a, b) = keys();
+        assert_eq!(open(&b, b"\x01hello", None), Err(DiscoError::NotDisco));
+        let mut short = DISCO_MAGIC.to_vec();
+        short.extend_from_slice(&[0; 40]);
+        let e = open(&b, &short, None).unwrap_err();
+        assert_eq!(e, DiscoError::TooShort(46));
+        assert!(e.to_string().contains("too short"), "{e}");
+
+        let raw = |pt: &[u8]| {
+            let mut p = DISCO_MAGIC.to_vec();
+            p.extend_from_slice(a.public().as_bytes());
+            p.extend_from_slice(&proto::seal(&a, &b.public(), pt));
+            p
+        };
+        let cases: [(&[u8], &str); 5] = [
+            (&[], "empty plaintext"),
+            (&[T_PING], "no version byte"),
+            (
+                &[T_PING, 0, 1, 2, 3],
+                "malformed disco ping: payload of 3 bytes, need 44",
+            ),
+            (
+                &[T_PONG, 0, 1, 2, 3],
+                "malformed disco pong: payload of 3 bytes, need 30",
+            ),
+            (
+                &[T_CALL_ME_MAYBE, 0, 1, 2, 3],
+                "call-me-maybe: payload of 3 bytes is not a multiple of 18",
+            ),
+        ];
+        for (pt, want) in cases {
+            let e = open(&b, &raw(pt), None).unwrap_err();
+            assert!(e.to_string().contains(want), "{e} (want {want})");
+        }
+        let e = open(&b, &raw(&[0x7f, 3]), None).unwrap_err();
+        assert_eq!(e, DiscoError::UnknownType(0x7f, 3));
+        assert!(
+            e.to_string().contains("unknown disco message type 0x7f"),
+            "{e}"
+        );
+        // Trailing bytes (padding, later versions) are ignored.
+        let mut pt = vec![T_PONG, 0];
+        pt.extend_from_slice(&[9; 12]);
+        pt.extend_from_slice(&[0; 18]);
+        pt.extend_from_slice(b"padding");
+        let (_, m) = open(&b, &raw(&pt), None).unwrap();
+        assert!(matches!(m, Message::Pong { txid, .. } if txid == [9; 12]));
+    }
+
+    #[test]
+    fn call_me_maybe_is_capped() {
+        let (a, b) = keys();
+        let endpoints: Vec<SocketAddr> = (0..100)
+            .map(|i| SocketAddr::from(([10, 0, 0, 1], 1000 + i)))
+            .collect();
+        let pkt = seal(&a, &b.public(), &Message::CallMeMaybe { endpoints });
+        let (_, m) = open(&b, &pkt, None).unwrap();
+        assert!(
+            matches!(m, Message::CallMeMaybe { endpoints } if endpoints.len() == MAX_ENDPOINTS)
+        );
+    }
+}
