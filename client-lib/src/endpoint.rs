@@ -10,7 +10,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! What happens inside (first cut, relay path only):
+//! What happens inside:
 //!
 //! 1. `bind` opens the UDP socket(s), runs [netcheck](crate::netcheck) from them to pick the
 //!    home region (lowest STUN latency; if no STUN answers — UDP blocked — the lowest region
@@ -23,13 +23,27 @@
 //!    relays are connected on demand.
 //! 3. Relayed packets are decrypted and authenticated; `recv` returns the plaintext. An
 //!    in-band ping (`Endpoint::ping`) is answered automatically by the peer's endpoint.
-//! 4. The path per peer is `Path::Relay(region)`; each change is broadcast as a [`PathEvent`].
-//!    Netcheck runs again every 20–26 s and moves the home region (with hysteresis).
+//! 4. Direct paths ([disco](crate::disco)): sending to a peer that has no fresh direct path
+//!    sends it a CallMeMaybe through the relay (our candidate endpoints: the STUN-mapped
+//!    address, the socket's local addresses, addresses peers observed in pongs) and pings the
+//!    peer's known candidates on UDP; at most every [`DirectOptions::probe_interval`]. A peer
+//!    receiving CallMeMaybe pings every endpoint in it (and answers with its own), a node
+//!    pinged from an unknown address pings that address back (peer-reflexive): simultaneous
+//!    open. A pong from the address pinged makes it the peer's direct path.
+//! 5. Data goes direct only while the last pong on that address is younger than
+//!    [`DirectOptions::trust`]; once it is older than two heartbeats, data goes on both paths
+//!    (the E2E replay window delivers it once); otherwise via the relay. Active peers' direct
+//!    paths are pinged every [`DirectOptions::heartbeat`]. E2E packets are accepted from either
+//!    path (a UDP source address maps to the peer a disco message from it proved).
+//! 6. The path per peer is `Path::Direct(addr)` or `Path::Relay(region)` (the path data is
+//!    sent on); each change is broadcast as a [`PathEvent`]. Netcheck runs again every
+//!    20–26 s and moves the home region (with hysteresis).
 //!
-//! Disco, direct UDP paths and hole punching come next (see docs/notes-client.md).
+//! Birthday probing for hard NATs comes next (see docs/notes-client.md).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +52,7 @@ use ferry_relay::proto::{PublicKey, SecretKey};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::disco::{self, Message, TxId};
 use crate::e2e::{self, E2eError, Sessions};
 use crate::netcheck::{self, NetcheckOptions, Report};
 use crate::relay::{
@@ -45,7 +60,7 @@ use crate::relay::{
 };
 use crate::relaymap::RelayMap;
 use crate::tls::TlsOptions;
-use crate::udp::Sockets;
+use crate::udp::{Datagram, Sockets};
 
 /// Inner message types (inside the E2E plaintext).
 const M_DATA: u8 = 0x00;
@@ -78,6 +93,37 @@ pub struct EndpointConfig {
     pub netcheck: NetcheckOptions,
     /// Re-run netcheck this often (plus up to 30 % jitter); `None`: only at start.
     pub restun_interval: Option<Duration>,
+    /// Direct paths (disco).
+    pub direct: DirectOptions,
+}
+
+/// Direct-path (disco) tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct DirectOptions {
+    /// Look for direct paths at all (`false`: relay only).
+    pub enabled: bool,
+    /// A direct path carries data while its last pong is younger than this (Tailscale:
+    /// 6.5 s, `trustUDPAddrDuration`).
+    pub trust: Duration,
+    /// Ping an active peer's direct path this often (Tailscale: 3 s).
+    pub heartbeat: Duration,
+    /// While a peer has no direct path, send CallMeMaybe and ping its candidates this often.
+    pub probe_interval: Duration,
+    /// A peer is active (heartbeats, probes) this long after the last data to or from it
+    /// (Tailscale: 45 s).
+    pub active_timeout: Duration,
+}
+
+impl Default for DirectOptions {
+    fn default() -> Self {
+        DirectOptions {
+            enabled: true,
+            trust: Duration::from_millis(6500),
+            heartbeat: Duration::from_secs(2),
+            probe_interval: Duration::from_secs(5),
+            active_timeout: Duration::from_secs(45),
+        }
+    }
 }
 
 impl EndpointConfig {
@@ -94,6 +140,7 @@ impl EndpointConfig {
             home_region: None,
             netcheck: NetcheckOptions::default(),
             restun_interval: Some(Duration::from_secs(20)),
+            direct: DirectOptions::default(),
         }
     }
 }
@@ -103,12 +150,15 @@ impl EndpointConfig {
 pub enum Path {
     /// Through the relay of this region.
     Relay(u32),
+    /// Straight over UDP to this address of the peer.
+    Direct(SocketAddr),
 }
 
 impl std::fmt::Display for Path {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Path::Relay(r) => write!(f, "relay {r}"),
+            Path::Direct(a) => write!(f, "direct {a}"),
         }
     }
 }
@@ -194,6 +244,8 @@ struct SharedState {
     home: Mutex<Option<u32>>,
     report: Mutex<Option<Report>>,
     relay_status: Mutex<HashMap<u32, watch::Receiver<RelayStatus>>>,
+    /// Test hook: drop every direct (UDP, non-STUN) datagram in and out.
+    blackhole_direct: AtomicBool,
 }
 
 impl Drop for Endpoint {
@@ -212,8 +264,9 @@ impl Endpoint {
         {
             return Err(EndpointError::NoRelayInMap);
         }
+        let (udp_tx, udp_rx) = mpsc::channel(1024);
         let sockets = Arc::new(
-            Sockets::bind(cfg.bind_v4, cfg.bind_v6, None)
+            Sockets::bind(cfg.bind_v4, cfg.bind_v6, Some(udp_tx))
                 .await
                 .map_err(|source| EndpointError::Bind {
                     addr: cfg.bind_v4,
@@ -284,7 +337,12 @@ impl Endpoint {
         let (relay_tx, relay_rx) = mpsc::channel(1024);
         spawn_forwarder(home_id, home_events, relay_tx.clone());
         let public = cfg.secret_key.public();
+        let local_endpoints = local_endpoints(&sockets.local_addrs());
         let actor = Actor {
+            peers: HashMap::new(),
+            addr_peer: HashMap::new(),
+            local_endpoints,
+            observed: BTreeSet::new(),
             sessions: Sessions::new(cfg.secret_key.clone()),
             cfg,
             relays: HashMap::from([(home_id, home)]),
@@ -299,7 +357,7 @@ impl Endpoint {
             cmd_tx: cmd_tx.clone(),
             sockets: Arc::clone(&sockets),
         };
-        let task = tokio::spawn(actor.run(cmd_rx, relay_rx));
+        let task = tokio::spawn(actor.run(cmd_rx, relay_rx, udp_rx));
         Ok(Endpoint {
             public,
             cmd: cmd_tx,
@@ -396,6 +454,58 @@ impl Endpoint {
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.sockets.local_addrs()
     }
+
+    /// Test hook: while `on`, every direct datagram (disco and data over UDP, not STUN) is
+    /// dropped in both directions, as if the direct path were cut.
+    #[doc(hidden)]
+    pub fn set_direct_blackhole(&self, on: bool) {
+        self.shared.blackhole_direct.store(on, Ordering::Relaxed);
+    }
+}
+
+/// The addresses to offer peers for our sockets: specified local addresses as they are; for
+/// a wildcard socket, the source address the OS would pick towards the internet (a routing
+/// lookup; `connect` on UDP sends nothing). Listing every interface is not done yet.
+fn local_endpoints(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for a in addrs {
+        if !a.ip().is_unspecified() {
+            out.push(*a);
+            continue;
+        }
+        let (bind, probe): (SocketAddr, SocketAddr) = if a.is_ipv4() {
+            (([0, 0, 0, 0], 0).into(), ([192, 0, 2, 1], 9).into())
+        } else {
+            (
+                "[::]:0".parse().expect("literal"),
+                "[2001:db8::1]:9".parse().expect("literal"),
+            )
+        };
+        let ip = std::net::UdpSocket::bind(bind)
+            .and_then(|s| s.connect(probe).and_then(|()| s.local_addr()))
+            .map(|l| l.ip());
+        if let Ok(ip) = ip {
+            if !ip.is_unspecified() {
+                out.push(SocketAddr::new(ip, a.port()));
+            }
+        }
+    }
+    out
+}
+
+/// What the endpoint knows about one peer's direct paths.
+#[derive(Debug, Default)]
+struct PeerDisco {
+    /// Addresses to ping: from CallMeMaybe and peer-reflexive (sources of its pings).
+    candidates: BTreeSet<SocketAddr>,
+    /// Pings in flight: txid → (address pinged, when).
+    pings: HashMap<TxId, (SocketAddr, Instant)>,
+    /// The direct path and its last pong.
+    best: Option<(SocketAddr, Instant)>,
+    last_probe: Option<Instant>,
+    last_heartbeat: Option<Instant>,
+    /// Last data to or from the peer.
+    last_active: Option<Instant>,
 }
 
 fn spawn_forwarder(
@@ -414,6 +524,13 @@ fn spawn_forwarder(
 
 struct Actor {
     cfg: EndpointConfig,
+    peers: HashMap<PublicKey, PeerDisco>,
+    /// UDP source address → the peer a disco message from it proved.
+    addr_peer: HashMap<SocketAddr, PublicKey>,
+    /// Our socket addresses as offered to peers.
+    local_endpoints: Vec<SocketAddr>,
+    /// Our addresses as peers saw them (from pongs).
+    observed: BTreeSet<SocketAddr>,
     sessions: Sessions,
     relays: HashMap<u32, RelayClient>,
     /// Packets waiting for a region's relay to connect.
@@ -434,8 +551,10 @@ impl Actor {
         mut self,
         mut cmds: mpsc::Receiver<Cmd>,
         mut relay_rx: mpsc::Receiver<(u32, RelayEvent)>,
+        mut udp_rx: mpsc::Receiver<Datagram>,
     ) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let period = Duration::from_secs(1).min(self.cfg.direct.heartbeat / 2);
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_restun = self.restun_at();
         loop {
@@ -445,8 +564,10 @@ impl Actor {
                     None => return,
                 },
                 Some((region, ev)) = relay_rx.recv() => self.on_relay(region, ev).await,
+                Some(d) = udp_rx.recv() => self.on_udp(d).await,
                 _ = tick.tick() => {
                     let now = Instant::now();
+                    self.disco_tick(now).await;
                     for (peer, pkt) in self.sessions.poll(now) {
                         self.send_to_peer(peer, pkt.into()).await;
                     }
@@ -485,10 +606,12 @@ impl Actor {
                 plaintext,
                 done,
             } => {
+                self.peers.entry(peer).or_default().last_active = Some(Instant::now());
                 let r = self.seal_and_send(peer, &plaintext).await;
                 let _ = done.send(r);
             }
             Cmd::Ping { peer, done } => {
+                self.peers.entry(peer).or_default().last_active = Some(Instant::now());
                 let id: u64 = rand::random();
                 self.pings.insert(id, (Instant::now(), done));
                 let mut m = vec![M_PING];
@@ -592,10 +715,37 @@ impl Actor {
         self.peer_region.get(peer).copied().unwrap_or(self.home)
     }
 
-    /// Sends an E2E packet to `peer` on its current path.
+    /// The direct address to use for `peer` now, and whether to send on the relay too.
+    fn direct_for(&self, peer: &PublicKey, now: Instant) -> Option<(SocketAddr, bool)> {
+        let d = self.cfg.direct;
+        let (addr, pong) = self.peers.get(peer)?.best?;
+        let age = now.saturating_duration_since(pong);
+        (age < d.trust).then_some((addr, age > d.heartbeat * 2))
+    }
+
+    /// Sends an E2E packet to `peer` on its current path (see the module docs, 5.).
     async fn send_to_peer(&mut self, peer: PublicKey, pkt: Bytes) {
+        let now = Instant::now();
+        match self.direct_for(&peer, now) {
+            Some((addr, also_relay)) => {
+                self.set_path(peer, Path::Direct(addr));
+                self.send_direct(addr, &pkt).await;
+                if also_relay {
+                    self.send_relay(peer, pkt).await;
+                }
+            }
+            None => {
+                let region = self.region_for(&peer);
+                self.set_path(peer, Path::Relay(region));
+                self.send_relay(peer, pkt).await;
+                self.maybe_probe(peer, now).await;
+            }
+        }
+    }
+
+    /// Sends a packet to `peer` through the relay of its region.
+    async fn send_relay(&mut self, peer: PublicKey, pkt: Bytes) {
         let region = self.region_for(&peer);
-        self.set_path(peer, Path::Relay(region));
         match self.relays.get(&region) {
             Some(c) => {
                 if let Err(e) = c.send(peer, pkt).await {
@@ -619,6 +769,230 @@ impl Actor {
         }
     }
 
+    /// Sends a datagram straight to `addr` from the data socket.
+    async fn send_direct(&self, addr: SocketAddr, pkt: &[u8]) {
+        if self.shared.blackhole_direct.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(sock) = self.sockets.for_addr(&addr) else {
+            return;
+        };
+        if let Err(e) = sock.send_to(pkt, addr).await {
+            debug!(%addr, "direct send failed: {e}");
+        }
+    }
+
+    /// Our candidate endpoints for CallMeMaybe.
+    fn my_endpoints(&self) -> Vec<SocketAddr> {
+        let mut set: BTreeSet<SocketAddr> = BTreeSet::new();
+        if let Some(r) = self.shared.report.lock().expect("lock").as_ref() {
+            set.extend(r.global_v4);
+            set.extend(r.global_v6);
+        }
+        set.extend(self.local_endpoints.iter().copied());
+        set.extend(self.observed.iter().copied());
+        set.into_iter().take(disco::MAX_ENDPOINTS).collect()
+    }
+
+    async fn send_disco_relay(&mut self, peer: PublicKey, msg: &Message) {
+        let pkt = disco::seal(&self.cfg.secret_key, &peer, msg);
+        self.send_relay(peer, pkt.into()).await;
+    }
+
+    async fn ping_addr(&mut self, peer: PublicKey, addr: SocketAddr, now: Instant) {
+        let txid = disco::new_txid();
+        let st = self.peers.entry(peer).or_default();
+        // One ping per address in flight is enough (a heartbeat replaces an older one).
+        st.pings.retain(|_, (a, _)| *a != addr);
+        st.pings.insert(txid, (addr, now));
+        let msg = Message::Ping {
+            txid,
+            node_key: self.cfg.secret_key.public(),
+        };
+        let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        self.send_direct(addr, &pkt).await;
+    }
+
+    /// No fresh direct path: CallMeMaybe via the relay and ping the known candidates, at
+    /// most every `probe_interval`.
+    async fn maybe_probe(&mut self, peer: PublicKey, now: Instant) {
+        if !self.cfg.direct.enabled || peer == self.cfg.secret_key.public() {
+            return;
+        }
+        let interval = self.cfg.direct.probe_interval;
+        let st = self.peers.entry(peer).or_default();
+        if st
+            .last_probe
+            .is_some_and(|t| now.saturating_duration_since(t) < interval)
+        {
+            return;
+        }
+        st.last_probe = Some(now);
+        let candidates: Vec<SocketAddr> = st.candidates.iter().copied().collect();
+        let msg = Message::CallMeMaybe {
+            endpoints: self.my_endpoints(),
+        };
+        debug!(peer = %peer.short(), ?candidates, "probing for a direct path");
+        self.send_disco_relay(peer, &msg).await;
+        for a in candidates {
+            self.ping_addr(peer, a, now).await;
+        }
+    }
+
+    /// Expiry, heartbeats and periodic probes.
+    async fn disco_tick(&mut self, now: Instant) {
+        if !self.cfg.direct.enabled {
+            return;
+        }
+        let d = self.cfg.direct;
+        let mut expired = Vec::new();
+        let mut heartbeat = Vec::new();
+        let mut probe = Vec::new();
+        for (peer, st) in &mut self.peers {
+            st.pings
+                .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < d.trust);
+            let active = st
+                .last_active
+                .is_some_and(|t| now.saturating_duration_since(t) < d.active_timeout);
+            match st.best {
+                Some((addr, pong)) if now.saturating_duration_since(pong) >= d.trust => {
+                    st.best = None;
+                    expired.push((*peer, addr));
+                    if active {
+                        probe.push(*peer);
+                    }
+                }
+                Some((addr, _)) => {
+                    let due = st
+                        .last_heartbeat
+                        .is_none_or(|t| now.saturating_duration_since(t) >= d.heartbeat);
+                    if active && due {
+                        st.last_heartbeat = Some(now);
+                        heartbeat.push((*peer, addr));
+                    }
+                }
+                None if active => probe.push(*peer),
+                None => {}
+            }
+        }
+        for (peer, addr) in expired {
+            info!(peer = %peer.short(), %addr, "direct path expired (no fresh pong); relay");
+            if self.shared.paths.lock().expect("lock").get(&peer) == Some(&Path::Direct(addr)) {
+                let region = self.region_for(&peer);
+                self.set_path(peer, Path::Relay(region));
+            }
+        }
+        for (peer, addr) in heartbeat {
+            self.ping_addr(peer, addr, now).await;
+        }
+        for peer in probe {
+            self.maybe_probe(peer, now).await;
+        }
+    }
+
+    /// A disco message, from the UDP socket (`from`) or the relay (`from` = None, `relay_src`
+    /// = the relay's source key, which must be the sealer).
+    async fn on_disco(
+        &mut self,
+        data: &[u8],
+        from: Option<SocketAddr>,
+        relay_src: Option<PublicKey>,
+    ) {
+        if !self.cfg.direct.enabled {
+            return;
+        }
+        let (peer, msg) = match disco::open(&self.cfg.secret_key, data, relay_src.as_ref()) {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(?from, "disco message dropped: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        match (msg, from) {
+            (Message::Ping { txid, node_key }, Some(src)) => {
+                if node_key != peer {
+                    debug!(%src, "disco ping whose node key is not its sealer's; dropped");
+                    return;
+                }
+                self.addr_peer.insert(src, peer);
+                let pong = disco::seal(&self.cfg.secret_key, &peer, &Message::Pong { txid, src });
+                self.send_direct(src, &pong).await;
+                let st = self.peers.entry(peer).or_default();
+                let new = st.candidates.insert(src);
+                let fresh = self.direct_for(&peer, now).is_some();
+                let pinging = self.peers[&peer].pings.values().any(|(a, _)| *a == src);
+                if (new || !fresh) && !pinging {
+                    // Peer-reflexive: ping it back (this is the other half of the hole punch).
+                    self.ping_addr(peer, src, now).await;
+                }
+            }
+            (
+                Message::Pong {
+                    txid,
+                    src: observed,
+                },
+                Some(src),
+            ) => {
+                let Some(st) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                let Some((pinged, _)) = st.pings.remove(&txid) else {
+                    debug!(%src, "pong for no ping in flight");
+                    return;
+                };
+                if pinged != src {
+                    debug!(%src, %pinged, "pong from another address than pinged; ignored");
+                    return;
+                }
+                let keep_other = st.best.is_some_and(|(a, t)| {
+                    a != src && now.saturating_duration_since(t) < self.cfg.direct.trust
+                });
+                if !keep_other {
+                    st.best = Some((src, now));
+                }
+                self.addr_peer.insert(src, peer);
+                if !observed.ip().is_unspecified() && observed.port() != 0 {
+                    self.observed.insert(observed);
+                }
+                if !keep_other {
+                    self.set_path(peer, Path::Direct(src));
+                }
+            }
+            (Message::CallMeMaybe { endpoints }, None) => {
+                debug!(peer = %peer.short(), ?endpoints, "call-me-maybe");
+                let st = self.peers.entry(peer).or_default();
+                st.candidates.extend(endpoints.iter().copied());
+                // Our own CallMeMaybe back (rate-limited), then ping every endpoint now.
+                self.maybe_probe(peer, now).await;
+                for a in endpoints {
+                    let pinging = self.peers[&peer].pings.values().any(|(p, _)| *p == a);
+                    if !pinging {
+                        self.ping_addr(peer, a, now).await;
+                    }
+                }
+            }
+            (m, _) => debug!(?from, "disco {m:?} on an unexpected path; ignored"),
+        }
+    }
+
+    async fn on_udp(&mut self, d: Datagram) {
+        if self.shared.blackhole_direct.load(Ordering::Relaxed) {
+            return;
+        }
+        if disco::is_disco(&d.data) {
+            self.on_disco(&d.data, Some(d.from), None).await;
+        } else if e2e::is_e2e(&d.data) {
+            let Some(&peer) = self.addr_peer.get(&d.from) else {
+                debug!(from = %d.from, "E2E datagram from an address no disco message proved");
+                return;
+            };
+            self.on_e2e(peer, d.data, Path::Direct(d.from)).await;
+        } else {
+            debug!(from = %d.from, "unknown datagram dropped");
+        }
+    }
+
     fn set_path(&mut self, peer: PublicKey, new: Path) {
         let old = self.shared.paths.lock().expect("lock").insert(peer, new);
         if old != Some(new) {
@@ -626,49 +1000,63 @@ impl Actor {
         }
     }
 
+    /// An E2E packet from `src` (proven by the relay's source key or the UDP address map;
+    /// the Noise session proves it again), which arrived via `via`.
+    async fn on_e2e(&mut self, src: PublicKey, data: Bytes, via: Path) {
+        let now = Instant::now();
+        let opened = match self.sessions.open(&src, &data, now) {
+            Ok(o) => o,
+            Err(e) => {
+                debug!(%via, "packet from {} dropped: {e}", src.short());
+                return;
+            }
+        };
+        if let Path::Relay(region) = via {
+            // Authenticated: this is where the peer is reachable now.
+            self.peer_region.insert(src, region);
+            if self.direct_for(&src, now).is_none() {
+                self.set_path(src, via);
+            }
+        }
+        for r in opened.replies {
+            self.send_to_peer(src, r.into()).await;
+        }
+        let Some(pt) = opened.plaintext else { return };
+        self.peers.entry(src).or_default().last_active = Some(now);
+        match pt.first() {
+            Some(&M_DATA) => {
+                let data = Bytes::from(pt).slice(1..);
+                let _ = self.recv_tx.send((src, data)).await;
+            }
+            Some(&M_PING) if pt.len() == 9 => {
+                let mut m = pt.clone();
+                m[0] = M_PONG;
+                if let Err(e) = self.seal_and_send(src, &m).await {
+                    debug!("pong to {} not sent: {e}", src.short());
+                }
+            }
+            Some(&M_PONG) if pt.len() == 9 => {
+                let id = u64::from_be_bytes(pt[1..9].try_into().expect("len"));
+                if let Some((sent, tx)) = self.pings.remove(&id) {
+                    let _ = tx.send(PingReply {
+                        rtt: sent.elapsed(),
+                        path: via,
+                    });
+                }
+            }
+            _ => debug!("unknown inner message from {}", src.short()),
+        }
+    }
+
     async fn on_relay(&mut self, region: u32, ev: RelayEvent) {
         match ev {
             RelayEvent::Packet { src, data } => {
-                if !e2e::is_e2e(&data) {
+                if disco::is_disco(&data) {
+                    self.on_disco(&data, None, Some(src)).await;
+                } else if e2e::is_e2e(&data) {
+                    self.on_e2e(src, data, Path::Relay(region)).await;
+                } else {
                     debug!(region, "non-E2E packet from {} ignored", src.short());
-                    return;
-                }
-                let opened = match self.sessions.open(&src, &data, Instant::now()) {
-                    Ok(o) => o,
-                    Err(e) => {
-                        debug!(region, "packet from {} dropped: {e}", src.short());
-                        return;
-                    }
-                };
-                // Authenticated: this is where the peer is reachable now.
-                self.peer_region.insert(src, region);
-                self.set_path(src, Path::Relay(region));
-                for r in opened.replies {
-                    self.send_to_peer(src, r.into()).await;
-                }
-                let Some(pt) = opened.plaintext else { return };
-                match pt.first() {
-                    Some(&M_DATA) => {
-                        let data = Bytes::from(pt).slice(1..);
-                        let _ = self.recv_tx.send((src, data)).await;
-                    }
-                    Some(&M_PING) if pt.len() == 9 => {
-                        let mut m = pt.clone();
-                        m[0] = M_PONG;
-                        if let Err(e) = self.seal_and_send(src, &m).await {
-                            debug!("pong to {} not sent: {e}", src.short());
-                        }
-                    }
-                    Some(&M_PONG) if pt.len() == 9 => {
-                        let id = u64::from_be_bytes(pt[1..9].try_into().expect("len"));
-                        if let Some((sent, tx)) = self.pings.remove(&id) {
-                            let _ = tx.send(PingReply {
-                                rtt: sent.elapsed(),
-                                path: Path::Relay(region),
-                            });
-                        }
-                    }
-                    _ => debug!("unknown inner message from {}", src.short()),
                 }
             }
             RelayEvent::PeerGone { peer, reason } => {

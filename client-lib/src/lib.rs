@@ -23,6 +23,8 @@ pub mod stun;
 pub mod tls;
 pub mod udp;
 
-pub use endpoint::{Endpoint, EndpointConfig, EndpointError, Path, PathEvent, PingReply};
+pub use endpoint::{
+    DirectOptions, Endpoint, EndpointConfig, EndpointError, Path, PathEvent, PingReply,
+};
 pub use ferry_relay::proto::{PublicKey, SecretKey};
 pub use relaymap::RelayMap;

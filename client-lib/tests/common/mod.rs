@@ -117,12 +117,14 @@ pub fn map_for(server: &Server) -> RelayMap {
     map(&[(900, node)])
 }
 
-/// Endpoint settings for loopback tests: IPv4 loopback socket, no IPv6, no periodic re-STUN.
+/// Endpoint settings for loopback tests: IPv4 loopback socket, no IPv6, no periodic re-STUN,
+/// relay path only (tests of direct paths turn `direct.enabled` back on).
 pub fn ep_config(map: RelayMap) -> ferry_client::EndpointConfig {
     let mut c = ferry_client::EndpointConfig::new(SecretKey::generate(), map);
     c.bind_v4 = "127.0.0.1:0".parse().unwrap();
     c.bind_v6 = None;
     c.restun_interval = None;
     c.netcheck.timeout = Duration::from_secs(2);
+    c.direct.enabled = false;
     c
 }
