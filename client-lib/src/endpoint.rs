@@ -342,7 +342,7 @@ impl Endpoint {
             peers: HashMap::new(),
             addr_peer: HashMap::new(),
             local_endpoints,
-            observed: BTreeSet::new(),
+            observed: HashMap::new(),
             sessions: Sessions::new(cfg.secret_key.clone()),
             cfg,
             relays: HashMap::from([(home_id, home)]),
@@ -493,11 +493,30 @@ fn local_endpoints(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
     out
 }
 
+/// Most candidate addresses kept per peer.
+const MAX_CANDIDATES: usize = 64;
+/// Most of our own addresses learned from pongs.
+const MAX_OBSERVED: usize = 8;
+/// Candidates and observed addresses not offered or seen again for this long are forgotten.
+const ADDR_TTL: Duration = Duration::from_secs(120);
+
+/// Records `a` as seen `now`; evicts the stalest entry beyond `max`. True if `a` was new.
+fn remember(m: &mut HashMap<SocketAddr, Instant>, a: SocketAddr, now: Instant, max: usize) -> bool {
+    let new = m.insert(a, now).is_none();
+    if m.len() > max {
+        if let Some(oldest) = m.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a) {
+            m.remove(&oldest);
+        }
+    }
+    new
+}
+
 /// What the endpoint knows about one peer's direct paths.
 #[derive(Debug, Default)]
 struct PeerDisco {
     /// Addresses to ping: from CallMeMaybe and peer-reflexive (sources of its pings).
-    candidates: BTreeSet<SocketAddr>,
+    /// Each with when it was last offered or seen; bounded (`MAX_CANDIDATES`, `ADDR_TTL`).
+    candidates: HashMap<SocketAddr, Instant>,
     /// Pings in flight: txid → (address pinged, when).
     pings: HashMap<TxId, (SocketAddr, Instant)>,
     /// The direct path and its last pong.
@@ -530,7 +549,8 @@ struct Actor {
     /// Our socket addresses as offered to peers.
     local_endpoints: Vec<SocketAddr>,
     /// Our addresses as peers saw them (from pongs).
-    observed: BTreeSet<SocketAddr>,
+    /// Bounded (`MAX_OBSERVED`, `ADDR_TTL`): a peer can claim anything in a pong.
+    observed: HashMap<SocketAddr, Instant>,
     sessions: Sessions,
     relays: HashMap<u32, RelayClient>,
     /// Packets waiting for a region's relay to connect.
@@ -790,7 +810,7 @@ impl Actor {
             set.extend(r.global_v6);
         }
         set.extend(self.local_endpoints.iter().copied());
-        set.extend(self.observed.iter().copied());
+        set.extend(self.observed.keys().copied());
         set.into_iter().take(disco::MAX_ENDPOINTS).collect()
     }
 
@@ -828,7 +848,7 @@ impl Actor {
             return;
         }
         st.last_probe = Some(now);
-        let candidates: Vec<SocketAddr> = st.candidates.iter().copied().collect();
+        let candidates: Vec<SocketAddr> = st.candidates.keys().copied().collect();
         let msg = Message::CallMeMaybe {
             endpoints: self.my_endpoints(),
         };
@@ -848,7 +868,11 @@ impl Actor {
         let mut expired = Vec::new();
         let mut heartbeat = Vec::new();
         let mut probe = Vec::new();
+        self.observed
+            .retain(|_, t| now.saturating_duration_since(*t) < ADDR_TTL);
         for (peer, st) in &mut self.peers {
+            st.candidates
+                .retain(|_, t| now.saturating_duration_since(*t) < ADDR_TTL);
             st.pings
                 .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < d.trust);
             let active = st
@@ -919,7 +943,7 @@ impl Actor {
                 let pong = disco::seal(&self.cfg.secret_key, &peer, &Message::Pong { txid, src });
                 self.send_direct(src, &pong).await;
                 let st = self.peers.entry(peer).or_default();
-                let new = st.candidates.insert(src);
+                let new = remember(&mut st.candidates, src, now, MAX_CANDIDATES);
                 let fresh = self.direct_for(&peer, now).is_some();
                 let pinging = self.peers[&peer].pings.values().any(|(a, _)| *a == src);
                 if (new || !fresh) && !pinging {
@@ -953,7 +977,7 @@ impl Actor {
                 }
                 self.addr_peer.insert(src, peer);
                 if !observed.ip().is_unspecified() && observed.port() != 0 {
-                    self.observed.insert(observed);
+                    remember(&mut self.observed, observed, now, MAX_OBSERVED);
                 }
                 if !keep_other {
                     self.set_path(peer, Path::Direct(src));
@@ -962,7 +986,9 @@ impl Actor {
             (Message::CallMeMaybe { endpoints }, None) => {
                 debug!(peer = %peer.short(), ?endpoints, "call-me-maybe");
                 let st = self.peers.entry(peer).or_default();
-                st.candidates.extend(endpoints.iter().copied());
+                for a in &endpoints {
+                    remember(&mut st.candidates, *a, now, MAX_CANDIDATES);
+                }
                 // Our own CallMeMaybe back (rate-limited), then ping every endpoint now.
                 self.maybe_probe(peer, now).await;
                 for a in endpoints {
@@ -1078,6 +1104,43 @@ impl Actor {
                     warn!(region, "relay health: {h}");
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_addresses_are_bounded_and_the_stalest_goes() {
+        let mut m = HashMap::new();
+        let t0 = Instant::now();
+        let addr = |p: u16| SocketAddr::from(([10, 0, 0, 1], p));
+        for p in 0..4 {
+            assert!(remember(
+                &mut m,
+                addr(p),
+                t0 + Duration::from_secs(p.into()),
+                4
+            ));
+        }
+        assert!(!remember(&mut m, addr(0), t0 + Duration::from_secs(10), 4));
+        assert!(remember(&mut m, addr(9), t0 + Duration::from_secs(11), 4));
+        assert_eq!(m.len(), 4);
+        assert!(!m.contains_key(&addr(1)), "the stalest entry is evicted");
+        assert!(m.contains_key(&addr(0)), "a refreshed entry stays");
+    }
+
+    #[test]
+    fn local_endpoints_keep_specified_addresses_and_resolve_wildcards() {
+        let lo: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+        assert_eq!(local_endpoints(&[lo]), vec![lo]);
+        // A wildcard socket is offered under the routed source address (if there is a
+        // route at all), never as 0.0.0.0, and keeps its port.
+        for a in local_endpoints(&["0.0.0.0:4243".parse().unwrap()]) {
+            assert!(!a.ip().is_unspecified());
+            assert_eq!(a.port(), 4243);
         }
     }
 }
