@@ -144,3 +144,24 @@ async fn relay_only_endpoints_never_go_direct() {
     assert_eq!(pong.path, Path::Relay(900));
     assert_eq!(a.path(&b.public_key()), Some(Path::Relay(900)));
 }
+
+#[tokio::test]
+async fn wildcard_sockets_find_the_direct_path_too() {
+    let relay = plain_relay(true).await;
+    let map = map_for(&relay);
+    let mut ca = direct_config(map.clone());
+    ca.bind_v4 = "0.0.0.0:0".parse().unwrap();
+    let mut cb = direct_config(map);
+    cb.bind_v4 = "0.0.0.0:0".parse().unwrap();
+    let a = Endpoint::bind(ca).await.unwrap();
+    let b = Endpoint::bind(cb).await.unwrap();
+    let mut ea = a.path_events();
+    exchange(&a, &b, 5, 1).await;
+    let p = wait_path(&mut ea, b.public_key(), is_direct, "a → b direct").await;
+    eprintln!("wildcard: {p}");
+    let Path::Direct(addr) = p else {
+        unreachable!()
+    };
+    assert_eq!(addr.port(), b.local_addrs()[0].port());
+    exchange(&a, &b, 5, 2).await;
+}
