@@ -5,6 +5,7 @@
 #   Debian packages (system-wide, only if the binary is missing):
 #     coturn      -> turnutils_stunclient, turnserver   (STUN interop)
 #     prometheus  -> promtool                            (metrics format check)
+#     iptables, iproute2 -> iptables, ip                 (client NAT lab: network namespaces)
 #   Go tools (project-local, <repo>/.tools/bin, pinned):
 #     tailscale.com/cmd/derpprobe, tailscale.com/cmd/derper  @ $TAILSCALE_VERSION
 #     github.com/letsencrypt/pebble/v2/cmd/pebble           @ $PEBBLE_VERSION
@@ -30,7 +31,7 @@ die() { log "ERROR: $*"; exit 1; }
 # ---------------------------------------------------------------- Debian packages
 apt_part() {
     local missing=() bin pkg
-    for pair in turnutils_stunclient:coturn promtool:prometheus stun:stun-client; do
+    for pair in turnutils_stunclient:coturn promtool:prometheus stun:stun-client iptables:iptables ip:iproute2; do
         bin="${pair%%:*}"; pkg="${pair#*:}"
         if command -v "$bin" >/dev/null 2>&1; then
             log "ok: $bin ($(command -v "$bin"))"
@@ -70,7 +71,7 @@ apt_part() {
             fi
         done
     fi
-    for bin in turnutils_stunclient promtool; do
+    for bin in turnutils_stunclient promtool iptables ip; do
         command -v "$bin" >/dev/null 2>&1 || die "$bin still missing after install"
     done
     local v
@@ -129,7 +130,7 @@ go_part() {
 
 # ---------------------------------------------------------------- summary
 echo "test dependencies:"
-for bin in turnutils_stunclient turnserver promtool; do
+for bin in turnutils_stunclient turnserver promtool iptables ip; do
     printf '  %-22s %s\n' "$bin" "$(command -v "$bin" || echo MISSING)"
 done
 if [[ ${SKIP_GO:-0} != 1 ]]; then

@@ -27,7 +27,9 @@
 //!    sends it a CallMeMaybe through the relay (our candidate endpoints: the STUN-mapped
 //!    address, the socket's local addresses, addresses peers observed in pongs) and pings the
 //!    peer's known candidates on UDP; at most every [`DirectOptions::probe_interval`]. A peer
-//!    receiving CallMeMaybe pings every endpoint in it (and answers with its own), a node
+//!    receiving CallMeMaybe *that answers ours* pings every endpoint in it; one receiving it
+//!    unasked first "punches" (pings with IP TTL 2, opening its own NAT without leaving a
+//!    stale conntrack entry on the asker's NAT) and answers with its own CallMeMaybe. A node
 //!    pinged from an unknown address pings that address back (peer-reflexive): simultaneous
 //!    open. A pong from the address pinged makes it the peer's direct path.
 //! 5. Data goes direct only while the last pong on that address is younger than
@@ -499,6 +501,9 @@ const MAX_CANDIDATES: usize = 64;
 const MAX_OBSERVED: usize = 8;
 /// Candidates and observed addresses not offered or seen again for this long are forgotten.
 const ADDR_TTL: Duration = Duration::from_secs(120);
+/// IP TTL of hole-punching pings (`Actor::punch`): past our own NAT router (one
+/// hop) but not across the Internet to the peer's NAT.
+const PUNCH_TTL: u32 = 2;
 
 /// Records `a` as seen `now`; evicts the stalest entry beyond `max`. True if `a` was new.
 fn remember(m: &mut HashMap<SocketAddr, Instant>, a: SocketAddr, now: Instant, max: usize) -> bool {
@@ -833,9 +838,39 @@ impl Actor {
         self.send_direct(addr, &pkt).await;
     }
 
-    /// No fresh direct path: CallMeMaybe via the relay and ping the known candidates, at
-    /// most every `probe_interval`.
+    /// A disco ping with a small TTL ([`PUNCH_TTL`]): it opens our NAT's mapping towards
+    /// `addr` but dies before the peer's NAT, so that NAT keeps no "unreplied" entry for it.
+    /// (A Linux router that saw the peer's ping before its host sent anything to us keeps
+    /// that entry and then gives the host's own packets to us another port: neither side's
+    /// pings get through.) Not tracked as a ping in flight: on a flat network it reaches the
+    /// peer, whose peer-reflexive ping back makes the path. IPv6: an ordinary ping.
+    async fn punch(&mut self, peer: PublicKey, addr: SocketAddr, now: Instant) {
+        if !addr.is_ipv4() {
+            self.ping_addr(peer, addr, now).await;
+            return;
+        }
+        let Some(sock) = self.sockets.for_addr(&addr).cloned() else {
+            return;
+        };
+        let msg = Message::Ping {
+            txid: disco::new_txid(),
+            node_key: self.cfg.secret_key.public(),
+        };
+        let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        let old = sock.ttl().unwrap_or(64);
+        if sock.set_ttl(PUNCH_TTL).is_ok() {
+            self.send_direct(addr, &pkt).await;
+            let _ = sock.set_ttl(old);
+        }
+    }
+
+    /// No fresh direct path: CallMeMaybe via the relay and (with `ping`) ping the known
+    /// candidates, at most every `probe_interval`.
     async fn maybe_probe(&mut self, peer: PublicKey, now: Instant) {
+        self.probe(peer, now, true).await;
+    }
+
+    async fn probe(&mut self, peer: PublicKey, now: Instant, ping: bool) {
         if !self.cfg.direct.enabled || peer == self.cfg.secret_key.public() {
             return;
         }
@@ -852,8 +887,11 @@ impl Actor {
         let msg = Message::CallMeMaybe {
             endpoints: self.my_endpoints(),
         };
-        debug!(peer = %peer.short(), ?candidates, "probing for a direct path");
+        debug!(peer = %peer.short(), ?candidates, ping, "probing for a direct path");
         self.send_disco_relay(peer, &msg).await;
+        if !ping {
+            return;
+        }
         for a in candidates {
             self.ping_addr(peer, a, now).await;
         }
@@ -984,12 +1022,28 @@ impl Actor {
                 }
             }
             (Message::CallMeMaybe { endpoints }, None) => {
-                debug!(peer = %peer.short(), ?endpoints, "call-me-maybe");
                 let st = self.peers.entry(peer).or_default();
+                // Did the peer ask first (we sent no CallMeMaybe lately)?
+                let answering = st.last_probe.is_none_or(|t| {
+                    now.saturating_duration_since(t) >= self.cfg.direct.probe_interval
+                });
+                debug!(peer = %peer.short(), ?endpoints, answering, "call-me-maybe");
                 for a in &endpoints {
                     remember(&mut st.candidates, *a, now, MAX_CANDIDATES);
                 }
-                // Our own CallMeMaybe back (rate-limited), then ping every endpoint now.
+                if answering {
+                    // Open our NAT towards its endpoints (without reaching its NAT), then
+                    // answer with our CallMeMaybe: the peer pings us on receiving it, its
+                    // pings come through the mapping just opened, and we ping back
+                    // (peer-reflexive). Our own full pings wait for the next probe.
+                    for a in &endpoints {
+                        self.punch(peer, *a, now).await;
+                    }
+                    self.probe(peer, now, false).await;
+                    return;
+                }
+                // Our CallMeMaybe went first, so the peer has punched towards us before
+                // answering: ping every endpoint now.
                 self.maybe_probe(peer, now).await;
                 for a in endpoints {
                     let pinging = self.peers[&peer].pings.values().any(|(p, _)| *p == a);

@@ -80,7 +80,7 @@ enum Command {
     },
     /// Ping a peer end to end through the relay; or, with --listen, answer pings.
     #[command(
-        after_help = "Examples:\n  ferry ping --listen --key-file b.key --relay-map derpmap.json\n  ferry ping nodekey:3f2a... --key-file a.key --relay-map derpmap.json --count 5\n\nThe peer must run an Endpoint (e.g. `ferry ping --listen`); it answers by itself."
+        after_help = "Examples:\n  ferry ping --listen --key-file b.key --relay-map derpmap.json\n  ferry ping nodekey:3f2a... --key-file a.key --relay-map derpmap.json --count 5\n\nThe peer must run an Endpoint (e.g. `ferry ping --listen`); it answers by itself.\nEach path change is printed as `path to <peer>: direct <addr>|relay <region> (after <s> s)`."
     )]
     Ping {
         /// The peer's public key (`nodekey:<hex>` or 64 hex characters).
@@ -247,11 +247,29 @@ async fn run(cmd: Command) -> Result<()> {
             cfg.tls = relays.tls()?;
             cfg.transport = relays.transport();
             let ep = Endpoint::bind(cfg).await?;
+            let mut events = ep.path_events();
             let home = ep.home_region().unwrap_or_default();
             eprintln!(
                 "ferry: node {} on relay region {home}",
                 keys::display_public(&ep.public_key())
             );
+            // Every path change, with the seconds since the first ping (or since listening):
+            // `path to nodekey:…: direct 203.0.113.6:41641 (after 0.412 s)`.
+            let t0 = Instant::now();
+            tokio::spawn(async move {
+                loop {
+                    match events.recv().await {
+                        Ok(ev) => println!(
+                            "path to {}: {} (after {:.3} s)",
+                            keys::display_public(&ev.peer),
+                            ev.new,
+                            t0.elapsed().as_secs_f64()
+                        ),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            });
             if listen {
                 println!(
                     "listening as {} (home relay region {home}); answering pings",

@@ -154,6 +154,7 @@ async fn netcheck_and_ping_through_a_relay() {
     );
     let m = mapfile.clone();
     let b = bpub.trim().to_string();
+    let b_pub = b.clone();
     let (ok, out, err) = tokio::task::spawn_blocking(move || {
         run(&[
             "ping",
@@ -179,4 +180,10 @@ async fn netcheck_and_ping_through_a_relay() {
         "{out}"
     );
     assert!(out.contains("3 pings, 3 replies, 0% loss"), "{out}");
+    // Path changes are printed: the first reply comes via the relay.
+    assert!(
+        out.contains(&format!("path to {b_pub}: relay 900 (after "))
+            || out.contains(&format!("path to {b_pub}: direct ")),
+        "{out}"
+    );
 }

@@ -1,0 +1,459 @@
+//! A NAT lab from Linux network namespaces, for tests that run the `ferry` CLI behind NAT
+//! routers. Needs root, `ip` (iproute2) and `iptables`; see [`prerequisites`].
+//!
+//! Topology (all addresses exist only inside the lab's namespaces; 203.0.113.0/24 is a
+//! documentation range, 192.168.N.0/24 private):
+//!
+//! ```text
+//!   home N (192.168.N.2) --lan-- router N (192.168.N.1 | wan 203.0.113.(4N-2)/30) --pN-- pub
+//!   pub: 203.0.113.1/30, .5/30, ... (one /30 per router), forwards between routers and runs
+//!        `ferry-relay --dev` on 203.0.113.1:3340 with STUN on 203.0.113.1:3478
+//! ```
+//!
+//! Routers NAT their LAN with `MASQUERADE` ([`Nat::Easy`]), `MASQUERADE --random-fully`
+//! ([`Nat::Hard`]), or drop the LAN's UDP ([`Nat::UdpBlocked`], also MASQUERADE for TCP).
+//! Namespaces are named `ferrylab-<pid>-<n>-<role>`; [`Lab`]'s `Drop` kills the lab's
+//! processes and deletes its namespaces (the veths go with them), also when a test panics.
+//! [`Lab::new`] first deletes `ferrylab-<pid>-*` namespaces whose process is gone.
+//!
+//! The relay binary: `<target>/<profile>/ferry-relay`, next to the `ferry` binary cargo built
+//! for this test. `cargo test --workspace` (scripts/test.sh, CI) builds it; with
+//! `cargo test -p ferry-client` run `cargo build -p ferry-relay` first. `FERRY_RELAY_BIN`
+//! overrides the path.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const PREFIX: &str = "ferrylab-";
+pub const RELAY_IP: &str = "203.0.113.1";
+pub const RELAY_PORT: u16 = 3340;
+pub const STUN_PORT: u16 = 3478;
+
+/// How a home's router treats its LAN's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// `MASQUERADE`: keeps the source port when it can (endpoint-independent mapping).
+    Easy,
+    /// `MASQUERADE --random-fully`: a random port per destination (endpoint-dependent).
+    Hard,
+    /// MASQUERADE, and all UDP from the LAN dropped.
+    UdpBlocked,
+}
+
+/// The `ferry` CLI binary of this package.
+pub fn ferry_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
+}
+
+/// The `ferry-relay` binary (see the module docs).
+pub fn relay_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("FERRY_RELAY_BIN") {
+        return p.into();
+    }
+    ferry_bin().with_file_name(format!("ferry-relay{}", std::env::consts::EXE_SUFFIX))
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`{cmd} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    run("ip", args).map(|_| ())
+}
+
+/// Whether the lab can run here: `Err(why)` if not (not root, no `ip`, no `iptables`, no
+/// permission for `ip netns add`, or no relay binary).
+pub fn prerequisites() -> Result<(), String> {
+    // The effective uid via `id -u` (no libc dependency for one call).
+    let uid = run("id", &["-u"]).map_err(|e| format!("cannot run `id -u`: {e}"))?;
+    if uid.trim() != "0" {
+        return Err(format!("not root (uid {})", uid.trim()));
+    }
+    run("ip", &["-V"]).map_err(|e| format!("no iproute2 `ip`: {e}"))?;
+    run("iptables", &["-V"]).map_err(|e| format!("no `iptables`: {e}"))?;
+    let relay = relay_bin();
+    if !relay.exists() {
+        return Err(format!(
+            "no relay binary at {} (run `cargo build -p ferry-relay`, or set FERRY_RELAY_BIN)",
+            relay.display()
+        ));
+    }
+    // Unique per call: tests of one binary check this in parallel.
+    let n = LABS.fetch_add(1, Ordering::Relaxed);
+    let probe = format!("{PREFIX}{}-{n}-probe", std::process::id());
+    ip(&["netns", "add", &probe]).map_err(|e| format!("`ip netns add` not permitted: {e}"))?;
+    let nat = run(
+        "ip",
+        &["netns", "exec", &probe, "iptables", "-t", "nat", "-L", "-n"],
+    );
+    let _ = ip(&["netns", "del", &probe]);
+    nat.map_err(|e| format!("iptables does not work in a namespace: {e}"))?;
+    Ok(())
+}
+
+/// `true` when the test should go on. Without the prerequisites, prints SKIPPED and returns
+/// `false`; under CI (`CI` set) panics instead, since CI runs as root with iptables installed.
+pub fn available(test: &str) -> bool {
+    match prerequisites() {
+        Ok(()) => true,
+        Err(why) if std::env::var_os("CI").is_some() => {
+            panic!("{test}: NAT lab prerequisites missing under CI: {why}")
+        }
+        Err(why) => {
+            eprintln!("{test}: SKIPPED: needs root and iptables (CI runs as root): {why}");
+            false
+        }
+    }
+}
+
+/// Deletes `ferrylab-<pid>-*` namespaces left by processes that no longer exist (a test
+/// killed before its `Drop` ran), and the processes still running in them.
+pub fn remove_leftovers() {
+    let Ok(list) = run("ip", &["netns", "list"]) else {
+        return;
+    };
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let Ok(pids) = run("ip", &["netns", "pids", name]) {
+            for p in pids.split_whitespace() {
+                let _ = run("kill", &["-9", p]);
+            }
+        }
+        let _ = ip(&["netns", "del", name]);
+    }
+}
+
+/// A process in the lab whose stdout lines arrive on a channel (with their arrival time).
+pub struct Proc {
+    pub child: Child,
+    pub lines: mpsc::Receiver<(Instant, String)>,
+    /// Everything read so far (for failure messages).
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// The next stdout line containing `needle`, within `timeout`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Option<(Instant, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((t, line)) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return Some((t, line));
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// A running lab: a public namespace with the relay, one router and one home per [`Nat`].
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    relay: Option<Proc>,
+    pub dir: tempfile::TempDir,
+    /// The DERP map (one region, 900, the lab's relay), as a file for `--relay-map`.
+    pub map_file: PathBuf,
+}
+
+impl Lab {
+    /// Builds the lab and starts the relay (waits until it is ready).
+    pub fn new(homes: &[Nat]) -> Lab {
+        remove_leftovers();
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{PREFIX}{}-{n}-", std::process::id());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let map_file = dir.path().join("derpmap.json");
+        let mut lab = Lab {
+            prefix,
+            namespaces: Vec::new(),
+            relay: None,
+            dir,
+            map_file,
+        };
+        if let Err(e) = lab.build(homes) {
+            panic!("building the NAT lab: {e}");
+        }
+        lab
+    }
+
+    /// The namespace of a role: `pub`, `rN` (router N) or `hN` (home N), N from 1.
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}{role}", self.prefix)
+    }
+
+    /// The lab's namespaces.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.namespaces.clone()
+    }
+
+    /// Home N's namespace (N from 1).
+    pub fn home(&self, n: usize) -> String {
+        self.ns(&format!("h{n}"))
+    }
+
+    fn add_ns(&mut self, role: &str) -> Result<String, String> {
+        let name = self.ns(role);
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    /// Runs a command to completion in namespace `ns` (e.g. an iptables rule); its stdout.
+    pub fn exec(ns: &str, cmd: &[&str]) -> Result<String, String> {
+        let mut args = vec!["netns", "exec", ns];
+        args.extend_from_slice(cmd);
+        run("ip", &args)
+    }
+
+    fn build(&mut self, homes: &[Nat]) -> Result<(), String> {
+        let public = self.add_ns("pub")?;
+        Self::exec(&public, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        for (i, nat) in homes.iter().enumerate() {
+            let n = i + 1;
+            let router = self.add_ns(&format!("r{n}"))?;
+            let home = self.add_ns(&format!("h{n}"))?;
+            // Veths are created inside the namespaces (never in the caller's), so their
+            // short fixed names cannot collide between labs.
+            let p = format!("p{n}");
+            ip(&[
+                "-n", &router, "link", "add", "wan", "type", "veth", "peer", "name", &p, "netns",
+                &public,
+            ])?;
+            ip(&[
+                "-n", &home, "link", "add", "eth0", "type", "veth", "peer", "name", "lan", "netns",
+                &router,
+            ])?;
+            let base = 4 * i; // 203.0.113.(base+1) pub side, (base+2) router side
+            let pub_ip = format!("203.0.113.{}", base + 1);
+            let wan_ip = format!("203.0.113.{}", base + 2);
+            let lan_gw = format!("192.168.{n}.1");
+            ip(&[
+                "-n",
+                &public,
+                "addr",
+                "add",
+                &format!("{pub_ip}/30"),
+                "dev",
+                &p,
+            ])?;
+            ip(&[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{wan_ip}/30"),
+                "dev",
+                "wan",
+            ])?;
+            ip(&[
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{lan_gw}/24"),
+                "dev",
+                "lan",
+            ])?;
+            ip(&[
+                "-n",
+                &home,
+                "addr",
+                "add",
+                &format!("192.168.{n}.2/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &public, "link", "set", &p, "up"])?;
+            ip(&["-n", &router, "link", "set", "wan", "up"])?;
+            ip(&["-n", &router, "link", "set", "lan", "up"])?;
+            ip(&["-n", &home, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &router, "route", "add", "default", "via", &pub_ip])?;
+            ip(&["-n", &home, "route", "add", "default", "via", &lan_gw])?;
+            Self::exec(&router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            let mut masq = vec![
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "wan",
+                "-j",
+                "MASQUERADE",
+            ];
+            if *nat == Nat::Hard {
+                masq.push("--random-fully");
+            }
+            Self::exec(&router, &masq)?;
+            if *nat == Nat::UdpBlocked {
+                Self::exec(
+                    &router,
+                    &[
+                        "iptables", "-A", "FORWARD", "-i", "lan", "-p", "udp", "-j", "DROP",
+                    ],
+                )?;
+            }
+        }
+        let map = serde_json::json!({"Regions": {"900": {"RegionID": 900, "RegionCode": "lab",
+            "RegionName": "NAT lab", "Nodes": [{"Name": "900a", "RegionID": 900,
+            "HostName": RELAY_IP, "IPv4": RELAY_IP, "IPv6": "none", "DERPPort": RELAY_PORT,
+            "STUNPort": STUN_PORT, "InsecureForTests": true}]}}});
+        std::fs::write(&self.map_file, map.to_string()).map_err(|e| e.to_string())?;
+        let relay = relay_bin();
+        let listen = format!("{RELAY_IP}:{RELAY_PORT}");
+        let stun = format!("{RELAY_IP}:{STUN_PORT}");
+        let mut proc = self.spawn(
+            "pub",
+            relay.to_str().expect("utf-8 path"),
+            &[
+                "--dev",
+                "--listen",
+                &listen,
+                "--stun-listen",
+                &stun,
+                "--metrics-listen",
+                "off",
+            ],
+        );
+        if proc.wait_for("ready", Duration::from_secs(10)).is_none() {
+            return Err(format!("relay not ready: {:?}", proc.seen));
+        }
+        self.relay = Some(proc);
+        Ok(())
+    }
+
+    /// Runs `program args…` in the namespace of `role` (see [`Lab::ns`]), stdout on a channel.
+    pub fn spawn(&self, role: &str, program: &str, args: &[&str]) -> Proc {
+        let ns = self.ns(role);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("ip netns exec {ns} {program}: {e}"));
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// `ferry args…` in home N's namespace.
+    pub fn ferry(&self, home: usize, args: &[&str]) -> Proc {
+        self.spawn(
+            &format!("h{home}"),
+            ferry_bin().to_str().expect("utf-8 path"),
+            args,
+        )
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.relay.take();
+        for ns in self.namespaces.iter().rev() {
+            // Anything a test left running in the namespace (its Proc normally kills it).
+            if let Ok(pids) = run("ip", &["netns", "pids", ns]) {
+                for p in pids.split_whitespace() {
+                    let _ = run("kill", &["-9", p]);
+                }
+            }
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+/// The names `ip netns list` shows.
+pub fn netns_list() -> Vec<String> {
+    run("ip", &["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// A fresh key file in `dir` (made by `ferry keygen`); returns (path, public key).
+pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let out = Command::new(ferry_bin())
+        .args(["keygen", "--out", path.to_str().expect("utf-8 path")])
+        .output()
+        .expect("ferry keygen");
+    assert!(out.status.success(), "ferry keygen failed");
+    (
+        path,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+/// The median of `v` (sorted in place); `None` if empty.
+pub fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
