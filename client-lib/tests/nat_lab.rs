@@ -2,7 +2,8 @@
 //! in network namespaces, a `ferry-relay` in a "public" namespace. Needs root and iptables
 //! (skips otherwise, fails under CI); see tests/natlab/mod.rs and docs/nat-traversal.md.
 //!
-//! `NATLAB_TRIALS` sets the number of trials per pair (default 5; the report uses 20).
+//! `NATLAB_TRIALS` sets the number of trials per pair (default 5 for test 1, 3 for test 3;
+//! the report uses 20).
 
 mod natlab;
 
@@ -11,11 +12,16 @@ use std::time::Duration;
 use natlab::{keygen, median, netns_list, Lab, Nat};
 
 fn trials() -> usize {
+    trials_or(5)
+}
+
+/// `NATLAB_TRIALS`, or `default`.
+fn trials_or(default: usize) -> usize {
     std::env::var("NATLAB_TRIALS")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(5)
+        .unwrap_or(default)
 }
 
 /// The outcome of one trial: seconds from the first ping to the direct path (as `ferry ping`
@@ -133,6 +139,122 @@ fn natlab_easy_easy_direct_every_time() {
         "{} of {n} trials stayed on the relay; first: {:?}",
         failures.len(),
         failures.first()
+    );
+}
+
+/// One relay-only trial: home `listener` listens, home `pinger` sends `PINGS` pings
+/// (`INTERVAL` s apart). Returns `Err(why)` if a path went direct, the first reply was not
+/// `seq=1` via the relay, or a ping went unanswered; `Ok(first reply line)` otherwise.
+fn relay_trial(lab: &Lab, tag: &str, pinger: usize, listener: usize) -> Result<String, String> {
+    const PINGS: u32 = 8;
+    let (bkey, bpub) = keygen(lab.dir.path(), &format!("{tag}.key"));
+    let map = lab.map_file.to_str().expect("utf-8 path");
+    let mut b = lab.ferry(
+        listener,
+        &[
+            "ping",
+            "--listen",
+            "--key-file",
+            bkey.to_str().unwrap(),
+            "--relay-map",
+            map,
+        ],
+    );
+    if b.wait_for("listening as", Duration::from_secs(10))
+        .is_none()
+    {
+        return Err(format!(
+            "listener did not connect to the relay: {:?}",
+            b.seen
+        ));
+    }
+    let count = PINGS.to_string();
+    let mut a = lab.ferry(
+        pinger,
+        &[
+            "ping",
+            &bpub,
+            "--relay-map",
+            map,
+            "--count",
+            &count,
+            "--interval",
+            "0.25",
+            "--timeout",
+            "2",
+        ],
+    );
+    // The summary line ends the run: 8 × 0.25 s, plus connecting, plus slack.
+    let done = a.wait_for(" pings, ", Duration::from_secs(15));
+    a.kill();
+    b.kill();
+    let lines = a.seen.clone();
+    let Some((_, summary)) = done else {
+        return Err(format!("pinger did not finish: {lines:?}"));
+    };
+    if let Some(l) = lines.iter().find(|l| l.contains(": direct ")) {
+        return Err(format!("went direct: {l}; {lines:?}"));
+    }
+    // The first answer (or timeout) line is the first ping's: answered via the relay, not
+    // after waiting for hole punching (which would show as "no reply" or a later seq).
+    let first = lines
+        .iter()
+        .find(|l| l.starts_with("pong from ") || l.starts_with("no reply "))
+        .cloned()
+        .unwrap_or_default();
+    if !(first.contains(" via relay 900: seq=1 ")) {
+        return Err(format!(
+            "first reply not seq=1 via relay: {first:?}; {lines:?}"
+        ));
+    }
+    let pongs = lines.iter().filter(|l| l.starts_with("pong from ")).count();
+    let via_relay = lines
+        .iter()
+        .filter(|l| l.contains(" via relay 900: "))
+        .count();
+    if pongs != PINGS as usize || via_relay != pongs {
+        return Err(format!(
+            "{pongs}/{PINGS} pongs, {via_relay} via relay ({summary}); {lines:?}"
+        ));
+    }
+    Ok(first)
+}
+
+/// Acceptance 3: hard ↔ hard (both `MASQUERADE --random-fully`), and UDP blocked on one side
+/// (the other easy), stay on the relay in every trial, and the first ping is answered via the
+/// relay at once (no waiting for hole punching). UDP-blocked trials alternate which side pings.
+#[test]
+fn natlab_hard_hard_and_udp_blocked_use_the_relay_at_once() {
+    if !natlab::available("natlab_hard_hard_and_udp_blocked_use_the_relay_at_once") {
+        return;
+    }
+    let n = trials_or(3);
+    // Homes: 1, 2 hard; 3 easy; 4 UDP blocked.
+    let lab = Lab::new(&[Nat::Hard, Nat::Hard, Nat::Easy, Nat::UdpBlocked]);
+    let mut failures = Vec::new();
+    let mut report = Vec::new();
+    for (case, pairs) in [
+        ("hard<->hard", [(1, 2), (2, 1)]),
+        ("easy<->UDP-blocked", [(3, 4), (4, 3)]),
+    ] {
+        let mut ok = 0;
+        for i in 0..n {
+            let (pinger, listener) = pairs[i % 2];
+            match relay_trial(&lab, &format!("r{pinger}{listener}-{i}"), pinger, listener) {
+                Ok(_) => ok += 1,
+                Err(why) => failures.push(format!("{case} trial {i}: {why}")),
+            }
+        }
+        println!(
+            "NAT lab {case}: {ok}/{n} trials relay-only with the first ping answered via the relay"
+        );
+        report.push((case, ok));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed trials ({report:?}); first: {}",
+        failures.len(),
+        failures[0]
     );
 }
 
