@@ -106,6 +106,10 @@ enum Command {
         /// The relay region to reach the peer through (its home; default: ours).
         #[arg(long)]
         peer_region: Option<u32>,
+        /// Also send this text to the peer as an application message (end-to-end encrypted)
+        /// before every ping; the listener prints `message from <peer>: <n> bytes via <path>`.
+        #[arg(long, conflicts_with = "listen")]
+        payload: Option<String>,
     },
 }
 
@@ -233,6 +237,7 @@ async fn run(cmd: Command) -> Result<()> {
             interval,
             timeout,
             peer_region,
+            payload,
         } => {
             // Check the arguments before any network activity.
             let peer = peer.map(|p| keys::parse_public(&p)).transpose()?;
@@ -294,6 +299,9 @@ async fn run(cmd: Command) -> Result<()> {
             loop {
                 sent += 1;
                 let start = Instant::now();
+                if let Some(p) = &payload {
+                    ep.send(peer, p.as_bytes().to_vec()).await?;
+                }
                 match tokio::time::timeout(timeout, ep.ping(peer)).await {
                     Ok(Ok(r)) => {
                         got += 1;

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -141,10 +141,11 @@ async fn netcheck_and_ping_through_a_relay() {
         .unwrap();
     let stdout = listener.stdout.take().unwrap();
     // Wait until B is connected (it prints its line after the relay handshake).
-    let first = tokio::task::spawn_blocking(move || {
+    let (first, mut rest) = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        line
+        let mut r = BufReader::new(stdout);
+        r.read_line(&mut line).unwrap();
+        (line, r)
     })
     .await
     .unwrap();
@@ -165,12 +166,25 @@ async fn netcheck_and_ping_through_a_relay() {
             "3",
             "--interval",
             "0.05",
+            "--payload",
+            "hello ferry",
         ])
     })
     .await
     .unwrap();
+    // The messages --payload sent (before each ping, so before its pong) are printed by now.
     let _ = listener.kill();
     let _ = listener.wait();
+    let mut heard = String::new();
+    rest.read_to_string(&mut heard).unwrap();
+    assert_eq!(
+        heard
+            .lines()
+            .filter(|l| l.starts_with("message from nodekey:") && l.contains(": 11 bytes via "))
+            .count(),
+        3,
+        "{heard}"
+    );
     assert!(ok, "{out}\n{err}");
     assert_eq!(out.matches("pong from").count(), 3, "{out}");
     assert!(

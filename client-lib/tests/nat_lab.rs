@@ -258,6 +258,163 @@ fn natlab_hard_hard_and_udp_blocked_use_the_relay_at_once() {
     );
 }
 
+/// The packet counter of the rule tagged `/* tag */` in `chain` of the public namespace.
+fn rule_packets(lab: &Lab, chain: &str, tag: &str) -> u64 {
+    let out = Lab::exec(&lab.ns("pub"), &["iptables", "-nvxL", chain]).expect("iptables -L");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("/* {tag} */")))
+        .unwrap_or_else(|| panic!("no rule {tag} in {chain}: {out}"));
+    line.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unparsable counter: {line}"))
+}
+
+/// Acceptance 6: what the relay receives and forwards contains no plaintext of the
+/// application's packets. Hard ↔ hard (so everything goes via the relay, which the lab's map
+/// dials over plain HTTP: no TLS hides anything); `ferry ping --payload <canary>` sends an
+/// application message before every ping. Counting iptables rules in the public namespace
+/// (`-m string`, on INPUT = to the relay, OUTPUT = from it, FORWARD = between the routers)
+/// must see the canary in no packet, while control rules matching the listener's raw public
+/// key (in DERP frames to or from it) and the plaintext `Upgrade: DERP` of the clients' HTTP
+/// requests prove the rules see the relay's traffic and find plaintext in it.
+#[test]
+fn natlab_relay_sees_no_plaintext() {
+    if !natlab::available("natlab_relay_sees_no_plaintext") {
+        return;
+    }
+    const PINGS: usize = 5;
+    let lab = Lab::new(&[Nat::Hard, Nat::Hard]);
+    let canary = format!("ferry-canary-plaintext-{}-0123456789", std::process::id());
+    let (bkey, bpub) = keygen(lab.dir.path(), "b.key");
+    let key_hex = bpub.strip_prefix("nodekey:").expect("nodekey: prefix");
+    let public = lab.ns("pub");
+    for chain in ["INPUT", "OUTPUT", "FORWARD"] {
+        for (tag, kind, pattern) in [
+            ("ferry-canary", "--string", canary.clone()),
+            ("ferry-control", "--hex-string", format!("|{key_hex}|")),
+        ] {
+            Lab::exec(
+                &public,
+                &[
+                    "iptables",
+                    "-A",
+                    chain,
+                    "-m",
+                    "string",
+                    "--algo",
+                    "bm",
+                    kind,
+                    &pattern,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    tag,
+                ],
+            )
+            .expect("counting rule");
+        }
+    }
+    // And the string match does see plaintext in this traffic: the clients' HTTP upgrade.
+    Lab::exec(
+        &public,
+        &[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-m",
+            "string",
+            "--algo",
+            "bm",
+            "--string",
+            "Upgrade: DERP",
+            "-m",
+            "comment",
+            "--comment",
+            "ferry-http",
+        ],
+    )
+    .expect("counting rule");
+    let map = lab.map_file.to_str().expect("utf-8 path");
+    let mut b = lab.ferry(
+        2,
+        &[
+            "ping",
+            "--listen",
+            "--key-file",
+            bkey.to_str().unwrap(),
+            "--relay-map",
+            map,
+        ],
+    );
+    assert!(
+        b.wait_for("listening as", Duration::from_secs(10))
+            .is_some(),
+        "listener did not connect to the relay: {:?}",
+        b.seen
+    );
+    let count = PINGS.to_string();
+    let mut a = lab.ferry(
+        1,
+        &[
+            "ping",
+            &bpub,
+            "--relay-map",
+            map,
+            "--count",
+            &count,
+            "--interval",
+            "0.2",
+            "--timeout",
+            "2",
+            "--payload",
+            &canary,
+        ],
+    );
+    let done = a.wait_for(" pings, ", Duration::from_secs(15));
+    assert!(done.is_some(), "pinger did not finish: {:?}", a.seen);
+    let pongs = a
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("pong from ") && l.contains(" via relay 900: "))
+        .count();
+    assert_eq!(pongs, PINGS, "pongs via relay: {:?}", a.seen);
+    // Each message was sent before its ping's pong: all have arrived, via the relay.
+    let size = format!(": {} bytes via relay 900", canary.len());
+    for _ in 0..PINGS {
+        assert!(
+            b.wait_for(&size, Duration::from_secs(3)).is_some(),
+            "listener missed a message: {:?}",
+            b.seen
+        );
+    }
+    a.kill();
+    b.kill();
+    let http = rule_packets(&lab, "INPUT", "ferry-http");
+    let mut report = vec![format!("HTTP upgrades {http}")];
+    assert!(
+        http >= 2,
+        "string match saw no plaintext upgrade: {report:?}"
+    );
+    for chain in ["INPUT", "OUTPUT", "FORWARD"] {
+        let c = rule_packets(&lab, chain, "ferry-canary");
+        let k = rule_packets(&lab, chain, "ferry-control");
+        report.push(format!("{chain}: canary {c}, key {k}"));
+        assert_eq!(c, 0, "plaintext seen in {chain}: {report:?}");
+        if chain != "FORWARD" {
+            assert!(
+                k > 0,
+                "control rule saw no relay frames in {chain}: {report:?}"
+            );
+        }
+    }
+    println!(
+        "NAT lab relay capture: {PINGS}/{PINGS} messages delivered via relay, plaintext in 0 packets ({})",
+        report.join("; ")
+    );
+}
+
 /// The lab's namespaces are gone after a test panics, and namespaces left by a dead process
 /// are removed by the next lab.
 #[test]
