@@ -60,16 +60,7 @@ pub async fn run_connect(a: &ConnectArgs) -> Result<Report> {
     let measure_from = epoch + a.run.warmup;
     let stop_at = measure_from + a.run.duration;
     let meter = Arc::new(Meter::default());
-    let sampler = Sampler::start(
-        Arc::clone(&meter),
-        epoch,
-        Span::Timed {
-            warmup: a.run.warmup,
-            duration: a.run.duration,
-        },
-        !a.run.no_progress,
-        "handshakes",
-    );
+    let sampler = Sampler::timed(Arc::clone(&meter), epoch, &a.run, "handshakes");
     let mut set = JoinSet::new();
     for _ in 0..a.concurrency {
         let (t, meter) = (Arc::clone(&target), Arc::clone(&meter));

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, watch, Barrier, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::cli::{DerpArgs, Topology};
-use crate::progress::{Meter, Sampler, Span};
+use crate::progress::{Meter, Sampler};
 use crate::report::{self, Hist, Packets, Report, ServerStats, Settings};
 use crate::target::{BoxIo, DerpConn, Target};
 
@@ -369,16 +369,7 @@ pub async fn run(a: &DerpArgs) -> Result<Report> {
         stop_at: epoch + a.run.warmup + a.run.duration,
     };
     let meter = Arc::new(Meter::default());
-    let sampler = Sampler::start(
-        Arc::clone(&meter),
-        epoch,
-        Span::Timed {
-            warmup: a.run.warmup,
-            duration: a.run.duration,
-        },
-        !a.run.no_progress,
-        "packets",
-    );
+    let sampler = Sampler::timed(Arc::clone(&meter), epoch, &a.run, "packets");
     let (finish_tx, finish) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
     let barrier = Arc::new(Barrier::new(n_senders));

@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::cli::RunArgs;
 use crate::report::{thousands, Sample};
 
 /// Counters the workers bump and the sampler reads.
@@ -51,6 +52,15 @@ pub struct Sampler {
 const TICK: Duration = Duration::from_millis(250);
 
 impl Sampler {
+    /// A sampler over a timed run: `run.warmup`, then `run.duration` measured.
+    pub fn timed(meter: Arc<Meter>, epoch: Instant, run: &RunArgs, unit: &'static str) -> Sampler {
+        let span = Span::Timed {
+            warmup: run.warmup,
+            duration: run.duration,
+        };
+        Sampler::start(meter, epoch, span, !run.no_progress, unit)
+    }
+
     /// Starts sampling `meter`; `unit` names the count in the bar ("packets", "handshakes").
     pub fn start(
         meter: Arc<Meter>,

@@ -18,7 +18,7 @@ use hdrhistogram::Histogram;
 
 use crate::cli::StunArgs;
 use crate::procfs;
-use crate::progress::{Meter, Sampler, Span};
+use crate::progress::{Meter, Sampler};
 use crate::report::{self, Hist, Report, ServerStats, Settings, Stun};
 
 /// The RFC 5389/8489 magic cookie.
@@ -350,16 +350,7 @@ pub async fn run(a: &StunArgs) -> Result<Report> {
     let measure_from = epoch + a.run.warmup;
     let stop_at = measure_from + a.run.duration;
     let meter = Arc::new(Meter::default());
-    let sampler = Sampler::start(
-        Arc::clone(&meter),
-        epoch,
-        Span::Timed {
-            warmup: a.run.warmup,
-            duration: a.run.duration,
-        },
-        !a.run.no_progress,
-        "answers",
-    );
+    let sampler = Sampler::timed(Arc::clone(&meter), epoch, &a.run, "answers");
     let ctx = Ctx {
         epoch,
         measure_from,

@@ -380,11 +380,6 @@ impl Target {
         self.sources.len().max(1)
     }
 
-    /// Whether connections use TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     fn classify_tcp(&self, e: io::Error, src: Option<IpAddr>) -> ConnectError {
         match e.raw_os_error() {
             Some(libc::EMFILE) | Some(libc::ENFILE) => ConnectError::FdLimit {

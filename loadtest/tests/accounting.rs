@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use ferry_loadtest::Report;
 use ferry_relay::server::Limits;
 
 fn tiny_queues() -> Limits {
@@ -14,27 +15,26 @@ fn tiny_queues() -> Limits {
     }
 }
 
+/// Runs `derp` against `relay` with `args`, 200 ms of warm-up and 1 s measured, and checks
+/// the report against the schema.
+async fn derp(relay: &Relay, args: &[&str]) -> Report {
+    let url = relay.url();
+    let mut argv = vec!["derp", &url];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["--warmup", "200ms", "--duration", "1s", "--no-progress"]);
+    let r = run(&argv).await;
+    assert_report_schema(&r);
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_fan_in_sent_equals_received_plus_relay_drops() {
     let relay = relay(false, false, tiny_queues()).await;
-    let url = relay.url();
-    let r = run(&[
-        "derp",
-        &url,
-        "--topology",
-        "fan-in",
-        "--clients",
-        "5",
-        "--size",
-        "64",
-        "--warmup",
-        "200ms",
-        "--duration",
-        "1s",
-        "--no-progress",
-    ])
+    let r = derp(
+        &relay,
+        &["--topology", "fan-in", "--clients", "5", "--size", "64"],
+    )
     .await;
-    assert_report_schema(&r);
     let p = r.packets.as_ref().unwrap();
     let drops = relay.drops();
     eprintln!("{}relay drops: {drops}", r.summary());
@@ -65,26 +65,20 @@ async fn window_pairs_below_the_queue_depth_lose_nothing_and_say_so() {
         },
     )
     .await;
-    let url = relay.url();
-    let r = run(&[
-        "derp",
-        &url,
-        "--clients",
-        "4",
-        "--size",
-        "1200",
-        "--window",
-        "4",
-        "--window-timeout",
-        "10min",
-        "--warmup",
-        "200ms",
-        "--duration",
-        "1s",
-        "--no-progress",
-    ])
+    let r = derp(
+        &relay,
+        &[
+            "--clients",
+            "4",
+            "--size",
+            "1200",
+            "--window",
+            "4",
+            "--window-timeout",
+            "10min",
+        ],
+    )
     .await;
-    assert_report_schema(&r);
     eprintln!("{}", r.summary());
     let st = &r.settings;
     assert_eq!(st.send_mode.as_deref(), Some("window"));
@@ -109,28 +103,22 @@ async fn window_fan_in_over_a_tiny_queue_accounts_for_every_drop() {
     // windows lose their last packets and can only go on after the window timeout. The run
     // still ends, and sent = received + the relay's drop counters, exactly.
     let relay = relay(false, false, tiny_queues()).await;
-    let url = relay.url();
-    let r = run(&[
-        "derp",
-        &url,
-        "--topology",
-        "fan-in",
-        "--clients",
-        "5",
-        "--size",
-        "64",
-        "--window",
-        "4",
-        "--window-timeout",
-        "20ms",
-        "--warmup",
-        "200ms",
-        "--duration",
-        "1s",
-        "--no-progress",
-    ])
+    let r = derp(
+        &relay,
+        &[
+            "--topology",
+            "fan-in",
+            "--clients",
+            "5",
+            "--size",
+            "64",
+            "--window",
+            "4",
+            "--window-timeout",
+            "20ms",
+        ],
+    )
     .await;
-    assert_report_schema(&r);
     let p = r.packets.as_ref().unwrap();
     let drops = relay.drops();
     eprintln!("{}relay drops: {drops}", r.summary());
@@ -147,29 +135,24 @@ async fn window_fan_in_over_a_tiny_queue_accounts_for_every_drop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_pairs_over_tls_with_a_pin_account_for_both_directions() {
     let relay = relay(true, false, Limits::default()).await;
-    let (url, pin) = (relay.url(), relay.pin());
-    let r = run(&[
-        "derp",
-        &url,
-        "--pin",
-        &pin,
-        "--tls-name",
-        "localhost",
-        "--clients",
-        "4",
-        "--echo",
-        "--rate",
-        "2000",
-        "--size",
-        "200",
-        "--warmup",
-        "200ms",
-        "--duration",
-        "1s",
-        "--no-progress",
-    ])
+    let pin = relay.pin();
+    let r = derp(
+        &relay,
+        &[
+            "--pin",
+            &pin,
+            "--tls-name",
+            "localhost",
+            "--clients",
+            "4",
+            "--echo",
+            "--rate",
+            "2000",
+            "--size",
+            "200",
+        ],
+    )
     .await;
-    assert_report_schema(&r);
     assert_eq!(r.settings.send_mode.as_deref(), Some("rate"));
     let p = r.packets.as_ref().unwrap();
     assert!(p.drain_complete, "{}", r.summary());
