@@ -170,6 +170,24 @@ struct Session {
     created: Instant,
 }
 
+impl Session {
+    fn new(
+        local_index: u32,
+        remote_index: u32,
+        transport: StatelessTransportState,
+        now: Instant,
+    ) -> Session {
+        Session {
+            local_index,
+            remote_index,
+            transport,
+            send_counter: 0,
+            replay: ReplayWindow::default(),
+            created: now,
+        }
+    }
+}
+
 struct Pending {
     index: u32,
     hs: HandshakeState,
@@ -441,14 +459,7 @@ impl Sessions {
         let transport = hs
             .into_stateless_transport_mode()
             .map_err(|_| hs_error(src))?;
-        let session = Session {
-            local_index,
-            remote_index,
-            transport,
-            send_counter: 0,
-            replay: ReplayWindow::default(),
-            created: now,
-        };
+        let session = Session::new(local_index, remote_index, transport, now);
         let mut replies = vec![out];
         replies.extend(self.install(*src, session, now));
         Ok(Opened {
@@ -463,16 +474,7 @@ impl Sessions {
         }
         let remote_index = u32::from_be_bytes(pkt[1..5].try_into().expect("len"));
         let local_index = u32::from_be_bytes(pkt[5..9].try_into().expect("len"));
-        let peer = *self
-            .index
-            .get(&local_index)
-            .ok_or(E2eError::UnknownSession(local_index))?;
-        if peer != *src {
-            return Err(E2eError::WrongSender {
-                expected: peer.short(),
-                from: src.short(),
-            });
-        }
+        let peer = self.session_peer(src, local_index)?;
         let p = self.peers.get_mut(&peer).expect("indexed peer exists");
         let Some(pd) = p.pending.as_mut().filter(|pd| pd.index == local_index) else {
             return Err(E2eError::UnknownSession(local_index));
@@ -486,18 +488,26 @@ impl Sessions {
             .hs
             .into_stateless_transport_mode()
             .map_err(|_| hs_error(src))?;
-        let session = Session {
-            local_index,
-            remote_index,
-            transport,
-            send_counter: 0,
-            replay: ReplayWindow::default(),
-            created: now,
-        };
+        let session = Session::new(local_index, remote_index, transport, now);
         Ok(Opened {
             replies: self.install(peer, session, now),
             plaintext: None,
         })
+    }
+
+    /// The peer of local session `local_index`, checked against the packet's sender `src`.
+    fn session_peer(&self, src: &PublicKey, local_index: u32) -> Result<PublicKey, E2eError> {
+        let peer = *self
+            .index
+            .get(&local_index)
+            .ok_or(E2eError::UnknownSession(local_index))?;
+        if peer != *src {
+            return Err(E2eError::WrongSender {
+                expected: peer.short(),
+                from: src.short(),
+            });
+        }
+        Ok(peer)
     }
 
     /// Makes `s` the current session and flushes the queue through it.
@@ -518,16 +528,7 @@ impl Sessions {
         }
         let local_index = u32::from_be_bytes(pkt[1..5].try_into().expect("len"));
         let counter = u64::from_be_bytes(pkt[5..13].try_into().expect("len"));
-        let peer = *self
-            .index
-            .get(&local_index)
-            .ok_or(E2eError::UnknownSession(local_index))?;
-        if peer != *src {
-            return Err(E2eError::WrongSender {
-                expected: peer.short(),
-                from: src.short(),
-            });
-        }
+        let peer = self.session_peer(src, local_index)?;
         let p = self.peers.get_mut(&peer).expect("indexed peer exists");
         let s = match (&mut p.current, &mut p.previous) {
             (Some(c), _) if c.local_index == local_index => c,
@@ -589,6 +590,14 @@ mod tests {
         }
     }
 
+    /// A pair with an A–B session (A initiated).
+    fn established() -> Pair {
+        let mut p = pair();
+        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
+        pump(&mut p, first);
+        p
+    }
+
     /// Delivers packets back and forth until quiet; returns what each side decrypted.
     fn pump(p: &mut Pair, mut to_b: Vec<Vec<u8>>) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
@@ -634,9 +643,7 @@ mod tests {
 
     #[test]
     fn tampered_packets_are_rejected() {
-        let mut p = pair();
-        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
-        pump(&mut p, first);
+        let mut p = established();
         let d = p.a.seal(&p.kb, b"payload", p.now).unwrap().remove(0);
         for i in [HEADER_DATA, d.len() - 1, 6] {
             let mut t = d.clone();
@@ -659,9 +666,7 @@ mod tests {
 
     #[test]
     fn replays_are_rejected_reordering_within_window_accepted() {
-        let mut p = pair();
-        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
-        pump(&mut p, first);
+        let mut p = established();
         let pkts: Vec<Vec<u8>> = (0..10)
             .map(|i| p.a.seal(&p.kb, &[i], p.now).unwrap().remove(0))
             .collect();
@@ -677,13 +682,13 @@ mod tests {
             ));
         }
         // Older than the window: rejected even if never seen.
-        let late = [p.a.seal(&p.kb, b"late", p.now).unwrap().remove(0)];
+        let late = p.a.seal(&p.kb, b"late", p.now).unwrap().remove(0);
         for _ in 0..REPLAY_WINDOW + 1 {
             let pkt = p.a.seal(&p.kb, b"n", p.now).unwrap().remove(0);
             p.b.open(&p.ka, &pkt, p.now).unwrap();
         }
         assert!(matches!(
-            p.b.open(&p.ka, &late[0], p.now),
+            p.b.open(&p.ka, &late, p.now),
             Err(E2eError::Replay(_))
         ));
     }
@@ -718,9 +723,7 @@ mod tests {
             Err(E2eError::WrongPeerKey { .. })
         ));
         // A data packet of the A–B session presented as coming from someone else.
-        let mut p = pair();
-        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
-        pump(&mut p, first);
+        let mut p = established();
         let d = p.a.seal(&p.kb, b"y", p.now).unwrap().remove(0);
         assert!(matches!(
             p.b.open(&mallory, &d, p.now),
@@ -767,9 +770,7 @@ mod tests {
 
     #[test]
     fn rekey_replaces_session_and_old_packets_still_open() {
-        let mut p = pair();
-        let first = p.a.seal(&p.kb, b"x", p.now).unwrap();
-        pump(&mut p, first);
+        let mut p = established();
         let old = p.a.seal(&p.kb, b"in flight", p.now).unwrap().remove(0);
         p.now += REKEY_AFTER;
         let out = p.a.seal(&p.kb, b"trigger", p.now).unwrap();
@@ -784,9 +785,8 @@ mod tests {
         // After PREVIOUS_KEEP the old session is gone.
         p.now += PREVIOUS_KEEP;
         p.b.poll(p.now);
-        let old2 = old.clone();
         assert!(matches!(
-            p.b.open(&p.ka, &old2, p.now),
+            p.b.open(&p.ka, &old, p.now),
             Err(E2eError::UnknownSession(_))
         ));
     }

@@ -1109,7 +1109,7 @@ impl Actor {
                 let _ = self.recv_tx.send((src, data)).await;
             }
             Some(&M_PING) if pt.len() == 9 => {
-                let mut m = pt.clone();
+                let mut m = pt;
                 m[0] = M_PONG;
                 if let Err(e) = self.seal_and_send(src, &m).await {
                     debug!("pong to {} not sent: {e}", src.short());

@@ -7,9 +7,10 @@
 
 mod natlab;
 
+use std::path::Path;
 use std::time::Duration;
 
-use natlab::{keygen, median, netns_list, Lab, Nat};
+use natlab::{keygen, median, netns_list, Lab, Nat, Proc};
 
 fn trials() -> usize {
     trials_or(5)
@@ -24,6 +25,54 @@ fn trials_or(default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// `ferry ping --listen` on home `home` with the key file `key`, once it is connected to the
+/// relay.
+fn listener(lab: &Lab, home: usize, key: &Path) -> Result<Proc, String> {
+    let map = lab.map_file.to_str().expect("utf-8 path");
+    let key = key.to_str().unwrap();
+    let mut b = lab.ferry(
+        home,
+        &["ping", "--listen", "--key-file", key, "--relay-map", map],
+    );
+    if b.wait_for("listening as", Duration::from_secs(10))
+        .is_none()
+    {
+        return Err(format!(
+            "listener did not connect to the relay: {:?}",
+            b.seen
+        ));
+    }
+    Ok(b)
+}
+
+/// `ferry ping <peer>` from home `home`: `count` pings `interval` s apart (2 s timeout each),
+/// then `extra` arguments.
+fn pinger(
+    lab: &Lab,
+    home: usize,
+    peer: &str,
+    count: usize,
+    interval: &str,
+    extra: &[&str],
+) -> Proc {
+    let map = lab.map_file.to_str().expect("utf-8 path");
+    let count = count.to_string();
+    let mut args = vec![
+        "ping",
+        peer,
+        "--relay-map",
+        map,
+        "--count",
+        &count,
+        "--interval",
+        interval,
+        "--timeout",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    lab.ferry(home, &args)
+}
+
 /// The outcome of one trial: seconds from the first ping to the direct path (as `ferry ping`
 /// reports it), or `None` if it stayed on the relay (or took longer than the limit); and
 /// the pinger's output.
@@ -35,40 +84,9 @@ struct Trial {
 /// Home 2 listens, home 1 pings it every 100 ms until its path is direct (or `limit`).
 fn trial(lab: &Lab, i: usize, limit: Duration) -> Trial {
     let (bkey, bpub) = keygen(lab.dir.path(), &format!("b{i}.key"));
-    let map = lab.map_file.to_str().expect("utf-8 path");
-    let mut b = lab.ferry(
-        2,
-        &[
-            "ping",
-            "--listen",
-            "--key-file",
-            bkey.to_str().unwrap(),
-            "--relay-map",
-            map,
-        ],
-    );
-    assert!(
-        b.wait_for("listening as", Duration::from_secs(10))
-            .is_some(),
-        "listener did not connect to the relay: {:?}",
-        b.seen
-    );
-    let count = (limit.as_millis() / 100 + 10).to_string();
-    let mut a = lab.ferry(
-        1,
-        &[
-            "ping",
-            &bpub,
-            "--relay-map",
-            map,
-            "--count",
-            &count,
-            "--interval",
-            "0.1",
-            "--timeout",
-            "2",
-        ],
-    );
+    let mut b = listener(lab, 2, &bkey).unwrap_or_else(|e| panic!("{e}"));
+    let count = (limit.as_millis() / 100 + 10) as usize;
+    let mut a = pinger(lab, 1, &bpub, count, "0.1", &[]);
     let mut to_direct = None;
     // `ferry ping` prints each path change with the seconds since its first ping (which
     // goes via the relay and starts the CallMeMaybe exchange). Allow for connecting to the
@@ -142,48 +160,19 @@ fn natlab_easy_easy_direct_every_time() {
     );
 }
 
-/// One relay-only trial: home `listener` listens, home `pinger` sends `PINGS` pings
+/// One relay-only trial: home `listen_home` listens, home `ping_home` sends `PINGS` pings
 /// (`INTERVAL` s apart). Returns `Err(why)` if a path went direct, the first reply was not
 /// `seq=1` via the relay, or a ping went unanswered; `Ok(first reply line)` otherwise.
-fn relay_trial(lab: &Lab, tag: &str, pinger: usize, listener: usize) -> Result<String, String> {
+fn relay_trial(
+    lab: &Lab,
+    tag: &str,
+    ping_home: usize,
+    listen_home: usize,
+) -> Result<String, String> {
     const PINGS: u32 = 8;
     let (bkey, bpub) = keygen(lab.dir.path(), &format!("{tag}.key"));
-    let map = lab.map_file.to_str().expect("utf-8 path");
-    let mut b = lab.ferry(
-        listener,
-        &[
-            "ping",
-            "--listen",
-            "--key-file",
-            bkey.to_str().unwrap(),
-            "--relay-map",
-            map,
-        ],
-    );
-    if b.wait_for("listening as", Duration::from_secs(10))
-        .is_none()
-    {
-        return Err(format!(
-            "listener did not connect to the relay: {:?}",
-            b.seen
-        ));
-    }
-    let count = PINGS.to_string();
-    let mut a = lab.ferry(
-        pinger,
-        &[
-            "ping",
-            &bpub,
-            "--relay-map",
-            map,
-            "--count",
-            &count,
-            "--interval",
-            "0.25",
-            "--timeout",
-            "2",
-        ],
-    );
+    let mut b = listener(lab, listen_home, &bkey)?;
+    let mut a = pinger(lab, ping_home, &bpub, PINGS as usize, "0.25", &[]);
     // The summary line ends the run: 8 × 0.25 s, plus connecting, plus slack.
     let done = a.wait_for(" pings, ", Duration::from_secs(15));
     a.kill();
@@ -336,42 +325,8 @@ fn natlab_relay_sees_no_plaintext() {
         ],
     )
     .expect("counting rule");
-    let map = lab.map_file.to_str().expect("utf-8 path");
-    let mut b = lab.ferry(
-        2,
-        &[
-            "ping",
-            "--listen",
-            "--key-file",
-            bkey.to_str().unwrap(),
-            "--relay-map",
-            map,
-        ],
-    );
-    assert!(
-        b.wait_for("listening as", Duration::from_secs(10))
-            .is_some(),
-        "listener did not connect to the relay: {:?}",
-        b.seen
-    );
-    let count = PINGS.to_string();
-    let mut a = lab.ferry(
-        1,
-        &[
-            "ping",
-            &bpub,
-            "--relay-map",
-            map,
-            "--count",
-            &count,
-            "--interval",
-            "0.2",
-            "--timeout",
-            "2",
-            "--payload",
-            &canary,
-        ],
-    );
+    let mut b = listener(&lab, 2, &bkey).unwrap_or_else(|e| panic!("{e}"));
+    let mut a = pinger(&lab, 1, &bpub, PINGS, "0.2", &["--payload", &canary]);
     let done = a.wait_for(" pings, ", Duration::from_secs(15));
     assert!(done.is_some(), "pinger did not finish: {:?}", a.seen);
     let pongs = a
