@@ -18,6 +18,9 @@ use tokio::net::TcpStream;
 struct RegionCert {
     dir: tempfile::TempDir,
     der: Vec<u8>,
+    /// The region's mesh key, random per test: tests run in parallel on loopback, and a relay
+    /// of one test must never mesh with a relay of another that happens to reuse a port.
+    mesh_key: [u8; 32],
 }
 
 impl RegionCert {
@@ -37,6 +40,7 @@ impl RegionCert {
         RegionCert {
             der: cert.der().to_vec(),
             dir,
+            mesh_key: rand::random(),
         }
     }
     fn cert(&self) -> PathBuf {
@@ -46,8 +50,6 @@ impl RegionCert {
         self.dir.path().join("localhost.key")
     }
 }
-
-const MESH_KEY: [u8; 32] = [7; 32];
 
 async fn meshed_relay(rc: &RegionCert, port: u16, peers: Vec<String>) -> Relay {
     meshed_relay_dns(rc, port, peers, None).await
@@ -65,7 +67,7 @@ async fn meshed_relay_dns(
             cert_path: rc.cert(),
             key_path: rc.key(),
         }),
-        mesh_key: Some(MESH_KEY),
+        mesh_key: Some(rc.mesh_key),
         mesh: Some(MeshConfig {
             peers,
             dns,
@@ -302,7 +304,7 @@ async fn ferry_and_tailscale_derper_in_one_mesh_exchange_packets() {
     };
     let rc = RegionCert::new();
     let key_file = rc.dir.path().join("mesh.key");
-    std::fs::write(&key_file, format!("{}\n", hex::encode(MESH_KEY))).unwrap();
+    std::fs::write(&key_file, format!("{}\n", hex::encode(rc.mesh_key))).unwrap();
     // ferry first (its link retries within a second), so derper's first dial finds it up
     // (derper waits 5 s between attempts).
     let (ferry_port, derper_port) = (free_port(), free_port());

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -24,7 +24,7 @@ use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::tls::{parse_pem, replace_private, ReloadableCert, TlsError};
+use super::tls::{parse_pem, read, replace_private, ReloadableCert, TlsError};
 
 /// Let's Encrypt's production directory, the default.
 pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -126,18 +126,16 @@ pub(crate) fn load_cached(cfg: &AcmeConfig) -> Result<Option<CertifiedKey>, TlsE
     if !cert_path.exists() || !key_path.exists() {
         return Ok(None);
     }
-    let read = |p: &Path| {
-        fs::read(p).map_err(|source| TlsError::Read {
-            path: p.into(),
-            source,
-        })
-    };
-    let ck = parse_pem(&read(&cert_path)?, &cert_path, &read(&key_path)?, &key_path)?;
-    if let Err(e) = ck.keys_match() {
-        warn!(cert = %cert_path.display(), "cached ACME key and certificate do not match ({e}); requesting a new certificate");
-        return Ok(None);
+    // A pair that does not belong together (a crash between the two renames) or a key that is
+    // unusable: ask the CA again rather than refuse to start.
+    match parse_pem(&read(&cert_path)?, &cert_path, &read(&key_path)?, &key_path) {
+        Ok(ck) => Ok(Some(ck)),
+        Err(e @ TlsError::BadKey { .. }) => {
+            warn!("cached ACME certificate unusable ({e}); requesting a new one");
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
-    Ok(Some(ck))
 }
 
 /// The validity window of a certificate.
@@ -389,6 +387,31 @@ mod tests {
         assert_eq!(renewal_due_in(Some(&der), day(61)), Duration::ZERO);
         assert_eq!(renewal_due_in(None, day(0)), Duration::ZERO);
         assert_eq!(renewal_due_in(Some(b"junk"), day(0)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_cached_pair_that_does_not_match_is_requested_again_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AcmeConfig {
+            hostname: "a.test".into(),
+            email: None,
+            directory: LETS_ENCRYPT_DIRECTORY.into(),
+            ca_file: None,
+            dir: dir.path().into(),
+        };
+        let one = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        let two = rcgen::generate_simple_self_signed(vec!["a.test".into()]).unwrap();
+        fs::write(cfg.cert_path(), one.cert.pem()).unwrap();
+        fs::write(cfg.key_path(), one.key_pair.serialize_pem()).unwrap();
+        assert!(
+            load_cached(&cfg).unwrap().is_some(),
+            "a matching pair is served"
+        );
+        fs::write(cfg.key_path(), two.key_pair.serialize_pem()).unwrap();
+        assert!(
+            load_cached(&cfg).unwrap().is_none(),
+            "a mismatched pair is re-requested"
+        );
     }
 
     #[test]

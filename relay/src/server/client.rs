@@ -286,9 +286,10 @@ where
     let writer_why = writer.await.ok().flatten();
     let mut rest = Queues::default();
     me.take_queued(&mut rest);
-    for _ in 0..(rest.disco.len() + rest.data.len()) {
-        m.drop(DropReason::GoneDisconnected);
-    }
+    m.drop_n(
+        DropReason::GoneDisconnected,
+        (rest.disco.len() + rest.data.len()) as u64,
+    );
     m.connections.decrement(1.0);
     if home {
         m.home_connections.decrement(1.0);
@@ -335,7 +336,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut read_chunk = IDLE_CHUNK;
     let why = 'conn: loop {
         // Everything already buffered, then one read. Counters are added once per read.
-        let (mut pkts, mut bytes) = (0u64, 0u64);
+        let (mut pkts, mut bytes, mut mesh_pkts) = (0u64, 0u64, 0u64);
         loop {
             let f = match dec.decode(&mut rbuf) {
                 Ok(Some(f)) => f,
@@ -358,34 +359,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         reg.note_sender(me);
                     }
                     let disco = proto::looks_like_disco(&packet);
-                    match reg.get(&dst) {
-                        Some(to) => {
-                            bytes += packet.len() as u64;
-                            pkts += 1;
-                            to.enqueue_packet(me.key, packet, disco, m);
-                            if last_dst != Some(dst) {
-                                sent_to.insert(dst);
-                                last_dst = Some(dst);
-                            }
+                    if let Some(to) = reg.get(&dst) {
+                        bytes += packet.len() as u64;
+                        pkts += 1;
+                        to.enqueue_packet(me.key, packet, disco, m);
+                        if last_dst != Some(dst) {
+                            sent_to.insert(dst);
+                            last_dst = Some(dst);
                         }
-                        None => {
-                            if let Some(link) = reg.get_remote(&dst) {
-                                bytes += packet.len() as u64;
-                                pkts += 1;
-                                m.mesh_forwarded.increment(1);
-                                link.forward(me.key, dst, packet, shared);
-                                continue;
-                            }
-                            m.drop(DropReason::UnknownDest);
-                            if disco
-                                && not_here.allow(Instant::now())
-                                && me.enqueue_control(Control::PeerGone(
-                                    dst,
-                                    PeerGoneReason::NotHere,
-                                ))
-                            {
-                                m.peer_gone_sent.increment(1);
-                            }
+                    } else if let Some(link) = reg.get_remote(&dst) {
+                        bytes += packet.len() as u64;
+                        pkts += 1;
+                        mesh_pkts += 1;
+                        link.forward(me.key, dst, packet, shared);
+                    } else {
+                        m.drop(DropReason::UnknownDest);
+                        if disco
+                            && not_here.allow(Instant::now())
+                            && me.enqueue_control(Control::PeerGone(dst, PeerGoneReason::NotHere))
+                        {
+                            m.peer_gone_sent.increment(1);
                         }
                     }
                 }
@@ -438,6 +431,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if pkts > 0 {
             m.packets_forwarded.increment(pkts);
             m.bytes_forwarded.increment(bytes);
+            if mesh_pkts > 0 {
+                m.mesh_forwarded.increment(mesh_pkts);
+            }
             // Let the receivers' writers run before reading more: under a flood the socket is
             // always readable, and without this a reader could queue up to the scheduler's
             // budget of reads (hundreds of packets, mostly dropped at full queues) before a

@@ -499,9 +499,7 @@ impl Drop for Learned<'_> {
         m.mesh_remote_keys.decrement(self.keys.len() as f64);
         m.mesh_links.decrement(1.0);
         let dropped = std::mem::take(&mut self.link.queue.lock().packets).len();
-        for _ in 0..dropped {
-            m.drop(DropReason::MeshQueue);
-        }
+        m.drop_n(DropReason::MeshQueue, dropped as u64);
     }
 }
 
