@@ -795,6 +795,9 @@ async fn run(cli: Cli) -> Result<()> {
     if cli.dev {
         warn!("development mode: plain HTTP, no TLS. Never expose this to a network");
     }
+    // Signal handlers before the relay says it is ready: a SIGTERM or SIGHUP that follows the
+    // ready line must never meet the default action (which kills the process).
+    let signals = Signals::install()?;
     let server = Server::spawn(config).await?;
 
     if let Some(der) = server.cert_der() {
@@ -829,7 +832,7 @@ async fn run(cli: Cli) -> Result<()> {
         server.public_key(),
     );
 
-    wait_for_signals(&server).await?;
+    signals.wait(&server).await;
     info!("shutting down: draining connections");
     let hard = server.shutdown().await;
     if hard > 0 {
@@ -839,26 +842,50 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// SIGTERM/SIGINT (drain and stop) and SIGHUP (reload certificates).
 #[cfg(unix)]
-async fn wait_for_signals(server: &Server) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => match server.reload_tls() {
-                Ok(()) => info!("SIGHUP: certificate reloaded"),
-                Err(e) => error!(error = %e, "SIGHUP: certificate reload failed; still serving the previous one"),
-            },
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Returns when the relay should stop; reloads certificates on SIGHUP meanwhile.
+    async fn wait(mut self, server: &Server) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => match server.reload_tls() {
+                    Ok(()) => info!("SIGHUP: certificate reloaded"),
+                    Err(e) => error!(error = %e, "SIGHUP: certificate reload failed; still serving the previous one"),
+                },
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_server: &Server) -> Result<()> {
-    tokio::signal::ctrl_c().await?;
-    Ok(())
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Signals)
+    }
+
+    async fn wait(self, _server: &Server) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
