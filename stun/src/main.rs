@@ -191,6 +191,7 @@ fn is_default_listen(listen: &[SocketAddr]) -> bool {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut cfg = config(&args)?;
+    let stop = shutdown_signal();
     let server = match StunServer::spawn(cfg.clone()).await {
         Ok(s) => s,
         // With the default listen list on a host without IPv6, serve IPv4 alone.
@@ -213,30 +214,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         server.udp_addrs(),
         server.tcp_addrs()
     );
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Registers SIGTERM/SIGINT handlers now (before the "listening" line, so a signal right after
+/// it never meets the default action) and returns a future that completes on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut term), Some(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
