@@ -37,15 +37,23 @@
 //!    (the E2E replay window delivers it once); otherwise via the relay. Active peers' direct
 //!    paths are pinged every [`DirectOptions::heartbeat`]. E2E packets are accepted from either
 //!    path (a UDP source address maps to the peer a disco message from it proved).
+//!    **No loss on a path change:** packets sent direct-only are kept until a pong acknowledges
+//!    them (a pong covers everything sent on that path before its ping; while data flows an
+//!    "ack ping" goes out every 100 ms or 128 packets). A ping unanswered for 4 round trips
+//!    (0.2–2 s) makes the path suspect: the kept packets go again via the relay (paced, 16 per
+//!    2 ms, so the relay's per-client queue does not overflow) and data goes on both paths
+//!    until a pong. Packets sent via the relay before a switch to direct arrive late but are
+//!    accepted (reordering within the 8,192-packet replay window). The acknowledgement proves
+//!    the path, not each packet: loss from congestion is the application's, as with any UDP.
 //! 6. The path per peer is `Path::Direct(addr)` or `Path::Relay(region)` (the path data is
 //!    sent on); each change is broadcast as a [`PathEvent`]. Netcheck runs again every
 //!    20–26 s and moves the home region (with hysteresis).
 //!
 //! Birthday probing for hard NATs comes next (see docs/notes-client.md).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -248,6 +256,21 @@ struct SharedState {
     relay_status: Mutex<HashMap<u32, watch::Receiver<RelayStatus>>>,
     /// Test hook: drop every direct (UDP, non-STUN) datagram in and out.
     blackhole_direct: AtomicBool,
+    sent_direct: AtomicU64,
+    sent_relay: AtomicU64,
+    resent_via_relay: AtomicU64,
+}
+
+/// Counters of end-to-end packets sent (data, pings and handshakes; not disco), since bind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Sent on a direct path.
+    pub sent_direct: u64,
+    /// Sent via a relay (including packets that went on both paths).
+    pub sent_relay: u64,
+    /// Sent direct, left unacknowledged when the direct path went quiet, and sent again via
+    /// the relay (the peer drops the copies that did arrive).
+    pub resent_via_relay: u64,
 }
 
 impl Drop for Endpoint {
@@ -356,6 +379,8 @@ impl Endpoint {
             events: ev_tx.clone(),
             shared: Arc::clone(&shared),
             relay_tx,
+            resend: HashMap::new(),
+            next_resend: None,
             cmd_tx: cmd_tx.clone(),
             sockets: Arc::clone(&sockets),
         };
@@ -452,6 +477,16 @@ impl Endpoint {
             .cloned()
     }
 
+    /// Packet counters.
+    pub fn stats(&self) -> EndpointStats {
+        let s = &self.shared;
+        EndpointStats {
+            sent_direct: s.sent_direct.load(Ordering::Relaxed),
+            sent_relay: s.sent_relay.load(Ordering::Relaxed),
+            resent_via_relay: s.resent_via_relay.load(Ordering::Relaxed),
+        }
+    }
+
     /// The UDP sockets' local addresses.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.sockets.local_addrs()
@@ -516,20 +551,109 @@ fn remember(m: &mut HashMap<SocketAddr, Instant>, a: SocketAddr, now: Instant, m
     new
 }
 
+/// Most E2E packets kept for a resend (see [`PeerDisco::unacked`]); beyond it packets go on
+/// both paths. Well inside the receiver's replay window ([`e2e::REPLAY_WINDOW`]).
+const MAX_UNACKED: usize = 4096;
+/// Most bytes kept for a resend.
+const MAX_UNACKED_BYTES: usize = 4 << 20;
+/// While data goes direct, ping the path (an "ack ping") when the oldest unacknowledged
+/// packet is this old ...
+const ACK_INTERVAL: Duration = Duration::from_millis(100);
+/// ... or this many packets are unacknowledged.
+const ACK_COUNT: usize = 128;
+/// An ack ping unanswered for `ACK_RTTS` round trips (at least `ACK_TIMEOUT_MIN`) makes the
+/// direct path suspect.
+const ACK_RTTS: u32 = 4;
+const ACK_TIMEOUT_MIN: Duration = Duration::from_millis(200);
+const ACK_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+
+/// Resends via the relay go out at most this many per peer ...
+const RESEND_BURST: usize = 16;
+/// ... per this long (8,000 packets/s per peer; 4,096 packets in about half a second).
+const RESEND_GAP: Duration = Duration::from_millis(2);
+
+/// Completes at `at`; never, with `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A disco ping in flight.
+#[derive(Debug, Clone, Copy)]
+struct PingSent {
+    addr: SocketAddr,
+    at: Instant,
+    /// [`PeerDisco::next_seq`] when it was sent: its pong acknowledges the direct-only packets
+    /// numbered below.
+    mark: u64,
+}
+
 /// What the endpoint knows about one peer's direct paths.
 #[derive(Debug, Default)]
 struct PeerDisco {
     /// Addresses to ping: from CallMeMaybe and peer-reflexive (sources of its pings).
     /// Each with when it was last offered or seen; bounded (`MAX_CANDIDATES`, `ADDR_TTL`).
     candidates: HashMap<SocketAddr, Instant>,
-    /// Pings in flight: txid → (address pinged, when).
-    pings: HashMap<TxId, (SocketAddr, Instant)>,
+    /// Pings in flight (kept for `trust`).
+    pings: HashMap<TxId, PingSent>,
     /// The direct path and its last pong.
     best: Option<(SocketAddr, Instant)>,
     last_probe: Option<Instant>,
     last_heartbeat: Option<Instant>,
     /// Last data to or from the peer.
     last_active: Option<Instant>,
+    /// E2E packets sent on the direct path only and not yet acknowledged, oldest first, with
+    /// when they were sent. A pong from the direct path acknowledges every packet sent before
+    /// its ping (one path keeps its order); a ping unanswered for the ack timeout resends them
+    /// all via the relay (the peer's replay window drops those that did arrive). This is what
+    /// makes a direct path that dies without warning lose nothing.
+    unacked: VecDeque<(Instant, Bytes)>,
+    unacked_bytes: usize,
+    /// Number of the next direct-only packet (the front of `unacked` is
+    /// `next_seq - unacked.len()`).
+    next_seq: u64,
+    /// Since when a ping to `best` waits for its pong (`None`: none waits).
+    awaiting: Option<Instant>,
+    /// An ack ping went unanswered: data goes on both paths until the next pong.
+    suspect: bool,
+    /// Latest direct round trip.
+    rtt: Option<Duration>,
+}
+
+impl PeerDisco {
+    /// Keeps `pkt` for a resend; false when the buffer is full (send it on both paths).
+    fn keep_unacked(&mut self, pkt: &Bytes, now: Instant) -> bool {
+        if self.unacked.len() >= MAX_UNACKED || self.unacked_bytes + pkt.len() > MAX_UNACKED_BYTES {
+            return false;
+        }
+        self.unacked_bytes += pkt.len();
+        self.unacked.push_back((now, pkt.clone()));
+        self.next_seq += 1;
+        true
+    }
+
+    /// Forgets the packets numbered below `mark` (a pong acknowledged them).
+    fn ack(&mut self, mark: u64) {
+        while !self.unacked.is_empty() && self.next_seq - (self.unacked.len() as u64) < mark {
+            if let Some((_, p)) = self.unacked.pop_front() {
+                self.unacked_bytes -= p.len();
+            }
+        }
+    }
+
+    /// Takes every unacknowledged packet (to resend them via the relay).
+    fn take_unacked(&mut self) -> Vec<Bytes> {
+        self.unacked_bytes = 0;
+        self.unacked.drain(..).map(|(_, p)| p).collect()
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        self.rtt
+            .map_or(ACK_TIMEOUT_MIN, |r| r * ACK_RTTS)
+            .clamp(ACK_TIMEOUT_MIN, ACK_TIMEOUT_MAX)
+    }
 }
 
 fn spawn_forwarder(
@@ -567,6 +691,11 @@ struct Actor {
     events: broadcast::Sender<PathEvent>,
     shared: Arc<SharedState>,
     relay_tx: mpsc::Sender<(u32, RelayEvent)>,
+    /// Unacknowledged direct packets waiting to go again via the relay, paced
+    /// ([`RESEND_BURST`] per [`RESEND_GAP`]): a burst would overflow the relay's per-client
+    /// queue (32 packets in ferry and derper) and be dropped there.
+    resend: HashMap<PublicKey, VecDeque<Bytes>>,
+    next_resend: Option<tokio::time::Instant>,
     cmd_tx: mpsc::Sender<Cmd>,
     sockets: Arc<Sockets>,
 }
@@ -578,7 +707,8 @@ impl Actor {
         mut relay_rx: mpsc::Receiver<(u32, RelayEvent)>,
         mut udp_rx: mpsc::Receiver<Datagram>,
     ) {
-        let period = Duration::from_secs(1).min(self.cfg.direct.heartbeat / 2);
+        // Often enough to notice an overdue ack ping (ACK_TIMEOUT_MIN) while no data is sent.
+        let period = (ACK_TIMEOUT_MIN / 2).min(self.cfg.direct.heartbeat / 2);
         let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_restun = self.restun_at();
@@ -590,6 +720,7 @@ impl Actor {
                 },
                 Some((region, ev)) = relay_rx.recv() => self.on_relay(region, ev).await,
                 Some(d) = udp_rx.recv() => self.on_udp(d).await,
+                _ = sleep_until_some(self.next_resend) => self.drain_resends().await,
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.disco_tick(now).await;
@@ -752,16 +883,23 @@ impl Actor {
     async fn send_to_peer(&mut self, peer: PublicKey, pkt: Bytes) {
         let now = Instant::now();
         match self.direct_for(&peer, now) {
-            Some((addr, also_relay)) => {
+            Some((addr, stale)) => {
                 self.set_path(peer, Path::Direct(addr));
                 self.send_direct(addr, &pkt).await;
-                if also_relay {
+                self.shared.sent_direct.fetch_add(1, Ordering::Relaxed);
+                let st = self.peers.entry(peer).or_default();
+                // Unsure of the path (stale or suspect), or no room to keep the packet for a
+                // resend: the relay carries it too.
+                if stale || st.suspect || !st.keep_unacked(&pkt, now) {
+                    self.shared.sent_relay.fetch_add(1, Ordering::Relaxed);
                     self.send_relay(peer, pkt).await;
                 }
+                self.check_acks(peer, addr, now).await;
             }
             None => {
                 let region = self.region_for(&peer);
                 self.set_path(peer, Path::Relay(region));
+                self.shared.sent_relay.fetch_add(1, Ordering::Relaxed);
                 self.send_relay(peer, pkt).await;
                 self.maybe_probe(peer, now).await;
             }
@@ -824,12 +962,96 @@ impl Actor {
         self.send_relay(peer, pkt.into()).await;
     }
 
+    /// While data goes direct-only to `addr`: ack-ping the path when packets wait for an
+    /// acknowledgement; if the ping waiting for its pong is overdue, the path is suspect —
+    /// resend what is unacknowledged via the relay and ping again.
+    async fn check_acks(&mut self, peer: PublicKey, addr: SocketAddr, now: Instant) {
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        match st.awaiting {
+            Some(since) if now.saturating_duration_since(since) >= st.ack_timeout() => {
+                let resend = st.take_unacked();
+                if !st.suspect || !resend.is_empty() {
+                    debug!(peer = %peer.short(), %addr, resent = resend.len(),
+                        "direct path suspect (ping unanswered); sending on both paths");
+                }
+                st.suspect = true;
+                st.awaiting = None; // the ping below starts the next wait
+                self.resend_via_relay(peer, resend).await;
+                self.ping_addr(peer, addr, now).await;
+            }
+            Some(_) => {}
+            None => {
+                let due = st.unacked.front().is_some_and(|(t, _)| {
+                    st.unacked.len() >= ACK_COUNT
+                        || now.saturating_duration_since(*t) >= ACK_INTERVAL
+                });
+                if due {
+                    self.ping_addr(peer, addr, now).await;
+                }
+            }
+        }
+    }
+
+    /// Resends `peer`'s unacknowledged direct packets via the relay (the direct path went
+    /// away or changed).
+    async fn resend_unacked(&mut self, peer: PublicKey) {
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        st.awaiting = None;
+        let resend = st.take_unacked();
+        if !resend.is_empty() {
+            debug!(peer = %peer.short(), n = resend.len(), "resending unacknowledged direct packets via the relay");
+        }
+        self.resend_via_relay(peer, resend).await;
+    }
+
+    /// Queues `pkts` for a paced resend via the relay (see [`Actor::resend`]).
+    async fn resend_via_relay(&mut self, peer: PublicKey, pkts: Vec<Bytes>) {
+        if pkts.is_empty() {
+            return;
+        }
+        self.resend.entry(peer).or_default().extend(pkts);
+        if self.next_resend.is_none() {
+            self.drain_resends().await;
+        }
+    }
+
+    /// Sends the next [`RESEND_BURST`] queued resends of every peer.
+    async fn drain_resends(&mut self) {
+        let mut batch = Vec::new();
+        for (peer, q) in &mut self.resend {
+            let n = q.len().min(RESEND_BURST);
+            batch.extend(q.drain(..n).map(|p| (*peer, p)));
+        }
+        self.resend.retain(|_, q| !q.is_empty());
+        self.next_resend =
+            (!self.resend.is_empty()).then(|| tokio::time::Instant::now() + RESEND_GAP);
+        let n = batch.len() as u64;
+        self.shared.resent_via_relay.fetch_add(n, Ordering::Relaxed);
+        self.shared.sent_relay.fetch_add(n, Ordering::Relaxed);
+        for (peer, p) in batch {
+            self.send_relay(peer, p).await;
+        }
+    }
+
     async fn ping_addr(&mut self, peer: PublicKey, addr: SocketAddr, now: Instant) {
         let txid = disco::new_txid();
         let st = self.peers.entry(peer).or_default();
-        // One ping per address in flight is enough (a heartbeat replaces an older one).
-        st.pings.retain(|_, (a, _)| *a != addr);
-        st.pings.insert(txid, (addr, now));
+        let mark = st.next_seq;
+        st.pings.insert(
+            txid,
+            PingSent {
+                addr,
+                at: now,
+                mark,
+            },
+        );
+        if st.best.is_some_and(|(b, _)| b == addr) && st.awaiting.is_none() {
+            st.awaiting = Some(now);
+        }
         let msg = Message::Ping {
             txid,
             node_key: self.cfg.secret_key.public(),
@@ -905,6 +1127,7 @@ impl Actor {
         let d = self.cfg.direct;
         let mut expired = Vec::new();
         let mut heartbeat = Vec::new();
+        let mut acks = Vec::new();
         let mut probe = Vec::new();
         self.observed
             .retain(|_, t| now.saturating_duration_since(*t) < ADDR_TTL);
@@ -912,23 +1135,27 @@ impl Actor {
             st.candidates
                 .retain(|_, t| now.saturating_duration_since(*t) < ADDR_TTL);
             st.pings
-                .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < d.trust);
+                .retain(|_, p| now.saturating_duration_since(p.at) < d.trust);
             let active = st
                 .last_active
                 .is_some_and(|t| now.saturating_duration_since(t) < d.active_timeout);
             match st.best {
                 Some((addr, pong)) if now.saturating_duration_since(pong) >= d.trust => {
                     st.best = None;
+                    st.suspect = false;
                     expired.push((*peer, addr));
                     if active {
                         probe.push(*peer);
                     }
                 }
+                Some((addr, _)) if st.awaiting.is_some() => acks.push((*peer, addr)),
                 Some((addr, _)) => {
                     let due = st
                         .last_heartbeat
                         .is_none_or(|t| now.saturating_duration_since(t) >= d.heartbeat);
-                    if active && due {
+                    if !st.unacked.is_empty() {
+                        acks.push((*peer, addr));
+                    } else if active && due {
                         st.last_heartbeat = Some(now);
                         heartbeat.push((*peer, addr));
                     }
@@ -939,6 +1166,7 @@ impl Actor {
         }
         for (peer, addr) in expired {
             info!(peer = %peer.short(), %addr, "direct path expired (no fresh pong); relay");
+            self.resend_unacked(peer).await;
             if self.shared.paths.lock().expect("lock").get(&peer) == Some(&Path::Direct(addr)) {
                 let region = self.region_for(&peer);
                 self.set_path(peer, Path::Relay(region));
@@ -946,6 +1174,9 @@ impl Actor {
         }
         for (peer, addr) in heartbeat {
             self.ping_addr(peer, addr, now).await;
+        }
+        for (peer, addr) in acks {
+            self.check_acks(peer, addr, now).await;
         }
         for peer in probe {
             self.maybe_probe(peer, now).await;
@@ -983,7 +1214,7 @@ impl Actor {
                 let st = self.peers.entry(peer).or_default();
                 let new = remember(&mut st.candidates, src, now, MAX_CANDIDATES);
                 let fresh = self.direct_for(&peer, now).is_some();
-                let pinging = self.peers[&peer].pings.values().any(|(a, _)| *a == src);
+                let pinging = self.peers[&peer].pings.values().any(|p| p.addr == src);
                 if (new || !fresh) && !pinging {
                     // Peer-reflexive: ping it back (this is the other half of the hole punch).
                     self.ping_addr(peer, src, now).await;
@@ -999,19 +1230,32 @@ impl Actor {
                 let Some(st) = self.peers.get_mut(&peer) else {
                     return;
                 };
-                let Some((pinged, _)) = st.pings.remove(&txid) else {
+                let Some(sent) = st.pings.remove(&txid) else {
                     debug!(%src, "pong for no ping in flight");
                     return;
                 };
-                if pinged != src {
-                    debug!(%src, %pinged, "pong from another address than pinged; ignored");
+                if sent.addr != src {
+                    debug!(%src, pinged = %sent.addr, "pong from another address than pinged; ignored");
                     return;
                 }
                 let keep_other = st.best.is_some_and(|(a, t)| {
                     a != src && now.saturating_duration_since(t) < self.cfg.direct.trust
                 });
+                let moved = !keep_other && st.best.is_some_and(|(a, _)| a != src);
                 if !keep_other {
                     st.best = Some((src, now));
+                    st.rtt = Some(now.saturating_duration_since(sent.at));
+                    // Everything sent direct before the ping has crossed (one path keeps
+                    // its order).
+                    st.ack(sent.mark);
+                    if st.awaiting.is_none_or(|w| sent.at >= w) {
+                        st.awaiting = None;
+                        st.suspect = false;
+                    }
+                }
+                if moved {
+                    // Packets still unacknowledged went to the old address.
+                    self.resend_unacked(peer).await;
                 }
                 self.addr_peer.insert(src, peer);
                 if !observed.ip().is_unspecified() && observed.port() != 0 {
@@ -1046,7 +1290,7 @@ impl Actor {
                 // answering: ping every endpoint now.
                 self.maybe_probe(peer, now).await;
                 for a in endpoints {
-                    let pinging = self.peers[&peer].pings.values().any(|(p, _)| *p == a);
+                    let pinging = self.peers[&peer].pings.values().any(|p| p.addr == a);
                     if !pinging {
                         self.ping_addr(peer, a, now).await;
                     }
@@ -1184,6 +1428,49 @@ mod tests {
         assert_eq!(m.len(), 4);
         assert!(!m.contains_key(&addr(1)), "the stalest entry is evicted");
         assert!(m.contains_key(&addr(0)), "a refreshed entry stays");
+    }
+
+    #[test]
+    fn a_pong_acknowledges_what_was_sent_before_its_ping() {
+        let mut st = PeerDisco::default();
+        let t = Instant::now();
+        let pkt = |i: u8| Bytes::from(vec![i; 10]);
+        for i in 0..3 {
+            assert!(st.keep_unacked(&pkt(i), t));
+        }
+        let mark = st.next_seq; // a ping sent now
+        assert!(st.keep_unacked(&pkt(3), t));
+        st.ack(mark);
+        assert_eq!(st.unacked.len(), 1);
+        assert_eq!(
+            st.unacked[0].1,
+            pkt(3),
+            "the packet sent after the ping stays"
+        );
+        assert_eq!(st.unacked_bytes, 10);
+        st.ack(mark); // a late duplicate changes nothing
+        assert_eq!(st.unacked.len(), 1);
+        assert_eq!(st.take_unacked(), vec![pkt(3)]);
+        assert_eq!((st.unacked.len(), st.unacked_bytes), (0, 0));
+        // Full: the caller sends on both paths instead.
+        for _ in 0..MAX_UNACKED {
+            assert!(st.keep_unacked(&pkt(0), t));
+        }
+        assert!(!st.keep_unacked(&pkt(0), t));
+        let big = Bytes::from(vec![0; MAX_UNACKED_BYTES + 1]);
+        assert!(!PeerDisco::default().keep_unacked(&big, t));
+    }
+
+    #[test]
+    fn ack_timeout_follows_the_round_trip_within_bounds() {
+        let mut st = PeerDisco::default();
+        assert_eq!(st.ack_timeout(), ACK_TIMEOUT_MIN);
+        st.rtt = Some(Duration::from_millis(1));
+        assert_eq!(st.ack_timeout(), ACK_TIMEOUT_MIN);
+        st.rtt = Some(Duration::from_millis(150));
+        assert_eq!(st.ack_timeout(), Duration::from_millis(600));
+        st.rtt = Some(Duration::from_secs(5));
+        assert_eq!(st.ack_timeout(), ACK_TIMEOUT_MAX);
     }
 
     #[test]

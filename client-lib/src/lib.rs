@@ -24,7 +24,8 @@ pub mod tls;
 pub mod udp;
 
 pub use endpoint::{
-    DirectOptions, Endpoint, EndpointConfig, EndpointError, Path, PathEvent, PingReply,
+    DirectOptions, Endpoint, EndpointConfig, EndpointError, EndpointStats, Path, PathEvent,
+    PingReply,
 };
 pub use ferry_relay::proto::{PublicKey, SecretKey};
 pub use relaymap::RelayMap;

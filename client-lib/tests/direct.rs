@@ -165,3 +165,100 @@ async fn wildcard_sockets_find_the_direct_path_too() {
     assert_eq!(addr.port(), b.local_addrs()[0].port());
     exchange(&a, &b, 5, 2).await;
 }
+
+/// Acceptance 4 of the client issue, on loopback: 10,000 numbered packets from a to b while
+/// the path moves relay → direct → (cut without warning) → relay. Every packet arrives
+/// exactly once: the ones sent direct into the cut are resent via the relay once their ack
+/// ping goes unanswered, and the replay window drops any copy that did arrive.
+#[tokio::test]
+async fn ten_thousand_packets_cross_relay_direct_relay_exactly_once() {
+    const N: u32 = 10_000;
+    const WINDOW: u32 = 256; // packets in flight at most: no socket buffer ever overflows
+    let relay = plain_relay(true).await;
+    let map = map_for(&relay);
+    let a = std::sync::Arc::new(Endpoint::bind(direct_config(map.clone())).await.unwrap());
+    let b = std::sync::Arc::new(Endpoint::bind(direct_config(map)).await.unwrap());
+    let (ak, bk) = (a.public_key(), b.public_key());
+    let mut ea = a.path_events();
+
+    let (count_tx, mut count_rx) = tokio::sync::watch::channel(0u32);
+    let receiver = {
+        let b = std::sync::Arc::clone(&b);
+        tokio::spawn(async move {
+            let mut seen = vec![0u8; N as usize];
+            let mut got = 0u32;
+            loop {
+                let (src, d) = timeout(T, b.recv())
+                    .await
+                    .expect("the stream stalled")
+                    .unwrap();
+                assert_eq!(src, ak);
+                if &d[..] == b"end" {
+                    return seen;
+                }
+                let i = u32::from_be_bytes(d[..4].try_into().unwrap());
+                seen[i as usize] += 1;
+                assert_eq!(seen[i as usize], 1, "packet {i} delivered twice");
+                got += 1;
+                count_tx.send_replace(got);
+            }
+        })
+    };
+    let mut phases = Vec::new();
+    for i in 0..N {
+        count_rx
+            .wait_for(|c| c + WINDOW > i)
+            .await
+            .expect("receiver alive");
+        if i == 2_000 {
+            // relay → direct: keep sending until a has the direct path.
+            wait_path(&mut ea, bk, is_direct, "a → b direct").await;
+            phases.push(("direct from", i, a.stats()));
+        }
+        if i == 6_000 {
+            // Cut the direct path mid-stream, without telling anyone.
+            a.set_direct_blackhole(true);
+            phases.push(("cut at", i, a.stats()));
+        }
+        if i == 8_000 {
+            // By now the relay carries everything; wait until a says so.
+            if a.path(&bk).is_some_and(|p| is_direct(&p)) {
+                wait_path(&mut ea, bk, |p| !is_direct(p), "a falls back").await;
+            }
+            phases.push(("relay from", i, a.stats()));
+        }
+        a.send(bk, i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    a.send(bk, b"end".to_vec()).await.unwrap();
+    let seen = timeout(T * 2, receiver).await.unwrap().unwrap();
+    let stats = a.stats();
+    for (what, i, s) in &phases {
+        eprintln!("{what} packet {i}: {s:?}");
+    }
+    eprintln!("end: {stats:?}");
+    for r in ["queue_head", "queue_tail", "unknown_dest"] {
+        let n = relay.metrics().sample(
+            "ferry_relay_packets_dropped_total",
+            &format!("reason=\"{r}\""),
+        );
+        eprintln!("relay dropped ({r}): {n}");
+    }
+    let missing: Vec<usize> = (0..N as usize).filter(|i| seen[*i] == 0).collect();
+    assert!(
+        missing.is_empty(),
+        "{} packets lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(a.path(&bk), Some(Path::Relay(900)));
+    // The test really crossed the cut with packets in flight: some were resent.
+    assert!(
+        stats.resent_via_relay > 0,
+        "no packet was resent: the cut did not catch any in flight ({stats:?})"
+    );
+    let (_, _, at_cut) = phases[1];
+    assert!(
+        at_cut.sent_direct >= 3_000,
+        "the middle phase did not go direct: {at_cut:?}"
+    );
+}
