@@ -1,16 +1,26 @@
 //! `ferry`: the command-line client. See `ferry --help`.
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ferry_client::endpoint::MAX_PAYLOAD;
 use ferry_client::netcheck::{self, NetcheckOptions};
 use ferry_client::relay::Transport;
 use ferry_client::tls::TlsOptions;
 use ferry_client::udp::Sockets;
-use ferry_client::{keys, Endpoint, EndpointConfig, RelayMap, SecretKey};
+use ferry_client::{
+    keys, Endpoint, EndpointConfig, EndpointError, PathEvent, PublicKey, RelayMap, SecretKey,
+};
+use tokio::net::UdpSocket;
+use tokio::sync::broadcast;
+use tracing::{debug, warn};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -28,6 +38,13 @@ Examples:
   # Node B answers pings; node A pings it through the relay (end-to-end encrypted):
   ferry ping --listen --key-file b.key --relay http://127.0.0.1:3340
   ferry ping nodekey:<B's public key> --key-file a.key --relay http://127.0.0.1:3340
+
+  # A UDP tunnel between A and B: a UDP program on A talks to B's 127.0.0.1:8000 through
+  # 127.0.0.1:7000 (each side names the other's public key):
+  ferry tunnel nodekey:<B's key> --listen 127.0.0.1:7000 --key-file a.key --relay http://127.0.0.1:3340
+  ferry tunnel nodekey:<A's key> --listen 127.0.0.1:7001 --forward 127.0.0.1:8000 --key-file b.key --relay http://127.0.0.1:3340
+  nc -u -l 127.0.0.1 8000      # on B: the service
+  nc -u 127.0.0.1 7000         # on A: lines typed here reach B's nc, its answers come back
 
 The relay map is Tailscale's DERP map JSON (the same file Tailscale and Headscale use); see
 docs/client.md. `--relay URL` is a shortcut for a one-relay map.";
@@ -111,6 +128,50 @@ enum Command {
         #[arg(long, conflicts_with = "listen")]
         payload: Option<String>,
     },
+    /// Carry UDP datagrams between a local port and a peer's local port, end to end encrypted.
+    #[command(after_help = TUNNEL_HELP)]
+    Tunnel(TunnelArgs),
+}
+
+const TUNNEL_HELP: &str = "\
+Examples:
+  # On A: UDP programs on A send to 127.0.0.1:7000 to reach B.
+  ferry tunnel nodekey:<B's key> --listen 127.0.0.1:7000 --key-file a.key --relay-map derpmap.json
+  # On B: what arrives from A goes to the service on 127.0.0.1:8000; its answers go back to A.
+  ferry tunnel nodekey:<A's key> --listen 127.0.0.1:7001 --forward 127.0.0.1:8000 --key-file b.key --relay-map derpmap.json
+  # Try it with netcat:
+  nc -u -l 127.0.0.1 8000      # on B
+  nc -u 127.0.0.1 7000         # on A
+
+Both sides run the same command with each other's public key (`ferry pubkey --key-file b.key`).
+Each datagram that arrives on --listen is sent to the peer as one end-to-end encrypted packet
+(direct UDP once disco finds a path, else via the relay); datagrams over 65,477 bytes (what
+one encrypted packet carries on a direct IPv4 path) are dropped with a warning, never
+truncated. Datagrams from the peer leave the --listen socket towards --forward, or, without
+--forward, towards the last local address that sent a datagram to --listen. Packets from
+other nodes are ignored. No retransmission, no ordering: it is UDP. Prints `tunnel ready: ...` once connected, each path change as
+`path to <peer>: direct <addr>|relay <region> (after <s> s)`, and a summary on SIGINT/SIGTERM.";
+
+#[derive(Args, Debug)]
+struct TunnelArgs {
+    /// The peer's public key (`nodekey:<hex>` or 64 hex characters).
+    peer: String,
+    /// The local UDP address: datagrams arriving here go to the peer; the peer's datagrams
+    /// are sent from here.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Send the peer's datagrams to this address (default: the last address that sent a
+    /// datagram to --listen).
+    #[arg(long)]
+    forward: Option<SocketAddr>,
+    /// This node's private key file (`ferry keygen --out FILE`); the peer names its public key.
+    #[arg(long)]
+    key_file: PathBuf,
+    #[command(flatten)]
+    relays: RelayArgs,
+    /// The relay region to reach the peer through (its home; default: ours).
+    #[arg(long)]
+    peer_region: Option<u32>,
 }
 
 #[derive(Args, Debug)]
@@ -158,6 +219,46 @@ impl RelayArgs {
             _ => Transport::Auto,
         }
     }
+
+    /// Binds an endpoint with this node's key on `map` (from [`RelayArgs::map`]) with these
+    /// relay options.
+    async fn bind(&self, secret: SecretKey, map: RelayMap) -> Result<Endpoint> {
+        let mut cfg = EndpointConfig::new(secret, map);
+        cfg.tls = self.tls()?;
+        cfg.transport = self.transport();
+        Ok(Endpoint::bind(cfg).await?)
+    }
+}
+
+/// Writes one line to stdout and flushes it (readers may be on a pipe). A closed stdout is
+/// ignored rather than a panic.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Prints every path change (only `peer`'s, if given) as
+/// `path to nodekey:…: direct 203.0.113.6:41641 (after 0.412 s)`, seconds since `t0`.
+fn spawn_path_printer(
+    mut events: broadcast::Receiver<PathEvent>,
+    peer: Option<PublicKey>,
+    t0: Instant,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(ev) if peer.is_none_or(|p| p == ev.peer) => say(&format!(
+                    "path to {}: {} (after {:.3} s)",
+                    keys::display_public(&ev.peer),
+                    ev.new,
+                    t0.elapsed().as_secs_f64()
+                )),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -248,33 +349,15 @@ async fn run(cmd: Command) -> Result<()> {
             };
             let interval = secs(interval, "--interval")?;
             let timeout = secs(timeout, "--timeout")?;
-            let mut cfg = EndpointConfig::new(secret, map);
-            cfg.tls = relays.tls()?;
-            cfg.transport = relays.transport();
-            let ep = Endpoint::bind(cfg).await?;
-            let mut events = ep.path_events();
+            let ep = relays.bind(secret, map).await?;
+            let events = ep.path_events();
             let home = ep.home_region().unwrap_or_default();
             eprintln!(
                 "ferry: node {} on relay region {home}",
                 keys::display_public(&ep.public_key())
             );
-            // Every path change, with the seconds since the first ping (or since listening):
-            // `path to nodekey:…: direct 203.0.113.6:41641 (after 0.412 s)`.
-            let t0 = Instant::now();
-            tokio::spawn(async move {
-                loop {
-                    match events.recv().await {
-                        Ok(ev) => println!(
-                            "path to {}: {} (after {:.3} s)",
-                            keys::display_public(&ev.peer),
-                            ev.new,
-                            t0.elapsed().as_secs_f64()
-                        ),
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                    }
-                }
-            });
+            // Every path change, with the seconds since the first ping (or since listening).
+            spawn_path_printer(events, None, Instant::now());
             if listen {
                 println!(
                     "listening as {} (home relay region {home}); answering pings",
@@ -342,6 +425,7 @@ async fn run(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Tunnel(args) => tunnel(args).await,
     }
 }
 
@@ -350,4 +434,298 @@ fn secs(v: f64, flag: &str) -> Result<Duration> {
         bail!("{flag} must be a positive number of seconds, got {v}");
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// The largest datagram a tunnel carries: 65,477 bytes. `Endpoint::send` takes up to
+/// `MAX_PAYLOAD` (65,505), whose E2E packet is 65,535 bytes (payload + 30: header 13, tag 16,
+/// type 1), but a direct IPv4 path carries at most 65,507 bytes per UDP datagram (IPv6:
+/// 65,527) and the endpoint loses a larger packet there without an error (EMSGSIZE, logged at
+/// debug). So the tunnel drops — with a warning — anything that would not fit a direct path.
+const TUNNEL_MAX: usize = MAX_PAYLOAD - (65_535 - 65_507);
+
+/// Counters of one tunnel, printed as the summary line on exit.
+#[derive(Debug, Default)]
+struct TunnelStats {
+    /// Datagrams (and bytes) from --listen sent to the peer.
+    up: AtomicU64,
+    up_bytes: AtomicU64,
+    /// Datagrams (and bytes) from the peer sent out of --listen.
+    down: AtomicU64,
+    down_bytes: AtomicU64,
+    /// Local datagrams over MAX_PAYLOAD.
+    too_big: AtomicU64,
+    /// Local datagrams the endpoint refused.
+    send_failed: AtomicU64,
+    /// Packets from nodes other than the peer.
+    other_node: AtomicU64,
+    /// Peer datagrams without --forward before any local program sent one.
+    no_return: AtomicU64,
+    /// Peer datagrams the local socket could not send.
+    local_failed: AtomicU64,
+}
+
+impl TunnelStats {
+    fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "tunnel summary: to peer {} datagrams / {} bytes, from peer {} datagrams / {} bytes; \
+             dropped: {} over {TUNNEL_MAX} bytes, {} refused by the endpoint, {} from other nodes, \
+             {} with no local return address, {} failed local sends",
+            g(&self.up),
+            g(&self.up_bytes),
+            g(&self.down),
+            g(&self.down_bytes),
+            g(&self.too_big),
+            g(&self.send_failed),
+            g(&self.other_node),
+            g(&self.no_return),
+            g(&self.local_failed),
+        )
+    }
+}
+
+/// Lets a repeated warning through at most once per period.
+struct RateLimit {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    fn new(every: Duration) -> Self {
+        RateLimit {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(number suppressed since the last one)` if a warning may be logged now.
+    fn allow(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < self.every) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// `ferry tunnel`: see TUNNEL_HELP and docs/client.md.
+async fn tunnel(a: TunnelArgs) -> Result<()> {
+    // Check the arguments before any network activity.
+    let peer = keys::parse_public(&a.peer)?;
+    let map = a.relays.map()?;
+    let secret = keys::read_secret(&a.key_file)?;
+    if peer == secret.public() {
+        bail!(
+            "the peer key {} is this node's own key (from {}): pass the other node's public key (`ferry pubkey --key-file <its key file>`)",
+            keys::display_public(&peer),
+            a.key_file.display()
+        );
+    }
+    let sock = UdpSocket::bind(a.listen).await.map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                " (another program, or another tunnel, uses it: stop it or pick another --listen port)"
+            }
+            std::io::ErrorKind::AddrNotAvailable => {
+                " (not an address of this machine: use e.g. 127.0.0.1:<port>)"
+            }
+            std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+            _ => "",
+        };
+        anyhow::anyhow!("cannot listen on UDP {}: {e}{hint}", a.listen)
+    })?;
+    let listen = sock.local_addr().context("the --listen socket's address")?;
+    let ep = a.relays.bind(secret, map).await.context(
+        "starting the endpoint (is the relay running and reachable? check --relay / --relay-map)",
+    )?;
+    if let Some(r) = a.peer_region {
+        ep.set_peer_region(peer, r).await;
+    }
+    // Signal handlers before the ready line: a SIGTERM right after it must not meet the
+    // default action (which kills the process without the summary).
+    let signals = Signals::install()?;
+    let events = ep.path_events();
+    say(&format!(
+        "tunnel ready: udp {listen} <-> {} (we are {}, home relay {}); peer datagrams go to {}",
+        keys::display_public(&peer),
+        keys::display_public(&ep.public_key()),
+        ep.home_region()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "?".into()),
+        a.forward
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "the last local sender".into()),
+    ));
+    spawn_path_printer(events, Some(peer), Instant::now());
+
+    let ep = Arc::new(ep);
+    let sock = Arc::new(sock);
+    let stats = Arc::new(TunnelStats::default());
+    let last_sender: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+    // Two tasks, so a send that waits (back-pressure) never holds up the other direction.
+    let mut up = tokio::spawn(local_to_peer(
+        Arc::clone(&ep),
+        peer,
+        Arc::clone(&sock),
+        Arc::clone(&stats),
+        Arc::clone(&last_sender),
+    ));
+    let mut down = tokio::spawn(peer_to_local(
+        Arc::clone(&ep),
+        peer,
+        Arc::clone(&sock),
+        a.forward,
+        Arc::clone(&stats),
+        last_sender,
+    ));
+    let result = tokio::select! {
+        () = signals.wait() => Ok(()),
+        r = &mut up => r.context("tunnel task").and_then(|r| r),
+        r = &mut down => r.context("tunnel task").and_then(|r| r),
+    };
+    up.abort();
+    down.abort();
+    say(&stats.summary());
+    result
+}
+
+/// Datagrams on --listen → the peer, one `Endpoint::send` each.
+async fn local_to_peer(
+    ep: Arc<Endpoint>,
+    peer: PublicKey,
+    sock: Arc<UdpSocket>,
+    stats: Arc<TunnelStats>,
+    last_sender: Arc<Mutex<Option<SocketAddr>>>,
+) -> Result<()> {
+    // Larger than any UDP datagram (65,507 bytes over IPv4, 65,527 over IPv6), so the length
+    // received is the datagram's and nothing is cut.
+    let mut buf = vec![0u8; 65_536];
+    let mut errors = RateLimit::new(Duration::from_secs(10));
+    let mut too_big = RateLimit::new(Duration::from_secs(10));
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(more) = errors.allow() {
+                    warn!("receiving on the --listen socket: {e} ({more} more not shown)");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        *last_sender.lock().expect("lock") = Some(from);
+        if n > TUNNEL_MAX {
+            TunnelStats::add(&stats.too_big, 1);
+            if let Some(more) = too_big.allow() {
+                warn!("dropped a {n}-byte datagram from {from}: a tunnel carries at most {TUNNEL_MAX} bytes per datagram ({more} more not shown)");
+            }
+            continue;
+        }
+        match ep.send(peer, buf[..n].to_vec()).await {
+            Ok(()) => {
+                TunnelStats::add(&stats.up, 1);
+                TunnelStats::add(&stats.up_bytes, n as u64);
+            }
+            Err(EndpointError::Closed) => bail!("the endpoint stopped"),
+            Err(e) => {
+                TunnelStats::add(&stats.send_failed, 1);
+                if let Some(more) = errors.allow() {
+                    warn!("dropped a {n}-byte datagram from {from}: {e} ({more} more not shown)");
+                }
+            }
+        }
+    }
+}
+
+/// Datagrams from the peer → out of --listen, to --forward or the last local sender.
+async fn peer_to_local(
+    ep: Arc<Endpoint>,
+    peer: PublicKey,
+    sock: Arc<UdpSocket>,
+    forward: Option<SocketAddr>,
+    stats: Arc<TunnelStats>,
+    last_sender: Arc<Mutex<Option<SocketAddr>>>,
+) -> Result<()> {
+    let mut no_return = RateLimit::new(Duration::from_secs(10));
+    let mut errors = RateLimit::new(Duration::from_secs(10));
+    loop {
+        let (from, data) = ep.recv().await.context("receiving from the peer")?;
+        if from != peer {
+            TunnelStats::add(&stats.other_node, 1);
+            debug!(
+                "ignored {} bytes from {}: not the tunnel's peer",
+                data.len(),
+                keys::display_public(&from)
+            );
+            continue;
+        }
+        let Some(dst) = forward.or_else(|| *last_sender.lock().expect("lock")) else {
+            TunnelStats::add(&stats.no_return, 1);
+            if let Some(more) = no_return.allow() {
+                warn!("dropped a {}-byte datagram from the peer: no local program has sent to the --listen socket yet, so there is no address to send it to (use --forward ADDR to fix one) ({more} more not shown)", data.len());
+            }
+            continue;
+        };
+        match sock.send_to(&data, dst).await {
+            Ok(_) => {
+                TunnelStats::add(&stats.down, 1);
+                TunnelStats::add(&stats.down_bytes, data.len() as u64);
+            }
+            Err(e) => {
+                TunnelStats::add(&stats.local_failed, 1);
+                if let Some(more) = errors.allow() {
+                    warn!(
+                        "dropped a {}-byte datagram from the peer: sending to {dst}: {e} ({more} more not shown)",
+                        data.len()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// SIGINT / SIGTERM.
+#[cfg(unix)]
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Signals)
+    }
+
+    async fn wait(self) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
