@@ -7,7 +7,8 @@
 //! ```text
 //!   home N (192.168.N.2) --lan-- router N (192.168.N.1 | wan 203.0.113.(4N-2)/30) --pN-- pub
 //!   pub: 203.0.113.1/30, .5/30, ... (one /30 per router), forwards between routers and runs
-//!        `ferry-relay --dev` on 203.0.113.1:3340 with STUN on 203.0.113.1:3478
+//!        `ferry-relay --dev` on 203.0.113.1:3340 with STUN on 203.0.113.1:3478 and :3479
+//!        (the DERP map lists :3479 as a STUNOnly node, so netcheck sees two servers)
 //! ```
 //!
 //! Routers NAT their LAN with `MASQUERADE` ([`Nat::Easy`]), `MASQUERADE --random-fully`
@@ -33,6 +34,10 @@ const PREFIX: &str = "ferrylab-";
 pub const RELAY_IP: &str = "203.0.113.1";
 pub const RELAY_PORT: u16 = 3340;
 pub const STUN_PORT: u16 = 3478;
+/// A second STUN port on the relay, listed as a STUNOnly node of the region: with two STUN
+/// servers netcheck can tell a hard NAT (a different mapping per destination) from an easy one,
+/// which birthday probing needs.
+pub const STUN_PORT2: u16 = 3479;
 
 /// How a home's router treats its LAN's traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,11 +348,21 @@ impl Lab {
         let map = serde_json::json!({"Regions": {"900": {"RegionID": 900, "RegionCode": "lab",
             "RegionName": "NAT lab", "Nodes": [{"Name": "900a", "RegionID": 900,
             "HostName": RELAY_IP, "IPv4": RELAY_IP, "IPv6": "none", "DERPPort": RELAY_PORT,
-            "STUNPort": STUN_PORT, "InsecureForTests": true}]}}});
+            "STUNPort": STUN_PORT, "InsecureForTests": true},
+            {"Name": "900s", "RegionID": 900, "HostName": RELAY_IP, "IPv4": RELAY_IP,
+            "IPv6": "none", "STUNOnly": true, "STUNPort": STUN_PORT2}]}}});
         std::fs::write(&self.map_file, map.to_string()).map_err(|e| e.to_string())?;
+        self.start_relay()
+    }
+
+    /// Starts the relay in `pub` (always with the same arguments, so a restart keeps its
+    /// addresses and ports) and waits until it is ready. The lab starts it once itself; after
+    /// [`Lab::stop_relay`] this starts it again. (`--dev`: a new ephemeral server key.)
+    pub fn start_relay(&mut self) -> Result<(), String> {
+        assert!(self.relay.is_none(), "the relay is already running");
         let relay = relay_bin();
         let listen = format!("{RELAY_IP}:{RELAY_PORT}");
-        let stun = format!("{RELAY_IP}:{STUN_PORT}");
+        let stun = format!("{RELAY_IP}:{STUN_PORT},{RELAY_IP}:{STUN_PORT2}");
         let mut proc = self.spawn(
             "pub",
             relay.to_str().expect("utf-8 path"),
@@ -366,6 +381,27 @@ impl Lab {
         }
         self.relay = Some(proc);
         Ok(())
+    }
+
+    /// Stops the relay: `graceful` sends SIGTERM (the relay tells its clients it is
+    /// restarting, drains, exits) and waits up to 15 s for it to exit, then kills it; otherwise
+    /// SIGKILL at once (a crash). Returns once the process is gone.
+    pub fn stop_relay(&mut self, graceful: bool) {
+        let Some(mut proc) = self.relay.take() else {
+            return;
+        };
+        if graceful {
+            // `ip netns exec` execs the relay: the child's PID is the relay's.
+            let _ = run("kill", &["-TERM", &proc.child.id().to_string()]);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = proc.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        proc.kill();
     }
 
     /// Runs `program args…` in the namespace of `role` (see [`Lab::ns`]), stdout on a channel.
