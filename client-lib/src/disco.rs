@@ -9,8 +9,14 @@
 //! "TS💬" (6 bytes) | sender key (32) | nonce (24) | box(type u8 | version u8 | payload)
 //! Ping:        type 0x01, txid (12) | sender node key (32)
 //! Pong:        type 0x02, txid (12) | observed source: IPv6 or v4-mapped address (16) | port u16
-//! CallMeMaybe: type 0x03, N × (address (16) | port u16)
+//! CallMeMaybe: type 0x03, version 0: N × (address (16) | port u16)
+//!                         version 1 (ferry): flags u8 | N × (address (16) | port u16)
 //! ```
+//!
+//! CallMeMaybe version 1 is ferry's extension: flag bit 0 says the sender's NAT maps each
+//! destination to a different port (a "hard" NAT, from netcheck), which starts birthday
+//! probing when the other side is easy (see the endpoint docs). ferry sends version 1 and reads
+//! both.
 //!
 //! Deliberate difference: Tailscale seals with a separate per-process *disco key* that the
 //! control plane distributes; ferry has no control plane, so the sender key field carries the
@@ -34,6 +40,9 @@ const T_PING: u8 = 0x01;
 const T_PONG: u8 = 0x02;
 const T_CALL_ME_MAYBE: u8 = 0x03;
 const VERSION: u8 = 0;
+/// CallMeMaybe with a flags byte.
+const CMM_VERSION: u8 = 1;
+const CMM_HARD_NAT: u8 = 0x01;
 const ADDR_LEN: usize = 18;
 const HEADER_LEN: usize = DISCO_MAGIC.len() + KEY_LEN;
 
@@ -61,6 +70,8 @@ pub enum Message {
     CallMeMaybe {
         /// The sender's candidate addresses.
         endpoints: Vec<SocketAddr>,
+        /// The sender is behind a hard NAT (endpoint-dependent mapping).
+        hard_nat: bool,
     },
 }
 
@@ -132,8 +143,12 @@ pub fn seal(ours: &SecretKey, theirs: &PublicKey, msg: &Message) -> Vec<u8> {
             pt.extend_from_slice(txid);
             put_addr(&mut pt, src);
         }
-        Message::CallMeMaybe { endpoints } => {
-            pt.extend_from_slice(&[T_CALL_ME_MAYBE, VERSION]);
+        Message::CallMeMaybe {
+            endpoints,
+            hard_nat,
+        } => {
+            let flags = if *hard_nat { CMM_HARD_NAT } else { 0 };
+            pt.extend_from_slice(&[T_CALL_ME_MAYBE, CMM_VERSION, flags]);
             for e in endpoints.iter().take(MAX_ENDPOINTS) {
                 put_addr(&mut pt, e);
             }
@@ -198,6 +213,11 @@ fn parse(pt: &[u8]) -> Result<Message, DiscoError> {
             })
         }
         T_CALL_ME_MAYBE => {
+            let (flags, body) = match (ver, body.split_first()) {
+                (0, _) => (0, body),
+                (_, Some((f, rest))) => (*f, rest),
+                (_, None) => return Err(short("call-me-maybe", 1)),
+            };
             if body.len() % ADDR_LEN != 0 {
                 return Err(DiscoError::Malformed {
                     kind: "call-me-maybe",
@@ -209,6 +229,7 @@ fn parse(pt: &[u8]) -> Result<Message, DiscoError> {
             }
             Ok(Message::CallMeMaybe {
                 endpoints: body.chunks(ADDR_LEN).map(get_addr).collect(),
+                hard_nat: flags & CMM_HARD_NAT != 0,
             })
         }
         t => Err(DiscoError::UnknownType(t, ver)),
@@ -262,8 +283,16 @@ mod tests {
                     "127.0.0.1:1".parse().unwrap(),
                     "[::1]:65535".parse().unwrap(),
                 ],
+                hard_nat: false,
             },
-            Message::CallMeMaybe { endpoints: vec![] },
+            Message::CallMeMaybe {
+                endpoints: vec!["192.0.2.9:4".parse().unwrap()],
+                hard_nat: true,
+            },
+            Message::CallMeMaybe {
+                endpoints: vec![],
+                hard_nat: false,
+            },
         ];
         for m in msgs {
             let pkt = seal(&a, &b.public(), &m);
@@ -309,6 +338,7 @@ mod tests {
         let c = SecretKey::generate();
         let m = Message::CallMeMaybe {
             endpoints: vec!["10.0.0.1:9".parse().unwrap()],
+            hard_nat: false,
         };
         let pkt = seal(&a, &b.public(), &m);
         // Every byte after the magic matters: sender key, nonce, tag, ciphertext.
@@ -386,10 +416,42 @@ mod tests {
         let endpoints: Vec<SocketAddr> = (0..100)
             .map(|i| SocketAddr::from(([10, 0, 0, 1], 1000 + i)))
             .collect();
-        let pkt = seal(&a, &b.public(), &Message::CallMeMaybe { endpoints });
+        let msg = Message::CallMeMaybe {
+            endpoints,
+            hard_nat: true,
+        };
+        let pkt = seal(&a, &b.public(), &msg);
         let (_, m) = open(&b, &pkt, None).unwrap();
         assert!(
-            matches!(m, Message::CallMeMaybe { endpoints } if endpoints.len() == MAX_ENDPOINTS)
+            matches!(m, Message::CallMeMaybe { endpoints, hard_nat: true }
+            if endpoints.len() == MAX_ENDPOINTS)
         );
+    }
+
+    #[test]
+    fn call_me_maybe_version_0_is_tailscales_layout() {
+        // Tailscale's CallMeMaybe: version 0, no flags byte.
+        let (a, b) = keys();
+        let mut pt = vec![T_CALL_ME_MAYBE, 0];
+        put_addr(&mut pt, &"192.0.2.1:41641".parse().unwrap());
+        let mut pkt = DISCO_MAGIC.to_vec();
+        pkt.extend_from_slice(a.public().as_bytes());
+        pkt.extend_from_slice(&proto::seal(&a, &b.public(), &pt));
+        let (_, m) = open(&b, &pkt, None).unwrap();
+        assert_eq!(
+            m,
+            Message::CallMeMaybe {
+                endpoints: vec!["192.0.2.1:41641".parse().unwrap()],
+                hard_nat: false
+            }
+        );
+        // Version 1 without its flags byte is malformed.
+        let mut pkt = DISCO_MAGIC.to_vec();
+        pkt.extend_from_slice(a.public().as_bytes());
+        pkt.extend_from_slice(&proto::seal(&a, &b.public(), &[T_CALL_ME_MAYBE, 1]));
+        assert!(matches!(
+            open(&b, &pkt, None),
+            Err(DiscoError::Malformed { .. })
+        ));
     }
 }

@@ -70,7 +70,7 @@ use crate::relay::{
 };
 use crate::relaymap::RelayMap;
 use crate::tls::TlsOptions;
-use crate::udp::{Datagram, Sockets};
+use crate::udp::{self, Datagram, Sockets};
 
 /// Inner message types (inside the E2E plaintext).
 const M_DATA: u8 = 0x00;
@@ -291,7 +291,7 @@ impl Endpoint {
         }
         let (udp_tx, udp_rx) = mpsc::channel(1024);
         let sockets = Arc::new(
-            Sockets::bind(cfg.bind_v4, cfg.bind_v6, Some(udp_tx))
+            Sockets::bind(cfg.bind_v4, cfg.bind_v6, Some(udp_tx.clone()))
                 .await
                 .map_err(|source| EndpointError::Bind {
                     addr: cfg.bind_v4,
@@ -381,6 +381,11 @@ impl Endpoint {
             relay_tx,
             resend: HashMap::new(),
             next_resend: None,
+            extra: HashMap::new(),
+            next_via: udp::MAIN + 1,
+            udp_tx,
+            birthday: None,
+            spray: None,
             cmd_tx: cmd_tx.clone(),
             sockets: Arc::clone(&sockets),
         };
@@ -580,10 +585,80 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Birthday probing (an easy NAT facing a hard one): the hard side opens this many sockets,
+/// each punching a mapping towards the easy side's endpoint ...
+const BIRTHDAY_SOCKETS: usize = 256;
+/// ... and the easy side pings this many random ports of the hard side's address. With 256 of
+/// the 64,512 ports 1024–65535 open, 1024 probes hit one with probability
+/// 1 − (1 − 256/64512)^1024 ≈ 98 %.
+const BIRTHDAY_PROBES: usize = 1024;
+/// Probes per second (1024 take about 2 s; about 120 kB/s of disco pings).
+const BIRTHDAY_RATE: u64 = 500;
+/// The hard side keeps unused birthday sockets this long (the probes follow within ~2 s of
+/// its CallMeMaybe; Linux keeps an unanswered UDP mapping for 30 s).
+const BIRTHDAY_HOLD: Duration = Duration::from_secs(10);
+
+/// The easy side's probes towards a hard peer.
+#[derive(Debug)]
+struct Spray {
+    peer: PublicKey,
+    targets: Vec<SocketAddr>,
+    sent: usize,
+    started: Instant,
+}
+
+/// Whether `a` is a public IPv4 address (a NAT's outside), the only kind birthday probing aims
+/// at.
+fn is_public_v4(a: &SocketAddr) -> bool {
+    match a.ip() {
+        std::net::IpAddr::V4(ip) => {
+            !(ip.is_private()
+                || ip.is_loopback()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                || ip.is_multicast())
+        }
+        std::net::IpAddr::V6(_) => false,
+    }
+}
+
+/// `n` distinct random ports in 1024–65535 for each of `ips`, skipping `known`, interleaved
+/// across the addresses.
+fn spray_targets(ips: &[std::net::IpAddr], n: usize, known: &[SocketAddr]) -> Vec<SocketAddr> {
+    use rand::seq::SliceRandom;
+    let mut per_ip: Vec<Vec<SocketAddr>> = ips
+        .iter()
+        .map(|ip| {
+            let mut ports: Vec<u16> = (1024..=65535)
+                .filter(|p| !known.contains(&SocketAddr::new(*ip, *p)))
+                .collect();
+            ports.shuffle(&mut rand::thread_rng());
+            ports
+                .into_iter()
+                .take(n.div_ceil(ips.len().max(1)))
+                .map(|p| SocketAddr::new(*ip, p))
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n && per_ip.iter().any(|v| !v.is_empty()) {
+        for v in &mut per_ip {
+            if let Some(a) = v.pop() {
+                out.push(a);
+            }
+        }
+    }
+    out.truncate(n);
+    out
+}
+
 /// A disco ping in flight.
 #[derive(Debug, Clone, Copy)]
 struct PingSent {
     addr: SocketAddr,
+    /// The socket it went from ([`udp::MAIN`] or a birthday socket).
+    via: u32,
     at: Instant,
     /// [`PeerDisco::next_seq`] when it was sent: its pong acknowledges the direct-only packets
     /// numbered below.
@@ -600,6 +675,12 @@ struct PeerDisco {
     pings: HashMap<TxId, PingSent>,
     /// The direct path and its last pong.
     best: Option<(SocketAddr, Instant)>,
+    /// The socket of the direct path ([`udp::MAIN`], or the birthday socket that found it).
+    best_via: u32,
+    /// Last birthday session opened for this peer (we are the hard side).
+    last_birthday: Option<Instant>,
+    /// Last birthday spray towards this peer (we are the easy side).
+    last_spray: Option<Instant>,
     last_probe: Option<Instant>,
     last_heartbeat: Option<Instant>,
     /// Last data to or from the peer.
@@ -623,6 +704,10 @@ struct PeerDisco {
 }
 
 impl PeerDisco {
+    fn is_best(&self, addr: SocketAddr, via: u32) -> bool {
+        self.best.is_some_and(|(b, _)| b == addr) && self.best_via == via
+    }
+
     /// Keeps `pkt` for a resend; false when the buffer is full (send it on both paths).
     fn keep_unacked(&mut self, pkt: &Bytes, now: Instant) -> bool {
         if self.unacked.len() >= MAX_UNACKED || self.unacked_bytes + pkt.len() > MAX_UNACKED_BYTES {
@@ -696,8 +781,25 @@ struct Actor {
     /// queue (32 packets in ferry and derper) and be dropped there.
     resend: HashMap<PublicKey, VecDeque<Bytes>>,
     next_resend: Option<tokio::time::Instant>,
+    /// Birthday sockets by id ([`Datagram::via`]) with their reader tasks.
+    extra: HashMap<u32, (Arc<tokio::net::UdpSocket>, tokio::task::JoinHandle<()>)>,
+    next_via: u32,
+    /// Where the readers of birthday sockets deliver.
+    udp_tx: mpsc::Sender<Datagram>,
+    /// Hard side: the running birthday session (its sockets stay open until then).
+    birthday: Option<(PublicKey, Instant)>,
+    /// Easy side: the running spray.
+    spray: Option<Spray>,
     cmd_tx: mpsc::Sender<Cmd>,
     sockets: Arc<Sockets>,
+}
+
+impl Drop for Actor {
+    fn drop(&mut self) {
+        for (_, reader) in self.extra.values() {
+            reader.abort();
+        }
+    }
 }
 
 impl Actor {
@@ -871,21 +973,23 @@ impl Actor {
         self.peer_region.get(peer).copied().unwrap_or(self.home)
     }
 
-    /// The direct address to use for `peer` now, and whether to send on the relay too.
-    fn direct_for(&self, peer: &PublicKey, now: Instant) -> Option<(SocketAddr, bool)> {
+    /// The direct address to use for `peer` now, the socket to send from, and whether to send
+    /// on the relay too.
+    fn direct_for(&self, peer: &PublicKey, now: Instant) -> Option<(SocketAddr, u32, bool)> {
         let d = self.cfg.direct;
-        let (addr, pong) = self.peers.get(peer)?.best?;
+        let st = self.peers.get(peer)?;
+        let (addr, pong) = st.best?;
         let age = now.saturating_duration_since(pong);
-        (age < d.trust).then_some((addr, age > d.heartbeat * 2))
+        (age < d.trust).then_some((addr, st.best_via, age > d.heartbeat * 2))
     }
 
     /// Sends an E2E packet to `peer` on its current path (see the module docs, 5.).
     async fn send_to_peer(&mut self, peer: PublicKey, pkt: Bytes) {
         let now = Instant::now();
         match self.direct_for(&peer, now) {
-            Some((addr, stale)) => {
+            Some((addr, via, stale)) => {
                 self.set_path(peer, Path::Direct(addr));
-                self.send_direct(addr, &pkt).await;
+                self.send_direct(via, addr, &pkt).await;
                 self.shared.sent_direct.fetch_add(1, Ordering::Relaxed);
                 let st = self.peers.entry(peer).or_default();
                 // Unsure of the path (stale or suspect), or no room to keep the packet for a
@@ -894,7 +998,7 @@ impl Actor {
                     self.shared.sent_relay.fetch_add(1, Ordering::Relaxed);
                     self.send_relay(peer, pkt).await;
                 }
-                self.check_acks(peer, addr, now).await;
+                self.check_acks(peer, addr, via, now).await;
             }
             None => {
                 let region = self.region_for(&peer);
@@ -932,17 +1036,188 @@ impl Actor {
         }
     }
 
-    /// Sends a datagram straight to `addr` from the data socket.
-    async fn send_direct(&self, addr: SocketAddr, pkt: &[u8]) {
+    /// Sends a datagram straight to `addr` from the data socket (`via` = [`udp::MAIN`]) or
+    /// from one of the birthday sockets.
+    async fn send_direct(&self, via: u32, addr: SocketAddr, pkt: &[u8]) {
         if self.shared.blackhole_direct.load(Ordering::Relaxed) {
             return;
         }
-        let Some(sock) = self.sockets.for_addr(&addr) else {
+        let sock = if via == udp::MAIN {
+            self.sockets.for_addr(&addr)
+        } else {
+            self.extra.get(&via).map(|(s, _)| s)
+        };
+        let Some(sock) = sock else {
             return;
         };
         if let Err(e) = sock.send_to(pkt, addr).await {
             debug!(%addr, "direct send failed: {e}");
         }
+    }
+
+    /// Whether netcheck found our NAT hard (mapping varies by destination).
+    fn my_nat_hard(&self) -> bool {
+        self.shared
+            .report
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .is_some_and(|r| r.mapping_varies_by_dest_ip == Some(true))
+    }
+
+    /// Birthday probing, hard side: opens [`BIRTHDAY_SOCKETS`] sockets and punches (TTL 2,
+    /// like [`Actor::punch`]) from each towards the peer's public IPv4 endpoints, so the NAT
+    /// holds that many mappings to them; the peer's random-port probes that hit one come in on
+    /// that socket, which then carries the path. At most once per `probe_interval` per peer
+    /// and one session at a time. Returns whether it opened a session.
+    async fn birthday_open(
+        &mut self,
+        peer: PublicKey,
+        endpoints: &[SocketAddr],
+        now: Instant,
+    ) -> bool {
+        let targets: Vec<SocketAddr> = endpoints
+            .iter()
+            .copied()
+            .filter(is_public_v4)
+            .take(2)
+            .collect();
+        if targets.is_empty() || self.birthday.is_some_and(|(p, t)| p != peer && t > now) {
+            return false;
+        }
+        let interval = self.cfg.direct.probe_interval;
+        let st = self.peers.entry(peer).or_default();
+        if st
+            .last_birthday
+            .is_some_and(|t| now.saturating_duration_since(t) < interval)
+        {
+            return false;
+        }
+        st.last_birthday = Some(now);
+        // A new session replaces the last one: close its sockets that found nothing.
+        self.birthday = None;
+        self.close_unused_sockets(now);
+        self.birthday = Some((peer, now + BIRTHDAY_HOLD));
+        let ip = self
+            .sockets
+            .v4
+            .local_addr()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
+                a.ip()
+            });
+        let mut opened = 0;
+        for _ in 0..BIRTHDAY_SOCKETS {
+            let sock = match std::net::UdpSocket::bind((ip, 0))
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .and_then(tokio::net::UdpSocket::from_std)
+            {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    warn!("birthday probing: cannot open more sockets after {opened}: {e}");
+                    break;
+                }
+            };
+            let via = self.next_via;
+            self.next_via = self.next_via.wrapping_add(1).max(udp::MAIN + 1);
+            let reader = udp::spawn_reader(
+                Arc::clone(&sock),
+                Arc::clone(&self.sockets.stun),
+                Some(self.udp_tx.clone()),
+                via,
+            );
+            let msg = Message::Ping {
+                txid: disco::new_txid(),
+                node_key: self.cfg.secret_key.public(),
+            };
+            let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+            let old = sock.ttl().unwrap_or(64);
+            let _ = sock.set_ttl(PUNCH_TTL);
+            self.extra.insert(via, (Arc::clone(&sock), reader));
+            for t in &targets {
+                self.send_direct(via, *t, &pkt).await;
+            }
+            let _ = sock.set_ttl(old);
+            opened += 1;
+        }
+        info!(peer = %peer.short(), sockets = opened, ?targets, "birthday probing: hard side opened its mappings");
+        opened > 0
+    }
+
+    /// Birthday probing, easy side: starts pinging random ports of the hard peer's public
+    /// IPv4 addresses ([`BIRTHDAY_PROBES`] at [`BIRTHDAY_RATE`], driven by the tick). At most
+    /// once per `probe_interval` per peer, one spray at a time.
+    fn spray_start(&mut self, peer: PublicKey, endpoints: &[SocketAddr], now: Instant) {
+        let mut ips: Vec<std::net::IpAddr> = endpoints
+            .iter()
+            .filter(|a| is_public_v4(a))
+            .map(|a| a.ip())
+            .collect();
+        ips.sort();
+        ips.dedup();
+        ips.truncate(2);
+        if ips.is_empty() || self.spray.is_some() {
+            return;
+        }
+        let interval = self.cfg.direct.probe_interval;
+        let st = self.peers.entry(peer).or_default();
+        if st
+            .last_spray
+            .is_some_and(|t| now.saturating_duration_since(t) < interval)
+        {
+            return;
+        }
+        st.last_spray = Some(now);
+        let targets = spray_targets(&ips, BIRTHDAY_PROBES, endpoints);
+        info!(peer = %peer.short(), ?ips, probes = targets.len(), "birthday probing: easy side probes random ports");
+        self.spray = Some(Spray {
+            peer,
+            targets,
+            sent: 0,
+            started: now,
+        });
+    }
+
+    /// Sends the spray's probes that are due; ends it when done or when the path is found.
+    async fn spray_step(&mut self, now: Instant) {
+        let Some(sp) = self.spray.as_mut() else {
+            return;
+        };
+        let peer = sp.peer;
+        let found = self.peers.get(&peer).is_none_or(|st| st.best.is_some());
+        if found || sp.sent >= sp.targets.len() {
+            debug!(peer = %peer.short(), sent = sp.sent, found, "birthday spray ends");
+            self.spray = None;
+            return;
+        }
+        let elapsed = now.saturating_duration_since(sp.started);
+        let due = ((elapsed.as_millis() as u64 * BIRTHDAY_RATE / 1000) as usize + 1)
+            .min(sp.targets.len());
+        let batch: Vec<SocketAddr> = sp.targets[sp.sent..due.max(sp.sent)].to_vec();
+        sp.sent = due.max(sp.sent);
+        for a in batch {
+            self.ping_addr(peer, a, udp::MAIN, now).await;
+        }
+    }
+
+    /// Closes birthday sockets that no peer's direct path uses, once their session is over.
+    fn close_unused_sockets(&mut self, now: Instant) {
+        if self.birthday.is_some_and(|(_, until)| until > now) {
+            return;
+        }
+        self.birthday = None;
+        let in_use: std::collections::HashSet<u32> = self
+            .peers
+            .values()
+            .filter(|st| st.best.is_some())
+            .map(|st| st.best_via)
+            .collect();
+        self.extra.retain(|via, (_, reader)| {
+            let keep = in_use.contains(via);
+            if !keep {
+                reader.abort();
+            }
+            keep
+        });
     }
 
     /// Our candidate endpoints for CallMeMaybe.
@@ -965,7 +1240,7 @@ impl Actor {
     /// While data goes direct-only to `addr`: ack-ping the path when packets wait for an
     /// acknowledgement; if the ping waiting for its pong is overdue, the path is suspect —
     /// resend what is unacknowledged via the relay and ping again.
-    async fn check_acks(&mut self, peer: PublicKey, addr: SocketAddr, now: Instant) {
+    async fn check_acks(&mut self, peer: PublicKey, addr: SocketAddr, via: u32, now: Instant) {
         let Some(st) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -979,7 +1254,7 @@ impl Actor {
                 st.suspect = true;
                 st.awaiting = None; // the ping below starts the next wait
                 self.resend_via_relay(peer, resend).await;
-                self.ping_addr(peer, addr, now).await;
+                self.ping_addr(peer, addr, via, now).await;
             }
             Some(_) => {}
             None => {
@@ -988,7 +1263,7 @@ impl Actor {
                         || now.saturating_duration_since(*t) >= ACK_INTERVAL
                 });
                 if due {
-                    self.ping_addr(peer, addr, now).await;
+                    self.ping_addr(peer, addr, via, now).await;
                 }
             }
         }
@@ -1037,7 +1312,8 @@ impl Actor {
         }
     }
 
-    async fn ping_addr(&mut self, peer: PublicKey, addr: SocketAddr, now: Instant) {
+    /// Pings `peer` at `addr` from socket `via`.
+    async fn ping_addr(&mut self, peer: PublicKey, addr: SocketAddr, via: u32, now: Instant) {
         let txid = disco::new_txid();
         let st = self.peers.entry(peer).or_default();
         let mark = st.next_seq;
@@ -1045,11 +1321,12 @@ impl Actor {
             txid,
             PingSent {
                 addr,
+                via,
                 at: now,
                 mark,
             },
         );
-        if st.best.is_some_and(|(b, _)| b == addr) && st.awaiting.is_none() {
+        if st.is_best(addr, via) && st.awaiting.is_none() {
             st.awaiting = Some(now);
         }
         let msg = Message::Ping {
@@ -1057,7 +1334,7 @@ impl Actor {
             node_key: self.cfg.secret_key.public(),
         };
         let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
-        self.send_direct(addr, &pkt).await;
+        self.send_direct(via, addr, &pkt).await;
     }
 
     /// A disco ping with a small TTL ([`PUNCH_TTL`]): it opens our NAT's mapping towards
@@ -1068,7 +1345,7 @@ impl Actor {
     /// peer, whose peer-reflexive ping back makes the path. IPv6: an ordinary ping.
     async fn punch(&mut self, peer: PublicKey, addr: SocketAddr, now: Instant) {
         if !addr.is_ipv4() {
-            self.ping_addr(peer, addr, now).await;
+            self.ping_addr(peer, addr, udp::MAIN, now).await;
             return;
         }
         let Some(sock) = self.sockets.for_addr(&addr).cloned() else {
@@ -1081,7 +1358,7 @@ impl Actor {
         let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
         let old = sock.ttl().unwrap_or(64);
         if sock.set_ttl(PUNCH_TTL).is_ok() {
-            self.send_direct(addr, &pkt).await;
+            self.send_direct(udp::MAIN, addr, &pkt).await;
             let _ = sock.set_ttl(old);
         }
     }
@@ -1108,6 +1385,7 @@ impl Actor {
         let candidates: Vec<SocketAddr> = st.candidates.keys().copied().collect();
         let msg = Message::CallMeMaybe {
             endpoints: self.my_endpoints(),
+            hard_nat: self.my_nat_hard(),
         };
         debug!(peer = %peer.short(), ?candidates, ping, "probing for a direct path");
         self.send_disco_relay(peer, &msg).await;
@@ -1115,7 +1393,7 @@ impl Actor {
             return;
         }
         for a in candidates {
-            self.ping_addr(peer, a, now).await;
+            self.ping_addr(peer, a, udp::MAIN, now).await;
         }
     }
 
@@ -1148,16 +1426,16 @@ impl Actor {
                         probe.push(*peer);
                     }
                 }
-                Some((addr, _)) if st.awaiting.is_some() => acks.push((*peer, addr)),
+                Some((addr, _)) if st.awaiting.is_some() => acks.push((*peer, addr, st.best_via)),
                 Some((addr, _)) => {
                     let due = st
                         .last_heartbeat
                         .is_none_or(|t| now.saturating_duration_since(t) >= d.heartbeat);
                     if !st.unacked.is_empty() {
-                        acks.push((*peer, addr));
+                        acks.push((*peer, addr, st.best_via));
                     } else if active && due {
                         st.last_heartbeat = Some(now);
-                        heartbeat.push((*peer, addr));
+                        heartbeat.push((*peer, addr, st.best_via));
                     }
                 }
                 None if active => probe.push(*peer),
@@ -1172,23 +1450,26 @@ impl Actor {
                 self.set_path(peer, Path::Relay(region));
             }
         }
-        for (peer, addr) in heartbeat {
-            self.ping_addr(peer, addr, now).await;
+        for (peer, addr, via) in heartbeat {
+            self.ping_addr(peer, addr, via, now).await;
         }
-        for (peer, addr) in acks {
-            self.check_acks(peer, addr, now).await;
+        for (peer, addr, via) in acks {
+            self.check_acks(peer, addr, via, now).await;
         }
         for peer in probe {
             self.maybe_probe(peer, now).await;
         }
+        self.spray_step(now).await;
+        self.close_unused_sockets(now);
     }
 
-    /// A disco message, from the UDP socket (`from`) or the relay (`from` = None, `relay_src`
-    /// = the relay's source key, which must be the sealer).
+    /// A disco message, from UDP (`from`, on socket `via`) or the relay (`from` = None,
+    /// `relay_src` = the relay's source key, which must be the sealer).
     async fn on_disco(
         &mut self,
         data: &[u8],
         from: Option<SocketAddr>,
+        via: u32,
         relay_src: Option<PublicKey>,
     ) {
         if !self.cfg.direct.enabled {
@@ -1210,14 +1491,18 @@ impl Actor {
                 }
                 self.addr_peer.insert(src, peer);
                 let pong = disco::seal(&self.cfg.secret_key, &peer, &Message::Pong { txid, src });
-                self.send_direct(src, &pong).await;
+                self.send_direct(via, src, &pong).await;
                 let st = self.peers.entry(peer).or_default();
                 let new = remember(&mut st.candidates, src, now, MAX_CANDIDATES);
                 let fresh = self.direct_for(&peer, now).is_some();
-                let pinging = self.peers[&peer].pings.values().any(|p| p.addr == src);
+                let pinging = self.peers[&peer]
+                    .pings
+                    .values()
+                    .any(|p| p.addr == src && p.via == via);
                 if (new || !fresh) && !pinging {
-                    // Peer-reflexive: ping it back (this is the other half of the hole punch).
-                    self.ping_addr(peer, src, now).await;
+                    // Peer-reflexive: ping it back (this is the other half of the hole punch),
+                    // from the socket its ping came to.
+                    self.ping_addr(peer, src, via, now).await;
                 }
             }
             (
@@ -1234,16 +1519,21 @@ impl Actor {
                     debug!(%src, "pong for no ping in flight");
                     return;
                 };
-                if sent.addr != src {
-                    debug!(%src, pinged = %sent.addr, "pong from another address than pinged; ignored");
+                if sent.addr != src || sent.via != via {
+                    debug!(%src, pinged = %sent.addr, "pong from another address or socket than pinged; ignored");
                     return;
                 }
-                let keep_other = st.best.is_some_and(|(a, t)| {
-                    a != src && now.saturating_duration_since(t) < self.cfg.direct.trust
-                });
-                let moved = !keep_other && st.best.is_some_and(|(a, _)| a != src);
+                let keep_other = !st.is_best(src, via)
+                    && st.best.is_some_and(|(_, t)| {
+                        now.saturating_duration_since(t) < self.cfg.direct.trust
+                    });
+                let moved = !keep_other && st.best.is_some() && !st.is_best(src, via);
                 if !keep_other {
+                    if via != udp::MAIN && !st.is_best(src, via) {
+                        info!(peer = %peer.short(), %src, "birthday probing found a direct path");
+                    }
                     st.best = Some((src, now));
+                    st.best_via = via;
                     st.rtt = Some(now.saturating_duration_since(sent.at));
                     // Everything sent direct before the ping has crossed (one path keeps
                     // its order).
@@ -1265,13 +1555,21 @@ impl Actor {
                     self.set_path(peer, Path::Direct(src));
                 }
             }
-            (Message::CallMeMaybe { endpoints }, None) => {
+            (
+                Message::CallMeMaybe {
+                    endpoints,
+                    hard_nat: peer_hard,
+                },
+                None,
+            ) => {
+                let me_hard = self.my_nat_hard();
+                let fresh = self.direct_for(&peer, now).is_some();
                 let st = self.peers.entry(peer).or_default();
                 // Did the peer ask first (we sent no CallMeMaybe lately)?
                 let answering = st.last_probe.is_none_or(|t| {
                     now.saturating_duration_since(t) >= self.cfg.direct.probe_interval
                 });
-                debug!(peer = %peer.short(), ?endpoints, answering, "call-me-maybe");
+                debug!(peer = %peer.short(), ?endpoints, answering, peer_hard, me_hard, "call-me-maybe");
                 for a in &endpoints {
                     remember(&mut st.candidates, *a, now, MAX_CANDIDATES);
                 }
@@ -1283,16 +1581,42 @@ impl Actor {
                     for a in &endpoints {
                         self.punch(peer, *a, now).await;
                     }
+                    if me_hard && !peer_hard && !fresh {
+                        // Birthday, hard side: open many mappings before our CallMeMaybe
+                        // (which says we are hard) makes the peer probe them.
+                        self.birthday_open(peer, &endpoints, now).await;
+                    }
                     self.probe(peer, now, false).await;
                     return;
+                }
+                if me_hard
+                    && !peer_hard
+                    && !fresh
+                    && self.birthday_open(peer, &endpoints, now).await
+                {
+                    // We asked first; the peer answered. Tell it we are hard now that the
+                    // mappings are open: it probes them when a CallMeMaybe answers its own.
+                    let msg = Message::CallMeMaybe {
+                        endpoints: self.my_endpoints(),
+                        hard_nat: true,
+                    };
+                    self.send_disco_relay(peer, &msg).await;
+                }
+                if peer_hard && !me_hard && !fresh {
+                    // Birthday, easy side: the hard peer has opened its mappings (it answers
+                    // our CallMeMaybe only after): probe random ports on its address.
+                    self.spray_start(peer, &endpoints, now);
                 }
                 // Our CallMeMaybe went first, so the peer has punched towards us before
                 // answering: ping every endpoint now.
                 self.maybe_probe(peer, now).await;
                 for a in endpoints {
-                    let pinging = self.peers[&peer].pings.values().any(|p| p.addr == a);
+                    let pinging = self.peers[&peer]
+                        .pings
+                        .values()
+                        .any(|p| p.addr == a && p.via == udp::MAIN);
                     if !pinging {
-                        self.ping_addr(peer, a, now).await;
+                        self.ping_addr(peer, a, udp::MAIN, now).await;
                     }
                 }
             }
@@ -1305,7 +1629,7 @@ impl Actor {
             return;
         }
         if disco::is_disco(&d.data) {
-            self.on_disco(&d.data, Some(d.from), None).await;
+            self.on_disco(&d.data, Some(d.from), d.via, None).await;
         } else if e2e::is_e2e(&d.data) {
             let Some(&peer) = self.addr_peer.get(&d.from) else {
                 debug!(from = %d.from, "E2E datagram from an address no disco message proved");
@@ -1376,7 +1700,7 @@ impl Actor {
         match ev {
             RelayEvent::Packet { src, data } => {
                 if disco::is_disco(&data) {
-                    self.on_disco(&data, None, Some(src)).await;
+                    self.on_disco(&data, None, udp::MAIN, Some(src)).await;
                 } else if e2e::is_e2e(&data) {
                     self.on_e2e(src, data, Path::Relay(region)).await;
                 } else {
@@ -1459,6 +1783,43 @@ mod tests {
         assert!(!st.keep_unacked(&pkt(0), t));
         let big = Bytes::from(vec![0; MAX_UNACKED_BYTES + 1]);
         assert!(!PeerDisco::default().keep_unacked(&big, t));
+    }
+
+    #[test]
+    fn spray_targets_are_distinct_random_ports_on_public_addresses() {
+        let ips: Vec<std::net::IpAddr> = vec![[203, 0, 113, 6].into(), [198, 51, 100, 9].into()];
+        let known: SocketAddr = "203.0.113.6:40000".parse().unwrap();
+        let t = spray_targets(&ips, BIRTHDAY_PROBES, &[known]);
+        assert_eq!(t.len(), BIRTHDAY_PROBES);
+        let set: std::collections::HashSet<_> = t.iter().collect();
+        assert_eq!(set.len(), t.len(), "no port probed twice");
+        assert!(t.iter().all(|a| a.port() >= 1024 && ips.contains(&a.ip())));
+        assert!(!t.contains(&known));
+        // Interleaved: both addresses get half.
+        assert_eq!(
+            t.iter().filter(|a| a.ip() == ips[0]).count(),
+            BIRTHDAY_PROBES / 2
+        );
+        // Random: two sprays differ.
+        assert_ne!(t, spray_targets(&ips, BIRTHDAY_PROBES, &[]));
+        assert!(spray_targets(&[], 10, &[]).is_empty());
+    }
+
+    #[test]
+    fn only_public_ipv4_endpoints_are_birthday_targets() {
+        for (a, public) in [
+            ("203.0.113.6:1", true),
+            ("8.8.8.8:53", true),
+            ("192.168.1.2:1", false),
+            ("10.0.0.1:1", false),
+            ("172.16.0.1:1", false),
+            ("127.0.0.1:1", false),
+            ("169.254.1.1:1", false),
+            ("0.0.0.0:1", false),
+            ("[2001:db8::1]:1", false),
+        ] {
+            assert_eq!(is_public_v4(&a.parse().unwrap()), public, "{a}");
+        }
     }
 
     #[test]

@@ -82,7 +82,13 @@ pub struct Datagram {
     pub from: SocketAddr,
     /// Payload.
     pub data: Bytes,
+    /// Which socket it came in on: [`MAIN`] for the node's own sockets, otherwise the id
+    /// given to [`spawn_reader`] (the endpoint's extra birthday-probing sockets).
+    pub via: u32,
 }
+
+/// [`Datagram::via`] of the node's own sockets.
+pub const MAIN: u32 = 0;
 
 impl Sockets {
     /// Binds the IPv4 socket to `v4` (e.g. `0.0.0.0:0`) and, if `v6` is given, tries an IPv6
@@ -98,17 +104,14 @@ impl Sockets {
             None => None,
         };
         let stun = Arc::new(StunWaiters::default());
-        let mut readers = vec![tokio::spawn(read_loop(
+        let mut readers = vec![spawn_reader(
             Arc::clone(&s4),
             Arc::clone(&stun),
             other.clone(),
-        ))];
+            MAIN,
+        )];
         if let Some(s) = &s6 {
-            readers.push(tokio::spawn(read_loop(
-                Arc::clone(s),
-                Arc::clone(&stun),
-                other,
-            )));
+            readers.push(spawn_reader(Arc::clone(s), Arc::clone(&stun), other, MAIN));
         }
         Ok(Sockets {
             v4: s4,
@@ -138,10 +141,21 @@ impl Sockets {
     }
 }
 
+/// Reads `sock` until aborted: STUN answers to `stun`, the rest to `other` tagged `via`.
+pub fn spawn_reader(
+    sock: Arc<UdpSocket>,
+    stun: Arc<StunWaiters>,
+    other: Option<mpsc::Sender<Datagram>>,
+    via: u32,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(read_loop(sock, stun, other, via))
+}
+
 async fn read_loop(
     sock: Arc<UdpSocket>,
     stun: Arc<StunWaiters>,
     other: Option<mpsc::Sender<Datagram>>,
+    via: u32,
 ) {
     let mut buf = vec![0u8; 65536];
     loop {
@@ -160,6 +174,7 @@ async fn read_loop(
             let _ = tx.try_send(Datagram {
                 from,
                 data: Bytes::copy_from_slice(pkt),
+                via,
             });
         }
     }
