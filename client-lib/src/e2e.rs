@@ -50,7 +50,9 @@ pub const PREVIOUS_KEEP: Duration = Duration::from_secs(180);
 /// Packets queued per peer while a handshake is in flight.
 pub const QUEUE_LIMIT: usize = 1024;
 /// Most bytes of plaintext per packet.
-pub const MAX_PLAINTEXT: usize = 65535 - 16 - HEADER_DATA;
+/// The largest E2E packet is 65,507 bytes: the most one UDP datagram carries over IPv4
+/// (65,535 − 20 − 8), so every packet fits a direct path as well as the relay (64 KiB).
+pub const MAX_PLAINTEXT: usize = 65_507 - 16 - HEADER_DATA;
 /// Sessions never use counters at or above this (far beyond any rekey).
 const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
 
@@ -803,6 +805,18 @@ mod tests {
         assert_eq!(retry.len(), 1);
         let (_, got_b) = pump(&mut p, vec![retry[0].1.clone()]);
         assert_eq!(got_b, vec![b"q".to_vec()]);
+    }
+
+    #[test]
+    fn the_largest_packet_fits_one_ipv4_udp_datagram() {
+        let mut p = established();
+        let pkts = p.a.seal(&p.kb, &vec![0u8; MAX_PLAINTEXT], p.now).unwrap();
+        assert_eq!(pkts.len(), 1);
+        assert_eq!(pkts[0].len(), 65_507);
+        assert!(p
+            .a
+            .seal(&p.kb, &vec![0u8; MAX_PLAINTEXT + 1], p.now)
+            .is_err());
     }
 
     #[test]

@@ -436,12 +436,10 @@ fn secs(v: f64, flag: &str) -> Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// The largest datagram a tunnel carries: 65,477 bytes. `Endpoint::send` takes up to
-/// `MAX_PAYLOAD` (65,505), whose E2E packet is 65,535 bytes (payload + 30: header 13, tag 16,
-/// type 1), but a direct IPv4 path carries at most 65,507 bytes per UDP datagram (IPv6:
-/// 65,527) and the endpoint loses a larger packet there without an error (EMSGSIZE, logged at
-/// debug). So the tunnel drops — with a warning — anything that would not fit a direct path.
-const TUNNEL_MAX: usize = MAX_PAYLOAD - (65_535 - 65_507);
+/// The largest datagram a tunnel carries: `MAX_PAYLOAD`, 65,477 bytes (its E2E packet,
+/// payload + 30, is the largest a UDP datagram over IPv4 carries). Larger ones are dropped with
+/// a warning, never truncated.
+const TUNNEL_MAX: usize = MAX_PAYLOAD;
 
 /// Counters of one tunnel, printed as the summary line on exit.
 #[derive(Debug, Default)]

@@ -19,7 +19,7 @@ use tokio::time::timeout;
 
 /// The tunnel's datagram limit (main.rs `TUNNEL_MAX`): what fits one E2E packet in an IPv4
 /// UDP datagram.
-const TUNNEL_MAX: usize = 65_477;
+const TUNNEL_MAX: usize = MAX_PAYLOAD;
 
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
