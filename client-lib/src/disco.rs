@@ -13,10 +13,12 @@
 //!                         version 1 (ferry): flags u8 | N × (address (16) | port u16)
 //! ```
 //!
-//! CallMeMaybe version 1 is ferry's extension: flag bit 0 says the sender's NAT maps each
-//! destination to a different port (a "hard" NAT, from netcheck), which starts birthday
-//! probing when the other side is easy (see the endpoint docs). ferry sends version 1 and reads
-//! both.
+//! CallMeMaybe version 1 is ferry's extension, two flags: bit 0 (*hard NAT*) says the sender's
+//! NAT maps each destination to a different port (from netcheck), which starts birthday
+//! probing when the other side is easy; bit 1 (*punched*) says the sender has just opened its
+//! NAT towards the receiver's known endpoints, so the receiver may ping at full TTL now
+//! (without it, the receiver punches and answers first; see the endpoint docs). ferry sends
+//! version 1 and reads both; version 0 means neither flag.
 //!
 //! Deliberate difference: Tailscale seals with a separate per-process *disco key* that the
 //! control plane distributes; ferry has no control plane, so the sender key field carries the
@@ -43,6 +45,7 @@ const VERSION: u8 = 0;
 /// CallMeMaybe with a flags byte.
 const CMM_VERSION: u8 = 1;
 const CMM_HARD_NAT: u8 = 0x01;
+const CMM_PUNCHED: u8 = 0x02;
 const ADDR_LEN: usize = 18;
 const HEADER_LEN: usize = DISCO_MAGIC.len() + KEY_LEN;
 
@@ -72,6 +75,8 @@ pub enum Message {
         endpoints: Vec<SocketAddr>,
         /// The sender is behind a hard NAT (endpoint-dependent mapping).
         hard_nat: bool,
+        /// The sender has punched towards the receiver's endpoints it knows: ping it now.
+        punched: bool,
     },
 }
 
@@ -146,8 +151,10 @@ pub fn seal(ours: &SecretKey, theirs: &PublicKey, msg: &Message) -> Vec<u8> {
         Message::CallMeMaybe {
             endpoints,
             hard_nat,
+            punched,
         } => {
-            let flags = if *hard_nat { CMM_HARD_NAT } else { 0 };
+            let flags =
+                if *hard_nat { CMM_HARD_NAT } else { 0 } | if *punched { CMM_PUNCHED } else { 0 };
             pt.extend_from_slice(&[T_CALL_ME_MAYBE, CMM_VERSION, flags]);
             for e in endpoints.iter().take(MAX_ENDPOINTS) {
                 put_addr(&mut pt, e);
@@ -230,6 +237,7 @@ fn parse(pt: &[u8]) -> Result<Message, DiscoError> {
             Ok(Message::CallMeMaybe {
                 endpoints: body.chunks(ADDR_LEN).map(get_addr).collect(),
                 hard_nat: flags & CMM_HARD_NAT != 0,
+                punched: flags & CMM_PUNCHED != 0,
             })
         }
         t => Err(DiscoError::UnknownType(t, ver)),
@@ -284,14 +292,17 @@ mod tests {
                     "[::1]:65535".parse().unwrap(),
                 ],
                 hard_nat: false,
+                punched: true,
             },
             Message::CallMeMaybe {
                 endpoints: vec!["192.0.2.9:4".parse().unwrap()],
                 hard_nat: true,
+                punched: false,
             },
             Message::CallMeMaybe {
                 endpoints: vec![],
                 hard_nat: false,
+                punched: false,
             },
         ];
         for m in msgs {
@@ -339,6 +350,7 @@ mod tests {
         let m = Message::CallMeMaybe {
             endpoints: vec!["10.0.0.1:9".parse().unwrap()],
             hard_nat: false,
+            punched: false,
         };
         let pkt = seal(&a, &b.public(), &m);
         // Every byte after the magic matters: sender key, nonce, tag, ciphertext.
@@ -419,11 +431,12 @@ mod tests {
         let msg = Message::CallMeMaybe {
             endpoints,
             hard_nat: true,
+            punched: true,
         };
         let pkt = seal(&a, &b.public(), &msg);
         let (_, m) = open(&b, &pkt, None).unwrap();
         assert!(
-            matches!(m, Message::CallMeMaybe { endpoints, hard_nat: true }
+            matches!(m, Message::CallMeMaybe { endpoints, hard_nat: true, punched: true }
             if endpoints.len() == MAX_ENDPOINTS)
         );
     }
@@ -442,7 +455,8 @@ mod tests {
             m,
             Message::CallMeMaybe {
                 endpoints: vec!["192.0.2.1:41641".parse().unwrap()],
-                hard_nat: false
+                hard_nat: false,
+                punched: false,
             }
         );
         // Version 1 without its flags byte is malformed.

@@ -572,6 +572,10 @@ const ACK_RTTS: u32 = 4;
 const ACK_TIMEOUT_MIN: Duration = Duration::from_millis(200);
 const ACK_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 
+/// At most one answer per peer to its unpunched CallMeMaybes this often (they come at most
+/// every `probe_interval` from a well-behaved peer).
+const RESPONSE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Resends via the relay go out at most this many per peer ...
 const RESEND_BURST: usize = 16;
 /// ... per this long (8,000 packets/s per peer; 4,096 packets in about half a second).
@@ -681,6 +685,10 @@ struct PeerDisco {
     last_birthday: Option<Instant>,
     /// Last birthday spray towards this peer (we are the easy side).
     last_spray: Option<Instant>,
+    /// Whether the peer's last CallMeMaybe said its NAT is hard.
+    peer_hard: Option<bool>,
+    /// Last CallMeMaybe we sent in answer to an unpunched one.
+    last_response: Option<Instant>,
     last_probe: Option<Instant>,
     last_heartbeat: Option<Instant>,
     /// Last data to or from the peer.
@@ -1366,10 +1374,6 @@ impl Actor {
     /// No fresh direct path: CallMeMaybe via the relay and (with `ping`) ping the known
     /// candidates, at most every `probe_interval`.
     async fn maybe_probe(&mut self, peer: PublicKey, now: Instant) {
-        self.probe(peer, now, true).await;
-    }
-
-    async fn probe(&mut self, peer: PublicKey, now: Instant, ping: bool) {
         if !self.cfg.direct.enabled || peer == self.cfg.secret_key.public() {
             return;
         }
@@ -1383,18 +1387,26 @@ impl Actor {
         }
         st.last_probe = Some(now);
         let candidates: Vec<SocketAddr> = st.candidates.keys().copied().collect();
+        let peer_easy = st.peer_hard == Some(false);
+        debug!(peer = %peer.short(), ?candidates, "probing for a direct path");
+        // Open our NAT towards every address we know of the peer (TTL 2: not as far as its
+        // NAT), then say so: the peer pings us at full TTL on receiving it.
+        for a in &candidates {
+            self.punch(peer, *a, now).await;
+        }
+        if self.my_nat_hard() && peer_easy && self.direct_for(&peer, now).is_none() {
+            self.birthday_open(peer, &candidates, now).await;
+        }
+        self.send_call_me_maybe(peer, !candidates.is_empty()).await;
+    }
+
+    async fn send_call_me_maybe(&mut self, peer: PublicKey, punched: bool) {
         let msg = Message::CallMeMaybe {
             endpoints: self.my_endpoints(),
             hard_nat: self.my_nat_hard(),
+            punched,
         };
-        debug!(peer = %peer.short(), ?candidates, ping, "probing for a direct path");
         self.send_disco_relay(peer, &msg).await;
-        if !ping {
-            return;
-        }
-        for a in candidates {
-            self.ping_addr(peer, a, udp::MAIN, now).await;
-        }
     }
 
     /// Expiry, heartbeats and periodic probes.
@@ -1559,57 +1571,55 @@ impl Actor {
                 Message::CallMeMaybe {
                     endpoints,
                     hard_nat: peer_hard,
+                    punched,
                 },
                 None,
             ) => {
                 let me_hard = self.my_nat_hard();
                 let fresh = self.direct_for(&peer, now).is_some();
                 let st = self.peers.entry(peer).or_default();
-                // Did the peer ask first (we sent no CallMeMaybe lately)?
-                let answering = st.last_probe.is_none_or(|t| {
-                    now.saturating_duration_since(t) >= self.cfg.direct.probe_interval
-                });
-                debug!(peer = %peer.short(), ?endpoints, answering, peer_hard, me_hard, "call-me-maybe");
+                st.peer_hard = Some(peer_hard);
+                debug!(peer = %peer.short(), ?endpoints, punched, peer_hard, me_hard, "call-me-maybe");
                 for a in &endpoints {
                     remember(&mut st.candidates, *a, now, MAX_CANDIDATES);
                 }
-                if answering {
-                    // Open our NAT towards its endpoints (without reaching its NAT), then
-                    // answer with our CallMeMaybe: the peer pings us on receiving it, its
-                    // pings come through the mapping just opened, and we ping back
-                    // (peer-reflexive). Our own full pings wait for the next probe.
+                // Birthday probing when we are the hard side and the peer is easy.
+                let birthday = me_hard && !peer_hard && !fresh;
+                if !punched {
+                    // The peer has not opened its NAT towards us (it knew no address of
+                    // ours). Open ours towards its endpoints without reaching its NAT, then
+                    // answer "punched": it pings us on receiving that, its pings come through
+                    // the mapping just opened, and we ping back (peer-reflexive). A full ping
+                    // now could reach its router before its own first packet and leave the
+                    // conntrack entry that breaks the path (docs/nat-traversal.md).
+                    if st
+                        .last_response
+                        .is_some_and(|t| now.saturating_duration_since(t) < RESPONSE_INTERVAL)
+                    {
+                        return;
+                    }
+                    st.last_response = Some(now);
+                    st.last_probe = Some(now);
                     for a in &endpoints {
                         self.punch(peer, *a, now).await;
                     }
-                    if me_hard && !peer_hard && !fresh {
-                        // Birthday, hard side: open many mappings before our CallMeMaybe
-                        // (which says we are hard) makes the peer probe them.
+                    if birthday {
+                        // Open the mappings before the answer makes the peer probe them.
                         self.birthday_open(peer, &endpoints, now).await;
                     }
-                    self.probe(peer, now, false).await;
+                    self.send_call_me_maybe(peer, true).await;
                     return;
                 }
-                if me_hard
-                    && !peer_hard
-                    && !fresh
-                    && self.birthday_open(peer, &endpoints, now).await
-                {
-                    // We asked first; the peer answered. Tell it we are hard now that the
-                    // mappings are open: it probes them when a CallMeMaybe answers its own.
-                    let msg = Message::CallMeMaybe {
-                        endpoints: self.my_endpoints(),
-                        hard_nat: true,
-                    };
-                    self.send_disco_relay(peer, &msg).await;
+                // The peer has opened its NAT towards us: ping every endpoint at full TTL.
+                if birthday && self.birthday_open(peer, &endpoints, now).await {
+                    // Our mappings are open now: say so, the peer probes them.
+                    self.send_call_me_maybe(peer, true).await;
                 }
                 if peer_hard && !me_hard && !fresh {
-                    // Birthday, easy side: the hard peer has opened its mappings (it answers
-                    // our CallMeMaybe only after): probe random ports on its address.
+                    // Birthday, easy side: the hard peer has opened its mappings before
+                    // sending this: probe random ports on its address.
                     self.spray_start(peer, &endpoints, now);
                 }
-                // Our CallMeMaybe went first, so the peer has punched towards us before
-                // answering: ping every endpoint now.
-                self.maybe_probe(peer, now).await;
                 for a in endpoints {
                     let pinging = self.peers[&peer]
                         .pings

@@ -461,3 +461,142 @@ fn natlab_cleans_up_after_a_panic_and_leftovers() {
     );
     assert!(!left.contains(&stale), "leftover not removed: {left:?}");
 }
+
+/// A direct path that dies and comes back (a network outage on one side, all UDP dropped in
+/// its router): both nodes are active and both keep probing every `probe_interval` on the
+/// relay, so each receives the other's CallMeMaybe while a probe of its own is out (neither
+/// "answers"; both ping at full TTL, see "What the lab found" in docs/nat-traversal.md). The
+/// path must go direct again once the network is back, and no ping is lost meanwhile.
+#[test]
+fn natlab_direct_path_heals_after_an_outage() {
+    if !natlab::available("natlab_direct_path_heals_after_an_outage") {
+        return;
+    }
+    const TAG: &str = "ferry-heal-cut";
+    let cut = |op: &str| -> Vec<String> {
+        [
+            "iptables",
+            op,
+            "FORWARD",
+            "-p",
+            "udp",
+            "-m",
+            "comment",
+            "--comment",
+            TAG,
+            "-j",
+            "DROP",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let n = trials_or(3);
+    let lab = Lab::new(&[Nat::Easy, Nat::Easy]);
+    let r1 = lab.ns("r1");
+    let mut heal_times = Vec::new();
+    for i in 0..n {
+        let (bkey, bpub) = keygen(lab.dir.path(), &format!("heal{i}.key"));
+        let mut b = listener(&lab, 2, &bkey).unwrap_or_else(|e| panic!("{e}"));
+        let mut a = pinger(&lab, 1, &bpub, 0, "0.1", &[]);
+        let direct = format!("path to {bpub}: direct ");
+        assert!(
+            a.wait_for(&direct, Duration::from_secs(10)).is_some(),
+            "trial {i}: never direct: {:?}",
+            a.seen
+        );
+        let args = cut("-I");
+        Lab::exec(&r1, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        let relay = format!("path to {bpub}: relay 900");
+        let fell_back = a.wait_for(&relay, Duration::from_secs(15));
+        // Both sides' paths expire (6.5 s trust); keep the outage a little longer so both
+        // have been probing on the relay for a while.
+        std::thread::sleep(Duration::from_secs(2));
+        let args = cut("-D");
+        Lab::exec(&r1, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        let restored = std::time::Instant::now();
+        assert!(
+            fell_back.is_some(),
+            "trial {i}: no fallback to the relay: {:?}",
+            a.seen
+        );
+        let healed = a.wait_for(&direct, Duration::from_secs(20));
+        a.kill();
+        b.kill();
+        let Some((t, _)) = healed else {
+            panic!(
+                "trial {i}: not direct again within 20 s of the outage's end: {:?}",
+                a.seen
+            );
+        };
+        let lost = a.seen.iter().filter(|l| l.starts_with("no reply ")).count();
+        assert_eq!(lost, 0, "trial {i}: pings lost: {:?}", a.seen);
+        println!(
+            "trial {i}: direct again {:.2} s after the outage ended, 0 pings unanswered",
+            t.saturating_duration_since(restored).as_secs_f64()
+        );
+        heal_times.push(t.saturating_duration_since(restored).as_secs_f64());
+    }
+    println!(
+        "NAT lab easy<->easy outage: {n}/{n} trials direct again; median {:.2} s after the outage ended",
+        median(&mut heal_times).unwrap_or(0.0)
+    );
+}
+
+/// Both nodes start talking at the same moment (each pings the other, started together), so
+/// their first CallMeMaybes cross on the relay: the paths must still go direct.
+#[test]
+fn natlab_simultaneous_start_goes_direct() {
+    if !natlab::available("natlab_simultaneous_start_goes_direct") {
+        return;
+    }
+    let n = trials_or(5);
+    let lab = Lab::new(&[Nat::Easy, Nat::Easy]);
+    let map = lab.map_file.to_str().expect("utf-8 path").to_string();
+    let mut times = Vec::new();
+    for i in 0..n {
+        let (akey, apub) = keygen(lab.dir.path(), &format!("sa{i}.key"));
+        let (bkey, bpub) = keygen(lab.dir.path(), &format!("sb{i}.key"));
+        let run = |home: usize, key: &Path, peer: &str| {
+            lab.ferry(
+                home,
+                &[
+                    "ping",
+                    peer,
+                    "--key-file",
+                    key.to_str().unwrap(),
+                    "--relay-map",
+                    &map,
+                    "--count",
+                    "0",
+                    "--interval",
+                    "0.1",
+                    "--timeout",
+                    "2",
+                ],
+            )
+        };
+        let mut a = run(1, &akey, &bpub);
+        let mut b = run(2, &bkey, &apub);
+        let da = a.wait_for(&format!("path to {bpub}: direct "), Duration::from_secs(10));
+        let db = b.wait_for(&format!("path to {apub}: direct "), Duration::from_secs(10));
+        a.kill();
+        b.kill();
+        let secs = |l: &str| {
+            l.rsplit_once("(after ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        match (da, db) {
+            (Some((_, la)), Some((_, lb))) => times.push(secs(&la).max(secs(&lb))),
+            _ => panic!(
+                "trial {i}: not direct both ways: a {:?} b {:?}",
+                a.seen, b.seen
+            ),
+        }
+    }
+    println!(
+        "NAT lab easy<->easy simultaneous start: {n}/{n} direct both ways; median {:.3} s",
+        median(&mut times).unwrap_or(f64::NAN)
+    );
+}
