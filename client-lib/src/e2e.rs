@@ -255,6 +255,20 @@ impl Sessions {
         }
     }
 
+    /// The peer a data packet or handshake response belongs to, from its receiver index (our
+    /// local index: only the peer we gave it to uses it). `None` for initiations (their
+    /// sender is only known once the handshake is read) and unknown indexes. Lets a packet
+    /// that arrived over UDP be attributed without trusting its source address.
+    pub fn peer_of(&self, packet: &[u8]) -> Option<PublicKey> {
+        let at = match packet.first() {
+            Some(&T_DATA) => 1,
+            Some(&T_RESP) => 5,
+            _ => return None,
+        };
+        let index = u32::from_be_bytes(packet.get(at..at + 4)?.try_into().ok()?);
+        self.index.get(&index).copied()
+    }
+
     /// Whether a session with `peer` is established.
     pub fn has_session(&self, peer: &PublicKey) -> bool {
         self.peers.get(peer).is_some_and(|p| p.current.is_some())
@@ -817,6 +831,19 @@ mod tests {
             .a
             .seal(&p.kb, &vec![0u8; MAX_PLAINTEXT + 1], p.now)
             .is_err());
+    }
+
+    #[test]
+    fn peer_of_finds_the_sender_by_receiver_index() {
+        let mut p = established();
+        let pkt = p.a.seal(&p.kb, b"to b", p.now).unwrap().remove(0);
+        assert_eq!(p.b.peer_of(&pkt), Some(p.ka));
+        assert_eq!(p.a.peer_of(&pkt), None, "a's index space is not b's");
+        // A fresh initiation names no index of ours.
+        let mut q = pair();
+        let init = q.a.seal(&q.kb, b"x", q.now).unwrap().remove(0);
+        assert_eq!(q.b.peer_of(&init), None);
+        assert_eq!(q.b.peer_of(&[T_DATA, 1]), None, "short packet");
     }
 
     #[test]

@@ -36,7 +36,8 @@
 //!    [`DirectOptions::trust`]; once it is older than two heartbeats, data goes on both paths
 //!    (the E2E replay window delivers it once); otherwise via the relay. Active peers' direct
 //!    paths are pinged every [`DirectOptions::heartbeat`]. E2E packets are accepted from either
-//!    path (a UDP source address maps to the peer a disco message from it proved).
+//!    path: over UDP a packet is attributed by the session index it carries (handshake
+//!    initiations by the source address a disco message proved), then authenticated.
 //!    **No loss on a path change:** packets sent direct-only are kept until a pong acknowledges
 //!    them (a pong covers everything sent on that path before its ping; while data flows an
 //!    "ack ping" goes out every 100 ms or 128 packets). A ping unanswered for 4 round trips
@@ -537,6 +538,13 @@ fn local_endpoints(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
 
 /// Most candidate addresses kept per peer.
 const MAX_CANDIDATES: usize = 64;
+/// Most UDP source addresses remembered as some peer's.
+const MAX_ADDR_PEER: usize = 4096;
+/// A peer with no traffic, no probe and no direct path for this long is forgotten (its
+/// `Endpoint::path` becomes `None`; its E2E session lives on in `Sessions`).
+const PEER_IDLE: Duration = Duration::from_secs(600);
+/// How often [`Actor::prune`] runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// Most of our own addresses learned from pongs.
 const MAX_OBSERVED: usize = 8;
 /// Candidates and observed addresses not offered or seen again for this long are forgotten.
@@ -767,7 +775,8 @@ struct Actor {
     cfg: EndpointConfig,
     peers: HashMap<PublicKey, PeerDisco>,
     /// UDP source address → the peer a disco message from it proved.
-    addr_peer: HashMap<SocketAddr, PublicKey>,
+    /// Bounded ([`MAX_ADDR_PEER`], [`ADDR_TTL`]). Only a fallback: E2E data names its session.
+    addr_peer: HashMap<SocketAddr, (PublicKey, Instant)>,
     /// Our socket addresses as offered to peers.
     local_endpoints: Vec<SocketAddr>,
     /// Our addresses as peers saw them (from pongs).
@@ -822,6 +831,7 @@ impl Actor {
         let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_restun = self.restun_at();
+        let mut last_prune = Instant::now();
         loop {
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
@@ -834,6 +844,10 @@ impl Actor {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.disco_tick(now).await;
+                    if now.saturating_duration_since(last_prune) >= PRUNE_EVERY {
+                        last_prune = now;
+                        self.prune(now);
+                    }
                     for (peer, pkt) in self.sessions.poll(now) {
                         self.send_to_peer(peer, pkt.into()).await;
                     }
@@ -1228,6 +1242,50 @@ impl Actor {
         });
     }
 
+    /// Records that a disco message from `addr` proved `peer` (bounded: the stalest goes).
+    fn map_addr(&mut self, addr: SocketAddr, peer: PublicKey, now: Instant) {
+        self.addr_peer.insert(addr, (peer, now));
+        if self.addr_peer.len() > MAX_ADDR_PEER {
+            if let Some(oldest) = self
+                .addr_peer
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(a, _)| *a)
+            {
+                self.addr_peer.remove(&oldest);
+            }
+        }
+    }
+
+    /// Forgets peers idle for [`PEER_IDLE`] with nothing in flight, and stale address
+    /// mappings.
+    fn prune(&mut self, now: Instant) {
+        self.addr_peer
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < ADDR_TTL);
+        let idle: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter(|(p, st)| {
+                st.best.is_none()
+                    && st.pings.is_empty()
+                    && st.unacked.is_empty()
+                    && !self.resend.contains_key(p)
+                    && self.spray.as_ref().is_none_or(|s| s.peer != **p)
+                    && st
+                        .last_active
+                        .is_none_or(|t| now.saturating_duration_since(t) >= PEER_IDLE)
+                    && st
+                        .last_probe
+                        .is_none_or(|t| now.saturating_duration_since(t) >= PEER_IDLE)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in idle {
+            self.peers.remove(&p);
+            self.shared.paths.lock().expect("lock").remove(&p);
+        }
+    }
+
     /// Our candidate endpoints for CallMeMaybe.
     fn my_endpoints(&self) -> Vec<SocketAddr> {
         let mut set: BTreeSet<SocketAddr> = BTreeSet::new();
@@ -1501,7 +1559,7 @@ impl Actor {
                     debug!(%src, "disco ping whose node key is not its sealer's; dropped");
                     return;
                 }
-                self.addr_peer.insert(src, peer);
+                self.map_addr(src, peer, now);
                 let pong = disco::seal(&self.cfg.secret_key, &peer, &Message::Pong { txid, src });
                 self.send_direct(via, src, &pong).await;
                 let st = self.peers.entry(peer).or_default();
@@ -1559,7 +1617,7 @@ impl Actor {
                     // Packets still unacknowledged went to the old address.
                     self.resend_unacked(peer).await;
                 }
-                self.addr_peer.insert(src, peer);
+                self.map_addr(src, peer, now);
                 if !observed.ip().is_unspecified() && observed.port() != 0 {
                     remember(&mut self.observed, observed, now, MAX_OBSERVED);
                 }
@@ -1641,8 +1699,15 @@ impl Actor {
         if disco::is_disco(&d.data) {
             self.on_disco(&d.data, Some(d.from), d.via, None).await;
         } else if e2e::is_e2e(&d.data) {
-            let Some(&peer) = self.addr_peer.get(&d.from) else {
-                debug!(from = %d.from, "E2E datagram from an address no disco message proved");
+            // By the session index in the packet, not by the source address (which anyone
+            // can spoof); initiations by the address a disco message proved (a spoof makes
+            // the handshake fail, and it is retried).
+            let Some(peer) = self
+                .sessions
+                .peer_of(&d.data)
+                .or_else(|| self.addr_peer.get(&d.from).map(|(p, _)| *p))
+            else {
+                debug!(from = %d.from, "E2E datagram of no known session, from an address no disco message proved");
                 return;
             };
             self.on_e2e(peer, d.data, Path::Direct(d.from)).await;
