@@ -493,3 +493,22 @@ pub fn median(v: &mut [f64]) -> Option<f64> {
         (v[m - 1] + v[m]) / 2.0
     })
 }
+
+/// A UDP socket bound to `127.0.0.1:0` inside namespace `ns` (e.g. [`Lab::home`]): a test's own
+/// "application" next to a lab process. A socket keeps the namespace it was created in, so it
+/// can then be used from any thread. `setns` runs in a short-lived thread of its own, so the
+/// caller's thread stays in its namespace.
+pub fn udp_socket_in(ns: &str) -> std::net::UdpSocket {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: a valid namespace fd; setns changes only this (short-lived) thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("bind 127.0.0.1:0 in {path}: {e}"))
+    })
+    .join()
+    .expect("the setns thread panicked")
+}

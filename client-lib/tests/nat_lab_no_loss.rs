@@ -1,0 +1,586 @@
+//! NAT lab acceptance test 4 (client issue): 10,000 numbered packets sent across a
+//! relay → direct → relay switch, the direct path cut by an iptables rule mid-stream, arrive
+//! exactly once. Two real `ferry tunnel` processes in two easy-NAT homes; the UDP programs at
+//! both ends are the test's own sockets, created inside the home namespaces. Needs root and
+//! iptables (skips otherwise, fails under CI); see tests/natlab/mod.rs and
+//! docs/nat-traversal.md.
+//!
+//! `NATLAB_TRIALS` sets the number of transfers (default 1; a transfer takes a few seconds).
+
+mod natlab;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use natlab::{ferry_bin, keygen, netns_list, udp_socket_in, Lab, Nat, Proc};
+
+/// Packets per transfer.
+const N: u32 = 10_000;
+/// Bytes per datagram: its number (u32, big-endian), then a pattern.
+const SIZE: usize = 200;
+/// Packets sent and not yet received at most (closed loop: no local socket buffer can
+/// overflow, so a loss can only come from the path switch). Tunnel A's `--listen` socket has
+/// the default receive buffer (208 KiB): with a window of 256, and even 128, it overflowed in
+/// bursts (`RcvbufErrors` in home 1: 130 and 3 packets), so 64.
+const WINDOW: u32 = 64;
+/// Sending pauses here until tunnel A reports the direct path (at most `DIRECT_LIMIT`).
+const DIRECT_AT: u32 = 2_000;
+const DIRECT_LIMIT: Duration = Duration::from_secs(10);
+/// The direct path is cut here (router 1 drops forwarded UDP), without pausing.
+const CUT_AT: u32 = 6_000;
+/// Sending pauses here until tunnel A reports the relay path again (at most `RELAY_LIMIT`).
+const RELAY_AT: u32 = 8_000;
+const RELAY_LIMIT: Duration = Duration::from_secs(15);
+/// If the window does not move for this long, its packets are written off as lost and sending
+/// goes on, so a transfer with losses ends with a count instead of a stall (the endpoint
+/// resends unacknowledged direct packets within 2 s).
+const STALL: Duration = Duration::from_secs(5);
+/// The comment on the router rule that cuts the direct path (to delete exactly it).
+const CUT_TAG: &str = "ferry-no-loss-cut";
+
+fn trials() -> usize {
+    std::env::var("NATLAB_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
+}
+
+/// Datagram `i`: its number, then a pattern that depends on it.
+fn datagram(i: u32) -> [u8; SIZE] {
+    let mut d = [0u8; SIZE];
+    d[..4].copy_from_slice(&i.to_be_bytes());
+    for (j, b) in d[4..].iter_mut().enumerate() {
+        *b = (i as usize).wrapping_mul(7).wrapping_add(j) as u8;
+    }
+    d
+}
+
+/// `ferry args…` in home `home`, with `--log ferry_client=debug` to the file `log` (for
+/// failure messages; the lab's `spawn` discards stderr).
+fn ferry_logged(lab: &Lab, home: usize, log: &Path, args: &[&str]) -> Proc {
+    let script = format!(
+        "exec \"$0\" \"$@\" --log ferry_client=debug 2>>'{}'",
+        log.display()
+    );
+    let bin = ferry_bin();
+    let mut all = vec!["-c", script.as_str(), bin.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    lab.spawn(&format!("h{home}"), "sh", &all)
+}
+
+/// The last `n` lines of a log file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The rule in router 1 that drops all forwarded UDP (the direct path; the relay is TCP).
+fn cut_rule(op: &str) -> Vec<&str> {
+    vec![
+        "iptables",
+        op,
+        "FORWARD",
+        "-p",
+        "udp",
+        "-m",
+        "comment",
+        "--comment",
+        CUT_TAG,
+        "-j",
+        "DROP",
+    ]
+}
+
+/// Deletes the cut rule (every copy of it).
+fn uncut(lab: &Lab) {
+    let r1 = lab.ns("r1");
+    while Lab::exec(&r1, &cut_rule("-D")).is_ok() {}
+}
+
+/// `Udp: RcvbufErrors` of a namespace (`/proc/net/snmp` is per namespace): datagrams the
+/// kernel dropped because a socket's receive buffer was full.
+fn rcvbuf_errors(ns: &str) -> u64 {
+    let snmp = Lab::exec(ns, &["cat", "/proc/net/snmp"]).unwrap_or_default();
+    let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp: ")).collect();
+    let [names, values, ..] = udp[..] else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Packets tunnel A's endpoint resent via the relay, from its debug log: `resent=N` when an
+/// ack ping went unanswered, `n=N` when the direct path was given up.
+fn resent_via_relay(log: &Path) -> u64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    // Without the ANSI colour codes around the fields.
+    let mut plain = String::with_capacity(text.len());
+    let mut esc = false;
+    for c in text.chars() {
+        if c == '\x1b' {
+            esc = true;
+        } else if esc {
+            esc = c != 'm';
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .lines()
+        .filter_map(|l| {
+            let key = if l.contains("direct path suspect") {
+                " resent="
+            } else if l.contains("resending unacknowledged") {
+                " n="
+            } else {
+                return None;
+            };
+            let rest = &l[l.find(key)? + key.len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Waits for a tunnel's ready line; returns its `--listen` address.
+fn ready(t: &mut Proc, name: &str, log: &Path) -> Result<SocketAddr, String> {
+    let Some((_, l)) = t.wait_for("tunnel ready: ", Duration::from_secs(15)) else {
+        return Err(format!(
+            "tunnel {name} not ready: {:?}\n--- its log (tail):\n{}",
+            t.seen,
+            tail(log, 30)
+        ));
+    };
+    l.strip_prefix("tunnel ready: udp ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("tunnel {name}: no address in {l:?}"))
+}
+
+/// SIGTERM, then the rest of stdout until the process exits; returns the summary line.
+fn stop(t: &mut Proc) -> String {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &t.child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Ok((_, l)) = t
+        .lines
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        t.seen.push(l);
+    }
+    t.kill();
+    t.seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("tunnel summary: "))
+        .cloned()
+        .unwrap_or_else(|| "(no summary line)".into())
+}
+
+/// Tunnel A's path, from its `path to <peer>: …` lines.
+struct PathWatch {
+    peer: String,
+    direct: bool,
+    /// Each change: when it was read, packets sent by then, the line.
+    changes: Vec<(Instant, u32, String)>,
+}
+
+impl PathWatch {
+    fn take(&mut self, t: &mut Proc, line: String, sent: u32) {
+        let direct = line.starts_with(&format!("path to {}: direct ", self.peer));
+        let relay = line.starts_with(&format!("path to {}: relay ", self.peer));
+        if direct || relay {
+            self.direct = direct;
+            self.changes.push((Instant::now(), sent, line.clone()));
+        }
+        t.seen.push(line);
+    }
+
+    /// Reads the lines that have arrived, without waiting.
+    fn poll(&mut self, t: &mut Proc, sent: u32) {
+        while let Ok((_, line)) = t.lines.try_recv() {
+            self.take(t, line, sent);
+        }
+    }
+
+    /// Waits until the path is direct (`want`) or not, at most `limit`.
+    fn wait(&mut self, t: &mut Proc, want: bool, limit: Duration, sent: u32) -> bool {
+        let deadline = Instant::now() + limit;
+        self.poll(t, sent);
+        while self.direct != want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok((_, line)) = t.lines.recv_timeout(left) else {
+                return false;
+            };
+            self.take(t, line, sent);
+        }
+        true
+    }
+}
+
+/// What one transfer measured.
+struct Trial {
+    /// Phase boundaries, from the first packet: packet 2,000 reached, direct reported, packet
+    /// 6,000 (cut), packet 8,000, relay reported, last packet sent, last packet received.
+    at_direct_pause: Duration,
+    direct: Duration,
+    at_cut: Duration,
+    at_relay_pause: Duration,
+    relay: Duration,
+    sent_all: Duration,
+    done: Duration,
+    /// Packets sent when tunnel A first reported the direct path.
+    direct_from: u32,
+    /// From the cut rule being in place until tunnel A reported the relay path.
+    relay_after_cut: Duration,
+    /// Packets in flight (sent, not yet received) when the cut rule was in place.
+    in_flight_at_cut: u32,
+    /// Packets tunnel A resent via the relay (its debug log).
+    resent: u64,
+}
+
+/// One transfer: fresh keys and tunnels, 10,000 packets A-app → tunnel A → tunnel B → B-app.
+fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
+    let map = lab.map_file.to_str().expect("utf-8 path").to_string();
+    let (akey, apub) = keygen(lab.dir.path(), &format!("a{i}.key"));
+    let (bkey, bpub) = keygen(lab.dir.path(), &format!("b{i}.key"));
+    let alog = lab.dir.path().join(format!("a{i}.log"));
+    let blog = lab.dir.path().join(format!("b{i}.log"));
+    let logs = |why: String| {
+        format!(
+            "{why}\n--- tunnel A's log (tail):\n{}\n--- tunnel B's log (tail):\n{}",
+            tail(&alog, 40),
+            tail(&blog, 40)
+        )
+    };
+    let (h1, h2) = (lab.home(1), lab.home(2));
+    let a_app = udp_socket_in(&h1);
+    let b_app = udp_socket_in(&h2);
+    let b_app_addr = b_app.local_addr().expect("local addr").to_string();
+    let mut b = ferry_logged(
+        lab,
+        2,
+        &blog,
+        &[
+            "tunnel",
+            &apub,
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            &b_app_addr,
+            "--key-file",
+            bkey.to_str().expect("utf-8 path"),
+            "--relay-map",
+            &map,
+        ],
+    );
+    let mut a = ferry_logged(
+        lab,
+        1,
+        &alog,
+        &[
+            "tunnel",
+            &bpub,
+            "--listen",
+            "127.0.0.1:0",
+            "--key-file",
+            akey.to_str().expect("utf-8 path"),
+            "--relay-map",
+            &map,
+        ],
+    );
+    let a_addr = ready(&mut a, "A", &alog)?;
+    let b_addr = ready(&mut b, "B", &blog)?;
+    let rcvbuf_before = [rcvbuf_errors(&h1), rcvbuf_errors(&h2)];
+
+    // B-app: counts every number (distinct ones on `received`), checks each datagram.
+    let received = Arc::new(AtomicU32::new(0));
+    let stop_rx = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let (received, stop_rx) = (Arc::clone(&received), Arc::clone(&stop_rx));
+        b_app
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+        std::thread::spawn(move || {
+            let mut seen = vec![0u32; N as usize];
+            let mut bad = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !stop_rx.load(Ordering::Relaxed) {
+                let Ok((len, from)) = b_app.recv_from(&mut buf) else {
+                    continue;
+                };
+                let d = &buf[..len];
+                let i = (len >= 4).then(|| u32::from_be_bytes(d[..4].try_into().expect("4")));
+                match i {
+                    Some(i) if i < N && d == datagram(i) && from == b_addr => {
+                        seen[i as usize] += 1;
+                        if seen[i as usize] == 1 {
+                            received.fetch_add(1, Ordering::Release);
+                        }
+                    }
+                    _ => bad.push(format!(
+                        "{len} bytes from {from}: {:02x?}",
+                        &d[..len.min(8)]
+                    )),
+                }
+            }
+            (seen, bad)
+        })
+    };
+
+    let mut watch = PathWatch {
+        peer: bpub.clone(),
+        direct: false,
+        changes: Vec::new(),
+    };
+    let r1 = lab.ns("r1");
+    let mut cutter: Option<std::thread::JoinHandle<(Result<String, String>, Instant)>> = None;
+    // Packets sent and not yet received when the cut rule was found in place.
+    let mut in_flight_at_cut: Option<u32> = None;
+    let mut written_off = 0u32;
+    let mut stalls = Vec::new();
+    let (mut at_direct_pause, mut direct, mut at_cut, mut at_relay_pause, mut relay) = (
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::ZERO,
+    );
+    let t0 = Instant::now();
+    let mut result = Ok(());
+    'send: for i in 0..N {
+        // The window: wait until fewer than WINDOW packets are unaccounted for.
+        let mut progress = (received.load(Ordering::Acquire), Instant::now());
+        loop {
+            let got = received.load(Ordering::Acquire);
+            if i.saturating_sub(got + written_off) < WINDOW {
+                break;
+            }
+            if got != progress.0 {
+                progress = (got, Instant::now());
+            } else if progress.1.elapsed() > STALL {
+                stalls.push((i, i.saturating_sub(got + written_off)));
+                written_off = i - got;
+                break;
+            }
+            watch.poll(&mut a, i);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        watch.poll(&mut a, i);
+        if in_flight_at_cut.is_none() && cutter.as_ref().is_some_and(|c| c.is_finished()) {
+            in_flight_at_cut = Some(i.saturating_sub(received.load(Ordering::Acquire)));
+        }
+        if i == DIRECT_AT {
+            at_direct_pause = t0.elapsed();
+            if !watch.wait(&mut a, true, DIRECT_LIMIT, i) {
+                result = Err(format!(
+                    "tunnel A did not report the direct path within {DIRECT_LIMIT:?} of packet \
+                     {i}; its stdout: {:?}",
+                    a.seen
+                ));
+                break 'send;
+            }
+            direct = t0.elapsed();
+        }
+        if i == CUT_AT {
+            at_cut = t0.elapsed();
+            if !watch.direct {
+                result = Err(format!(
+                    "the direct path was not in use at packet {i}: {:?}",
+                    watch.changes
+                ));
+                break 'send;
+            }
+            // In a thread of its own: sending goes on while `ip netns exec iptables` runs.
+            let r1 = r1.clone();
+            cutter = Some(std::thread::spawn(move || {
+                (Lab::exec(&r1, &cut_rule("-I")), Instant::now())
+            }));
+        }
+        if i == RELAY_AT {
+            at_relay_pause = t0.elapsed();
+            if !watch.wait(&mut a, false, RELAY_LIMIT, i) {
+                result = Err(format!(
+                    "tunnel A did not report the relay path within {RELAY_LIMIT:?} of packet \
+                     {i}; path changes: {:?}",
+                    watch.changes
+                ));
+                break 'send;
+            }
+            relay = t0.elapsed();
+        }
+        if let Err(e) = a_app.send_to(&datagram(i), a_addr) {
+            result = Err(format!("A-app send of packet {i}: {e}"));
+            break 'send;
+        }
+    }
+    let sent_all = t0.elapsed();
+    // The rest arrives (or stops arriving for STALL); then a moment for late duplicates.
+    if result.is_ok() {
+        let mut progress = (received.load(Ordering::Acquire), Instant::now());
+        loop {
+            let got = received.load(Ordering::Acquire);
+            if got == N {
+                break;
+            }
+            if got != progress.0 {
+                progress = (got, Instant::now());
+            } else if progress.1.elapsed() > STALL {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let done = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    stop_rx.store(true, Ordering::Relaxed);
+    let (seen, bad) = receiver.join().expect("receiver thread");
+    let cut = cutter.map(|c| c.join().expect("cut thread"));
+    let rcvbuf = [
+        rcvbuf_errors(&h1) - rcvbuf_before[0],
+        rcvbuf_errors(&h2) - rcvbuf_before[1],
+    ];
+    watch.poll(&mut a, N);
+    let summaries = [stop(&mut a), stop(&mut b)];
+    println!("trial {i}: tunnel A: {}", summaries[0]);
+    println!("trial {i}: tunnel B: {}", summaries[1]);
+    uncut(lab);
+    result.map_err(logs)?;
+    let (cut_result, cut_time) = cut.ok_or("no cut")?;
+    cut_result.map_err(|e| format!("cut rule: {e}"))?;
+
+    let missing: Vec<u32> = (0..N).filter(|&i| seen[i as usize] == 0).collect();
+    let dups: Vec<(u32, u32)> = (0..N)
+        .filter(|&i| seen[i as usize] > 1)
+        .map(|i| (i, seen[i as usize]))
+        .collect();
+    if !missing.is_empty() || !dups.is_empty() || !bad.is_empty() {
+        return Err(logs(format!(
+            "{} of {N} packets missing (e.g. {:?}), {} received more than once (e.g. \
+             (number, times) {:?}), {} foreign or mangled datagrams (e.g. {:?}); window \
+             stalls (at packet, written off): {stalls:?}; socket buffer overflows (RcvbufErrors \
+             in home 1, home 2): {rcvbuf:?}; path changes: {:?}; summaries: {summaries:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)],
+            dups.len(),
+            &dups[..dups.len().min(10)],
+            bad.len(),
+            &bad[..bad.len().min(3)],
+            watch
+                .changes
+                .iter()
+                .map(|(_, n, l)| format!("at packet {n}: {l}"))
+                .collect::<Vec<_>>()
+        )));
+    }
+    let direct_from = watch
+        .changes
+        .iter()
+        .find(|(_, _, l)| l.contains(": direct "))
+        .map_or(0, |(_, n, _)| *n);
+    let relay_seen = watch
+        .changes
+        .iter()
+        .rev()
+        .find(|(_, _, l)| l.contains(": relay "))
+        .map(|(t, _, _)| *t)
+        .ok_or("no relay path line")?;
+    Ok(Trial {
+        at_direct_pause,
+        direct,
+        at_cut,
+        at_relay_pause,
+        relay,
+        sent_all,
+        done,
+        direct_from,
+        relay_after_cut: relay_seen.saturating_duration_since(cut_time),
+        in_flight_at_cut: in_flight_at_cut.unwrap_or(0),
+        resent: resent_via_relay(&alog),
+    })
+}
+
+/// Acceptance 4: 10,000 numbered packets through `ferry tunnel` between two easy-NAT homes,
+/// while the path goes relay → direct → (router 1 drops UDP mid-stream) → relay: every number
+/// arrives exactly once.
+#[test]
+fn natlab_ten_thousand_packets_relay_direct_cut_relay_exactly_once() {
+    let name = "natlab_ten_thousand_packets_relay_direct_cut_relay_exactly_once";
+    if !natlab::available(name) {
+        return;
+    }
+    let n = trials();
+    let lab = Lab::new(&[Nat::Easy, Nat::Easy]);
+    let names = lab.namespaces();
+    let mut ok = Vec::new();
+    let mut failures = Vec::new();
+    for i in 0..n {
+        match trial(&lab, i) {
+            Ok(t) => {
+                let s = |d: Duration| d.as_secs_f64();
+                println!(
+                    "trial {i}: {N}/{N} packets exactly once in {:.2} s: relay 0..{DIRECT_AT} \
+                     {:.2} s (direct reported at packet {}), waiting for direct {:.3} s, direct \
+                     {DIRECT_AT}..{CUT_AT} {:.2} s, cut..{RELAY_AT} {:.2} s, waiting for relay \
+                     {:.3} s (relay reported {:.3} s after the cut; {} packets in flight at the \
+                     cut, {} resent via the relay), relay {RELAY_AT}..{N} {:.2} s, last arrivals \
+                     {:.3} s",
+                    s(t.done),
+                    s(t.at_direct_pause),
+                    t.direct_from,
+                    s(t.direct - t.at_direct_pause),
+                    s(t.at_cut - t.direct),
+                    s(t.at_relay_pause - t.at_cut),
+                    s(t.relay - t.at_relay_pause),
+                    s(t.relay_after_cut),
+                    t.in_flight_at_cut,
+                    t.resent,
+                    s(t.sent_all - t.relay),
+                    s(t.done - t.sent_all),
+                );
+                ok.push(t);
+            }
+            Err(why) => {
+                println!("trial {i}: FAILED: {why}");
+                failures.push((i, why));
+                uncut(&lab);
+            }
+        }
+    }
+    let max = |f: fn(&Trial) -> f64| ok.iter().map(f).fold(0.0, f64::max);
+    println!(
+        "NAT lab no loss (easy<->easy, tunnel, relay->direct->cut->relay): {}/{n} transfers of \
+         {N} packets exactly once; total max {:.2} s; relay reported after the cut max {:.3} s; \
+         resent via the relay {}..{}",
+        ok.len(),
+        max(|t| t.done.as_secs_f64()),
+        max(|t| t.relay_after_cut.as_secs_f64()),
+        ok.iter().map(|t| t.resent).min().unwrap_or(0),
+        ok.iter().map(|t| t.resent).max().unwrap_or(0),
+    );
+    drop(lab);
+    let left = netns_list();
+    assert!(
+        !left.iter().any(|n| names.contains(n)),
+        "left behind: {left:?}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {n} trials failed; first: trial {}: {}",
+        failures.len(),
+        failures[0].0,
+        failures[0].1
+    );
+}
