@@ -526,7 +526,9 @@ async fn tunnel(a: TunnelArgs) -> Result<()> {
             a.key_file.display()
         );
     }
-    let sock = UdpSocket::bind(a.listen).await.map_err(|e| {
+    // Large buffers (as the endpoint's): a fast local sender's bursts wait instead of being
+    // dropped by the kernel.
+    let sock = ferry_client::udp::bind_udp(a.listen).map_err(|e| {
         let hint = match e.kind() {
             std::io::ErrorKind::AddrInUse => {
                 " (another program, or another tunnel, uses it: stop it or pick another --listen port)"

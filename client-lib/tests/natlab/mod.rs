@@ -506,7 +506,10 @@ pub fn udp_socket_in(ns: &str) -> std::net::UdpSocket {
         // SAFETY: a valid namespace fd; setns changes only this (short-lived) thread.
         let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-        std::net::UdpSocket::bind("127.0.0.1:0")
+        // With the same large buffers as ferry's own sockets (an application that expects
+        // bursts would ask for them too).
+        ferry_client::udp::bind_udp_std("127.0.0.1:0".parse().expect("literal"))
+            .and_then(|s| s.set_nonblocking(false).map(|()| s))
             .unwrap_or_else(|e| panic!("bind 127.0.0.1:0 in {path}: {e}"))
     })
     .join()
