@@ -136,6 +136,16 @@ pub fn new_txid() -> TxId {
 
 /// Seals `msg` from `ours` to `theirs`: the whole datagram.
 pub fn seal(ours: &SecretKey, theirs: &PublicKey, msg: &Message) -> Vec<u8> {
+    seal_padded(ours, theirs, msg, 0)
+}
+
+/// Largest disco datagram [`seal_padded`] makes (the most one IPv4 UDP datagram carries).
+pub const MAX_PADDED: usize = 65_507;
+
+/// [`seal`], with zero padding after the payload (parsers ignore trailing bytes) so that the
+/// datagram is at least `min_len` bytes (at most [`MAX_PADDED`]): a ping as large as the data
+/// it acknowledges travels like it (fragments and all).
+pub fn seal_padded(ours: &SecretKey, theirs: &PublicKey, msg: &Message, min_len: usize) -> Vec<u8> {
     let mut pt = Vec::with_capacity(64);
     match msg {
         Message::Ping { txid, node_key } => {
@@ -161,7 +171,12 @@ pub fn seal(ours: &SecretKey, theirs: &PublicKey, msg: &Message) -> Vec<u8> {
             }
         }
     }
-    let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + 16 + pt.len());
+    let overhead = HEADER_LEN + NONCE_LEN + 16;
+    let want = min_len.min(MAX_PADDED).saturating_sub(overhead);
+    if pt.len() < want {
+        pt.resize(want, 0);
+    }
+    let mut out = Vec::with_capacity(overhead + pt.len());
     out.extend_from_slice(&DISCO_MAGIC);
     out.extend_from_slice(ours.public().as_bytes());
     out.extend_from_slice(&proto::seal(ours, theirs, &pt));
@@ -439,6 +454,22 @@ mod tests {
             matches!(m, Message::CallMeMaybe { endpoints, hard_nat: true, punched: true }
             if endpoints.len() == MAX_ENDPOINTS)
         );
+    }
+
+    #[test]
+    fn padded_pings_parse_and_have_the_size_asked() {
+        let (a, b) = keys();
+        let m = Message::Ping {
+            txid: new_txid(),
+            node_key: a.public(),
+        };
+        let small = seal(&a, &b.public(), &m);
+        assert_eq!(seal_padded(&a, &b.public(), &m, 10).len(), small.len());
+        for size in [1_400, 9_000, MAX_PADDED, MAX_PADDED + 100] {
+            let pkt = seal_padded(&a, &b.public(), &m, size);
+            assert_eq!(pkt.len(), size.min(MAX_PADDED));
+            assert_eq!(open(&b, &pkt, None).unwrap(), (a.public(), m.clone()));
+        }
     }
 
     #[test]

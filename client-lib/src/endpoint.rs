@@ -24,14 +24,17 @@
 //! 3. Relayed packets are decrypted and authenticated; `recv` returns the plaintext. An
 //!    in-band ping (`Endpoint::ping`) is answered automatically by the peer's endpoint.
 //! 4. Direct paths ([disco](crate::disco)): sending to a peer that has no fresh direct path
-//!    sends it a CallMeMaybe through the relay (our candidate endpoints: the STUN-mapped
-//!    address, the socket's local addresses, addresses peers observed in pongs) and pings the
-//!    peer's known candidates on UDP; at most every [`DirectOptions::probe_interval`]. A peer
-//!    receiving CallMeMaybe *that answers ours* pings every endpoint in it; one receiving it
-//!    unasked first "punches" (pings with IP TTL 2, opening its own NAT without leaving a
-//!    stale conntrack entry on the asker's NAT) and answers with its own CallMeMaybe. A node
-//!    pinged from an unknown address pings that address back (peer-reflexive): simultaneous
-//!    open. A pong from the address pinged makes it the peer's direct path.
+//!    *probes* it, at most every [`DirectOptions::probe_interval`]: "punches" (pings with IP
+//!    TTL 2: they open our NAT towards the peer but die before its NAT, so they leave no stale
+//!    conntrack entry there) to the peer's known candidates, then a CallMeMaybe through the
+//!    relay with our candidate endpoints (the STUN-mapped address, the socket's local
+//!    addresses, addresses peers observed in pongs), flagged *punched* if it punched
+//!    candidates the peer offered lately. A peer receiving a *punched* CallMeMaybe pings every
+//!    endpoint in it at full TTL; receiving an unpunched one, it punches the endpoints and
+//!    answers with a punched CallMeMaybe. A node pinged from a new address pings that address
+//!    back (peer-reflexive): simultaneous open. A pong from the address (and socket) pinged
+//!    makes it the peer's direct path. An easy NAT facing a hard one uses birthday probing
+//!    (see `Actor::birthday_open`, docs/client.md).
 //! 5. Data goes direct only while the last pong on that address is younger than
 //!    [`DirectOptions::trust`]; once it is older than two heartbeats, data goes on both paths
 //!    (the E2E replay window delivers it once); otherwise via the relay. Active peers' direct
@@ -49,8 +52,6 @@
 //! 6. The path per peer is `Path::Direct(addr)` or `Path::Relay(region)` (the path data is
 //!    sent on); each change is broadcast as a [`PathEvent`]. Netcheck runs again every
 //!    20–26 s and moves the home region (with hysteresis).
-//!
-//! Birthday probing for hard NATs comes next (see docs/notes-client.md).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -387,6 +388,7 @@ impl Endpoint {
             udp_tx,
             birthday: None,
             spray: None,
+            last_spray_any: None,
             cmd_tx: cmd_tx.clone(),
             sockets: Arc::clone(&sockets),
         };
@@ -580,6 +582,9 @@ const ACK_RTTS: u32 = 4;
 const ACK_TIMEOUT_MIN: Duration = Duration::from_millis(200);
 const ACK_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 
+/// Ack pings up to this size are not "padded" (a lost one says nothing about packet sizes).
+const SMALL_PING_MAX: usize = 1_280;
+
 /// At most one answer per peer to its unpunched CallMeMaybes this often (they come at most
 /// every `probe_interval` from a well-behaved peer).
 const RESPONSE_INTERVAL: Duration = Duration::from_secs(1);
@@ -609,6 +614,34 @@ const BIRTHDAY_RATE: u64 = 500;
 /// The hard side keeps unused birthday sockets this long (the probes follow within ~2 s of
 /// its CallMeMaybe; Linux keeps an unanswered UDP mapping for 30 s).
 const BIRTHDAY_HOLD: Duration = Duration::from_secs(10);
+
+/// Fewer free descriptors than this for the sockets: no birthday session.
+const BIRTHDAY_SOCKETS_MIN: usize = 32;
+
+/// How many birthday sockets to open: [`BIRTHDAY_SOCKETS`], or half of the file descriptors
+/// still free under the soft `RLIMIT_NOFILE` if that is less (the relay connections, netcheck
+/// and the application need the rest).
+fn birthday_socket_budget() -> usize {
+    #[cfg(target_os = "linux")]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the struct we pass.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            1024
+        };
+        let open = std::fs::read_dir("/proc/self/fd").map_or(soft / 2, |d| d.count());
+        BIRTHDAY_SOCKETS.min(soft.saturating_sub(open) / 2)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        BIRTHDAY_SOCKETS
+    }
+}
 
 /// The easy side's probes towards a hard peer.
 #[derive(Debug)]
@@ -717,6 +750,16 @@ struct PeerDisco {
     suspect: bool,
     /// Latest direct round trip.
     rtt: Option<Duration>,
+    /// The largest packet kept since the last ping on the direct path: the next ack ping is
+    /// padded to it, so a path that loses large datagrams (dropped IP fragments) loses the
+    /// ping too, and the packets are resent instead of acknowledged.
+    big_since_ping: usize,
+    /// Size of the padded ack ping that is awaited (0: none or unpadded).
+    awaiting_pad: usize,
+    /// A padded ack ping of this size went unanswered: packets this large go on both paths
+    /// from now on (until the direct path changes) — the path loses them (e.g. it drops IP
+    /// fragments), and resending each batch after an ack timeout would be slow.
+    too_big: Option<usize>,
 }
 
 impl PeerDisco {
@@ -730,6 +773,7 @@ impl PeerDisco {
             return false;
         }
         self.unacked_bytes += pkt.len();
+        self.big_since_ping = self.big_since_ping.max(pkt.len());
         self.unacked.push_back((now, pkt.clone()));
         self.next_seq += 1;
         true
@@ -805,8 +849,9 @@ struct Actor {
     udp_tx: mpsc::Sender<Datagram>,
     /// Hard side: the running birthday session (its sockets stay open until then).
     birthday: Option<(PublicKey, Instant)>,
-    /// Easy side: the running spray.
+    /// Easy side: the running spray, and when the last one started.
     spray: Option<Spray>,
+    last_spray_any: Option<Instant>,
     cmd_tx: mpsc::Sender<Cmd>,
     sockets: Arc<Sockets>,
 }
@@ -1014,9 +1059,10 @@ impl Actor {
                 self.send_direct(via, addr, &pkt).await;
                 self.shared.sent_direct.fetch_add(1, Ordering::Relaxed);
                 let st = self.peers.entry(peer).or_default();
-                // Unsure of the path (stale or suspect), or no room to keep the packet for a
-                // resend: the relay carries it too.
-                if stale || st.suspect || !st.keep_unacked(&pkt, now) {
+                // Unsure of the path (stale or suspect), a packet the path lost at this size,
+                // or no room to keep the packet for a resend: the relay carries it too.
+                let too_big = st.too_big.is_some_and(|b| pkt.len() >= b);
+                if stale || st.suspect || too_big || !st.keep_unacked(&pkt, now) {
                     self.shared.sent_relay.fetch_add(1, Ordering::Relaxed);
                     self.send_relay(peer, pkt).await;
                 }
@@ -1127,8 +1173,16 @@ impl Actor {
             .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
                 a.ip()
             });
+        let want = birthday_socket_budget();
+        if want < BIRTHDAY_SOCKETS_MIN {
+            warn!(
+                sockets = want,
+                "birthday probing skipped: too few file descriptors left (raise `ulimit -n`)"
+            );
+            return false;
+        }
         let mut opened = 0;
-        for _ in 0..BIRTHDAY_SOCKETS {
+        for _ in 0..want {
             let sock = match std::net::UdpSocket::bind((ip, 0))
                 .and_then(|s| s.set_nonblocking(true).map(|()| s))
                 .and_then(tokio::net::UdpSocket::from_std)
@@ -1180,7 +1234,10 @@ impl Actor {
         if ips.is_empty() || self.spray.is_some() {
             return;
         }
-        let interval = self.cfg.direct.probe_interval;
+        // A little under the hard side's once per probe_interval, so timing jitter does not
+        // make us skip every other session it opens.
+        let interval = self.cfg.direct.probe_interval.mul_f64(0.8);
+        let active = self.cfg.direct.active_timeout;
         let st = self.peers.entry(peer).or_default();
         if st
             .last_spray
@@ -1188,7 +1245,27 @@ impl Actor {
         {
             return;
         }
+        // 1,024 pings at an address the peer names: only for an active peer — one we sent to
+        // or got authenticated data from lately, or that has proven its key in a Noise
+        // handshake (the relay queues disco apart from data, so its CallMeMaybe can overtake
+        // its first data) — and at most one spray per 0.8 × probe_interval in all, so a
+        // node-key holder cannot make us a steady amplifier against a third party (at worst
+        // about 250 pings/s for this whole node).
+        let has_session = self.sessions.has_session(&peer);
+        let st = self.peers.entry(peer).or_default();
+        let active = st
+            .last_active
+            .is_some_and(|t| now.saturating_duration_since(t) < active);
+        if !(has_session || active)
+            || self
+                .last_spray_any
+                .is_some_and(|t| now.saturating_duration_since(t) < interval)
+        {
+            debug!(peer = %peer.short(), "no birthday spray: peer not active, or a spray ran just now");
+            return;
+        }
         st.last_spray = Some(now);
+        self.last_spray_any = Some(now);
         let targets = spray_targets(&ips, BIRTHDAY_PROBES, endpoints);
         info!(peer = %peer.short(), ?ips, probes = targets.len(), "birthday probing: easy side probes random ports");
         self.spray = Some(Spray {
@@ -1318,6 +1395,13 @@ impl Actor {
                         "direct path suspect (ping unanswered); sending on both paths");
                 }
                 st.suspect = true;
+                if st.awaiting_pad > SMALL_PING_MAX {
+                    let size = st.awaiting_pad;
+                    if st.too_big.is_none_or(|b| size < b) {
+                        debug!(peer = %peer.short(), %addr, size, "a padded ack ping went unanswered: packets this large go on both paths");
+                        st.too_big = Some(size);
+                    }
+                }
                 st.awaiting = None; // the ping below starts the next wait
                 self.resend_via_relay(peer, resend).await;
                 self.ping_addr(peer, addr, via, now).await;
@@ -1354,7 +1438,15 @@ impl Actor {
         if pkts.is_empty() {
             return;
         }
-        self.resend.entry(peer).or_default().extend(pkts);
+        let q = self.resend.entry(peer).or_default();
+        q.extend(pkts);
+        // Bounded: a resend further behind than the peer's replay window would be dropped there
+        // anyway; the oldest go first.
+        if q.len() > MAX_UNACKED {
+            let over = q.len() - MAX_UNACKED;
+            q.drain(..over);
+            warn!(peer = %peer.short(), dropped = over, "resend queue full: oldest unacknowledged packets dropped");
+        }
         if self.next_resend.is_none() {
             self.drain_resends().await;
         }
@@ -1392,14 +1484,19 @@ impl Actor {
                 mark,
             },
         );
-        if st.is_best(addr, via) && st.awaiting.is_none() {
-            st.awaiting = Some(now);
+        let mut pad = 0;
+        if st.is_best(addr, via) {
+            pad = std::mem::take(&mut st.big_since_ping);
+            if st.awaiting.is_none() {
+                st.awaiting = Some(now);
+                st.awaiting_pad = pad;
+            }
         }
         let msg = Message::Ping {
             txid,
             node_key: self.cfg.secret_key.public(),
         };
-        let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        let pkt = disco::seal_padded(&self.cfg.secret_key, &peer, &msg, pad);
         self.send_direct(via, addr, &pkt).await;
     }
 
@@ -1445,8 +1542,15 @@ impl Actor {
         }
         st.last_probe = Some(now);
         let candidates: Vec<SocketAddr> = st.candidates.keys().copied().collect();
+        // "Punched" only if the peer offered (or pinged from) some of them lately: punching
+        // stale addresses (the peer moved) and saying "punched" would make it ping us at full
+        // TTL before our NAT is open towards its new address — the conntrack trap.
+        let fresh = st
+            .candidates
+            .values()
+            .any(|t| now.saturating_duration_since(*t) < interval);
         let peer_easy = st.peer_hard == Some(false);
-        debug!(peer = %peer.short(), ?candidates, "probing for a direct path");
+        debug!(peer = %peer.short(), ?candidates, fresh, "probing for a direct path");
         // Open our NAT towards every address we know of the peer (TTL 2: not as far as its
         // NAT), then say so: the peer pings us at full TTL on receiving it.
         for a in &candidates {
@@ -1455,7 +1559,7 @@ impl Actor {
         if self.my_nat_hard() && peer_easy && self.direct_for(&peer, now).is_none() {
             self.birthday_open(peer, &candidates, now).await;
         }
-        self.send_call_me_maybe(peer, !candidates.is_empty()).await;
+        self.send_call_me_maybe(peer, fresh).await;
     }
 
     async fn send_call_me_maybe(&mut self, peer: PublicKey, punched: bool) {
@@ -1582,6 +1686,10 @@ impl Actor {
                 },
                 Some(src),
             ) => {
+                if via != udp::MAIN && !self.extra.contains_key(&via) {
+                    debug!(%src, "pong on a birthday socket closed meanwhile; ignored");
+                    return;
+                }
                 let Some(st) = self.peers.get_mut(&peer) else {
                     return;
                 };
@@ -1599,15 +1707,21 @@ impl Actor {
                     });
                 let moved = !keep_other && st.best.is_some() && !st.is_best(src, via);
                 if !keep_other {
+                    if !st.is_best(src, via) {
+                        st.too_big = None; // a new path: its own size limits
+                    }
                     if via != udp::MAIN && !st.is_best(src, via) {
                         info!(peer = %peer.short(), %src, "birthday probing found a direct path");
                     }
                     st.best = Some((src, now));
                     st.best_via = via;
                     st.rtt = Some(now.saturating_duration_since(sent.at));
-                    // Everything sent direct before the ping has crossed (one path keeps
-                    // its order).
-                    st.ack(sent.mark);
+                    if !moved {
+                        // Everything sent direct before the ping has crossed (one path keeps
+                        // its order). (If the path moved, what is kept went to the old
+                        // address: resent below.)
+                        st.ack(sent.mark);
+                    }
                     if st.awaiting.is_none_or(|w| sent.at >= w) {
                         st.awaiting = None;
                         st.suspect = false;
