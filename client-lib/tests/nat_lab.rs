@@ -473,23 +473,6 @@ fn natlab_direct_path_heals_after_an_outage() {
         return;
     }
     const TAG: &str = "ferry-heal-cut";
-    let cut = |op: &str| -> Vec<String> {
-        [
-            "iptables",
-            op,
-            "FORWARD",
-            "-p",
-            "udp",
-            "-m",
-            "comment",
-            "--comment",
-            TAG,
-            "-j",
-            "DROP",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
     let n = trials_or(3);
     let lab = Lab::new(&[Nat::Easy, Nat::Easy]);
     let r1 = lab.ns("r1");
@@ -504,15 +487,13 @@ fn natlab_direct_path_heals_after_an_outage() {
             "trial {i}: never direct: {:?}",
             a.seen
         );
-        let args = cut("-I");
-        Lab::exec(&r1, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        Lab::exec(&r1, &natlab::udp_cut_rule("-I", TAG)).unwrap();
         let relay = format!("path to {bpub}: relay 900");
         let fell_back = a.wait_for(&relay, Duration::from_secs(15));
         // Both sides' paths expire (6.5 s trust); keep the outage a little longer so both
         // have been probing on the relay for a while.
         std::thread::sleep(Duration::from_secs(2));
-        let args = cut("-D");
-        Lab::exec(&r1, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+        Lab::exec(&r1, &natlab::udp_cut_rule("-D", TAG)).unwrap();
         let restored = std::time::Instant::now();
         assert!(
             fell_back.is_some(),

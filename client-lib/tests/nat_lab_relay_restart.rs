@@ -9,10 +9,9 @@
 
 mod natlab;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use natlab::{ferry_bin, keygen, netns_list, Lab, Nat, Proc};
+use natlab::{keygen, netns_list, tail, Lab, Nat};
 
 /// How long the relay stays down while the direct path must keep answering.
 const DOWNTIME: Duration = Duration::from_secs(3);
@@ -35,26 +34,6 @@ fn trials() -> usize {
         .unwrap_or(1)
 }
 
-/// `ferry args…` in home `home`, with `--log ferry_client=debug` to the file `log` (for
-/// failure messages; the lab's `spawn` discards stderr).
-fn ferry_logged(lab: &Lab, home: usize, log: &Path, args: &[&str]) -> Proc {
-    let script = format!(
-        "exec \"$0\" \"$@\" --log ferry_client=debug 2>>'{}'",
-        log.display()
-    );
-    let bin = ferry_bin();
-    let mut all = vec!["-c", script.as_str(), bin.to_str().expect("utf-8 path")];
-    all.extend_from_slice(args);
-    lab.spawn(&format!("h{home}"), "sh", &all)
-}
-
-/// The last `n` lines of a log file.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// TCP connections established to the relay's DERP port, as `ss` in `pub` sees them.
 fn relay_connections(lab: &Lab) -> usize {
     let filter = format!("( sport = :{} )", natlab::RELAY_PORT);
@@ -67,20 +46,8 @@ fn relay_connections(lab: &Lab) -> usize {
 }
 
 /// The rule in router 1 that drops all forwarded UDP (the direct path; the relay is TCP).
-fn cut_rule(op: &str) -> Vec<&str> {
-    vec![
-        "iptables",
-        op,
-        "FORWARD",
-        "-p",
-        "udp",
-        "-m",
-        "comment",
-        "--comment",
-        CUT_TAG,
-        "-j",
-        "DROP",
-    ]
+fn cut_rule(op: &str) -> [&str; 11] {
+    natlab::udp_cut_rule(op, CUT_TAG)
 }
 
 /// What one trial measured.
@@ -112,8 +79,7 @@ fn trial(lab: &mut Lab, i: usize) -> Result<Trial, String> {
             tail(&blog, 40)
         )
     };
-    let mut b = ferry_logged(
-        lab,
+    let mut b = lab.ferry_logged(
         2,
         &blog,
         &[
@@ -130,8 +96,7 @@ fn trial(lab: &mut Lab, i: usize) -> Result<Trial, String> {
     {
         return Err(logs(format!("listener did not start: {:?}", b.seen)));
     }
-    let mut a = ferry_logged(
-        lab,
+    let mut a = lab.ferry_logged(
         1,
         &alog,
         &[

@@ -515,3 +515,44 @@ pub fn udp_socket_in(ns: &str) -> std::net::UdpSocket {
     .join()
     .expect("the setns thread panicked")
 }
+
+impl Lab {
+    /// `ferry args…` in home `home`, with `--log ferry_client=debug` appended to the file `log`
+    /// (for failure messages; [`Lab::spawn`] discards stderr).
+    pub fn ferry_logged(&self, home: usize, log: &Path, args: &[&str]) -> Proc {
+        let script = format!(
+            "exec \"$0\" \"$@\" --log ferry_client=debug 2>>'{}'",
+            log.display()
+        );
+        let bin = ferry_bin();
+        let mut all = vec!["-c", script.as_str(), bin.to_str().expect("utf-8 path")];
+        all.extend_from_slice(args);
+        self.spawn(&format!("h{home}"), "sh", &all)
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The iptables command (`op`: `-I` or `-D`) for a rule in a router's FORWARD chain that drops
+/// all forwarded UDP — the direct path; the relay is TCP — tagged with the comment `tag` so
+/// that exactly it can be deleted.
+pub fn udp_cut_rule<'a>(op: &'a str, tag: &'a str) -> [&'a str; 11] {
+    [
+        "iptables",
+        op,
+        "FORWARD",
+        "-p",
+        "udp",
+        "-m",
+        "comment",
+        "--comment",
+        tag,
+        "-j",
+        "DROP",
+    ]
+}
