@@ -10,19 +10,10 @@ mod natlab;
 use std::path::Path;
 use std::time::Duration;
 
-use natlab::{keygen, median, netns_list, Lab, Nat, Proc};
+use natlab::{keygen, median, netns_list, trials_or, Lab, Nat, Proc};
 
 fn trials() -> usize {
     trials_or(5)
-}
-
-/// `NATLAB_TRIALS`, or `default`.
-fn trials_or(default: usize) -> usize {
-    std::env::var("NATLAB_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(default)
 }
 
 /// `ferry ping --listen` on home `home` with the key file `key`, once it is connected to the

@@ -43,11 +43,7 @@ const STALL: Duration = Duration::from_secs(5);
 const CUT_TAG: &str = "ferry-no-loss-cut";
 
 fn trials() -> usize {
-    std::env::var("NATLAB_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(1)
+    natlab::trials_or(1)
 }
 
 /// Datagram `i`: its number, then a pattern that depends on it.
@@ -221,12 +217,76 @@ struct Trial {
 }
 
 /// One transfer: fresh keys and tunnels, 10,000 packets A-app → tunnel A → tunnel B → B-app.
-fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
+/// Two tunnels, A in home 1 and B in home 2 (B forwarding to B-app), with the test's two
+/// applications (UDP sockets inside the homes) and the tunnels' debug logs.
+struct Tunnels {
+    a: Proc,
+    b: Proc,
+    /// Tunnel A's and B's `--listen` addresses.
+    a_addr: SocketAddr,
+    b_addr: SocketAddr,
+    a_app: std::net::UdpSocket,
+    b_app: std::net::UdpSocket,
+    alog: std::path::PathBuf,
+    blog: std::path::PathBuf,
+    bpub: String,
+}
+
+/// Starts [`Tunnels`] with fresh keys named after `tag`; waits for both ready lines.
+fn start_tunnels(lab: &Lab, tag: &str) -> Result<Tunnels, String> {
     let map = lab.map_file.to_str().expect("utf-8 path").to_string();
-    let (akey, apub) = keygen(lab.dir.path(), &format!("a{i}.key"));
-    let (bkey, bpub) = keygen(lab.dir.path(), &format!("b{i}.key"));
-    let alog = lab.dir.path().join(format!("a{i}.log"));
-    let blog = lab.dir.path().join(format!("b{i}.log"));
+    let (akey, apub) = keygen(lab.dir.path(), &format!("a{tag}.key"));
+    let (bkey, bpub) = keygen(lab.dir.path(), &format!("b{tag}.key"));
+    let alog = lab.dir.path().join(format!("a{tag}.log"));
+    let blog = lab.dir.path().join(format!("b{tag}.log"));
+    let a_app = udp_socket_in(&lab.home(1));
+    let b_app = udp_socket_in(&lab.home(2));
+    let b_app_addr = b_app.local_addr().expect("local addr").to_string();
+    let (akey, bkey) = (
+        akey.to_str().expect("utf-8 path").to_string(),
+        bkey.to_str().expect("utf-8 path").to_string(),
+    );
+    let listen = ["--listen", "127.0.0.1:0", "--relay-map", &map];
+    let mut b_args = vec![
+        "tunnel",
+        &apub,
+        "--forward",
+        &b_app_addr,
+        "--key-file",
+        &bkey,
+    ];
+    b_args.extend_from_slice(&listen);
+    let mut b = lab.ferry_logged(2, &blog, &b_args);
+    let mut a_args = vec!["tunnel", &bpub, "--key-file", &akey];
+    a_args.extend_from_slice(&listen);
+    let mut a = lab.ferry_logged(1, &alog, &a_args);
+    let a_addr = ready(&mut a, "A", &alog)?;
+    let b_addr = ready(&mut b, "B", &blog)?;
+    Ok(Tunnels {
+        a,
+        b,
+        a_addr,
+        b_addr,
+        a_app,
+        b_app,
+        alog,
+        blog,
+        bpub,
+    })
+}
+
+fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
+    let Tunnels {
+        mut a,
+        mut b,
+        a_addr,
+        b_addr,
+        a_app,
+        b_app,
+        alog,
+        blog,
+        bpub,
+    } = start_tunnels(lab, &i.to_string())?;
     let logs = |why: String| {
         format!(
             "{why}\n--- tunnel A's log (tail):\n{}\n--- tunnel B's log (tail):\n{}",
@@ -235,41 +295,6 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
         )
     };
     let (h1, h2) = (lab.home(1), lab.home(2));
-    let a_app = udp_socket_in(&h1);
-    let b_app = udp_socket_in(&h2);
-    let b_app_addr = b_app.local_addr().expect("local addr").to_string();
-    let mut b = lab.ferry_logged(
-        2,
-        &blog,
-        &[
-            "tunnel",
-            &apub,
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            &b_app_addr,
-            "--key-file",
-            bkey.to_str().expect("utf-8 path"),
-            "--relay-map",
-            &map,
-        ],
-    );
-    let mut a = lab.ferry_logged(
-        1,
-        &alog,
-        &[
-            "tunnel",
-            &bpub,
-            "--listen",
-            "127.0.0.1:0",
-            "--key-file",
-            akey.to_str().expect("utf-8 path"),
-            "--relay-map",
-            &map,
-        ],
-    );
-    let a_addr = ready(&mut a, "A", &alog)?;
-    let b_addr = ready(&mut b, "B", &blog)?;
     let rcvbuf_before = [rcvbuf_errors(&h1), rcvbuf_errors(&h2)];
 
     // B-app: counts every number (distinct ones on `received`), checks each datagram.
@@ -593,50 +618,16 @@ fn natlab_large_datagrams_survive_a_path_that_loses_them() {
         )
     };
     frag("-I").expect("fragment rule");
-    let map = lab.map_file.to_str().expect("utf-8 path").to_string();
-    let (akey, apub) = keygen(lab.dir.path(), "fa.key");
-    let (bkey, bpub) = keygen(lab.dir.path(), "fb.key");
-    let alog = lab.dir.path().join("fa.log");
-    let blog = lab.dir.path().join("fb.log");
-    let a_app = udp_socket_in(&lab.home(1));
-    let b_app = udp_socket_in(&lab.home(2));
-    let b_app_addr = b_app.local_addr().expect("local addr").to_string();
-    let (akey, bkey) = (
-        akey.to_str().unwrap().to_string(),
-        bkey.to_str().unwrap().to_string(),
-    );
-    let mut b = lab.ferry_logged(
-        2,
-        &blog,
-        &[
-            "tunnel",
-            &apub,
-            "--listen",
-            "127.0.0.1:0",
-            "--forward",
-            &b_app_addr,
-            "--key-file",
-            &bkey,
-            "--relay-map",
-            &map,
-        ],
-    );
-    let mut a = lab.ferry_logged(
-        1,
-        &alog,
-        &[
-            "tunnel",
-            &bpub,
-            "--listen",
-            "127.0.0.1:0",
-            "--key-file",
-            &akey,
-            "--relay-map",
-            &map,
-        ],
-    );
-    let a_addr = ready(&mut a, "A", &alog).unwrap_or_else(|e| panic!("{e}"));
-    ready(&mut b, "B", &blog).unwrap_or_else(|e| panic!("{e}"));
+    let Tunnels {
+        mut a,
+        mut b,
+        a_addr,
+        a_app,
+        b_app,
+        alog,
+        bpub,
+        ..
+    } = start_tunnels(&lab, "large").unwrap_or_else(|e| panic!("{e}"));
     // Small warm-up datagrams (traffic starts disco), until the direct path is up (small
     // pings cross); then the big datagrams.
     for _ in 0..3 {

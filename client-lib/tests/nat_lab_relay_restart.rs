@@ -27,11 +27,7 @@ const RELAY_LIMIT: Duration = Duration::from_secs(15);
 const CUT_TAG: &str = "ferry-relay-restart-cut";
 
 fn trials() -> usize {
-    std::env::var("NATLAB_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(1)
+    natlab::trials_or(1)
 }
 
 /// TCP connections established to the relay's DERP port, as `ss` in `pub` sees them.

@@ -556,3 +556,12 @@ pub fn udp_cut_rule<'a>(op: &'a str, tag: &'a str) -> [&'a str; 11] {
         "DROP",
     ]
 }
+
+/// `NATLAB_TRIALS` (trials per case), or `default`.
+pub fn trials_or(default: usize) -> usize {
+    std::env::var("NATLAB_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
