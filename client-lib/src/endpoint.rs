@@ -584,6 +584,8 @@ const ACK_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 
 /// Ack pings up to this size are not "padded" (a lost one says nothing about packet sizes).
 const SMALL_PING_MAX: usize = 1_280;
+/// How long packets of a size the direct path lost go on both paths before it is tried again.
+const TOO_BIG_RETRY: Duration = Duration::from_secs(30);
 
 /// At most one answer per peer to its unpunched CallMeMaybes this often (they come at most
 /// every `probe_interval` from a well-behaved peer).
@@ -756,10 +758,12 @@ struct PeerDisco {
     big_since_ping: usize,
     /// Size of the padded ack ping that is awaited (0: none or unpadded).
     awaiting_pad: usize,
-    /// A padded ack ping of this size went unanswered: packets this large go on both paths
-    /// from now on (until the direct path changes) — the path loses them (e.g. it drops IP
-    /// fragments), and resending each batch after an ack timeout would be slow.
-    too_big: Option<usize>,
+    /// A padded ack ping of this size went unanswered (at that time): packets this large go
+    /// on both paths for [`TOO_BIG_RETRY`] (or until the direct path changes) — the path
+    /// loses them (e.g. it drops IP fragments), and resending each batch after an ack timeout
+    /// would be slow. Then large packets are tried direct again (a lost ping may have been
+    /// bad luck).
+    too_big: Option<(usize, Instant)>,
 }
 
 impl PeerDisco {
@@ -1061,7 +1065,13 @@ impl Actor {
                 let st = self.peers.entry(peer).or_default();
                 // Unsure of the path (stale or suspect), a packet the path lost at this size,
                 // or no room to keep the packet for a resend: the relay carries it too.
-                let too_big = st.too_big.is_some_and(|b| pkt.len() >= b);
+                if st
+                    .too_big
+                    .is_some_and(|(_, t)| now.saturating_duration_since(t) >= TOO_BIG_RETRY)
+                {
+                    st.too_big = None;
+                }
+                let too_big = st.too_big.is_some_and(|(b, _)| pkt.len() >= b);
                 if stale || st.suspect || too_big || !st.keep_unacked(&pkt, now) {
                     self.shared.sent_relay.fetch_add(1, Ordering::Relaxed);
                     self.send_relay(peer, pkt).await;
@@ -1397,9 +1407,9 @@ impl Actor {
                 st.suspect = true;
                 if st.awaiting_pad > SMALL_PING_MAX {
                     let size = st.awaiting_pad;
-                    if st.too_big.is_none_or(|b| size < b) {
-                        debug!(peer = %peer.short(), %addr, size, "a padded ack ping went unanswered: packets this large go on both paths");
-                        st.too_big = Some(size);
+                    if st.too_big.is_none_or(|(b, _)| size < b) {
+                        debug!(peer = %peer.short(), %addr, size, "a padded ack ping went unanswered: packets this large go on both paths for a while");
+                        st.too_big = Some((size, now));
                     }
                 }
                 st.awaiting = None; // the ping below starts the next wait
