@@ -1175,14 +1175,6 @@ impl Actor {
         // A new session replaces the last one: close its sockets that found nothing.
         self.birthday = None;
         self.close_unused_sockets(now);
-        self.birthday = Some((peer, now + BIRTHDAY_HOLD));
-        let ip = self
-            .sockets
-            .v4
-            .local_addr()
-            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
-                a.ip()
-            });
         let want = birthday_socket_budget();
         if want < BIRTHDAY_SOCKETS_MIN {
             warn!(
@@ -1191,12 +1183,18 @@ impl Actor {
             );
             return false;
         }
+        self.birthday = Some((peer, now + BIRTHDAY_HOLD));
+        let ip = self
+            .sockets
+            .v4
+            .local_addr()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
+                a.ip()
+            });
         let mut opened = 0;
         for _ in 0..want {
-            let sock = match std::net::UdpSocket::bind((ip, 0))
-                .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                .and_then(tokio::net::UdpSocket::from_std)
-            {
+            // The socket that is hit carries the path: the data sockets' buffers.
+            let sock = match udp::bind_udp(SocketAddr::new(ip, 0)) {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     warn!("birthday probing: cannot open more sockets after {opened}: {e}");
