@@ -582,6 +582,9 @@ const ACK_RTTS: u32 = 4;
 const ACK_TIMEOUT_MIN: Duration = Duration::from_millis(200);
 const ACK_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 
+/// A ping to an address is not repeated for this long (disco answers take one round trip).
+const PING_AGAIN_AFTER: Duration = Duration::from_millis(500);
+
 /// Ack pings up to this size are not "padded" (a lost one says nothing about packet sizes).
 const SMALL_PING_MAX: usize = 1_280;
 /// How long packets of a size the direct path lost go on both paths before it is tried again.
@@ -767,6 +770,15 @@ struct PeerDisco {
 }
 
 impl PeerDisco {
+    /// Whether a ping to `addr` from `via` went out within [`PING_AGAIN_AFTER`] (pings stay
+    /// in flight for `trust`, 6.5 s: one sent into an outage must not stop the pings that
+    /// heal the path once it is over).
+    fn pinged_lately(&self, addr: SocketAddr, via: u32, now: Instant) -> bool {
+        self.pings.values().any(|p| {
+            p.addr == addr && p.via == via && now.saturating_duration_since(p.at) < PING_AGAIN_AFTER
+        })
+    }
+
     fn is_best(&self, addr: SocketAddr, via: u32) -> bool {
         self.best.is_some_and(|(b, _)| b == addr) && self.best_via == via
     }
@@ -841,10 +853,11 @@ struct Actor {
     events: broadcast::Sender<PathEvent>,
     shared: Arc<SharedState>,
     relay_tx: mpsc::Sender<(u32, RelayEvent)>,
-    /// Unacknowledged direct packets waiting to go again via the relay, paced
+    /// Packets waiting to go via the relay — unacknowledged direct packets (`true`) and
+    /// packets flushed after a handshake — paced
     /// ([`RESEND_BURST`] per [`RESEND_GAP`]): a burst would overflow the relay's per-client
     /// queue (32 packets in ferry and derper) and be dropped there.
-    resend: HashMap<PublicKey, VecDeque<Bytes>>,
+    resend: HashMap<PublicKey, VecDeque<(Bytes, bool)>>,
     next_resend: Option<tokio::time::Instant>,
     /// Birthday sockets by id ([`Datagram::via`]) with their reader tasks.
     extra: HashMap<u32, (Arc<tokio::net::UdpSocket>, tokio::task::JoinHandle<()>)>,
@@ -1443,11 +1456,23 @@ impl Actor {
 
     /// Queues `pkts` for a paced resend via the relay (see [`Actor::resend`]).
     async fn resend_via_relay(&mut self, peer: PublicKey, pkts: Vec<Bytes>) {
-        if pkts.is_empty() {
-            return;
-        }
+        self.queue_paced(peer, pkts.into_iter().map(|p| (p, true)))
+            .await;
+    }
+
+    /// Queues packets for the relay, sent [`RESEND_BURST`] per [`RESEND_GAP`] (`true`: a
+    /// resend, counted as such).
+    async fn queue_paced(
+        &mut self,
+        peer: PublicKey,
+        pkts: impl IntoIterator<Item = (Bytes, bool)>,
+    ) {
         let q = self.resend.entry(peer).or_default();
         q.extend(pkts);
+        if q.is_empty() {
+            self.resend.remove(&peer);
+            return;
+        }
         // Bounded: a resend further behind than the peer's replay window would be dropped there
         // anyway; the oldest go first.
         if q.len() > MAX_UNACKED {
@@ -1470,10 +1495,14 @@ impl Actor {
         self.resend.retain(|_, q| !q.is_empty());
         self.next_resend =
             (!self.resend.is_empty()).then(|| tokio::time::Instant::now() + RESEND_GAP);
-        let n = batch.len() as u64;
-        self.shared.resent_via_relay.fetch_add(n, Ordering::Relaxed);
-        self.shared.sent_relay.fetch_add(n, Ordering::Relaxed);
-        for (peer, p) in batch {
+        let resent = batch.iter().filter(|(_, (_, r))| *r).count() as u64;
+        self.shared
+            .resent_via_relay
+            .fetch_add(resent, Ordering::Relaxed);
+        self.shared
+            .sent_relay
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for (peer, (p, _)) in batch {
             self.send_relay(peer, p).await;
         }
     }
@@ -1677,10 +1706,7 @@ impl Actor {
                 let st = self.peers.entry(peer).or_default();
                 let new = remember(&mut st.candidates, src, now, MAX_CANDIDATES);
                 let fresh = self.direct_for(&peer, now).is_some();
-                let pinging = self.peers[&peer]
-                    .pings
-                    .values()
-                    .any(|p| p.addr == src && p.via == via);
+                let pinging = self.peers[&peer].pinged_lately(src, via, now);
                 if (new || !fresh) && !pinging {
                     // Peer-reflexive: ping it back (this is the other half of the hole punch),
                     // from the socket its ping came to.
@@ -1801,11 +1827,7 @@ impl Actor {
                     self.spray_start(peer, &endpoints, now);
                 }
                 for a in endpoints {
-                    let pinging = self.peers[&peer]
-                        .pings
-                        .values()
-                        .any(|p| p.addr == a && p.via == udp::MAIN);
-                    if !pinging {
+                    if !self.peers[&peer].pinged_lately(a, udp::MAIN, now) {
                         self.ping_addr(peer, a, udp::MAIN, now).await;
                     }
                 }
@@ -1863,8 +1885,19 @@ impl Actor {
                 self.set_path(src, via);
             }
         }
-        for r in opened.replies {
-            self.send_to_peer(src, r.into()).await;
+        if opened.replies.len() > RESEND_BURST && self.direct_for(&src, now).is_none() {
+            // Packets queued during the handshake, flushed at once: paced, like resends (a
+            // burst would overflow the relay's 32-packet per-client queue: derper dropped
+            // some of 50 in the interop test).
+            let region = self.region_for(&src);
+            self.set_path(src, Path::Relay(region));
+            self.queue_paced(src, opened.replies.into_iter().map(|r| (r.into(), false)))
+                .await;
+            self.maybe_probe(src, now).await;
+        } else {
+            for r in opened.replies {
+                self.send_to_peer(src, r.into()).await;
+            }
         }
         let Some(pt) = opened.plaintext else { return };
         self.peers.entry(src).or_default().last_active = Some(now);
