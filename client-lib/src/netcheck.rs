@@ -294,7 +294,7 @@ impl Report {
         }
         let nat = match self.mapping_varies_by_dest_ip {
             Some(true) => {
-                "yes: hard NAT (endpoint-dependent mapping); direct paths need help or the relay"
+                "yes: hard NAT (endpoint-dependent mapping); direct only to easy-NAT peers (birthday probing), else via the relay"
             }
             Some(false) => "no: easy NAT or none (endpoint-independent mapping)",
             None => "unknown (fewer than two STUN servers answered)",

@@ -572,3 +572,58 @@ fn natlab_simultaneous_start_goes_direct() {
         median(&mut times).unwrap_or(f64::NAN)
     );
 }
+
+/// netcheck behind real NATs: `ferry netcheck --json` (two STUN servers: the relay's ports
+/// 3478 and 3479) sees one mapping behind MASQUERADE (easy), a different one per server behind
+/// `--random-fully` (hard), and no UDP at all where UDP is dropped; the text report says so.
+#[test]
+fn natlab_netcheck_tells_easy_hard_and_udp_blocked_apart() {
+    if !natlab::available("natlab_netcheck_tells_easy_hard_and_udp_blocked_apart") {
+        return;
+    }
+    let lab = Lab::new(&[Nat::Easy, Nat::Hard, Nat::UdpBlocked]);
+    let map = lab.map_file.to_str().expect("utf-8 path");
+    let bin = natlab::ferry_bin();
+    let bin = bin.to_str().expect("utf-8 path");
+    let netcheck = |home: usize, json: bool| {
+        let mut args = vec![bin, "netcheck", "--relay-map", map, "--timeout", "2"];
+        if json {
+            args.push("--json");
+        }
+        Lab::exec(&lab.home(home), &args).unwrap_or_else(|e| panic!("home {home}: {e}"))
+    };
+    let report = |home: usize| -> serde_json::Value {
+        serde_json::from_str(&netcheck(home, true)).expect("JSON report")
+    };
+    let easy = report(1);
+    assert_eq!(easy["udp"], true, "{easy}");
+    assert_eq!(easy["mapping_varies_by_dest_ip"], false, "{easy}");
+    let g = easy["global_v4"].as_str().unwrap_or_default();
+    assert!(g.starts_with(&format!("{}:", wan_ip(1))), "{easy}");
+    let hard = report(2);
+    assert_eq!(hard["udp"], true, "{hard}");
+    assert_eq!(hard["mapping_varies_by_dest_ip"], true, "{hard}");
+    let mapped: Vec<&str> = hard["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["mapped"].as_str())
+        .collect();
+    assert_eq!(mapped.len(), 2, "{hard}");
+    assert!(mapped
+        .iter()
+        .all(|m| m.starts_with(&format!("{}:", wan_ip(2)))));
+    assert_ne!(mapped[0], mapped[1], "a port per destination: {hard}");
+    let blocked = report(3);
+    assert_eq!(blocked["udp"], false, "{blocked}");
+    assert!(blocked["mapping_varies_by_dest_ip"].is_null(), "{blocked}");
+    let text = netcheck(2, false);
+    assert!(text.contains("hard NAT"), "{text}");
+    println!(
+        "NAT lab netcheck: easy {g}, hard {mapped:?}, UDP blocked: no UDP; text: {}",
+        text.lines()
+            .find(|l| l.contains("hard NAT"))
+            .unwrap_or_default()
+            .trim()
+    );
+}
