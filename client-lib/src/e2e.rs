@@ -4,8 +4,10 @@
 //! the responder's node key in advance, and each side's static key is its node key (Curve25519,
 //! the same key the relay handshake uses), so a completed handshake proves both identities.
 //! Both messages carry fresh ephemeral keys, so transport keys are forward secret; a session is
-//! replaced by a new handshake after [`REKEY_AFTER`] (the old one still opens packets in flight
-//! for [`PREVIOUS_KEEP`]).
+//! replaced by a new handshake after [`REKEY_AFTER`] when it sends (the old one still opens
+//! packets in flight for [`PREVIOUS_KEEP`]), is not used to send after [`SEND_LIMIT`] and is
+//! dropped after [`REJECT_AFTER_TIME`] even when idle (WireGuard's timers): traffic recorded
+//! earlier cannot be decrypted with keys taken from memory later.
 //!
 //! Wire format (the bytes a relay, or later a UDP path, carries; none starts with the disco
 //! magic):
@@ -47,6 +49,13 @@ pub const HANDSHAKE_RETRY: Duration = Duration::from_secs(5);
 pub const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(90);
 /// After a new session takes over, the old one still decrypts for this long.
 pub const PREVIOUS_KEEP: Duration = Duration::from_secs(180);
+/// A session this old opens nothing and is dropped (WireGuard's REJECT_AFTER_TIME): keys of an
+/// idle session do not linger, so a later compromise cannot decrypt traffic recorded under
+/// them. (snow does not zeroize its key bytes on drop; they are freed.)
+pub const REJECT_AFTER_TIME: Duration = Duration::from_secs(180);
+/// A session this old is no longer used to send: data waits for a new handshake instead (a
+/// margin before [`REJECT_AFTER_TIME`] for the peer's clock and packets in flight).
+pub const SEND_LIMIT: Duration = Duration::from_secs(165);
 /// Packets queued per peer while a handshake is in flight.
 pub const QUEUE_LIMIT: usize = 1024;
 /// Most bytes of plaintext per packet.
@@ -347,7 +356,7 @@ impl Sessions {
         let p = self.peers.entry(*peer).or_default();
         let mut out = Vec::new();
         match p.current.as_mut() {
-            Some(s) if s.send_counter < REJECT_AFTER_MESSAGES => {
+            Some(s) if s.send_counter < REJECT_AFTER_MESSAGES && s.created + SEND_LIMIT > now => {
                 out.push(seal_data(s, plaintext));
                 let rekey = s.created + REKEY_AFTER <= now && p.pending.is_none();
                 if rekey {
@@ -377,9 +386,17 @@ impl Sessions {
         let mut dead_indexes = Vec::new();
         for (key, p) in self.peers.iter_mut() {
             if let Some((old, since)) = &p.previous {
-                if *since + PREVIOUS_KEEP <= now {
+                if *since + PREVIOUS_KEEP <= now || old.created + REJECT_AFTER_TIME <= now {
                     dead_indexes.push(old.local_index);
                     p.previous = None;
+                }
+            }
+            if p.current
+                .as_ref()
+                .is_some_and(|c| c.created + REJECT_AFTER_TIME <= now)
+            {
+                if let Some(c) = p.current.take() {
+                    dead_indexes.push(c.local_index);
                 }
             }
             let Some(pd) = &p.pending else { continue };
@@ -540,7 +557,7 @@ impl Sessions {
         p.queue.drain(..).map(|pt| seal_data(s, &pt)).collect()
     }
 
-    fn on_data(&mut self, src: &PublicKey, pkt: &[u8], _now: Instant) -> Result<Opened, E2eError> {
+    fn on_data(&mut self, src: &PublicKey, pkt: &[u8], now: Instant) -> Result<Opened, E2eError> {
         if pkt.len() < HEADER_DATA + 16 {
             return Err(E2eError::Malformed("short data packet"));
         }
@@ -553,6 +570,9 @@ impl Sessions {
             (_, Some((o, _))) if o.local_index == local_index => o,
             _ => return Err(E2eError::UnknownSession(local_index)),
         };
+        if s.created + REJECT_AFTER_TIME <= now {
+            return Err(E2eError::UnknownSession(local_index));
+        }
         if counter >= REJECT_AFTER_MESSAGES || !s.replay.check(counter) {
             return Err(E2eError::Replay(counter));
         }
@@ -807,6 +827,29 @@ mod tests {
             p.b.open(&p.ka, &old, p.now),
             Err(E2eError::UnknownSession(_))
         ));
+    }
+
+    #[test]
+    fn idle_sessions_expire_and_the_next_packet_waits_for_a_new_handshake() {
+        let mut p = established();
+        let early = p.a.seal(&p.kb, b"early", p.now).unwrap().remove(0);
+        // Idle past the send limit: a's next packet is queued behind a new initiation.
+        p.now += SEND_LIMIT;
+        let out = p.a.seal(&p.kb, b"after idle", p.now).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0][0], T_INIT, "no data on a session past SEND_LIMIT");
+        // Past REJECT_AFTER_TIME, poll drops b's session: the early packet opens no more.
+        p.now += REJECT_AFTER_TIME - SEND_LIMIT;
+        p.b.poll(p.now);
+        assert!(!p.b.has_session(&p.ka));
+        assert!(matches!(
+            p.b.open(&p.ka, &early, p.now),
+            Err(E2eError::UnknownSession(_))
+        ));
+        // The handshake completes and delivers the queued packet, once.
+        let (_, got_b) = pump(&mut p, out);
+        assert_eq!(got_b, vec![b"after idle".to_vec()]);
+        assert!(p.a.has_session(&p.kb) && p.b.has_session(&p.ka));
     }
 
     #[test]
