@@ -865,7 +865,8 @@ struct Actor {
     /// Packets waiting to go via the relay — unacknowledged direct packets (`true`) and
     /// packets flushed after a handshake — paced
     /// ([`RESEND_BURST`] per [`RESEND_GAP`]): a burst would overflow the relay's per-client
-    /// queue (32 packets in ferry and derper) and be dropped there.
+    /// queue (32 packets in derper; in ferry 32 or 128 KiB, whichever holds more) and be
+    /// dropped there.
     resend: HashMap<PublicKey, VecDeque<(Bytes, bool)>>,
     next_resend: Option<tokio::time::Instant>,
     /// Birthday sockets by id ([`Datagram::via`]) with their reader tasks.

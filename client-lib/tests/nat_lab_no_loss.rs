@@ -289,7 +289,8 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
     } = start_tunnels(lab, &i.to_string())?;
     let logs = |why: String| {
         format!(
-            "{why}\n--- tunnel A's log (tail):\n{}\n--- tunnel B's log (tail):\n{}",
+            "{why}{}\n--- tunnel A's log (tail):\n{}\n--- tunnel B's log (tail):\n{}",
+            natlab::keep_logs(&[&alog, &blog, &lab.relay_log()]),
             tail(&alog, 40),
             tail(&blog, 40)
         )
@@ -444,6 +445,9 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
         rcvbuf_errors(&h1) - rcvbuf_before[0],
         rcvbuf_errors(&h2) - rcvbuf_before[1],
     ];
+    // Read after the transfer only: the test's own request must not change the relay's timing
+    // during it.
+    let relay_drops = lab.relay_drops();
     watch.poll(&mut a, N);
     let summaries = [stop(&mut a), stop(&mut b)];
     println!("trial {i}: tunnel A: {}", summaries[0]);
@@ -463,7 +467,8 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
             "{} of {N} packets missing (e.g. {:?}), {} received more than once (e.g. \
              (number, times) {:?}), {} foreign or mangled datagrams (e.g. {:?}); window \
              stalls (at packet, written off): {stalls:?}; socket buffer overflows (RcvbufErrors \
-             in home 1, home 2): {rcvbuf:?}; path changes: {:?}; summaries: {summaries:?}",
+             in home 1, home 2): {rcvbuf:?}; the relay's drop counters (since the lab \
+             started): {relay_drops:?}; path changes: {:?}; summaries: {summaries:?}",
             missing.len(),
             &missing[..missing.len().min(10)],
             dups.len(),

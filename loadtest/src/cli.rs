@@ -207,8 +207,9 @@ pub struct DerpArgs {
 
     /// Closed loop (capacity): each sender keeps at most N packets in flight to its receiver
     /// (sent but not yet read by it) and sends the next as soon as one arrives. `--window`
-    /// alone means 16: at most the 32-packet receive queue of ferry and derper, so in pairs a
-    /// relay never has to drop, yet 8 pairs x 16 keep enough in flight to saturate a relay.
+    /// alone means 16: at most the 32-packet receive queue of derper (ferry's holds at least
+    /// 32), so in pairs a relay never has to drop, yet 8 pairs x 16 keep enough in flight to
+    /// saturate a relay.
     /// In fan-in keep senders x N at most the relay's queue depth.
     #[arg(
         long,

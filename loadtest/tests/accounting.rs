@@ -8,9 +8,11 @@ use ferry_loadtest::Report;
 use ferry_relay::server::Limits;
 
 fn tiny_queues() -> Limits {
-    // Depth 2: a fan-in flood overflows the receiver's queue, so drops happen and are counted.
+    // Depth 2 and no byte budget: a fan-in flood overflows the receiver's queue, so drops
+    // happen and are counted.
     Limits {
         queue_depth: 2,
+        queue_bytes: 0,
         ..Limits::default()
     }
 }

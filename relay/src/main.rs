@@ -441,6 +441,7 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
         write_timeout: l.write_timeout.unwrap_or(d.write_timeout),
         keepalive_interval: l.keepalive_interval.unwrap_or(d.keepalive_interval),
         queue_depth: l.queue_depth.unwrap_or(d.queue_depth),
+        queue_bytes: l.queue_bytes.unwrap_or(d.queue_bytes),
         shutdown_timeout: cli
             .shutdown_timeout
             .or(l.shutdown_timeout)

@@ -624,3 +624,60 @@ async fn same_key_file_same_server_key_and_cert_after_restart() {
     assert_eq!(two.public_key(), k1);
     assert_eq!(two.cert_der(), c1);
 }
+
+/// One sender's burst of small packets, which the relay reads in few reads, reaches an idle
+/// receiver whole: the receiver's queue keeps up to `queue_bytes` (128 KiB), not just 32
+/// packets. With derper's count-only rule (`queue_bytes = 0`) the same burst loses packets at
+/// the queue — this runtime has one thread, so the receiver's writer runs only between the
+/// sender's reads (8 KiB, ~59 of these packets each); the lab saw the same when a writer
+/// missed ~1 ms of CPU.
+#[tokio::test]
+async fn a_burst_of_small_packets_in_one_read_reaches_an_idle_receiver_whole() {
+    const N: u32 = 200;
+    for (budget, loses) in [(test_limits().queue_bytes, false), (0, true)] {
+        let relay = relay_plain(ferry_relay::server::Limits {
+            queue_bytes: budget,
+            ..test_limits()
+        })
+        .await;
+        let m = relay.server.metrics();
+        let mut rx = RawClient::connect(&relay).await;
+        let mut tx = RawClient::connect(&relay).await;
+        let mut burst = Vec::new();
+        for i in 0..N {
+            let mut packet = vec![0u8; 100];
+            packet[..4].copy_from_slice(&i.to_be_bytes());
+            proto::put_frame(&mut burst, ft::SEND_PACKET, &[rx.key().as_bytes(), &packet]);
+        }
+        tx.io.write_all(&burst).await.unwrap();
+        tx.io.flush().await.unwrap();
+        // The relay has read the whole burst (`forwarded` counts packets put in a queue,
+        // including those later dropped from it).
+        eventually("the burst read by the relay", || {
+            m.sample("ferry_relay_packets_forwarded_total", "") >= f64::from(N)
+        })
+        .await;
+        let dropped = m.sample("ferry_relay_packets_dropped_total", "reason=\"queue_head\"");
+        let mut last = None;
+        for _ in 0..(N - dropped as u32) {
+            let (src, p) = rx.recv().await;
+            assert_eq!(src, tx.key());
+            let i = u32::from_be_bytes(p[..4].try_into().unwrap());
+            assert!(
+                last.is_none_or(|l| i > l),
+                "out of order: {i} after {last:?}"
+            );
+            last = Some(i);
+        }
+        if loses {
+            assert!(
+                dropped > 0.0,
+                "with queue_bytes = 0 the burst was expected to overflow the 32-packet queue \
+                 (if tokio now runs a woken writer mid-read this check no longer shows anything)"
+            );
+        } else {
+            assert_eq!(dropped, 0.0, "queue_bytes {budget}: the burst lost packets");
+            assert_eq!(last, Some(N - 1));
+        }
+    }
+}

@@ -34,6 +34,8 @@ const PREFIX: &str = "ferrylab-";
 pub const RELAY_IP: &str = "203.0.113.1";
 pub const RELAY_PORT: u16 = 3340;
 pub const STUN_PORT: u16 = 3478;
+/// The relay's Prometheus endpoint (in the `pub` namespace; read with [`Lab::relay_drops`]).
+pub const METRICS_PORT: u16 = 9090;
 /// A second STUN port on the relay, listed as a STUNOnly node of the region: with two STUN
 /// servers netcheck can tell a hard NAT (a different mapping per destination) from an easy one,
 /// which birthday probing needs.
@@ -363,17 +365,23 @@ impl Lab {
         let relay = relay_bin();
         let listen = format!("{RELAY_IP}:{RELAY_PORT}");
         let stun = format!("{RELAY_IP}:{STUN_PORT},{RELAY_IP}:{STUN_PORT2}");
+        let metrics = format!("{RELAY_IP}:{METRICS_PORT}");
+        // Its log (stderr) goes to `relay.log` in the lab's directory ([`Lab::relay_log`]).
+        let script = format!("exec \"$0\" \"$@\" 2>>'{}'", self.relay_log().display());
         let mut proc = self.spawn(
             "pub",
-            relay.to_str().expect("utf-8 path"),
+            "sh",
             &[
+                "-c",
+                &script,
+                relay.to_str().expect("utf-8 path"),
                 "--dev",
                 "--listen",
                 &listen,
                 "--stun-listen",
                 &stun,
                 "--metrics-listen",
-                "off",
+                &metrics,
             ],
         );
         if proc.wait_for("ready", Duration::from_secs(10)).is_none() {
@@ -381,6 +389,11 @@ impl Lab {
         }
         self.relay = Some(proc);
         Ok(())
+    }
+
+    /// The relay's log file (all its runs, appended).
+    pub fn relay_log(&self) -> PathBuf {
+        self.dir.path().join("relay.log")
     }
 
     /// Stops the relay: `graceful` sends SIGTERM (the relay tells its clients it is
@@ -529,6 +542,87 @@ impl Lab {
         all.extend_from_slice(args);
         self.spawn(&format!("h{home}"), "sh", &all)
     }
+}
+
+impl Lab {
+    /// The relay's packet-drop counters (`ferry_relay_packets_dropped_total` lines with a
+    /// non-zero value, e.g. `{reason="queue_head",kind="data"} 27`), read from its metrics
+    /// endpoint inside the lab: where a packet the relay was given went missing.
+    pub fn relay_drops(&self) -> Result<Vec<String>, String> {
+        let body = tcp_get_in(
+            &self.ns("pub"),
+            &format!("{RELAY_IP}:{METRICS_PORT}"),
+            "/metrics",
+        )?;
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with("ferry_relay_packets_dropped_total"))
+            .filter(|l| !l.ends_with(" 0"))
+            .map(|l| {
+                l.trim_start_matches("ferry_relay_packets_dropped_total")
+                    .to_string()
+            })
+            .collect())
+    }
+}
+
+/// `GET path` over plain HTTP/1.0 to `addr` from inside namespace `ns`; the response body.
+pub fn tcp_get_in(ns: &str, addr: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let nspath = format!("/var/run/netns/{ns}");
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let mut stream = std::thread::spawn(move || {
+        let f = std::fs::File::open(&nspath).map_err(|e| format!("{nspath}: {e}"))?;
+        // SAFETY: a valid namespace fd; setns changes only this (short-lived) thread.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "setns({nspath}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect {addr} in {nspath}: {e}"))
+    })
+    .join()
+    .expect("the setns thread panicked")?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+        .map_err(|e| format!("GET {path} from {addr}: {e}"))?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .map_err(|e| format!("GET {path} from {addr}: {e}"))?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
+            Ok(body.to_string())
+        }
+        _ => Err(format!("GET {path} from {addr}: {:?}", text.lines().next())),
+    }
+}
+
+/// With `NATLAB_KEEP_LOGS=DIR` set, copies `logs` into DIR (the lab's own directory is deleted
+/// with it) and says where, for a failure message; otherwise says how to keep them.
+pub fn keep_logs(logs: &[&Path]) -> String {
+    let Some(dir) = std::env::var_os("NATLAB_KEEP_LOGS").map(PathBuf::from) else {
+        return "\n(set NATLAB_KEEP_LOGS=DIR to keep the whole logs)".into();
+    };
+    let _ = std::fs::create_dir_all(&dir);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut kept = Vec::new();
+    for log in logs {
+        let name = log.file_name().and_then(|n| n.to_str()).unwrap_or("log");
+        let to = dir.join(format!("{stamp}-{name}"));
+        match std::fs::copy(log, &to) {
+            Ok(_) => kept.push(to.display().to_string()),
+            Err(e) => kept.push(format!("{} (not copied: {e})", log.display())),
+        }
+    }
+    format!("\nwhole logs kept: {}", kept.join(", "))
 }
 
 /// The last `n` lines of a log file.

@@ -225,6 +225,7 @@ handshake_timeout = {{ .handshakeTimeout | toJson }}
 write_timeout = {{ .writeTimeout | toJson }}
 keepalive_interval = {{ .keepaliveInterval | toJson }}
 queue_depth = {{ int .queueDepth }}
+queue_bytes = {{ int .queueBytes }}
 shutdown_timeout = {{ .shutdownTimeout | toJson }}
 client_rate_limit = {{ int64 .clientRateLimit }}
 client_rate_burst = {{ int64 .clientRateBurst }}

@@ -267,7 +267,7 @@ where
         key,
         shared.registry.next_conn_id(),
         remote,
-        limits.queue_depth,
+        (limits.queue_depth, limits.queue_bytes),
         cancel.clone(),
         extended_frames,
     ));

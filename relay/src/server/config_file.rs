@@ -115,8 +115,10 @@ pub struct LimitsSection {
     /// KeepAlive interval.
     #[serde(default, with = "humantime_serde")]
     pub keepalive_interval: Option<Duration>,
-    /// Packets queued per receiver and queue.
+    /// Packets queued per receiver and queue ...
     pub queue_depth: Option<usize>,
+    /// ... and bytes (dropped only when over both).
+    pub queue_bytes: Option<usize>,
     /// Graceful shutdown bound.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,

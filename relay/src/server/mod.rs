@@ -56,8 +56,11 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// ... plus a random jitter up to this (derper: 5 s).
     pub keepalive_jitter: Duration,
-    /// Packets queued per receiver, per queue (disco and data; derper: 32).
+    /// Packets queued per receiver, per queue (disco and data; derper: 32) ...
     pub queue_depth: usize,
+    /// ... and bytes: the oldest packet is dropped only when a queue is over both (payload +
+    /// 64 per packet; 0: over `queue_depth` alone, derper's rule).
+    pub queue_bytes: usize,
     /// How long [`Server::shutdown`] waits for connections to drain before closing them.
     pub shutdown_timeout: Duration,
     /// Restarting frame: clients reconnect after a random delay up to this (spreads the herd) ...
@@ -89,6 +92,7 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(60),
             keepalive_jitter: Duration::from_secs(5),
             queue_depth: 32,
+            queue_bytes: 128 << 10,
             shutdown_timeout: Duration::from_secs(10),
             restart_reconnect_spread: Duration::from_secs(5),
             restart_try_for: Duration::from_secs(60),

@@ -48,6 +48,19 @@ pub(crate) struct Queues {
     pub(crate) disco: VecDeque<QueuedPacket>,
     pub(crate) data: VecDeque<QueuedPacket>,
     pub(crate) control: VecDeque<Control>,
+    /// What `disco` and `data` hold, in [`queued_cost`] units (kept in the handle's queues
+    /// only; [`ClientHandle::take_queued`] zeroes them).
+    disco_bytes: usize,
+    data_bytes: usize,
+}
+
+/// Bookkeeping per queued packet, counted against the byte budget with its payload (so a
+/// flood of tiny packets cannot queue without bound).
+const QUEUED_OVERHEAD: usize = 64;
+
+/// What a queued packet of `len` bytes counts against the byte budget.
+fn queued_cost(len: usize) -> usize {
+    len + QUEUED_OVERHEAD
 }
 
 /// One authenticated DERP connection, as seen by everyone else.
@@ -57,7 +70,10 @@ pub(crate) struct ClientHandle {
     pub(crate) conn_id: u64,
     pub(crate) remote: SocketAddr,
     queues: Mutex<Queues>,
+    /// A queue sheds its oldest packet only when it holds more than `depth` packets *and*
+    /// more than `budget` bytes (see [`ClientHandle::enqueue_packet`]).
     depth: usize,
+    budget: usize,
     /// Wakes the writer task: a permit is stored if it is busy, so no wake-up is lost.
     pub(crate) notify: Notify,
     /// Set while another connection holds the same key (then the last sender is the receiver).
@@ -75,7 +91,7 @@ impl ClientHandle {
         key: PublicKey,
         conn_id: u64,
         remote: SocketAddr,
-        depth: usize,
+        (depth, budget): (usize, usize),
         cancel: CancellationToken,
         extended_frames: bool,
     ) -> Self {
@@ -85,6 +101,7 @@ impl ClientHandle {
             remote,
             queues: Mutex::new(Queues::default()),
             depth: depth.max(1),
+            budget,
             notify: Notify::new(),
             has_dup: AtomicBool::new(false),
             cancel,
@@ -104,8 +121,14 @@ impl ClientHandle {
         *self.close_reason.lock()
     }
 
-    /// Queues a packet for this client. Never blocks: when the queue is full the oldest packet is
-    /// dropped (counted as `queue_head`), as derper does.
+    /// Queues a packet for this client. Never blocks: when the queue is full the oldest packets
+    /// are dropped (counted as `queue_head`), as derper does. Full means more than `depth`
+    /// packets (derper: 32) *and* more than `budget` bytes: derper's count alone holds 32 × 64
+    /// KiB of large packets but only ~8 KiB of small ones, so one sender's burst of small
+    /// packets (a single 8 KiB read is ~30–80 of them) overflowed a receiver whose writer missed
+    /// a millisecond of CPU. The budget keeps such bursts; memory per queue stays at most
+    /// max(`depth` × the largest packet, `budget` + one packet), derper's bound for a budget
+    /// up to 2 MiB. Budget 0 is derper's rule exactly.
     pub(crate) fn enqueue_packet(
         &self,
         src: PublicKey,
@@ -114,18 +137,25 @@ impl ClientHandle {
         m: &RelayMetrics,
     ) {
         let dropped = {
-            let mut q = self.queues.lock();
-            let q = if disco { &mut q.disco } else { &mut q.data };
-            let dropped = if q.len() >= self.depth {
-                q.pop_front().is_some()
+            let mut guard = self.queues.lock();
+            let qs = &mut *guard;
+            let (q, bytes) = if disco {
+                (&mut qs.disco, &mut qs.disco_bytes)
             } else {
-                false
+                (&mut qs.data, &mut qs.data_bytes)
             };
+            *bytes += queued_cost(data.len());
             q.push_back(QueuedPacket { src, data });
+            let mut dropped = 0u64;
+            while q.len() > self.depth && *bytes > self.budget {
+                let Some(old) = q.pop_front() else { break };
+                *bytes -= queued_cost(old.data.len());
+                dropped += 1;
+            }
             dropped
         };
-        if dropped {
-            m.drop(DropReason::QueueHead);
+        if dropped > 0 {
+            m.drop_n(DropReason::QueueHead, dropped);
         }
         self.notify.notify_one();
     }
@@ -153,6 +183,8 @@ impl ClientHandle {
         std::mem::swap(&mut q.disco, &mut into.disco);
         std::mem::swap(&mut q.data, &mut into.data);
         std::mem::swap(&mut q.control, &mut into.control);
+        // `into`'s queues were drained by the caller: the handle's are empty now.
+        (q.disco_bytes, q.data_bytes) = (0, 0);
     }
 }
 
@@ -366,7 +398,7 @@ mod tests {
             PublicKey([k; 32]),
             reg.next_conn_id(),
             "127.0.0.1:1".parse().unwrap(),
-            2,
+            (2, 0),
             CancellationToken::new(),
             false,
         ))
@@ -385,6 +417,52 @@ mod tests {
         let kept: Vec<u8> = q.data.iter().map(|p| p.data[0]).collect();
         assert_eq!(kept, vec![3, 4]);
         assert_eq!(m.drops_for(DropReason::QueueHead), 3);
+    }
+
+    #[test]
+    fn byte_budget_keeps_bursts_of_small_packets_and_still_bounds_large_ones() {
+        let m = RelayMetrics::detached();
+        let src = PublicKey([9; 32]);
+        let budget = 10 * queued_cost(100);
+        let c = ClientHandle::new(
+            PublicKey([1; 32]),
+            1,
+            "127.0.0.1:1".parse().unwrap(),
+            (4, budget),
+            CancellationToken::new(),
+            false,
+        );
+        let kept = |c: &ClientHandle| {
+            let mut q = Queues::default();
+            c.take_queued(&mut q);
+            q.data.iter().map(|p| p.data[0]).collect::<Vec<u8>>()
+        };
+        // Small packets: more than the depth of 4 are kept, up to the budget (10 of them).
+        for i in 0..12u8 {
+            c.enqueue_packet(src, Bytes::from(vec![i; 100]), false, &m);
+        }
+        assert_eq!(kept(&c), (2..12).collect::<Vec<u8>>());
+        assert_eq!(m.drops_for(DropReason::QueueHead), 2);
+        // The queue was emptied by the writer: the budget is whole again.
+        for i in 0..10u8 {
+            c.enqueue_packet(src, Bytes::from(vec![i; 100]), false, &m);
+        }
+        assert_eq!(kept(&c).len(), 10);
+        assert_eq!(m.drops_for(DropReason::QueueHead), 2);
+        // Large packets, each over the budget alone: the depth bounds them, as in derper.
+        for i in 0..6u8 {
+            c.enqueue_packet(src, Bytes::from(vec![i; 4 * budget]), false, &m);
+        }
+        assert_eq!(kept(&c), vec![2, 3, 4, 5]);
+        assert_eq!(m.drops_for(DropReason::QueueHead), 4);
+        // One large packet after a full budget of small ones pushes out small ones until the
+        // queue is within the depth (4: three small and the large one).
+        for i in 0..10u8 {
+            c.enqueue_packet(src, Bytes::from(vec![i; 100]), false, &m);
+        }
+        c.enqueue_packet(src, Bytes::from(vec![99; 4 * budget]), false, &m);
+        assert_eq!(kept(&c), vec![7, 8, 9, 99]);
+        assert_eq!(m.drops_for(DropReason::QueueHead), 11);
     }
 
     #[test]
