@@ -512,18 +512,35 @@ pub fn median(v: &mut [f64]) -> Option<f64> {
 /// can then be used from any thread. `setns` runs in a short-lived thread of its own, so the
 /// caller's thread stays in its namespace.
 pub fn udp_socket_in(ns: &str) -> std::net::UdpSocket {
-    use std::os::fd::AsRawFd;
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: a valid namespace fd; setns changes only this (short-lived) thread.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+    in_netns(ns, || {
         // With the same large buffers as ferry's own sockets (an application that expects
         // bursts would ask for them too).
         ferry_client::udp::bind_udp_std("127.0.0.1:0".parse().expect("literal"))
             .and_then(|s| s.set_nonblocking(false).map(|()| s))
-            .unwrap_or_else(|e| panic!("bind 127.0.0.1:0 in {path}: {e}"))
+            .map_err(|e| format!("bind 127.0.0.1:0: {e}"))
+    })
+    .and_then(|r| r)
+    .unwrap_or_else(|e| panic!("in namespace {ns}: {e}"))
+}
+
+/// Runs `f` in a short-lived thread that has joined network namespace `ns` (the caller's
+/// thread stays in its own). Sockets made there keep the namespace.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: a valid namespace fd; setns changes only this (short-lived) thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "setns({path}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(f())
     })
     .join()
     .expect("the setns thread panicked")
@@ -542,11 +559,9 @@ impl Lab {
         all.extend_from_slice(args);
         self.spawn(&format!("h{home}"), "sh", &all)
     }
-}
 
-impl Lab {
     /// The relay's packet-drop counters (`ferry_relay_packets_dropped_total` lines with a
-    /// non-zero value, e.g. `{reason="queue_head",kind="data"} 27`), read from its metrics
+    /// non-zero value, e.g. `{reason="queue_head"} 27`), read from its metrics
     /// endpoint inside the lab: where a packet the relay was given went missing.
     pub fn relay_drops(&self) -> Result<Vec<String>, String> {
         let body = tcp_get_in(
@@ -569,23 +584,11 @@ impl Lab {
 /// `GET path` over plain HTTP/1.0 to `addr` from inside namespace `ns`; the response body.
 pub fn tcp_get_in(ns: &str, addr: &str, path: &str) -> Result<String, String> {
     use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
-    let nspath = format!("/var/run/netns/{ns}");
     let addr: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
-    let mut stream = std::thread::spawn(move || {
-        let f = std::fs::File::open(&nspath).map_err(|e| format!("{nspath}: {e}"))?;
-        // SAFETY: a valid namespace fd; setns changes only this (short-lived) thread.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!(
-                "setns({nspath}): {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+    let mut stream = in_netns(ns, move || {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("connect {addr} in {nspath}: {e}"))
-    })
-    .join()
-    .expect("the setns thread panicked")?;
+            .map_err(|e| format!("connect {addr}: {e}"))
+    })??;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
