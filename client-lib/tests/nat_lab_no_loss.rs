@@ -57,7 +57,7 @@ fn datagram(i: u32) -> [u8; SIZE] {
 }
 
 /// The rule in router 1 that drops all forwarded UDP (the direct path; the relay is TCP).
-fn cut_rule(op: &str) -> [&str; 11] {
+fn cut_rule(op: &str) -> Vec<&str> {
     natlab::udp_cut_rule(op, CUT_TAG)
 }
 
@@ -600,28 +600,7 @@ fn natlab_large_datagrams_survive_a_path_that_loses_them() {
     const TAG: &str = "ferry-no-large";
     let lab = Lab::new(&[Nat::Easy, Nat::Easy]);
     let r1 = lab.ns("r1");
-    let frag = |op: &str| {
-        Lab::exec(
-            &r1,
-            &[
-                "iptables",
-                op,
-                "FORWARD",
-                "-p",
-                "udp",
-                "-m",
-                "length",
-                "--length",
-                "1400:65535",
-                "-m",
-                "comment",
-                "--comment",
-                TAG,
-                "-j",
-                "DROP",
-            ],
-        )
-    };
+    let frag = |op: &str| Lab::exec(&r1, &natlab::udp_drop_rule(op, TAG, Some("1400:65535")));
     frag("-I").expect("fragment rule");
     let Tunnels {
         mut a,

@@ -42,7 +42,7 @@ fn relay_connections(lab: &Lab) -> usize {
 }
 
 /// The rule in router 1 that drops all forwarded UDP (the direct path; the relay is TCP).
-fn cut_rule(op: &str) -> [&str; 11] {
+fn cut_rule(op: &str) -> Vec<&str> {
     natlab::udp_cut_rule(op, CUT_TAG)
 }
 

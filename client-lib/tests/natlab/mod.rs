@@ -638,20 +638,19 @@ pub fn tail(path: &Path, n: usize) -> String {
 /// The iptables command (`op`: `-I` or `-D`) for a rule in a router's FORWARD chain that drops
 /// all forwarded UDP — the direct path; the relay is TCP — tagged with the comment `tag` so
 /// that exactly it can be deleted.
-pub fn udp_cut_rule<'a>(op: &'a str, tag: &'a str) -> [&'a str; 11] {
-    [
-        "iptables",
-        op,
-        "FORWARD",
-        "-p",
-        "udp",
-        "-m",
-        "comment",
-        "--comment",
-        tag,
-        "-j",
-        "DROP",
-    ]
+pub fn udp_cut_rule<'a>(op: &'a str, tag: &'a str) -> Vec<&'a str> {
+    udp_drop_rule(op, tag, None)
+}
+
+/// [`udp_cut_rule`], or with `lengths` (e.g. `"1400:65535"`, IP datagram bytes) only the
+/// forwarded UDP datagrams of those sizes.
+pub fn udp_drop_rule<'a>(op: &'a str, tag: &'a str, lengths: Option<&'a str>) -> Vec<&'a str> {
+    let mut rule = vec!["iptables", op, "FORWARD", "-p", "udp"];
+    if let Some(l) = lengths {
+        rule.extend(["-m", "length", "--length", l]);
+    }
+    rule.extend(["-m", "comment", "--comment", tag, "-j", "DROP"]);
+    rule
 }
 
 /// `NATLAB_TRIALS` (trials per case), or `default`.
