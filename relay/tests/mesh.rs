@@ -61,7 +61,19 @@ async fn meshed_relay_dns(
     peers: Vec<String>,
     dns: Option<MeshDns>,
 ) -> Relay {
+    meshed_relay_full(rc, port, peers, dns, SecretKey::generate()).await
+}
+
+/// A meshed relay with a given server key (a restart keeps its key).
+async fn meshed_relay_full(
+    rc: &RegionCert,
+    port: u16,
+    peers: Vec<String>,
+    dns: Option<MeshDns>,
+    server_key: SecretKey,
+) -> Relay {
     let cfg = Config {
+        server_key,
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
         tls: Some(TlsConfig::Manual {
             cert_path: rc.cert(),
@@ -353,4 +365,54 @@ async fn ferry_and_tailscale_derper_in_one_mesh_exchange_packets() {
             .sample("ferry_relay_packets_forwarded_total", "")
             >= 1.0
     );
+}
+
+/// A relay that restarts learns every client of its peer, however many: the snapshot a watcher
+/// gets when it subscribes is whole (it was cut at 64 entries once), and a client on the
+/// restarted relay reaches each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_relay_learns_all_2000_clients_of_its_peer() {
+    const N: usize = 2000;
+    let rc = RegionCert::new();
+    let (pa, pb) = (free_port(), free_port());
+    let all = vec![format!("localhost:{pa}"), format!("localhost:{pb}")];
+    let a = meshed_relay(&rc, pa, all.clone()).await;
+    let b_key = SecretKey::generate();
+    let b = meshed_relay_full(&rc, pb, all.clone(), None, b_key.clone()).await;
+    // N clients on A, connected in parallel batches.
+    let mut clients: Vec<RawClient> = Vec::with_capacity(N);
+    while clients.len() < N {
+        let batch = (N - clients.len()).min(100);
+        let more =
+            futures_util::future::join_all((0..batch).map(|_| RawClient::connect(&a))).await;
+        clients.extend(more);
+    }
+    eventually("b learns every client of a", || b.server.mesh_remote_keys() == N).await;
+
+    // B restarts, as in a rolling upgrade: same port, same key, a fresh process state.
+    b.server.shutdown().await;
+    let b = meshed_relay_full(&rc, pb, all.clone(), None, b_key).await;
+    let deadline = tokio::time::Instant::now() + T;
+    while b.server.mesh_remote_keys() < N && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        b.server.mesh_remote_keys(),
+        N,
+        "the restarted relay learned only part of its peer's clients"
+    );
+    assert_eq!(
+        b.server.metrics().sample("ferry_relay_mesh_remote_keys", ""),
+        N as f64
+    );
+    // A client on B reaches every one of them, with its own key as the source.
+    let mut on_b = RawClient::connect(&b).await;
+    let me = on_b.key();
+    for c in &clients {
+        on_b.send(c.key(), b"hello from b").await;
+    }
+    for c in &mut clients {
+        assert_eq!(recv_packet(c).await, (me, b"hello from b".to_vec()));
+    }
+    drop(a);
 }

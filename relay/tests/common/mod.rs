@@ -136,6 +136,7 @@ pub async fn upgrade(relay: &Relay) -> BoxIo {
         relay.addr().port()
     );
     io.write_all(req.as_bytes()).await.unwrap();
+    io.flush().await.unwrap();
     let head = read_head(&mut io).await;
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
     assert!(
