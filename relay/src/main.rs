@@ -442,6 +442,8 @@ fn build_config(cli: &Cli, file: &FileConfig) -> Result<(Config, Option<String>)
         keepalive_interval: l.keepalive_interval.unwrap_or(d.keepalive_interval),
         queue_depth: l.queue_depth.unwrap_or(d.queue_depth),
         queue_bytes: l.queue_bytes.unwrap_or(d.queue_bytes),
+        mesh_queue_bytes: l.mesh_queue_bytes.unwrap_or(d.mesh_queue_bytes),
+        watcher_backlog: l.watcher_backlog.unwrap_or(d.watcher_backlog),
         shutdown_timeout: cli
             .shutdown_timeout
             .or(l.shutdown_timeout)

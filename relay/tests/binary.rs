@@ -633,3 +633,139 @@ fn sigterm_right_after_ready_exits_cleanly() {
         assert!(status.success(), "{status:?}");
     }
 }
+
+/// A kept-alive HTTP connection that sends `path` every `every` (or once, then idles) until
+/// the server ends it. Returns after the first response; the thread ends with the connection.
+fn keep_alive_client(
+    addr: SocketAddr,
+    path: &'static str,
+    every: Option<Duration>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            if write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").is_err() {
+                return;
+            }
+            // One response: head, then the body by Content-Length.
+            let mut got = Vec::new();
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+                let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(());
+            match every {
+                Some(d) => std::thread::sleep(d),
+                None => {
+                    let _ = s.read(&mut buf);
+                    return;
+                }
+            }
+        }
+    });
+    rx.recv_timeout(T).expect("first response");
+    h
+}
+
+/// SIGTERM ends the process within `shutdown_timeout` + 1 s whatever is connected: idle
+/// keep-alive connections and scrapers on port 80 and on the metrics port are closed at once
+/// (they once held the process 30 s and indefinitely), and DERP clients that neither read nor
+/// leave, or a slowloris, are cut at the deadline.
+#[test]
+fn sigterm_exits_in_time_whatever_is_connected() {
+    use std::io::Write;
+    let shutdown = Duration::from_secs(4);
+    let run = |case: &str, hold: &dyn Fn(&Proc, SocketAddr) -> Box<dyn FnOnce()>| {
+        let http = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+        let http_s = http.to_string();
+        let mut p = start(&[
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            &http_s,
+            "--shutdown-timeout",
+            "4s",
+        ]);
+        let release = hold(&p, http);
+        let t0 = Instant::now();
+        signal(&p.child, libc::SIGTERM);
+        let status = wait_exit(&mut p.child, shutdown + Duration::from_secs(10));
+        let took = t0.elapsed();
+        eprintln!("{case}: exited {status:?} in {took:?}");
+        assert!(status.success(), "{case}: {status:?}");
+        release();
+        took
+    };
+    // HTTP keep-alive alone: closed at the signal, so the exit does not wait for the deadline.
+    for (case, port80, every) in [
+        ("idle keep-alive on port 80", true, None),
+        ("scraper on port 80", true, Some(Duration::from_millis(300))),
+        ("idle keep-alive on metrics", false, None),
+        (
+            "scraper on metrics",
+            false,
+            Some(Duration::from_millis(300)),
+        ),
+    ] {
+        let took = run(case, &|p, http| {
+            let (addr, path) = if port80 {
+                (http, "/generate_204")
+            } else {
+                (p.metrics.unwrap(), "/metrics")
+            };
+            let h = keep_alive_client(addr, path, every);
+            Box::new(move || h.join().unwrap())
+        });
+        assert!(
+            took < shutdown,
+            "{case}: took {took:?}, not closed at the signal"
+        );
+    }
+    // DERP clients that neither read nor leave, and a slowloris: cut at the deadline.
+    let took = run("stuck DERP clients and a slowloris", &|p, _| {
+        let mut held: Vec<std::net::TcpStream> = Vec::new();
+        let derp = SocketAddr::from(([127, 0, 0, 1], p.derp_port));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for _ in 0..3 {
+            let io = rt.block_on(tokio::net::TcpStream::connect(derp)).unwrap();
+            let std_io = io.into_std().unwrap();
+            std_io.set_nonblocking(false).unwrap();
+            let mut s = std_io;
+            s.write_all(
+                b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
+            )
+            .unwrap();
+            held.push(s);
+        }
+        let mut slow = std::net::TcpStream::connect(derp).unwrap();
+        slow.write_all(b"GET /de").unwrap();
+        held.push(slow);
+        Box::new(move || drop(held))
+    });
+    assert!(
+        took < shutdown + ferry_relay::server::SHUTDOWN_MARGIN + Duration::from_millis(500),
+        "took {took:?}"
+    );
+}

@@ -580,11 +580,8 @@ async fn shutdown_sends_restarting_only_to_clients_that_understand_it_and_drains
     assert_eq!(plain.recv().await.1, b"last words");
     let started = std::time::Instant::now();
     let Relay { server, .. } = relay;
-    let hard = tokio::time::timeout(T, server.shutdown())
-        .await
-        .expect("shutdown within its bound");
-    assert_eq!(hard, 0, "everything drained");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    let m = server.metrics().clone();
+    let shutdown = tokio::spawn(server.shutdown());
     match go_like.next().await {
         Some(ServerFrame::Restarting {
             reconnect_in_ms,
@@ -599,6 +596,30 @@ async fn shutdown_sends_restarting_only_to_clients_that_understand_it_and_drains
     // ts_derp and the other raw client get a clean close, no Restarting (ts_derp would error).
     assert_eq!(plain.next().await, None);
     assert!(ts.client.recv_one().await.is_err());
+    // Each client leaves once it has seen the end; the relay then stops, nothing cut hard.
+    let to = go_like.key();
+    drop((ts, go_like));
+    eventually("two clients left", || {
+        m.sample("ferry_relay_connections", "") == 1.0
+    })
+    .await;
+    // The relay still reads what a client sends after the end of its stream (a client that
+    // has not seen it yet): this packet is counted, not lost in a reset.
+    plain.send(to, b"too late").await;
+    eventually("a packet sent into the drain is counted", || {
+        m.sample(
+            "ferry_relay_packets_dropped_total",
+            "reason=\"unknown_dest\"",
+        ) == 1.0
+    })
+    .await;
+    drop(plain);
+    let hard = tokio::time::timeout(T, shutdown)
+        .await
+        .expect("shutdown within its bound")
+        .unwrap();
+    assert_eq!(hard, 0, "everything drained");
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 #[tokio::test]

@@ -383,11 +383,13 @@ async fn a_restarted_relay_learns_all_2000_clients_of_its_peer() {
     let mut clients: Vec<RawClient> = Vec::with_capacity(N);
     while clients.len() < N {
         let batch = (N - clients.len()).min(100);
-        let more =
-            futures_util::future::join_all((0..batch).map(|_| RawClient::connect(&a))).await;
+        let more = futures_util::future::join_all((0..batch).map(|_| RawClient::connect(&a))).await;
         clients.extend(more);
     }
-    eventually("b learns every client of a", || b.server.mesh_remote_keys() == N).await;
+    eventually("b learns every client of a", || {
+        b.server.mesh_remote_keys() == N
+    })
+    .await;
 
     // B restarts, as in a rolling upgrade: same port, same key, a fresh process state.
     b.server.shutdown().await;
@@ -402,7 +404,9 @@ async fn a_restarted_relay_learns_all_2000_clients_of_its_peer() {
         "the restarted relay learned only part of its peer's clients"
     );
     assert_eq!(
-        b.server.metrics().sample("ferry_relay_mesh_remote_keys", ""),
+        b.server
+            .metrics()
+            .sample("ferry_relay_mesh_remote_keys", ""),
         N as f64
     );
     // A client on B reaches every one of them, with its own key as the source.

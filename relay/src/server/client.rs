@@ -12,7 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, trace};
 
 use super::metrics::{CloseReason, DropReason, HandshakeFailure};
-use super::registry::{ClientHandle, Control, Queues};
+use super::queue::QueueLimits;
+use super::registry::{ClientHandle, Control, Presence, Queues};
 use super::{ratelimit, Shared};
 use crate::proto::{
     self, frame_type as ft, ClientFrame, FrameDecoder, PeerGoneReason, ProtoError, PublicKey,
@@ -267,9 +268,9 @@ where
         key,
         shared.registry.next_conn_id(),
         remote,
-        (limits.queue_depth, limits.queue_bytes),
+        QueueLimits::receiver(limits.queue_depth, limits.queue_bytes),
         cancel.clone(),
-        extended_frames,
+        (extended_frames, is_mesh),
     ));
     shared.registry.register(Arc::clone(&me));
     m.connections.increment(1.0);
@@ -451,8 +452,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
             biased;
             _ = me.cancel.cancelled() => break me.close_reason().unwrap_or(CloseReason::Shutdown),
             res = r.read_buf(&mut rbuf) => match res {
-                Ok(0) => break CloseReason::ClientClosed,
-                Err(_) => break CloseReason::ReadError,
+                // End of stream at a frame boundary is a client leaving, with or without a
+                // TLS close_notify (Go clients close TCP without one: rustls reports that as
+                // UnexpectedEof). Ending in the middle of a frame is a read error.
+                Ok(0) if rbuf.is_empty() => break CloseReason::ClientClosed,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && rbuf.is_empty() => {
+                    break CloseReason::ClientClosed
+                }
+                Ok(0) | Err(_) => break CloseReason::ReadError,
                 Ok(n) => {
                     read_chunk = if n >= room.min(READ_CHUNK) {
                         READ_CHUNK
@@ -481,8 +488,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
     (why, sent_to, home)
 }
 
-/// Drains this client's queues: control frames first, then disco, then data; one flush per
-/// batch. Returns a close reason if the writer ended the connection.
+/// Drains this client's queues: control frames first, then presence notes (watchers), disco,
+/// data; one flush per batch. Returns a close reason if the writer ended the connection.
+///
+/// At a graceful shutdown (`shared.drain`) it flushes what is queued, sends Restarting to
+/// clients that understand it, and half-closes: the client sees the end of the stream and
+/// leaves, while the reader goes on reading until it has (so every frame the client sent before
+/// it saw the end is still forwarded or counted, not lost in a reset).
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut w: W,
     me: Arc<ClientHandle>,
@@ -490,6 +502,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 ) -> Option<CloseReason> {
     let m = &shared.metrics;
     let limits = &shared.limits;
+    let write_timeout = me.write_timeout(limits.write_timeout);
     let mut q = Queues::default();
     let mut out: Vec<u8> = Vec::new();
     let keepalive = |now: tokio::time::Instant| {
@@ -504,11 +517,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             _ = me.cancel.cancelled() => return None,
-            _ = shared.drain.cancelled(), if !restarting => {
-                // Graceful shutdown: flush what is queued, tell clients that understand it to
-                // reconnect elsewhere/later, then close.
-                restarting = true;
-            }
+            _ = shared.drain.cancelled(), if !restarting => restarting = true,
             _ = me.notify.notified() => {}
             _ = &mut keepalive_timer => {
                 proto::put_frame(&mut out, ft::KEEP_ALIVE, &[]);
@@ -520,15 +529,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             match c {
                 Control::Pong(d) => proto::put_frame(&mut out, ft::PONG, &[&d]),
                 Control::PeerGone(k, r) => proto::put_peer_gone(&mut out, &k, r),
-                Control::PeerPresent { key, addr, flags } => {
-                    if me.extended_frames {
+            }
+        }
+        if me.extended_frames {
+            for p in q.presence.drain(..) {
+                match p {
+                    Presence::Present { key, addr, flags } => {
                         proto::put_peer_present(&mut out, &key, addr, flags)
+                    }
+                    Presence::Gone(key) => {
+                        proto::put_peer_gone(&mut out, &key, PeerGoneReason::Disconnected)
                     }
                 }
             }
+        } else {
+            q.presence.clear();
         }
         let batch_packets = (q.disco.len() + q.data.len()) as u64;
-        for p in q.disco.drain(..).chain(q.data.drain(..)) {
+        for p in q.disco.drain().chain(q.data.drain()) {
             out.reserve(proto::FRAME_HEADER_LEN + proto::KEY_LEN + p.data.len());
             proto::put_recv_packet(&mut out, &p.src, &p.data);
         }
@@ -538,7 +556,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             m.restarting_sent.increment(1);
         }
         if !out.is_empty() {
-            if let Err(why) = write_with_deadline(&mut w, &out, limits.write_timeout).await {
+            if let Err(why) = write_with_deadline(&mut w, &out, write_timeout).await {
                 // Every packet of the batch that did not go out is lost (a batch of control
                 // frames only loses no packet).
                 m.drop_n(DropReason::WriteError, batch_packets);
@@ -551,8 +569,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
         }
         if restarting {
-            let _ = tokio::time::timeout(limits.write_timeout, w.shutdown()).await;
-            me.close(CloseReason::Shutdown);
+            let _ = tokio::time::timeout(write_timeout, w.shutdown()).await;
             return Some(CloseReason::Shutdown);
         }
     }

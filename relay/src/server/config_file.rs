@@ -119,6 +119,10 @@ pub struct LimitsSection {
     pub queue_depth: Option<usize>,
     /// ... and bytes (dropped only when over both).
     pub queue_bytes: Option<usize>,
+    /// Bytes queued per mesh link (beyond 32 packets).
+    pub mesh_queue_bytes: Option<usize>,
+    /// Presence changes a mesh watcher may lag by (beyond one per client) before it is cut off.
+    pub watcher_backlog: Option<usize>,
     /// Graceful shutdown bound.
     #[serde(default, with = "humantime_serde")]
     pub shutdown_timeout: Option<Duration>,

@@ -212,9 +212,14 @@ async fn serve<S>(
         } else {
             shared.limits.http_idle_timeout
         };
-        let req = match tokio::time::timeout(limit, Box::pin(http::read_request(&mut io, &mut buf)))
-            .await
-        {
+        // A keep-alive connection waiting for its next request is closed at shutdown (a
+        // scraper's or prober's connection must not hold the process).
+        let idle = !first && buf.is_empty();
+        let read = tokio::time::timeout(limit, Box::pin(http::read_request(&mut io, &mut buf)));
+        let req = match tokio::select! {
+            _ = shared.drain.cancelled(), if idle => return,
+            r = read => r,
+        } {
             Err(_) => {
                 if first {
                     shared
@@ -295,7 +300,8 @@ async fn serve<S>(
             }
             Route::Respond(resp) => {
                 shared.metrics.http_requests.increment(1);
-                let keep = req.keep_alive() && !req.has_body();
+                // At shutdown the answer carries `Connection: close` and the connection ends.
+                let keep = req.keep_alive() && !req.has_body() && !shared.drain.is_cancelled();
                 let bytes = resp.encode(req.method == "HEAD", keep);
                 match tokio::time::timeout(shared.limits.write_timeout, io.write_all(&bytes)).await
                 {

@@ -11,7 +11,7 @@
 //! e.g. a Kubernetes headless Service, re-resolved periodically). A peer whose server key is our
 //! own is ourselves (a DNS list includes this relay) and is skipped, as derper does.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::metrics::DropReason;
+use super::queue::{Cost, DropOldest, QueueLimits, QUEUED_OVERHEAD};
 use super::Shared;
 use crate::proto::{self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, ServerFrame};
 
@@ -68,7 +69,8 @@ pub enum MeshTls {
     },
 }
 
-/// Forwarded packets waiting per link; beyond this the oldest is dropped (and counted).
+/// Forwarded packets waiting per link; beyond this (or beyond `mesh_queue_bytes`, once over 32)
+/// the oldest is dropped (and counted).
 const LINK_QUEUE: usize = 8192;
 /// No frame at all from a peer for this long (it sends KeepAlive every 60 s) ends the link.
 const READ_IDLE: Duration = Duration::from_secs(150);
@@ -76,10 +78,26 @@ const READ_IDLE: Duration = Duration::from_secs(150);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A packet on its way to a peer relay's client.
+#[derive(Debug)]
+struct Forwarded {
+    src: PublicKey,
+    dst: PublicKey,
+    data: Bytes,
+}
+
+impl Cost for Forwarded {
+    fn cost(&self) -> usize {
+        self.data.len() + QUEUED_OVERHEAD
+    }
+}
+
 #[derive(Debug, Default)]
 struct LinkQueue {
-    packets: VecDeque<(PublicKey, PublicKey, Bytes)>,
+    packets: DropOldest<Forwarded>,
     pongs: Vec<[u8; 8]>,
+    /// Set when the link ends: a packet forwarded after that is counted, not queued forever.
+    closed: bool,
 }
 
 /// One established link to a peer relay: the way packets for its clients go out.
@@ -87,33 +105,47 @@ struct LinkQueue {
 pub(crate) struct MeshLink {
     pub(crate) id: u64,
     queue: Mutex<LinkQueue>,
+    limits: QueueLimits,
     notify: Notify,
 }
 
 static NEXT_LINK_ID: AtomicU64 = AtomicU64::new(1);
 
 impl MeshLink {
-    fn new() -> Self {
+    fn new(max_bytes: usize) -> Self {
         MeshLink {
             id: NEXT_LINK_ID.fetch_add(1, Ordering::Relaxed),
             queue: Mutex::new(LinkQueue::default()),
+            limits: QueueLimits {
+                min_packets: 32,
+                max_packets: LINK_QUEUE,
+                max_bytes,
+            },
             notify: Notify::new(),
         }
     }
 
     /// Queues a packet from local `src` to `dst` on the peer. Never blocks; drops the oldest when
-    /// the queue is full.
-    pub(crate) fn forward(&self, src: PublicKey, dst: PublicKey, packet: Bytes, shared: &Shared) {
-        let dropped = {
+    /// the queue is over its limits, and counts a packet for a link that has just ended.
+    pub(crate) fn forward(&self, src: PublicKey, dst: PublicKey, data: Bytes, shared: &Shared) {
+        let (dropped, reason) = {
             let mut q = self.queue.lock();
-            let dropped = q.packets.len() >= LINK_QUEUE && q.packets.pop_front().is_some();
-            q.packets.push_back((src, dst, packet));
-            dropped
+            if q.closed {
+                (1, DropReason::UnknownDest)
+            } else {
+                let p = Forwarded { src, dst, data };
+                (q.packets.push(p, self.limits), DropReason::MeshQueue)
+            }
         };
-        if dropped {
-            shared.metrics.drop(DropReason::MeshQueue);
-        }
+        shared.metrics.drop_n(reason, dropped);
         self.notify.notify_one();
+    }
+
+    /// Ends the link for senders: returns how many packets were still queued (never sent).
+    fn close(&self) -> u64 {
+        let mut q = self.queue.lock();
+        q.closed = true;
+        q.packets.drain().count() as u64
     }
 
     fn pong(&self, data: [u8; 8]) {
@@ -293,9 +325,10 @@ async fn dns_loop(
 async fn peer_loop(target: Target, ctx: Arc<LinkCtx>, cancel: CancellationToken) {
     let m = &ctx.shared.metrics;
     let mut backoff = Duration::from_millis(500);
+    let mut was_up = false;
     loop {
         // run_link watches `cancel` itself, so its cleanup always runs.
-        let outcome = run_link(&target, &ctx, &cancel).await;
+        let outcome = run_link(&target, &ctx, &cancel, &mut was_up).await;
         let wait = match outcome {
             LinkEnd::SelfConnect => {
                 info!(peer = %target.dial, "mesh peer is this relay itself; skipping it");
@@ -494,16 +527,21 @@ impl Drop for Learned<'_> {
     fn drop(&mut self) {
         let m = &self.shared.metrics;
         for key in &self.keys {
-            self.shared.registry.remove_remote(key, self.link.id);
+            self.shared.registry.remove_remote(key, self.link.id, m);
         }
-        m.mesh_remote_keys.decrement(self.keys.len() as f64);
         m.mesh_links.decrement(1.0);
-        let dropped = std::mem::take(&mut self.link.queue.lock().packets).len();
-        m.drop_n(DropReason::MeshQueue, dropped as u64);
+        m.drop_n(DropReason::MeshQueue, self.link.close());
     }
 }
 
-async fn run_link(target: &Target, ctx: &Arc<LinkCtx>, cancel: &CancellationToken) -> LinkEnd {
+/// One link's life: connect, subscribe, learn and forward until it ends. `was_up` is set once a
+/// link to this peer has been up: every later link is a resync (a fresh snapshot).
+async fn run_link(
+    target: &Target,
+    ctx: &Arc<LinkCtx>,
+    cancel: &CancellationToken,
+    was_up: &mut bool,
+) -> LinkEnd {
     let shared = &ctx.shared;
     let (mut r, w, mut buf, mut dec, peer_key) = tokio::select! {
         _ = cancel.cancelled() => return LinkEnd::Cancelled,
@@ -514,9 +552,12 @@ async fn run_link(target: &Target, ctx: &Arc<LinkCtx>, cancel: &CancellationToke
     };
     let m = &shared.metrics;
     m.mesh_links.increment(1.0);
+    if std::mem::replace(was_up, true) {
+        m.mesh_resyncs.increment(1);
+    }
     let mut learned = Learned {
         shared,
-        link: Arc::new(MeshLink::new()),
+        link: Arc::new(MeshLink::new(shared.limits.mesh_queue_bytes)),
         keys: HashSet::new(),
     };
     let link = Arc::clone(&learned.link);
@@ -524,7 +565,12 @@ async fn run_link(target: &Target, ctx: &Arc<LinkCtx>, cancel: &CancellationToke
     info!(peer = %target.dial, peer_key = %peer_key.short(), "mesh link up");
     let link_cancel = cancel.child_token();
     let _stop_writer = link_cancel.clone().drop_guard();
-    tokio::spawn(link_writer(w, Arc::clone(&link), link_cancel.clone()));
+    tokio::spawn(link_writer(
+        w,
+        Arc::clone(&link),
+        link_cancel.clone(),
+        Arc::clone(&ctx.shared),
+    ));
     let end = loop {
         let f = tokio::select! {
             _ = link_cancel.cancelled() => break if cancel.is_cancelled() {
@@ -541,14 +587,12 @@ async fn run_link(target: &Target, ctx: &Arc<LinkCtx>, cancel: &CancellationToke
         match f {
             ServerFrame::PeerPresent { key, .. } => {
                 if key != shared.public && learned.keys.insert(key) {
-                    shared.registry.add_remote(key, Arc::clone(&link));
-                    m.mesh_remote_keys.increment(1.0);
+                    shared.registry.add_remote(key, Arc::clone(&link), m);
                 }
             }
             ServerFrame::PeerGone { key, .. } => {
                 if learned.keys.remove(&key) {
-                    shared.registry.remove_remote(&key, link.id);
-                    m.mesh_remote_keys.decrement(1.0);
+                    shared.registry.remove_remote(&key, link.id, m);
                 }
             }
             ServerFrame::Ping(d) => link.pong(d),
@@ -572,11 +616,13 @@ async fn run_link(target: &Target, ctx: &Arc<LinkCtx>, cancel: &CancellationToke
     end
 }
 
-/// Sends queued ForwardPackets (and pongs) to the peer, one flush per batch.
+/// Sends queued ForwardPackets (and pongs) to the peer, one flush per batch. A batch that cannot
+/// be written is counted as `write_error`.
 async fn link_writer<W: AsyncWrite + Unpin>(
     mut w: W,
     link: Arc<MeshLink>,
     cancel: CancellationToken,
+    shared: Arc<Shared>,
 ) {
     let mut batch = LinkQueue::default();
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
@@ -588,13 +634,15 @@ async fn link_writer<W: AsyncWrite + Unpin>(
         }
         {
             let mut q = link.queue.lock();
-            std::mem::swap(&mut *q, &mut batch);
+            q.packets.swap(&mut batch.packets);
+            std::mem::swap(&mut q.pongs, &mut batch.pongs);
         }
         for d in batch.pongs.drain(..) {
             proto::put_frame(&mut out, ft::PONG, &[&d]);
         }
-        for (src, dst, p) in batch.packets.drain(..) {
-            proto::put_forward_packet(&mut out, &src, &dst, &p);
+        let batch_packets = batch.packets.len() as u64;
+        for p in batch.packets.drain() {
+            proto::put_forward_packet(&mut out, &p.src, &p.dst, &p.data);
         }
         if out.is_empty() {
             continue;
@@ -605,6 +653,7 @@ async fn link_writer<W: AsyncWrite + Unpin>(
         })
         .await;
         if !matches!(res, Ok(Ok(()))) {
+            shared.metrics.drop_n(DropReason::WriteError, batch_packets);
             cancel.cancel();
             return;
         }

@@ -57,6 +57,7 @@ reasons!(CloseReason {
     WriteError => "write_error",
     ClosedByMesh => "closed_by_mesh",
     Shutdown => "shutdown",
+    WatcherOverflow => "watcher_overflow",
 });
 
 reasons!(AdmissionResult {
@@ -81,8 +82,8 @@ const NAME_DROPS: &str = "ferry_relay_packets_dropped_total";
 const NAME_ADMISSION: &str = "ferry_relay_admission_total";
 const NAME_RATE_DELAY: &str = "ferry_relay_rate_limit_delay_seconds";
 
-/// All of the relay's metric handles.
-#[derive(Debug)]
+/// All of the relay's metric handles (a clone shares them: it reads the same counters).
+#[derive(Debug, Clone)]
 pub struct RelayMetrics {
     handle: PrometheusHandle,
     pub(crate) connections: Gauge,
@@ -105,6 +106,8 @@ pub struct RelayMetrics {
     pub(crate) mesh_connect_failures: Counter,
     pub(crate) mesh_links: Gauge,
     pub(crate) mesh_remote_keys: Gauge,
+    pub(crate) mesh_resyncs: Counter,
+    pub(crate) watchers: Gauge,
     drops: Vec<Counter>,
     handshake_failures: Vec<Counter>,
     closes: Vec<Counter>,
@@ -238,7 +241,16 @@ impl RelayMetrics {
         );
         describe_g(
             "ferry_relay_mesh_remote_keys",
-            "Clients known to be connected to mesh peers.",
+            "Distinct client keys known to be connected to mesh peers.",
+        );
+        describe_g(
+            "ferry_relay_watchers",
+            "Mesh peers subscribed to this relay's presence changes (WatchConns), sampled every 5 s.",
+        );
+        describe(
+            "ferry_relay_mesh_resyncs_total",
+            None,
+            "Mesh links re-established after a loss (each starts from a fresh snapshot of the peer's clients).",
         );
         describe_g(
             "ferry_relay_connections",
@@ -304,6 +316,8 @@ impl RelayMetrics {
                 &Key::from_static_name("ferry_relay_mesh_remote_keys"),
                 &meta,
             ),
+            mesh_resyncs: counter("ferry_relay_mesh_resyncs_total"),
+            watchers: r.register_gauge(&Key::from_static_name("ferry_relay_watchers"), &meta),
             drops: DropReason::ALL
                 .iter()
                 .map(|d| labelled(NAME_DROPS, "reason", d.label()))

@@ -15,6 +15,7 @@ mod http;
 pub mod keyfile;
 pub mod mesh;
 pub mod metrics;
+mod queue;
 mod ratelimit;
 mod registry;
 pub mod tls;
@@ -61,6 +62,13 @@ pub struct Limits {
     /// ... and bytes: the oldest packet is dropped only when a queue is over both (payload +
     /// 64 per packet; 0: over `queue_depth` alone, derper's rule).
     pub queue_bytes: usize,
+    /// Packets waiting to go out on one mesh link: at most 8,192 and, beyond 32 of them, at most
+    /// this many bytes (payload + 64 per packet); the oldest are dropped (`mesh_queue`).
+    pub mesh_queue_bytes: usize,
+    /// Presence changes a watcher (mesh peer) may fall behind by, beyond one per connected
+    /// client; a watcher further behind is disconnected (it resubscribes and gets a fresh
+    /// snapshot). Bounds a stalled watcher's memory at ~72 bytes per entry.
+    pub watcher_backlog: usize,
     /// How long [`Server::shutdown`] waits for connections to drain before closing them.
     pub shutdown_timeout: Duration,
     /// Restarting frame: clients reconnect after a random delay up to this (spreads the herd) ...
@@ -93,6 +101,8 @@ impl Default for Limits {
             keepalive_jitter: Duration::from_secs(5),
             queue_depth: 32,
             queue_bytes: 128 << 10,
+            mesh_queue_bytes: 16 << 20,
+            watcher_backlog: registry::DEFAULT_WATCHER_BACKLOG,
             shutdown_timeout: Duration::from_secs(10),
             restart_reconnect_spread: Duration::from_secs(5),
             restart_try_for: Duration::from_secs(60),
@@ -243,6 +253,9 @@ pub struct Server {
     metrics_addr: Option<SocketAddr>,
     stun: Option<StunServer>,
     accept_cancel: CancellationToken,
+    /// Mesh links stay up while connections drain (their clients' packets still go out), and
+    /// stop after.
+    mesh_cancel: CancellationToken,
     tracker: TaskTracker,
     conn_tracker: TaskTracker,
 }
@@ -319,6 +332,7 @@ impl Server {
             None => None,
         };
 
+        let watcher_backlog = config.limits.watcher_backlog;
         let shared = Arc::new(Shared {
             public: config.server_key.public(),
             secret: config.server_key,
@@ -326,7 +340,7 @@ impl Server {
             hostname: config.hostname,
             limits: config.limits,
             admission,
-            registry: registry::Registry::default(),
+            registry: registry::Registry::new(watcher_backlog),
             metrics,
             tls_acceptor,
             acme_challenges: Arc::default(),
@@ -338,6 +352,7 @@ impl Server {
         let http_addr = http.as_ref().map(|l| l.local_addr().expect("bound"));
         let metrics_addr = metrics_l.as_ref().map(|l| l.local_addr().expect("bound"));
         let accept_cancel = CancellationToken::new();
+        let mesh_cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let conn_tracker = TaskTracker::new();
         let sem = Arc::new(tokio::sync::Semaphore::new(shared.limits.max_connections));
@@ -377,7 +392,11 @@ impl Server {
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tick.tick() => shared.metrics.upkeep(),
+                        _ = tick.tick() => {
+                            let m = &shared.metrics;
+                            m.watchers.set(shared.registry.watcher_count() as f64);
+                            m.upkeep();
+                        }
                     }
                 }
             });
@@ -411,7 +430,7 @@ impl Server {
             }
         }
         if let Some(mesh) = mesh {
-            mesh::start(mesh, Arc::clone(&shared), &tracker, accept_cancel.clone());
+            mesh::start(mesh, Arc::clone(&shared), &tracker, mesh_cancel.clone());
         }
         shared.ready.store(true, Ordering::Relaxed);
         info!(
@@ -430,6 +449,7 @@ impl Server {
             metrics_addr,
             stun,
             accept_cancel,
+            mesh_cancel,
             tracker,
             conn_tracker,
         })
@@ -500,45 +520,63 @@ impl Server {
         }
     }
 
-    /// Graceful shutdown: report not-ready, stop accepting, let every connection flush its queue
-    /// and (if its client understands it) send Restarting, then close. Connections still open
-    /// after `limits.shutdown_timeout` are closed hard. Returns how many that were.
+    /// Graceful shutdown: report not-ready, stop accepting on every listener, let every DERP
+    /// connection flush its queue and (if its client understands it) send Restarting, then end
+    /// its stream; the relay reads on until each client has left, so what clients sent in the
+    /// meantime is still forwarded or counted. HTTP keep-alive connections (port 80, metrics)
+    /// answer their current request with `Connection: close` and idle ones are closed. Mesh
+    /// links stop once the DERP connections are gone. Whatever is still open after
+    /// `limits.shutdown_timeout` is closed hard, and this returns at most [`SHUTDOWN_MARGIN`]
+    /// after that, whatever is connected. Returns how many DERP connections were closed hard.
     pub async fn shutdown(mut self) -> usize {
+        let deadline = tokio::time::Instant::now() + self.shared.limits.shutdown_timeout;
         self.shared.ready.store(false, Ordering::Relaxed);
         self.accept_cancel.cancel();
         self.tracker.close();
         self.conn_tracker.close();
         self.shared.drain.cancel();
         let mut hard_closed = 0;
-        if tokio::time::timeout(
-            self.shared.limits.shutdown_timeout,
-            self.conn_tracker.wait(),
-        )
-        .await
-        .is_err()
+        if tokio::time::timeout_at(deadline, self.conn_tracker.wait())
+            .await
+            .is_err()
         {
             hard_closed = self.conn_tracker.len();
             warn!(remaining = hard_closed, "drain timed out; closing the rest");
-            self.shared.conns_cancel.cancel();
-            for c in self.shared.registry.all() {
-                c.close(metrics::CloseReason::Shutdown);
-            }
-            // Connections still in TLS or HTTP hold no client state; give them one write timeout.
-            let _ =
-                tokio::time::timeout(self.shared.limits.write_timeout, self.conn_tracker.wait())
-                    .await;
         }
-        self.tracker.wait().await;
-        if let Some(s) = self.stun.take() {
-            s.shutdown().await;
+        // Mesh links, HTTP connections finishing a request, background tasks: until the
+        // deadline, then everything is cut.
+        self.mesh_cancel.cancel();
+        let _ = tokio::time::timeout_at(deadline, self.tracker.wait()).await;
+        self.shared.conns_cancel.cancel();
+        for c in self.shared.registry.all() {
+            c.close(metrics::CloseReason::Shutdown);
+        }
+        let stun = self.stun.take();
+        let rest = async {
+            self.conn_tracker.wait().await;
+            self.tracker.wait().await;
+            if let Some(s) = stun {
+                s.shutdown().await;
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_MARGIN, rest).await.is_err() {
+            warn!(
+                tasks = self.tracker.len() + self.conn_tracker.len(),
+                "tasks still running {SHUTDOWN_MARGIN:?} after the shutdown deadline; leaving them to the runtime"
+            );
         }
         hard_closed
     }
 }
 
+/// How long [`Server::shutdown`] may run past `shutdown_timeout` (tasks that were cut at the
+/// deadline finishing up).
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(1);
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.accept_cancel.cancel();
+        self.mesh_cancel.cancel();
         self.shared.conns_cancel.cancel();
         for c in self.shared.registry.all() {
             c.cancel.cancel();

@@ -5,7 +5,7 @@
 //! receiver's queues (no await while it is held), drops the oldest packet when the queue is full,
 //! and wakes the receiver's writer task. Map guards are dropped before enqueueing.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::mesh::MeshLink;
 use super::metrics::{CloseReason, DropReason, RelayMetrics};
+use super::queue::{Cost, DropOldest, QueueLimits, QUEUED_OVERHEAD};
 use crate::proto::{PeerGoneReason, PublicKey};
 
 /// A packet waiting in a receiver's queue.
@@ -27,40 +28,46 @@ pub(crate) struct QueuedPacket {
     pub(crate) data: Bytes,
 }
 
+impl Cost for QueuedPacket {
+    fn cost(&self) -> usize {
+        self.data.len() + QUEUED_OVERHEAD
+    }
+}
+
 /// Frames other than packets that the writer sends.
 #[derive(Debug, Clone)]
 pub(crate) enum Control {
     Pong([u8; 8]),
     PeerGone(PublicKey, PeerGoneReason),
-    PeerPresent {
+}
+
+/// A change in who is connected, for watchers (mesh peers): PeerPresent or PeerGone.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Presence {
+    Present {
         key: PublicKey,
         addr: SocketAddr,
         flags: u8,
     },
+    Gone(PublicKey),
 }
 
 /// Control frames are few (pongs, peer-gone notes); a client that floods pings without reading
 /// loses pongs beyond this, like any other frame of a client that does not read.
 const MAX_CONTROL: usize = 64;
 
+/// Mesh peers get derper's write timeout for privileged clients: a watcher that stalls loses
+/// its whole view, so it is given longer than an ordinary client's 2 s.
+pub(crate) const MESH_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, Default)]
 pub(crate) struct Queues {
-    pub(crate) disco: VecDeque<QueuedPacket>,
-    pub(crate) data: VecDeque<QueuedPacket>,
+    pub(crate) disco: DropOldest<QueuedPacket>,
+    pub(crate) data: DropOldest<QueuedPacket>,
     pub(crate) control: VecDeque<Control>,
-    /// What `disco` and `data` hold, in [`queued_cost`] units (kept in the handle's queues
-    /// only; [`ClientHandle::take_queued`] zeroes them).
-    disco_bytes: usize,
-    data_bytes: usize,
-}
-
-/// Bookkeeping per queued packet, counted against the byte budget with its payload (so a
-/// flood of tiny packets cannot queue without bound).
-const QUEUED_OVERHEAD: usize = 64;
-
-/// What a queued packet of `len` bytes counts against the byte budget.
-fn queued_cost(len: usize) -> usize {
-    len + QUEUED_OVERHEAD
+    /// Presence changes for a watcher, in order: the snapshot it got when it subscribed, then
+    /// every join and leave since. Never cut silently: see [`Registry::add_watcher`].
+    pub(crate) presence: VecDeque<Presence>,
 }
 
 /// One authenticated DERP connection, as seen by everyone else.
@@ -70,10 +77,8 @@ pub(crate) struct ClientHandle {
     pub(crate) conn_id: u64,
     pub(crate) remote: SocketAddr,
     queues: Mutex<Queues>,
-    /// A queue sheds its oldest packet only when it holds more than `depth` packets *and*
-    /// more than `budget` bytes (see [`ClientHandle::enqueue_packet`]).
-    depth: usize,
-    budget: usize,
+    /// Limits of the disco and data queues (see [`super::queue`]).
+    limits: QueueLimits,
     /// Wakes the writer task: a permit is stored if it is busy, so no wake-up is lost.
     pub(crate) notify: Notify,
     /// Set while another connection holds the same key (then the last sender is the receiver).
@@ -82,6 +87,9 @@ pub(crate) struct ClientHandle {
     pub(crate) cancel: CancellationToken,
     /// The client understands Health/Restarting/PeerPresent (Go clients; see `derp-v2.md`).
     pub(crate) extended_frames: bool,
+    /// The client presented the mesh key (a peer relay): mesh frames allowed, longer write
+    /// timeout.
+    pub(crate) is_mesh: bool,
     /// Why the connection was closed from outside the reader (first reason wins).
     close_reason: Mutex<Option<CloseReason>>,
 }
@@ -91,22 +99,31 @@ impl ClientHandle {
         key: PublicKey,
         conn_id: u64,
         remote: SocketAddr,
-        (depth, budget): (usize, usize),
+        limits: QueueLimits,
         cancel: CancellationToken,
-        extended_frames: bool,
+        (extended_frames, is_mesh): (bool, bool),
     ) -> Self {
         ClientHandle {
             key,
             conn_id,
             remote,
             queues: Mutex::new(Queues::default()),
-            depth: depth.max(1),
-            budget,
+            limits,
             notify: Notify::new(),
             has_dup: AtomicBool::new(false),
             cancel,
             extended_frames,
+            is_mesh,
             close_reason: Mutex::new(None),
+        }
+    }
+
+    /// How long a write to this client may make no progress.
+    pub(crate) fn write_timeout(&self, normal: std::time::Duration) -> std::time::Duration {
+        if self.is_mesh {
+            MESH_WRITE_TIMEOUT
+        } else {
+            normal
         }
     }
 
@@ -121,14 +138,12 @@ impl ClientHandle {
         *self.close_reason.lock()
     }
 
-    /// Queues a packet for this client. Never blocks: when the queue is full the oldest packets
-    /// are dropped (counted as `queue_head`), as derper does. Full means more than `depth`
-    /// packets (derper: 32) *and* more than `budget` bytes: derper's count alone holds 32 × 64
-    /// KiB of large packets but only ~8 KiB of small ones, so one sender's burst of small
-    /// packets (a single 8 KiB read is ~30–80 of them) overflowed a receiver whose writer missed
-    /// a millisecond of CPU. The budget keeps such bursts; memory per queue stays at most
-    /// max(`depth` × the largest packet, `budget` + one packet), derper's bound for a budget
-    /// up to 2 MiB. Budget 0 is derper's rule exactly.
+    /// Queues a packet for this client. Never blocks: when the queue is over its limits the
+    /// oldest packets are dropped (counted as `queue_head`), as derper does. The limits are
+    /// derper's depth (32) *and* a byte budget: derper's count alone holds 32 × 64 KiB of large
+    /// packets but only ~8 KiB of small ones, so one sender's burst of small packets (a single
+    /// 8 KiB read is ~30–80 of them) overflowed a receiver whose writer missed a millisecond of
+    /// CPU. See [`super::queue`] for the rule and the memory bound.
     pub(crate) fn enqueue_packet(
         &self,
         src: PublicKey,
@@ -137,26 +152,11 @@ impl ClientHandle {
         m: &RelayMetrics,
     ) {
         let dropped = {
-            let mut guard = self.queues.lock();
-            let qs = &mut *guard;
-            let (q, bytes) = if disco {
-                (&mut qs.disco, &mut qs.disco_bytes)
-            } else {
-                (&mut qs.data, &mut qs.data_bytes)
-            };
-            *bytes += queued_cost(data.len());
-            q.push_back(QueuedPacket { src, data });
-            let mut dropped = 0u64;
-            while q.len() > self.depth && *bytes > self.budget {
-                let Some(old) = q.pop_front() else { break };
-                *bytes -= queued_cost(old.data.len());
-                dropped += 1;
-            }
-            dropped
+            let mut qs = self.queues.lock();
+            let q = if disco { &mut qs.disco } else { &mut qs.data };
+            q.push(QueuedPacket { src, data }, self.limits)
         };
-        if dropped > 0 {
-            m.drop_n(DropReason::QueueHead, dropped);
-        }
+        m.drop_n(DropReason::QueueHead, dropped);
         self.notify.notify_one();
     }
 
@@ -177,14 +177,27 @@ impl ClientHandle {
         ok
     }
 
+    /// Queues presence changes for a watcher; false (nothing queued) when that would put more
+    /// than `cap` changes in its backlog: the caller then cuts the watcher off.
+    fn enqueue_presence(&self, notes: impl ExactSizeIterator<Item = Presence>, cap: usize) -> bool {
+        {
+            let mut q = self.queues.lock();
+            if q.presence.len() + notes.len() > cap {
+                return false;
+            }
+            q.presence.extend(notes);
+        }
+        self.notify.notify_one();
+        true
+    }
+
     /// Moves everything queued into `into` (which must be empty), keeping both allocations.
     pub(crate) fn take_queued(&self, into: &mut Queues) {
         let mut q = self.queues.lock();
-        std::mem::swap(&mut q.disco, &mut into.disco);
-        std::mem::swap(&mut q.data, &mut into.data);
+        q.disco.swap(&mut into.disco);
+        q.data.swap(&mut into.data);
         std::mem::swap(&mut q.control, &mut into.control);
-        // `into`'s queues were drained by the caller: the handle's are empty now.
-        (q.disco_bytes, q.data_bytes) = (0, 0);
+        std::mem::swap(&mut q.presence, &mut into.presence);
     }
 }
 
@@ -209,17 +222,45 @@ impl ClientSet {
 pub(crate) type Watcher = Arc<ClientHandle>;
 
 /// The registry of connected clients.
-#[derive(Debug, Default)]
+///
+/// Presence is kept consistent for watchers by one lock (`watchers`): a client's join or leave
+/// and the notes about it to every watcher are one step under it, and so are a new watcher's
+/// snapshot of who is connected and its enrolment for later changes (derper does both under its
+/// server mutex). So a watcher sees every change exactly once and in order after its snapshot,
+/// whatever the region's size. Its backlog is bounded: a watcher that falls more than
+/// `watcher_backlog` changes (beyond one per connected key) behind is cut off — it then
+/// reconnects and starts from a fresh snapshot — rather than left with a partial view.
+#[derive(Debug)]
 pub(crate) struct Registry {
     clients: DashMap<PublicKey, ClientSet>,
-    watchers: DashMap<u64, Watcher>,
+    watchers: Mutex<HashMap<u64, Watcher>>,
+    watcher_backlog: usize,
     /// Keys connected to mesh peers, with the links that reach them (the newest is used).
     /// Local clients always win over these.
     remote: DashMap<PublicKey, Vec<Arc<MeshLink>>>,
     next_conn_id: AtomicU64,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(DEFAULT_WATCHER_BACKLOG)
+    }
+}
+
+/// Presence changes a watcher may fall behind by, beyond one per connected key (its snapshot).
+pub(crate) const DEFAULT_WATCHER_BACKLOG: usize = 65_536;
+
 impl Registry {
+    pub(crate) fn new(watcher_backlog: usize) -> Self {
+        Registry {
+            clients: DashMap::new(),
+            watchers: Mutex::new(HashMap::new()),
+            watcher_backlog,
+            remote: DashMap::new(),
+            next_conn_id: AtomicU64::new(0),
+        }
+    }
+
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -234,19 +275,24 @@ impl Registry {
         self.remote.get(key).and_then(|v| v.last().cloned())
     }
 
-    /// A mesh peer reports `key` connected to it.
-    pub(crate) fn add_remote(&self, key: PublicKey, link: Arc<MeshLink>) {
+    /// A mesh peer reports `key` connected to it. Keeps `ferry_relay_mesh_remote_keys` equal
+    /// to the number of distinct keys reachable through mesh links.
+    pub(crate) fn add_remote(&self, key: PublicKey, link: Arc<MeshLink>, m: &RelayMetrics) {
         let mut v = self.remote.entry(key).or_default();
+        if v.is_empty() {
+            m.mesh_remote_keys.increment(1.0);
+        }
         v.retain(|l| l.id != link.id);
         v.push(link);
     }
 
     /// `key` left the peer behind `link_id` (or that link broke).
-    pub(crate) fn remove_remote(&self, key: &PublicKey, link_id: u64) {
+    pub(crate) fn remove_remote(&self, key: &PublicKey, link_id: u64, m: &RelayMetrics) {
         if let dashmap::Entry::Occupied(mut e) = self.remote.entry(*key) {
             e.get_mut().retain(|l| l.id != link_id);
             if e.get().is_empty() {
                 e.remove();
+                m.mesh_remote_keys.decrement(1.0);
             }
         }
     }
@@ -261,9 +307,15 @@ impl Registry {
         self.clients.len()
     }
 
+    /// Number of watchers subscribed now.
+    pub(crate) fn watcher_count(&self) -> usize {
+        self.watchers.lock().len()
+    }
+
     /// Adds a connection; it becomes the receiver for its key.
     pub(crate) fn register(&self, c: Arc<ClientHandle>) {
         let key = c.key;
+        let mut watchers = self.watchers.lock();
         match self.clients.entry(key) {
             dashmap::Entry::Occupied(mut e) => {
                 let set = e.get_mut();
@@ -278,14 +330,12 @@ impl Registry {
                 });
             }
         }
-        self.notify_watchers(
-            Control::PeerPresent {
-                key,
-                addr: c.remote,
-                flags: 0x01,
-            },
-            c.conn_id,
-        );
+        let note = Presence::Present {
+            key,
+            addr: c.remote,
+            flags: 0x01,
+        };
+        self.notify_watchers(&mut watchers, note, c.conn_id);
     }
 
     /// A connection that shares its key just sent: make it the receiver (last writer wins).
@@ -303,6 +353,7 @@ impl Registry {
 
     /// Removes a connection. Returns true if no other connection holds its key any more.
     pub(crate) fn unregister(&self, c: &ClientHandle) -> bool {
+        let mut watchers = self.watchers.lock();
         let mut gone = false;
         if let dashmap::Entry::Occupied(mut e) = self.clients.entry(c.key) {
             let set = e.get_mut();
@@ -320,49 +371,54 @@ impl Registry {
                 e.get().set_dup_flags();
             }
         }
-        self.watchers.remove(&c.conn_id);
+        watchers.remove(&c.conn_id);
         if gone {
-            self.notify_watchers(
-                Control::PeerGone(c.key, PeerGoneReason::Disconnected),
-                c.conn_id,
-            );
+            self.notify_watchers(&mut watchers, Presence::Gone(c.key), c.conn_id);
         }
         gone
     }
 
-    /// Adds a mesh watcher and tells it about everyone connected now.
+    /// Subscribes a watcher: it gets one PeerPresent per connected key (the snapshot), then every
+    /// change, in order, with nothing lost in between (one lock covers both).
     pub(crate) fn add_watcher(&self, w: Watcher) {
-        let present: Vec<(PublicKey, SocketAddr)> = self
+        let mut watchers = self.watchers.lock();
+        let snapshot: Vec<Presence> = self
             .clients
             .iter()
-            .map(|s| (*s.key(), s.value().active.remote))
+            .filter(|s| *s.key() != w.key)
+            .map(|s| Presence::Present {
+                key: *s.key(),
+                addr: s.value().active.remote,
+                flags: 0x01,
+            })
             .collect();
-        for (key, addr) in present {
-            if key != w.key {
-                w.enqueue_control(Control::PeerPresent {
-                    key,
-                    addr,
-                    flags: 0x01,
-                });
-            }
+        let cap = snapshot.len() + self.watcher_backlog;
+        if w.enqueue_presence(snapshot.into_iter(), cap) {
+            watchers.insert(w.conn_id, w);
+        } else {
+            w.close(CloseReason::WatcherOverflow);
         }
-        self.watchers.insert(w.conn_id, w);
     }
 
-    fn notify_watchers(&self, note: Control, except_conn: u64) {
-        if self.watchers.is_empty() {
+    /// Tells every watcher but `except_conn` about a change (caller holds the watcher lock). A
+    /// watcher whose backlog would pass its bound is cut off and unsubscribed.
+    fn notify_watchers(
+        &self,
+        watchers: &mut HashMap<u64, Watcher>,
+        note: Presence,
+        except_conn: u64,
+    ) {
+        if watchers.is_empty() {
             return;
         }
-        let ws: Vec<Watcher> = self
-            .watchers
-            .iter()
-            .map(|w| Arc::clone(w.value()))
-            .collect();
-        for w in ws {
-            if w.conn_id != except_conn {
-                w.enqueue_control(note.clone());
+        let cap = self.clients.len() + self.watcher_backlog;
+        watchers.retain(|&id, w| {
+            if id == except_conn || w.enqueue_presence(std::iter::once(note), cap) {
+                return true;
             }
-        }
+            w.close(CloseReason::WatcherOverflow);
+            false
+        });
     }
 
     /// Cancels every connection holding `key` (mesh ClosePeer).
@@ -393,15 +449,35 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn handle(reg: &Registry, k: u8) -> Arc<ClientHandle> {
+    fn handle_with(reg: &Registry, k: [u8; 32], mesh: bool) -> Arc<ClientHandle> {
         Arc::new(ClientHandle::new(
-            PublicKey([k; 32]),
+            PublicKey(k),
             reg.next_conn_id(),
             "127.0.0.1:1".parse().unwrap(),
-            (2, 0),
+            QueueLimits::receiver(2, 0),
             CancellationToken::new(),
-            false,
+            (mesh, mesh),
         ))
+    }
+
+    fn handle(reg: &Registry, k: u8) -> Arc<ClientHandle> {
+        handle_with(reg, [k; 32], false)
+    }
+
+    /// What a watcher believes is connected after applying everything queued for it.
+    fn view_of(w: &ClientHandle, view: &mut std::collections::HashSet<PublicKey>) {
+        let mut q = Queues::default();
+        w.take_queued(&mut q);
+        for p in q.presence {
+            match p {
+                Presence::Present { key, .. } => {
+                    view.insert(key);
+                }
+                Presence::Gone(key) => {
+                    assert!(view.remove(&key), "PeerGone for a key never announced");
+                }
+            }
+        }
     }
 
     #[test]
@@ -414,55 +490,138 @@ mod tests {
         }
         let mut q = Queues::default();
         c.take_queued(&mut q);
-        let kept: Vec<u8> = q.data.iter().map(|p| p.data[0]).collect();
+        let kept: Vec<u8> = q.data.drain().map(|p| p.data[0]).collect();
         assert_eq!(kept, vec![3, 4]);
         assert_eq!(m.drops_for(DropReason::QueueHead), 3);
     }
 
     #[test]
-    fn byte_budget_keeps_bursts_of_small_packets_and_still_bounds_large_ones() {
-        let m = RelayMetrics::detached();
-        let src = PublicKey([9; 32]);
-        let budget = 10 * queued_cost(100);
-        let c = ClientHandle::new(
-            PublicKey([1; 32]),
-            1,
-            "127.0.0.1:1".parse().unwrap(),
-            (4, budget),
-            CancellationToken::new(),
-            false,
+    fn a_watcher_gets_a_whole_snapshot_then_every_change_in_order() {
+        let reg = Registry::default();
+        let clients: Vec<_> = (0..5000u32)
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..4].copy_from_slice(&i.to_be_bytes());
+                let c = handle_with(&reg, k, false);
+                reg.register(Arc::clone(&c));
+                c
+            })
+            .collect();
+        let w = handle_with(&reg, [0xff; 32], true);
+        reg.add_watcher(Arc::clone(&w));
+        let mut view = std::collections::HashSet::new();
+        view_of(&w, &mut view);
+        assert_eq!(view.len(), 5000, "the snapshot holds every connected key");
+        // Leaves and joins after the snapshot arrive in order.
+        reg.unregister(&clients[0]);
+        reg.register(Arc::clone(&clients[0]));
+        reg.unregister(&clients[1]);
+        let mut q = Queues::default();
+        w.take_queued(&mut q);
+        let notes: Vec<(bool, PublicKey)> = q
+            .presence
+            .iter()
+            .map(|p| match *p {
+                Presence::Present { key, .. } => (true, key),
+                Presence::Gone(key) => (false, key),
+            })
+            .collect();
+        assert_eq!(
+            notes,
+            vec![
+                (false, clients[0].key),
+                (true, clients[0].key),
+                (false, clients[1].key)
+            ]
         );
-        let kept = |c: &ClientHandle| {
-            let mut q = Queues::default();
-            c.take_queued(&mut q);
-            q.data.iter().map(|p| p.data[0]).collect::<Vec<u8>>()
-        };
-        // Small packets: more than the depth of 4 are kept, up to the budget (10 of them).
-        for i in 0..12u8 {
-            c.enqueue_packet(src, Bytes::from(vec![i; 100]), false, &m);
+        assert_eq!(reg.watcher_count(), 1);
+    }
+
+    /// Joins and leaves racing with a subscription: whatever the interleaving, the watcher's
+    /// view (snapshot + changes) ends equal to what is connected. Copying the client list
+    /// before enrolling the watcher (as once done) loses changes in between.
+    #[test]
+    fn subscribing_while_clients_come_and_go_loses_nothing() {
+        for round in 0..20u8 {
+            let reg = Arc::new(Registry::default());
+            let stop = Arc::new(AtomicBool::new(false));
+            let churners: Vec<_> = (0..2u8)
+                .map(|t| {
+                    let (reg, stop) = (Arc::clone(&reg), Arc::clone(&stop));
+                    std::thread::spawn(move || {
+                        let mut live: Vec<Arc<ClientHandle>> = Vec::new();
+                        let mut n = 0u32;
+                        while !stop.load(Ordering::Relaxed) || n < 2000 {
+                            n += 1;
+                            let mut k = [t; 32];
+                            k[1..5].copy_from_slice(&n.to_be_bytes());
+                            let c = handle_with(&reg, k, false);
+                            reg.register(Arc::clone(&c));
+                            live.push(c);
+                            if n.is_multiple_of(3) {
+                                let c = live.swap_remove((n as usize * 7) % live.len());
+                                reg.unregister(&c);
+                            }
+                        }
+                        live
+                    })
+                })
+                .collect();
+            let w = handle_with(&reg, [0xfe; 32], true);
+            // Subscribe part-way through the churn.
+            while reg.len() < 500 {
+                std::thread::yield_now();
+            }
+            reg.add_watcher(Arc::clone(&w));
+            let mut view = std::collections::HashSet::new();
+            view_of(&w, &mut view);
+            stop.store(true, Ordering::Relaxed);
+            let live: usize = churners.into_iter().map(|t| t.join().unwrap().len()).sum();
+            view_of(&w, &mut view);
+            let truth: std::collections::HashSet<PublicKey> =
+                reg.clients.iter().map(|s| *s.key()).collect();
+            assert_eq!(truth.len(), live);
+            assert_eq!(view, truth, "round {round}: the watcher's view drifted");
         }
-        assert_eq!(kept(&c), (2..12).collect::<Vec<u8>>());
-        assert_eq!(m.drops_for(DropReason::QueueHead), 2);
-        // The queue was emptied by the writer: the budget is whole again.
-        for i in 0..10u8 {
-            c.enqueue_packet(src, Bytes::from(vec![i; 100]), false, &m);
+    }
+
+    #[test]
+    fn a_watcher_that_falls_behind_is_cut_off_not_left_partial() {
+        let reg = Registry::new(10);
+        for i in 0..100u8 {
+            reg.register(handle(&reg, i));
         }
-        assert_eq!(kept(&c).len(), 10);
-        assert_eq!(m.drops_for(DropReason::QueueHead), 2);
-        // Large packets, each over the budget alone: the depth bounds them, as in derper.
-        for i in 0..6u8 {
-            c.enqueue_packet(src, Bytes::from(vec![i; 4 * budget]), false, &m);
+        let w = handle_with(&reg, [0xff; 32], true);
+        reg.add_watcher(Arc::clone(&w));
+        assert!(
+            !w.cancel.is_cancelled(),
+            "the snapshot (100) is within its bound"
+        );
+        // It reads nothing. Joins alone keep it within its bound (one per connected key, plus
+        // 10); joins and leaves of the same keys push it past.
+        for i in 100..110u8 {
+            reg.register(handle(&reg, i));
         }
-        assert_eq!(kept(&c), vec![2, 3, 4, 5]);
-        assert_eq!(m.drops_for(DropReason::QueueHead), 4);
-        // One large packet after a full budget of small ones pushes out small ones until the
-        // queue is within the depth (4: three small and the large one).
-        for i in 0..10u8 {
-            c.enqueue_packet(src, Bytes::from(vec![i; 100]), false, &m);
+        assert!(!w.cancel.is_cancelled());
+        let mut cycles = 0;
+        while !w.cancel.is_cancelled() {
+            cycles += 1;
+            assert!(cycles < 100, "never cut off");
+            let c = handle(&reg, 200);
+            reg.register(Arc::clone(&c));
+            reg.unregister(&c);
         }
-        c.enqueue_packet(src, Bytes::from(vec![99; 4 * budget]), false, &m);
-        assert_eq!(kept(&c), vec![7, 8, 9, 99]);
-        assert_eq!(m.drops_for(DropReason::QueueHead), 11);
+        assert_eq!(w.close_reason(), Some(CloseReason::WatcherOverflow));
+        assert_eq!(reg.watcher_count(), 0, "and no longer notified");
+        // Its backlog stopped at the bound (110 connected + 10) and grows no further.
+        for i in 0..50u8 {
+            let c = handle(&reg, 201 + i);
+            reg.register(Arc::clone(&c));
+            reg.unregister(&c);
+        }
+        let mut q = Queues::default();
+        w.take_queued(&mut q);
+        assert_eq!(q.presence.len(), 121);
     }
 
     #[test]
