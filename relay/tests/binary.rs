@@ -692,7 +692,8 @@ fn keep_alive_client(
 fn sigterm_exits_in_time_whatever_is_connected() {
     use std::io::Write;
     let shutdown = Duration::from_secs(4);
-    let run = |case: &str, hold: &dyn Fn(&Proc, SocketAddr) -> Box<dyn FnOnce()>| {
+    type Hold<'a> = &'a dyn Fn(&Proc, SocketAddr) -> Box<dyn FnOnce()>;
+    let run = |case: &str, hold: Hold| {
         let http = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
         let http_s = http.to_string();
         let mut p = start(&[
