@@ -837,11 +837,20 @@ async fn run(cli: Cli) -> Result<()> {
 
     signals.wait(&server).await;
     info!("shutting down: draining connections");
+    let metrics = server.metrics().clone();
     let hard = server.shutdown().await;
     if hard > 0 {
         warn!(hard_closed = hard, "some connections did not drain in time");
     }
-    info!("stopped");
+    // The last word on what this process forwarded and dropped: counted after the last scrape
+    // (the drain), it would otherwise be lost with the process.
+    let (forwarded, dropped, drops) = metrics.packet_totals();
+    info!(
+        packets_forwarded = forwarded,
+        packets_dropped = dropped,
+        drops = %drops,
+        "stopped"
+    );
     Ok(())
 }
 

@@ -4,52 +4,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{eventually, free_port, read_head, require, upgrade, BoxIo, RawClient, Relay, T};
+use common::{
+    eventually, free_port, read_head, require, start_derper, upgrade, BoxIo, Derper, RawClient,
+    RegionCert, Relay, T,
+};
 use ferry_relay::proto::{ClientInfo, PublicKey, SecretKey, ServerFrame};
 use ferry_relay::server::{Config, MeshConfig, MeshDns, MeshTls, Server, TlsConfig};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-/// One certificate for "localhost" that every relay of the test region serves and trusts.
-struct RegionCert {
-    dir: tempfile::TempDir,
-    der: Vec<u8>,
-    /// The region's mesh key, random per test: tests run in parallel on loopback, and a relay
-    /// of one test must never mesh with a relay of another that happens to reuse a port.
-    mesh_key: [u8; 32],
-}
-
-impl RegionCert {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::DigitalSignature,
-            rcgen::KeyUsagePurpose::KeyCertSign,
-        ];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        // derper's manual mode wants <certdir>/<hostname>.crt and .key.
-        std::fs::write(dir.path().join("localhost.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("localhost.key"), key.serialize_pem()).unwrap();
-        RegionCert {
-            der: cert.der().to_vec(),
-            dir,
-            mesh_key: rand::random(),
-        }
-    }
-    fn cert(&self) -> PathBuf {
-        self.dir.path().join("localhost.crt")
-    }
-    fn key(&self) -> PathBuf {
-        self.dir.path().join("localhost.key")
-    }
-}
 
 async fn meshed_relay(rc: &RegionCert, port: u16, peers: Vec<String>) -> Relay {
     meshed_relay_dns(rc, port, peers, None).await
@@ -237,49 +201,6 @@ async fn dns_discovered_peers_mesh_and_self_is_skipped() {
     .await;
     assert_eq!(c.server.metrics().sample("ferry_relay_mesh_links", ""), 0.0);
     assert_eq!(c.server.client_count(), 0);
-}
-
-struct Derper {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Derper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_derper(
-    bin: &Path,
-    port: u16,
-    rc: &RegionCert,
-    key_file: &Path,
-    mesh_with: &str,
-) -> Derper {
-    let child = Command::new(bin)
-        .args(["-a", &format!("127.0.0.1:{port}"), "-hostname", "localhost"])
-        .args(["-certmode", "manual", "-certdir"])
-        .arg(rc.dir.path())
-        .args(["-http-port", "-1", "-stun=false", "-mesh-psk-file"])
-        .arg(key_file)
-        .args(["-mesh-with", mesh_with])
-        // derper dials ferry over TLS and must trust the region's certificate.
-        .env("SSL_CERT_FILE", rc.cert())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + T;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "derper never listened"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Derper { child, port }
 }
 
 /// A raw DERP client on derper (TLS, upgrade, handshake).

@@ -370,6 +370,18 @@ pub fn put_peer_gone(out: &mut impl BufMut, key: &PublicKey, reason: PeerGoneRea
     put_frame(out, ft::PEER_GONE, &[key.as_bytes(), &[reason.to_byte()]]);
 }
 
+/// PeerPresent flag bits (derper's `PeerPresentFlags`).
+pub mod present_flags {
+    /// An ordinary client.
+    pub const REGULAR: u8 = 1 << 0;
+    /// A mesh peer (a relay of the region, connected with the mesh key).
+    pub const MESH_PEER: u8 = 1 << 1;
+    /// A prober (`derpprobe`).
+    pub const PROBER: u8 = 1 << 2;
+    /// The client says this relay is not its region's ideal node.
+    pub const NOT_IDEAL: u8 = 1 << 3;
+}
+
 /// Appends PeerPresent(key, addr, flags) in the 32+16+2+1 layout.
 pub fn put_peer_present(
     out: &mut impl BufMut,

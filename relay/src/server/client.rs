@@ -96,6 +96,7 @@ struct Established<S> {
     dec: FrameDecoder,
     key: PublicKey,
     is_mesh: bool,
+    is_prober: bool,
     extended_frames: bool,
     bucket: Option<(u64, u64)>,
 }
@@ -241,6 +242,7 @@ where
         dec,
         key,
         is_mesh,
+        is_prober: info.is_prober,
         extended_frames: info.can_ack_pings || is_mesh,
         bucket,
     })
@@ -258,6 +260,7 @@ where
         dec,
         key,
         is_mesh,
+        is_prober,
         extended_frames,
         bucket,
     } = est;
@@ -270,7 +273,7 @@ where
         remote,
         QueueLimits::receiver(limits.queue_depth, limits.queue_bytes),
         cancel.clone(),
-        (extended_frames, is_mesh),
+        (extended_frames, is_mesh, is_prober),
     ));
     shared.registry.register(Arc::clone(&me));
     m.connections.increment(1.0);

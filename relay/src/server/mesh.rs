@@ -29,7 +29,9 @@ use tracing::{debug, info, warn};
 use super::metrics::DropReason;
 use super::queue::{Cost, DropOldest, QueueLimits, QUEUED_OVERHEAD};
 use super::Shared;
-use crate::proto::{self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, ServerFrame};
+use crate::proto::{
+    self, frame_type as ft, present_flags, ClientInfo, FrameDecoder, PublicKey, ServerFrame,
+};
 
 /// Where the mesh peers are and how to reach them.
 #[derive(Debug, Clone)]
@@ -585,6 +587,9 @@ async fn run_link(
             Err(e) => break LinkEnd::Lost(e, up_since.elapsed()),
         };
         match f {
+            // Other relays' own mesh connections are not clients: nobody sends to a relay's
+            // key, and counting them would make mesh_remote_keys wrong.
+            ServerFrame::PeerPresent { flags, .. } if flags & present_flags::MESH_PEER != 0 => {}
             ServerFrame::PeerPresent { key, .. } => {
                 if key != shared.public && learned.keys.insert(key) {
                     shared.registry.add_remote(key, Arc::clone(&link), m);

@@ -397,6 +397,32 @@ impl RelayMetrics {
             .unwrap_or(0.0)
     }
 
+    /// Packets forwarded and dropped so far, and the drops by reason as `reason=N` words (the
+    /// binary logs this when it stops: after the last scrape, this is the only record of what
+    /// the drain did).
+    pub fn packet_totals(&self) -> (u64, u64, String) {
+        let text = self.render();
+        let value = |series: &str| -> u64 {
+            text.lines()
+                .find_map(|l| {
+                    let (s, v) = l.rsplit_once(' ')?;
+                    (s == series).then(|| v.parse::<f64>().ok()).flatten()
+                })
+                .unwrap_or(0.0) as u64
+        };
+        let forwarded = value("ferry_relay_packets_forwarded_total");
+        let mut total = 0;
+        let mut by_reason = Vec::new();
+        for d in DropReason::ALL {
+            let n = value(&format!("{NAME_DROPS}{{reason=\"{}\"}}", d.label()));
+            total += n;
+            if n > 0 {
+                by_reason.push(format!("{}={n}", d.label()));
+            }
+        }
+        (forwarded, total, by_reason.join(" "))
+    }
+
     #[cfg(test)]
     pub(crate) fn drops_for(&self, why: DropReason) -> u64 {
         self.sample(NAME_DROPS, &format!("reason=\"{}\"", why.label())) as u64

@@ -90,6 +90,8 @@ pub(crate) struct ClientHandle {
     /// The client presented the mesh key (a peer relay): mesh frames allowed, longer write
     /// timeout.
     pub(crate) is_mesh: bool,
+    /// What PeerPresent says of this connection (derper's flags: regular, mesh peer, prober).
+    pub(crate) present_flags: u8,
     /// Why the connection was closed from outside the reader (first reason wins).
     close_reason: Mutex<Option<CloseReason>>,
 }
@@ -101,8 +103,13 @@ impl ClientHandle {
         remote: SocketAddr,
         limits: QueueLimits,
         cancel: CancellationToken,
-        (extended_frames, is_mesh): (bool, bool),
+        (extended_frames, is_mesh, is_prober): (bool, bool, bool),
     ) -> Self {
+        use crate::proto::present_flags as pf;
+        let present_flags = match (is_mesh, is_prober) {
+            (false, false) => pf::REGULAR,
+            (m, p) => (if m { pf::MESH_PEER } else { 0 }) | (if p { pf::PROBER } else { 0 }),
+        };
         ClientHandle {
             key,
             conn_id,
@@ -114,6 +121,7 @@ impl ClientHandle {
             cancel,
             extended_frames,
             is_mesh,
+            present_flags,
             close_reason: Mutex::new(None),
         }
     }
@@ -333,7 +341,7 @@ impl Registry {
         let note = Presence::Present {
             key,
             addr: c.remote,
-            flags: 0x01,
+            flags: c.present_flags,
         };
         self.notify_watchers(&mut watchers, note, c.conn_id);
     }
@@ -389,7 +397,7 @@ impl Registry {
             .map(|s| Presence::Present {
                 key: *s.key(),
                 addr: s.value().active.remote,
-                flags: 0x01,
+                flags: s.value().active.present_flags,
             })
             .collect();
         let cap = snapshot.len() + self.watcher_backlog;
@@ -456,7 +464,7 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             QueueLimits::receiver(2, 0),
             CancellationToken::new(),
-            (mesh, mesh),
+            (mesh, mesh, false),
         ))
     }
 

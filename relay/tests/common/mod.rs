@@ -4,6 +4,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -380,4 +382,89 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// One certificate for "localhost" that every relay of the test region serves and trusts.
+pub struct RegionCert {
+    pub dir: tempfile::TempDir,
+    pub der: Vec<u8>,
+    /// The region's mesh key, random per test: tests run in parallel on loopback, and a relay
+    /// of one test must never mesh with a relay of another that happens to reuse a port.
+    pub mesh_key: [u8; 32],
+}
+
+impl RegionCert {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyCertSign,
+        ];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        // derper's manual mode wants <certdir>/<hostname>.crt and .key.
+        std::fs::write(dir.path().join("localhost.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("localhost.key"), key.serialize_pem()).unwrap();
+        RegionCert {
+            der: cert.der().to_vec(),
+            dir,
+            mesh_key: rand::random(),
+        }
+    }
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("localhost.crt")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.dir.path().join("localhost.key")
+    }
+}
+
+pub struct Derper {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for Derper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Tailscale's `derper` on 127.0.0.1:`port` over TLS with the region's certificate, meshed
+/// with `mesh_with` (comma-separated host:port); its key file lives in the region's directory.
+pub fn start_derper(
+    bin: &Path,
+    port: u16,
+    rc: &RegionCert,
+    key_file: &Path,
+    mesh_with: &str,
+) -> Derper {
+    let child = Command::new(bin)
+        .args(["-a", &format!("127.0.0.1:{port}"), "-hostname", "localhost"])
+        .args(["-certmode", "manual", "-certdir"])
+        .arg(rc.dir.path())
+        .args(["-http-port", "-1", "-stun=false", "-mesh-psk-file"])
+        .arg(key_file)
+        // Its server key in the test's directory, not /var/lib/derper.
+        .arg("-c")
+        .arg(rc.dir.path().join(format!("derper-{port}.json")))
+        .args(["-mesh-with", mesh_with])
+        // derper dials ferry over TLS and must trust the region's certificate.
+        .env("SSL_CERT_FILE", rc.cert())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "derper never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Derper { child, port }
 }
