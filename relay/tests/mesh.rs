@@ -341,3 +341,79 @@ async fn a_restarted_relay_learns_all_2000_clients_of_its_peer() {
     }
     drop(a);
 }
+
+/// A watcher (a mesh peer) that stops reading is cut off once it falls `watcher_backlog`
+/// changes behind, and counted, instead of its backlog growing with every join and leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_stops_reading_is_cut_off_and_counted() {
+    let mesh_key = [7u8; 32];
+    let relay = Relay {
+        server: Server::spawn(Config {
+            mesh_key: Some(mesh_key),
+            limits: ferry_relay::server::Limits {
+                watcher_backlog: 50,
+                ..common::test_limits()
+            },
+            ..Config::dev_loopback()
+        })
+        .await
+        .unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+        root: None,
+    };
+    let m = relay.server.metrics().clone();
+    // The watcher: mesh key, WatchConns, then it never reads again. A small receive buffer,
+    // so its socket fills soon.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut io: BoxIo = Box::new(sock.connect(relay.addr()).await.unwrap());
+    io.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        .await
+        .unwrap();
+    read_head(&mut io).await;
+    let mut watcher = RawClient::handshake(
+        io,
+        ClientInfo {
+            version: 2,
+            mesh_key: Some(mesh_key),
+            can_ack_pings: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    watcher
+        .send_frame(ferry_relay::proto::frame_type::WATCH_CONNS, &[])
+        .await;
+    // Fill its socket: large packets to its key until the relay's writer for it is stuck.
+    let mut filler = RawClient::connect(&relay).await;
+    let big = vec![0u8; 60_000];
+    for _ in 0..200 {
+        filler.send(watcher.key(), &big).await;
+    }
+    // Joins and leaves: more than its backlog of 50.
+    for _ in 0..200 {
+        if m.sample(
+            "ferry_relay_connections_closed_total",
+            "reason=\"watcher_overflow\"",
+        ) >= 1.0
+        {
+            break;
+        }
+        drop(RawClient::connect(&relay).await);
+    }
+    eventually("the stalled watcher is cut off, counted", || {
+        m.sample(
+            "ferry_relay_connections_closed_total",
+            "reason=\"watcher_overflow\"",
+        ) == 1.0
+    })
+    .await;
+    // Everyone else is fine.
+    let mut a = RawClient::connect(&relay).await;
+    filler.send(a.key(), b"still here").await;
+    assert_eq!(
+        recv_packet(&mut a).await,
+        (filler.key(), b"still here".to_vec())
+    );
+    drop(watcher);
+}

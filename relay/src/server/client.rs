@@ -26,6 +26,9 @@ const READ_CHUNK: usize = 8 << 10;
 const IDLE_CHUNK: usize = 512;
 /// A batch buffer larger than this after a flush is released (idle clients stay small).
 const KEEP_WRITE_BUF: usize = 64 << 10;
+/// Packet bytes (payload + 64 each) the writer takes per batch; more stay queued (and wake it
+/// again). A writer stuck on a slow reader holds at most this, beside its queue.
+const WRITE_BATCH: usize = 64 << 10;
 
 /// PeerGone(not here) replies: a burst of 3, then one per second, per connection (derper's
 /// `peerGoneLim`).
@@ -516,18 +519,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let keepalive_timer = tokio::time::sleep_until(keepalive(tokio::time::Instant::now()));
     tokio::pin!(keepalive_timer);
     let mut restarting = false;
+    // Packets left queued by the last batch: write again without waiting for a wake-up.
+    let mut more = false;
     loop {
         tokio::select! {
             biased;
             _ = me.cancel.cancelled() => return None,
             _ = shared.drain.cancelled(), if !restarting => restarting = true,
+            _ = std::future::ready(()), if more => {}
             _ = me.notify.notified() => {}
             _ = &mut keepalive_timer => {
                 proto::put_frame(&mut out, ft::KEEP_ALIVE, &[]);
                 keepalive_timer.as_mut().reset(keepalive(tokio::time::Instant::now()));
             }
         }
-        me.take_queued(&mut q);
+        more = me.take_batch(&mut q, WRITE_BATCH);
         for c in q.control.drain(..) {
             match c {
                 Control::Pong(d) => proto::put_frame(&mut out, ft::PONG, &[&d]),
@@ -553,13 +559,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             out.reserve(proto::FRAME_HEADER_LEN + proto::KEY_LEN + p.data.len());
             proto::put_recv_packet(&mut out, &p.src, &p.data);
         }
-        if restarting && me.extended_frames {
+        // Draining: everything queued goes out first, then Restarting and the end of stream.
+        if restarting && !more && me.extended_frames {
             let (reconnect, try_for) = shared.restart_hint();
             proto::put_restarting(&mut out, reconnect, try_for);
             m.restarting_sent.increment(1);
         }
         if !out.is_empty() {
-            if let Err(why) = write_with_deadline(&mut w, &out, write_timeout).await {
+            // A connection closed from outside (ClosePeer, a watcher cut off, a hard shutdown)
+            // stops at once, not after a stuck write's timeout.
+            let written = tokio::select! {
+                biased;
+                _ = me.cancel.cancelled() => Err(me.close_reason().unwrap_or(CloseReason::Shutdown)),
+                r = write_with_deadline(&mut w, &out, write_timeout) => r,
+            };
+            if let Err(why) = written {
                 // Every packet of the batch that did not go out is lost (a batch of control
                 // frames only loses no packet).
                 m.drop_n(DropReason::WriteError, batch_packets);
@@ -571,7 +585,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 out = Vec::new();
             }
         }
-        if restarting {
+        if restarting && !more {
             let _ = tokio::time::timeout(write_timeout, w.shutdown()).await;
             return Some(CloseReason::Shutdown);
         }

@@ -135,6 +135,7 @@ impl MeshLink {
             if q.closed {
                 (1, DropReason::UnknownDest)
             } else {
+                let data = q.packets.detach(data);
                 let p = Forwarded { src, dst, data };
                 (q.packets.push(p, self.limits), DropReason::MeshQueue)
             }

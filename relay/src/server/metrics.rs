@@ -108,6 +108,8 @@ pub struct RelayMetrics {
     pub(crate) mesh_remote_keys: Gauge,
     pub(crate) mesh_resyncs: Counter,
     pub(crate) watchers: Gauge,
+    pub(crate) queued_packets: Gauge,
+    pub(crate) queued_bytes: Gauge,
     drops: Vec<Counter>,
     handshake_failures: Vec<Counter>,
     closes: Vec<Counter>,
@@ -247,6 +249,15 @@ impl RelayMetrics {
             "ferry_relay_watchers",
             "Mesh peers subscribed to this relay's presence changes (WatchConns), sampled every 5 s.",
         );
+        describe_g(
+            "ferry_relay_queued_packets",
+            "Packets waiting in receivers' queues, sampled every 5 s.",
+        );
+        r.describe_gauge(
+            "ferry_relay_queued_bytes".into(),
+            Some(metrics::Unit::Bytes),
+            "Bytes waiting in receivers' queues (payload + 64 per packet, what the queue budget counts), sampled every 5 s.".into(),
+        );
         describe(
             "ferry_relay_mesh_resyncs_total",
             None,
@@ -318,6 +329,10 @@ impl RelayMetrics {
             ),
             mesh_resyncs: counter("ferry_relay_mesh_resyncs_total"),
             watchers: r.register_gauge(&Key::from_static_name("ferry_relay_watchers"), &meta),
+            queued_packets: r
+                .register_gauge(&Key::from_static_name("ferry_relay_queued_packets"), &meta),
+            queued_bytes: r
+                .register_gauge(&Key::from_static_name("ferry_relay_queued_bytes"), &meta),
             drops: DropReason::ALL
                 .iter()
                 .map(|d| labelled(NAME_DROPS, "reason", d.label()))

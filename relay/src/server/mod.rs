@@ -217,6 +217,16 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// Gauges that are sampled rather than kept up to date on the hot path.
+    fn sample_gauges(&self) {
+        let m = &self.metrics;
+        m.watchers.set(self.registry.watcher_count() as f64);
+        let (packets, bytes) = self.registry.queued();
+        m.queued_packets.set(packets as f64);
+        m.queued_bytes.set(bytes as f64);
+        m.upkeep();
+    }
+
     pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
@@ -392,11 +402,7 @@ impl Server {
                 loop {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tick.tick() => {
-                            let m = &shared.metrics;
-                            m.watchers.set(shared.registry.watcher_count() as f64);
-                            m.upkeep();
-                        }
+                        _ = tick.tick() => shared.sample_gauges(),
                     }
                 }
             });
@@ -509,6 +515,12 @@ impl Server {
     /// Number of distinct client keys connected now.
     pub fn client_count(&self) -> usize {
         self.shared.registry.len()
+    }
+
+    /// Packets waiting in receivers' queues now, and the bytes the queue budget counts for
+    /// them (payload + 64 each). Walks every connection.
+    pub fn queued(&self) -> (usize, usize) {
+        self.shared.registry.queued()
     }
 
     /// Re-reads manual certificate files (SIGHUP). Established connections keep going; on error

@@ -162,6 +162,7 @@ impl ClientHandle {
         let dropped = {
             let mut qs = self.queues.lock();
             let q = if disco { &mut qs.disco } else { &mut qs.data };
+            let data = q.detach(data);
             q.push(QueuedPacket { src, data }, self.limits)
         };
         m.drop_n(DropReason::QueueHead, dropped);
@@ -201,11 +202,23 @@ impl ClientHandle {
 
     /// Moves everything queued into `into` (which must be empty), keeping both allocations.
     pub(crate) fn take_queued(&self, into: &mut Queues) {
+        self.take_batch(into, usize::MAX);
+    }
+
+    /// Moves what the writer sends next into `into` (which must be empty): every control and
+    /// presence note, and the oldest packets up to about `max_bytes` (disco first). The rest
+    /// stays queued, so a writer stuck on a slow client holds one bounded batch, not a second
+    /// copy of its whole queue. Returns whether packets were left.
+    pub(crate) fn take_batch(&self, into: &mut Queues, max_bytes: usize) -> bool {
         let mut q = self.queues.lock();
-        q.disco.swap(&mut into.disco);
-        q.data.swap(&mut into.data);
+        q.disco.take_front(&mut into.disco, max_bytes);
+        let left = max_bytes.saturating_sub(into.disco.bytes());
+        if left > 0 {
+            q.data.take_front(&mut into.data, left);
+        }
         std::mem::swap(&mut q.control, &mut into.control);
         std::mem::swap(&mut q.presence, &mut into.presence);
+        q.disco.len() + q.data.len() > 0
     }
 }
 
@@ -440,6 +453,18 @@ impl Registry {
         for c in conns {
             c.close(CloseReason::ClosedByMesh);
         }
+    }
+
+    /// Packets waiting in every receiver's queues, and their bytes (payload + 64 each). Walks
+    /// every connection: for the periodic gauge, not the hot path.
+    pub(crate) fn queued(&self) -> (usize, usize) {
+        let (mut packets, mut bytes) = (0, 0);
+        for c in self.all() {
+            let q = c.queues.lock();
+            packets += q.disco.len() + q.data.len();
+            bytes += q.disco.bytes() + q.data.bytes();
+        }
+        (packets, bytes)
     }
 
     /// Every connection (for shutdown).
