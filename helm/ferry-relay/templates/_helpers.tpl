@@ -122,6 +122,14 @@ true
 {{- if and (eq .Values.exposure.mode "hostNetwork") (gt (int .Values.replicas) 1) (not (or (contains "$(POD_INDEX)" .Values.relay.hostname) (contains "$(POD_NAME)" .Values.relay.hostname))) -}}
 {{- fail "exposure.mode=hostNetwork with several replicas: each relay is its own DERP node and needs its own name; put $(POD_INDEX) or $(POD_NAME) in relay.hostname" -}}
 {{- end -}}
+{{- $drain := .Values.relay.limits.shutdownTimeout -}}
+{{- $drainSecs := -1 -}}
+{{- if regexMatch "^[0-9]+s$" $drain -}}{{- $drainSecs = atoi (trimSuffix "s" $drain) -}}
+{{- else if regexMatch "^[0-9]+m$" $drain -}}{{- $drainSecs = mul 60 (atoi (trimSuffix "m" $drain)) -}}
+{{- end -}}
+{{- if and (ge (int $drainSecs) 0) (lt (int .Values.terminationGracePeriodSeconds) (add $drainSecs 2)) -}}
+{{- fail (printf "terminationGracePeriodSeconds=%d is shorter than the drain: the relay needs up to relay.limits.shutdownTimeout (%s) + 1 s to exit after SIGTERM, and Kubernetes kills it at the grace period, losing what is in flight. Set terminationGracePeriodSeconds to at least %d" (int .Values.terminationGracePeriodSeconds) $drain (add $drainSecs 2)) -}}
+{{- end -}}
 {{- if and (eq (include "ferry.meshDiscovery" .) "static") (eq .Values.exposure.mode "loadBalancer") (gt (int .Values.replicas) 1) (not .Values.mesh.peers) -}}
 {{- fail "mesh.discovery=static behind a load balancer: the relays share one name, so list the peers in mesh.peers (or use mesh.discovery=dns)" -}}
 {{- end -}}
@@ -226,6 +234,8 @@ write_timeout = {{ .writeTimeout | toJson }}
 keepalive_interval = {{ .keepaliveInterval | toJson }}
 queue_depth = {{ int .queueDepth }}
 queue_bytes = {{ int .queueBytes }}
+mesh_queue_bytes = {{ int .meshQueueBytes }}
+watcher_backlog = {{ int .watcherBacklog }}
 shutdown_timeout = {{ .shutdownTimeout | toJson }}
 client_rate_limit = {{ int64 .clientRateLimit }}
 client_rate_burst = {{ int64 .clientRateBurst }}
