@@ -633,6 +633,8 @@ fn a_region_survives_rolling_restarts_with_exact_accounting() {
     );
 
     let mut base = settle(&w, &region);
+    // Each ferry relay's count of re-established mesh links (a fresh process starts at 0).
+    let mut resyncs = [0u64; DERPER];
     let mut report = Vec::new();
     for mode in [Stop::Term, Stop::Kill] {
         for r in 0..DERPER {
@@ -715,6 +717,30 @@ fn a_region_survives_rolling_restarts_with_exact_accounting() {
                 })
                 .collect();
             rec.sort();
+            // While traffic still flows: every other ferry relay re-established its link to the
+            // restarted one (a resync), and each relay's view of the region is exact.
+            let resync_deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let now: Vec<u64> = (0..DERPER)
+                    .map(|i| {
+                        ferry_gauge(
+                            region.ferry[i].as_ref().unwrap(),
+                            "ferry_relay_mesh_resyncs_total",
+                        )
+                    })
+                    .collect();
+                if (0..DERPER).all(|i| i == r || now[i] > resyncs[i]) {
+                    resyncs.copy_from_slice(&now);
+                    break;
+                }
+                assert!(
+                    Instant::now() < resync_deadline,
+                    "relays never resynced with restarted relay {r}: {now:?} (before {resyncs:?})"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let resynced = signalled.elapsed();
+            let keys_during = remote_keys_match(&region, "during traffic after a restart");
             std::thread::sleep(Duration::from_secs(1));
             w.sending.store(false, Ordering::SeqCst);
             let end = settle(&w, &region);
@@ -747,7 +773,9 @@ fn a_region_survives_rolling_restarts_with_exact_accounting() {
             let line = format!(
                 "{mode:?} relay {r} ({on_r} clients): exit {exit:.2?}; every flow back in {:.2?} (p50 {:.2?}, p99 {:.2?}); \
                  sent {sent}, delivered {delivered}, dropped {dropped}, uncounted {uncounted} \
-                 (in flight through it: {in_flight}); mesh_remote_keys exact after {keys_after:.2?}; clients now {:?}",
+                 (in flight through it: {in_flight}); peers relinked {resynced:.2?} after the signal; \
+                 mesh_remote_keys exact {keys_during:.2?} after that (traffic on), \
+                 {keys_after:.2?} after settling; clients now {:?}",
                 rec.last().copied().unwrap_or_default(),
                 percentile(&rec, 0.5),
                 percentile(&rec, 0.99),

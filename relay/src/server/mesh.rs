@@ -323,11 +323,17 @@ async fn dns_loop(
     }
 }
 
+/// First wait before dialling a peer again, and the most it grows to. A peer that is back but
+/// not linked is a peer whose clients the rest of the region cannot reach, so the ceiling is
+/// derper's fixed retry interval (5 s), not the longer backoff of a client.
+const MESH_RETRY_FIRST: Duration = Duration::from_millis(200);
+const MESH_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Keeps a link to one peer: connect, watch, forward; reconnect with backoff. Returns when
 /// cancelled, or when the peer turns out to be this relay.
 async fn peer_loop(target: Target, ctx: Arc<LinkCtx>, cancel: CancellationToken) {
     let m = &ctx.shared.metrics;
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = MESH_RETRY_FIRST;
     let mut was_up = false;
     loop {
         // run_link watches `cancel` itself, so its cleanup always runs.
@@ -344,19 +350,25 @@ async fn peer_loop(target: Target, ctx: Arc<LinkCtx>, cancel: CancellationToken)
                 m.mesh_connect_failures.increment(1);
                 warn!(peer = %target.dial, retry_in = ?backoff, "mesh link failed: {e}");
                 let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MESH_RETRY_MAX);
                 w
             }
             LinkEnd::Lost(e, was_up_for) => {
                 warn!(peer = %target.dial, "mesh link lost: {e}; reconnecting");
                 if was_up_for > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(500);
+                    backoff = MESH_RETRY_FIRST;
                 }
                 let w = backoff;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MESH_RETRY_MAX);
                 w
             }
-            LinkEnd::Restarting(after) => after.min(Duration::from_secs(30)),
+            // The Restarting hint spreads a herd of clients over seconds; a region has a few
+            // peers, and every one of them should see the restarted relay's clients as soon as
+            // it is back: dial again soon, then back off while it is still down.
+            LinkEnd::Restarting(_) => {
+                backoff = MESH_RETRY_FIRST;
+                MESH_RETRY_FIRST
+            }
         };
         let jitter = wait.mul_f64(rand::random::<f64>() * 0.2);
         tokio::select! {
