@@ -8,6 +8,8 @@
 #     iptables, iproute2 -> iptables, ip                 (client NAT lab: network namespaces)
 #   Go tools (project-local, <repo>/.tools/bin, pinned):
 #     tailscale.com/cmd/derpprobe, tailscale.com/cmd/derper  @ $TAILSCALE_VERSION
+#     tailscale.com/cmd/tailscaled, tailscale.com/cmd/tailscale @ $TAILSCALE_VERSION
+#     github.com/juanfont/headscale/cmd/headscale            @ $HEADSCALE_VERSION
 #     github.com/letsencrypt/pebble/v2/cmd/pebble           @ $PEBBLE_VERSION
 #
 # Exports nothing: tests look in <repo>/.tools/bin and then PATH.
@@ -17,6 +19,7 @@ set -euo pipefail
 # Newest tailscale release whose go.mod accepts Go 1.26 (v1.104.x needs go >= 1.27).
 TAILSCALE_VERSION=v1.102.5
 PEBBLE_VERSION=v2.10.1
+HEADSCALE_VERSION=v0.27.1
 # Debian 12 (bookworm) versions these were tested with; a differing version only warns
 # (Debian replaces versions on its mirrors with security updates, so no hard pin).
 DEB_COTURN_VERSION=4.6.1-1
@@ -106,11 +109,39 @@ go_install() {  # go_install NAME PACKAGE MODULE VERSION
     log "installed: $name $ver in $((t1 - t0))s"
 }
 
+# Headscale: `go install ...@version` fails here (the module proxy refuses the module's version
+# list, which go install reads), but the exact version's module downloads; it is built from its
+# own go.mod in a writable copy of the module directory.
+headscale_install() {
+    local bin="$TOOLS_BIN/headscale" mod=github.com/juanfont/headscale ver="$HEADSCALE_VERSION" dir src t0
+    # A build outside the module cache records no version in the binary: a stamp beside it
+    # says which one it is.
+    if [[ -x $bin && $(cat "$bin.version" 2>/dev/null) == "$ver" ]]; then
+        log "ok: headscale $ver ($bin)"
+        return 0
+    fi
+    log "building headscale $ver from its module (go mod download + go build)"
+    t0=$(date +%s)
+    dir=$(GOTOOLCHAIN=local GOFLAGS=-mod=mod go mod download -json "$mod@$ver" \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])') \
+        || die "go mod download $mod@$ver failed"
+    src=$(mktemp -d)
+    cp -r "$dir/." "$src/" && chmod -R u+w "$src"
+    (cd "$src" && GOTOOLCHAIN=local CGO_ENABLED=0 go build -trimpath -o "$bin" ./cmd/headscale) \
+        || { rm -rf "$src"; die "building headscale $ver failed"; }
+    rm -rf "$src"
+    echo "$ver" > "$bin.version"
+    log "installed: headscale $ver in $(($(date +%s) - t0))s"
+}
+
 go_part() {
     command -v go >/dev/null 2>&1 || die "go not found in PATH (need Go >= 1.26)"
     mkdir -p "$TOOLS_BIN"
     go_install derper    tailscale.com/cmd/derper    tailscale.com "$TAILSCALE_VERSION"
     go_install derpprobe tailscale.com/cmd/derpprobe tailscale.com "$TAILSCALE_VERSION"
+    go_install tailscaled tailscale.com/cmd/tailscaled tailscale.com "$TAILSCALE_VERSION"
+    go_install tailscale tailscale.com/cmd/tailscale tailscale.com "$TAILSCALE_VERSION"
+    headscale_install
     go_install pebble    github.com/letsencrypt/pebble/v2/cmd/pebble \
         github.com/letsencrypt/pebble/v2 "$PEBBLE_VERSION"
     # pebble's HTTPS certificate and its CA, from the module, to a fixed place for the tests.
@@ -134,7 +165,7 @@ for bin in turnutils_stunclient turnserver promtool iptables ip; do
     printf '  %-22s %s\n' "$bin" "$(command -v "$bin" || echo MISSING)"
 done
 if [[ ${SKIP_GO:-0} != 1 ]]; then
-    for bin in derper derpprobe pebble; do
+    for bin in derper derpprobe tailscaled tailscale headscale pebble; do
         printf '  %-22s %s\n' "$bin" "$TOOLS_BIN/$bin"
     done
     printf '  %-22s %s\n' "pebble certs" "$REPO/.tools/pebble/{cert,key,pebble.minica}.pem"

@@ -365,7 +365,7 @@ async fn peer_loop(target: Target, ctx: Arc<LinkCtx>, cancel: CancellationToken)
             // The Restarting hint spreads a herd of clients over seconds; a region has a few
             // peers, and every one of them should see the restarted relay's clients as soon as
             // it is back: dial again soon, then back off while it is still down.
-            LinkEnd::Restarting(_) => {
+            LinkEnd::Restarting => {
                 backoff = MESH_RETRY_FIRST;
                 MESH_RETRY_FIRST
             }
@@ -385,8 +385,8 @@ enum LinkEnd {
     Failed(String),
     /// Was up (for this long), then broke.
     Lost(String, Duration),
-    /// The peer is restarting; come back after this.
-    Restarting(Duration),
+    /// The peer said it is restarting.
+    Restarting,
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -614,11 +614,7 @@ async fn run_link(
                 }
             }
             ServerFrame::Ping(d) => link.pong(d),
-            ServerFrame::Restarting {
-                reconnect_in_ms, ..
-            } => {
-                break LinkEnd::Restarting(Duration::from_millis(reconnect_in_ms.into()));
-            }
+            ServerFrame::Restarting { .. } => break LinkEnd::Restarting,
             ServerFrame::RecvPacket { .. } => {
                 // Nobody sends to a relay's own key; nothing to deliver it to.
                 m.drop(DropReason::UnknownDest);
