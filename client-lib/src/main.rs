@@ -267,6 +267,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -728,4 +729,11 @@ impl Signals {
     async fn wait(self) {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Colour in log lines only on a terminal, and never with `NO_COLOR` set (no-color.org): a log
+/// written to a file or a pipe carries no escape codes.
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

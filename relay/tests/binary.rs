@@ -770,3 +770,47 @@ fn sigterm_exits_in_time_whatever_is_connected() {
         "took {took:?}"
     );
 }
+
+/// Log lines carry colour only on a terminal, and not with `NO_COLOR`: a log file or a pipe gets
+/// no escape codes. (The terminal is a pty from util-linux's `script`.)
+#[test]
+fn log_colour_only_on_a_terminal() {
+    let run = |via_pty: bool, no_color: bool| -> String {
+        let relay = format!(
+            "{BIN} --dev --listen 127.0.0.1:0 --stun-listen 127.0.0.1:0 --metrics-listen off --log-level info"
+        );
+        // The relay logs "relay ready" and is stopped by a SIGTERM from the shell.
+        let script = format!("{relay} & p=$!; sleep 0.5; kill -TERM $p; wait $p");
+        let mut cmd = if via_pty {
+            let mut c = Command::new("script");
+            c.args(["-qec", &script, "/dev/null"]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        };
+        cmd.env_remove("RUST_LOG").env_remove("NO_COLOR");
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("relay ready"), "no log line: {text}");
+        text
+    };
+    assert!(
+        !run(false, false).contains('\x1b'),
+        "colour codes in a pipe"
+    );
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED (terminal part): util-linux `script` not found");
+        return;
+    }
+    assert!(
+        run(true, false).contains("\x1b["),
+        "no colour on a terminal"
+    );
+    assert!(!run(true, true).contains('\x1b'), "colour despite NO_COLOR");
+}

@@ -702,3 +702,31 @@ async fn a_burst_of_small_packets_in_one_read_reaches_an_idle_receiver_whole() {
         }
     }
 }
+
+/// A client that leaves by closing TCP without a TLS close_notify (Go clients do) has left,
+/// not failed: counted as `client_closed`. A stream cut in the middle of a frame is still a
+/// `read_error`.
+#[tokio::test]
+async fn eof_without_close_notify_is_a_clean_close_and_mid_frame_is_an_error() {
+    let relay = relay_tls(test_limits()).await;
+    let m = relay.server.metrics().clone();
+    let closed = |why: &str| {
+        m.sample(
+            "ferry_relay_connections_closed_total",
+            &format!("reason=\"{why}\""),
+        )
+    };
+    // Dropping a rustls stream closes TCP without close_notify.
+    drop(RawClient::connect(&relay).await);
+    eventually("a clean close", || closed("client_closed") == 1.0).await;
+    assert_eq!(closed("read_error"), 0.0);
+    // Half a SendPacket frame, then the end.
+    let mut c = RawClient::connect(&relay).await;
+    c.io.write_all(&[ft::SEND_PACKET, 0, 0, 0, 40, 1, 2, 3])
+        .await
+        .unwrap();
+    c.io.flush().await.unwrap();
+    drop(c);
+    eventually("a cut frame is an error", || closed("read_error") == 1.0).await;
+    assert_eq!(closed("client_closed"), 1.0);
+}
