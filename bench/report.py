@@ -470,6 +470,34 @@ if ts or plain:
 
 s7 = overload()
 
+wg = {}
+for f in sorted(glob(os.path.join(OUT, "s8", "*-r*.json"))):
+    r = json.load(open(f))
+    wg.setdefault(r["relay"], []).append(r)
+if wg:
+    anyr = next(iter(wg.values()))[0]
+    w("## 8. Real WireGuard through the relay\n")
+    w(f"`bench/wireguard.py`: two stock `tailscaled` {anyr.get('tailscaled', '')} (userspace networking, the relay "
+      f"path forced with `TS_DEBUG_ALWAYS_USE_DERP=1`) under Headscale {anyr.get('headscale', '')}, in a network "
+      "namespace with only `lo`. One DERP region and port, served in turn by ferry-relay and derper with the same "
+      f"certificate; each round sends {anyr['bytes'] >> 20} MiB from node 1 to node 2 (TCP over WireGuard over DERP, "
+      "through node 1's SOCKS5 server), alternating which relay goes first. The relay is pinned to CPU 0, the nodes "
+      "to CPU 1" + ("" if anyr.get("pinned") else " (not pinned in this run)") + ". Relay CPU is utime+stime from /proc "
+      "during the transfer; drops are the relay's own counters.\n")
+    w("| relay | rounds | goodput (median) | relay cores | relay CPU-seconds per GB (median) | drops per transfer (median, max) | intact |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for s in order(wg):
+        rs = wg[s]
+        w(f"| {NAMES[s]} | {len(rs)} | {fmt(med(rs, 'goodput_mb_per_s'), 1)} MB/s | {fmt(med(rs, 'relay_cores'), 2)} | {fmt(med(rs, 'relay_cpu_seconds_per_gb'), 2)} | "
+          f"{fmt(med(rs, 'relay_drops'))}, {fmt(max(r['relay_drops'] for r in rs))} | {sum(r['intact'] for r in rs)}/{len(rs)} |")
+    if "ferry" in wg and "derper" in wg:
+        f, d = wg["ferry"], wg["derper"]
+        w(f"\n- derper / ferry relay CPU per GB: {ratio(med(d, 'relay_cpu_seconds_per_gb'), med(f, 'relay_cpu_seconds_per_gb'))} "
+          f"(per round: {', '.join(f'{a:.2f}' for a in sorted(x['relay_cpu_seconds_per_gb'] / y['relay_cpu_seconds_per_gb'] for x, y in zip(d, f)))})")
+        w(f"- goodput ferry / derper: {ratio(med(f, 'goodput_mb_per_s'), med(d, 'goodput_mb_per_s'))}. Neither relay used a "
+          "whole core (the *relay cores* column): the two userspace WireGuard nodes, sharing one core, set the pace.")
+    w("")
+
 
 def reading():
     w("## Reading these numbers\n")

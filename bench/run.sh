@@ -19,6 +19,8 @@
 #   7  overload: 1200- and 64-byte floods, 8 pairs (open loop): goodput under overload and
 #      the drops, which ferry counts in ferry_relay_packets_dropped_total (read from its
 #      metrics listener after each run)
+#   8  real WireGuard: two stock tailscaled under Headscale send WG_MIB MiB (default 200)
+#      through ferry and through derper in turn (bench/wireguard.py; root: network namespace)
 #
 # Every server runs over TLS with the same certificate (a throw-away CA and a leaf for
 # localhost/127.0.0.1), fresh for every scenario, pinned to CPU 0 (PIN=0: no pinning); the load
@@ -36,7 +38,8 @@ IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 IDLE_HOLD=${IDLE_HOLD:-5}
 PIN=${PIN:-1}
 SKIP_IROH=${SKIP_IROH:-0}
-SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7"}
+SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7 8"}
+WG_MIB=${WG_MIB:-200}
 # Closed-loop window for scenarios 1 and 2: at most the 32-packet receive queue of ferry and
 # derper, so no relay has to drop in pairs; 16 leaves room for the end marker and control
 # frames and keeps 8 x 16 = 128 packets in flight.
@@ -58,8 +61,8 @@ nice -n 19 cargo build --release -p ferry-relay -p ferry-loadtest
 FERRY=$ROOT/target/release/ferry-relay
 LT=$ROOT/target/release/ferry-loadtest
 
-if ! command -v derper >/dev/null; then
-    log "derper missing: scripts/test-deps.sh installs it"
+if ! command -v derper >/dev/null || ! command -v tailscaled >/dev/null || ! command -v headscale >/dev/null; then
+    log "derper, tailscaled or headscale missing: scripts/test-deps.sh installs them"
     bash scripts/test-deps.sh
 fi
 for tool in turnserver openssl python3 taskset; do
@@ -350,6 +353,13 @@ for kind in ('ts','plain'):
            log "scenario 7: overload, $size-byte flood, 8 pairs (open loop)"
            TAG=$size COUNT_DROPS=1 scenario_relay 7 derp --clients 16 --size "$size" "${T[@]}"
        done ;;
+    8) if [ "$(id -u)" != 0 ]; then
+           log "scenario 8 skipped: it needs root (a network namespace for the WireGuard nodes)"
+       else
+           log "scenario 8: real WireGuard (tailscaled x2 under Headscale), $WG_MIB MiB per transfer"
+           rm -f "$OUT"/s8/*.json
+           python3 bench/wireguard.py "$OUT" "$ROUNDS" "$WG_MIB" $([ "$PIN" = 1 ] && echo --pin)
+       fi ;;
     *) echo "unknown scenario $n" >&2; exit 2 ;;
     esac
 done
