@@ -70,42 +70,9 @@ pub enum AddrChoice<T> {
     Disabled,
 }
 
-/// The `CertName` of a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertName {
-    /// The certificate must be valid for this name (instead of `HostName`).
-    Name(String),
-    /// `sha256-raw:<hex>`: the leaf certificate's DER must hash to this (self-signed relays).
-    Pin([u8; 32]),
-}
-
-impl CertName {
-    /// Parses `sha256-raw:<64 hex>` or a DNS name.
-    pub fn parse(s: &str) -> Result<CertName, String> {
-        match s.strip_prefix("sha256-raw:") {
-            Some(hex_part) => {
-                let bytes = hex::decode(hex_part).map_err(|_| {
-                    format!("{s:?} is not sha256-raw:<64 hex characters> (the pin ferry-relay logs as cert_name=...)")
-                })?;
-                let pin: [u8; 32] = bytes.try_into().map_err(|_| {
-                    format!("{s:?}: a sha256-raw pin has 64 hex characters (32 bytes)")
-                })?;
-                Ok(CertName::Pin(pin))
-            }
-            None if s.is_empty() => Err("CertName is empty; leave it out instead".into()),
-            None => Ok(CertName::Name(s.to_string())),
-        }
-    }
-}
-
-impl std::fmt::Display for CertName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CertName::Name(n) => f.write_str(n),
-            CertName::Pin(p) => write!(f, "sha256-raw:{}", hex::encode(p)),
-        }
-    }
-}
+/// The `CertName` of a node: a name for the certificate, or the `sha256-raw:` pin of a
+/// self-signed one.
+pub use ferry_proto::pin::{CertName, CertPin};
 
 /// One relay server (a `DERPNode`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -596,7 +563,14 @@ fn parse_node(region_id: u32, v: &Value, at: &str) -> Result<Node, RelayMapError
         Some(p) => p as u16,
     };
     let cert_name = get_str(o, "CertName", at)?
-        .map(|s| CertName::parse(&s).map_err(|why| invalid(format!("{at}.CertName"), why)))
+        .map(|s| {
+            s.parse::<CertName>().map_err(|e| {
+                invalid(
+                    format!("{at}.CertName"),
+                    format!("{e} (the pin ferry-relay logs as cert_name=...)"),
+                )
+            })
+        })
         .transpose()?;
     let stun_test_ip = get_str(o, "STUNTestIP", at)?
         .filter(|s| !s.is_empty())
@@ -654,7 +628,7 @@ mod tests {
         assert_eq!(n.ipv6, AddrChoice::Disabled);
         assert_eq!(n.derp_port, 8443);
         assert_eq!(n.stun_port, Some(3478));
-        assert!(matches!(n.cert_name, Some(CertName::Pin(p)) if p[1] == 0x11));
+        assert!(matches!(n.cert_name, Some(CertName::Pin(p)) if p.as_bytes()[1] == 0x11));
         assert!(n.uses_tls());
         let n2 = &m.region(901).unwrap().nodes[0];
         assert_eq!(n2.stun_port, None);

@@ -5,12 +5,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use ferry_proto::pin::tls::PinVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::Digest;
 
 use crate::relaymap::{CertName, Node};
 
@@ -75,11 +75,6 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The hex pin of a certificate: `sha256-raw:<hex of sha256(DER)>`, as the relay logs it.
-pub fn pin_of(der: &[u8]) -> String {
-    format!("sha256-raw:{}", hex::encode(sha2::Sha256::digest(der)))
-}
-
 /// A connector and the server name (SNI) for one node.
 pub(crate) fn connector(
     opts: &TlsOptions,
@@ -93,10 +88,12 @@ pub(crate) fn connector(
     let cfg = match &node.cert_name {
         Some(CertName::Pin(pin)) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: *pin,
-                provider: provider(),
-            }))
+            .with_custom_certificate_verifier(Arc::new(PinVerifier::new(
+                *pin,
+                provider(),
+                "the relay map's CertName",
+                " (update CertName to the pin the relay logs, or check you reach the right relay)",
+            )))
             .with_no_client_auth(),
         other => {
             let mut roots = rustls::RootCertStore::empty();
@@ -130,71 +127,6 @@ pub(crate) fn connector(
         }
     };
     Ok((tokio_rustls::TlsConnector::from(Arc::new(cfg)), sni))
-}
-
-/// Accepts exactly the leaf whose SHA-256 is the pin (chain and name are not checked: the pin
-/// is stronger than both). Signatures are still verified, so the server must hold the key.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
-        if got == self.pin {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "certificate pin mismatch: the relay map's CertName is sha256-raw:{} but the relay presented sha256-raw:{} \
-                 (update CertName to the pin the relay logs, or check you reach the right relay)",
-                hex::encode(self.pin),
-                hex::encode(got)
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// webpki verification, optionally against `CertName` instead of the SNI host name.

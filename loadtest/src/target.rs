@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferry_proto::pin::tls::PinVerifier;
+use ferry_proto::pin::CertPin;
 use ferry_relay::proto::{self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, SecretKey};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::Digest;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -181,80 +180,14 @@ fn parse_url(url: &str) -> Result<Url, TargetError> {
 }
 
 /// Parses `sha256-raw:<64 hex>`.
-pub fn parse_pin(pin: &str) -> Result<[u8; 32], TargetError> {
-    let bad = || TargetError::BadPin(pin.to_string());
-    let hex_part = pin.strip_prefix("sha256-raw:").ok_or_else(bad)?;
-    let bytes = hex::decode(hex_part).map_err(|_| bad())?;
-    bytes.try_into().map_err(|_| bad())
+pub fn parse_pin(pin: &str) -> Result<CertPin, TargetError> {
+    pin.parse()
+        .map_err(|_| TargetError::BadPin(pin.to_string()))
 }
 
 /// The ring provider, named explicitly (nothing else in the process picks one).
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Accepts the leaf whose sha256 matches the pin (or, without a pin, any certificate), but
-/// still checks the handshake signatures, so the server must hold the certificate's key.
-#[derive(Debug)]
-struct PinVerifier {
-    pin: Option<[u8; 32]>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Some(pin) = self.pin {
-            let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
-            if got != pin {
-                return Err(rustls::Error::General(format!(
-                    "the server's certificate does not match --pin (its pin is sha256-raw:{})",
-                    hex::encode(got)
-                )));
-            }
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 fn load_ca(path: &Path) -> Result<rustls::RootCertStore, TargetError> {
@@ -288,18 +221,17 @@ fn tls_config(args: &TargetArgs) -> Result<rustls::ClientConfig, TargetError> {
     let cfg = if let Some(pin) = &args.pin {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: Some(parse_pin(pin)?),
+            .with_custom_certificate_verifier(Arc::new(PinVerifier::new(
+                parse_pin(pin)?,
                 provider,
-            }))
+                "--pin",
+                "",
+            )))
             .with_no_client_auth()
     } else if args.insecure {
         builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: None,
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(PinVerifier::any_leaf(provider)))
             .with_no_client_auth()
     } else if let Some(ca) = &args.ca_file {
         builder
@@ -657,7 +589,7 @@ mod tests {
         let hex64 = "ab".repeat(32);
         assert_eq!(
             parse_pin(&format!("sha256-raw:{hex64}")).unwrap(),
-            [0xab; 32]
+            CertPin([0xab; 32])
         );
         assert!(parse_pin(&hex64).is_err());
         assert!(parse_pin("sha256-raw:abcd").is_err());

@@ -1,11 +1,11 @@
 //! ferry-relay: a DERP v2 relay, wire-compatible with Tailscale's clients, with a STUN server
 //! beside it.
 //!
-//! - [`proto`]: the wire protocol, sans-IO (always compiled; the client library uses it).
+//! - [`proto`]: the DERP wire protocol, sans-IO: `ferry_proto::derp`, re-exported.
 //! - `server` (feature `server`, on by default): listeners, TLS, HTTP upgrade, the per-client
 //!   actors and the registry. Start one with [`Server::spawn`].
 
-pub mod proto;
+pub use ferry_proto::derp as proto;
 
 #[cfg(feature = "server")]
 pub mod server;

@@ -150,7 +150,9 @@ impl Drop for Ns {
                 let _ = Command::new("kill").args(["-9", p]).output();
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -159,7 +161,11 @@ fn http_get(ns: &Ns, addr: &'static str, path: &'static str) -> String {
     ns.within(move || {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -304,7 +310,10 @@ fn transfer(
         let file = std::fs::File::open(&path).unwrap();
         // SAFETY: a valid namespace fd; setns changes only this thread (and the sink's, which
         // inherits nothing: it joins on its own below).
-        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
         let listener = TcpListener::bind(("127.0.0.1", SINK_PORT)).unwrap();
         let sink = std::thread::spawn(move || {
             let (mut c, _) = listener.accept().unwrap();
@@ -412,20 +421,34 @@ fn stock_tailscale_nodes_under_headscale_use_ferry_as_their_derp_region() {
         ns.within(|| TcpStream::connect(HEADSCALE).is_ok())
     });
     hs(&["users", "create", "ferry"]).unwrap();
-    let key = hs(&["preauthkeys", "create", "--user", "1", "--reusable", "--expiration", "1h"])
-        .unwrap()
-        .trim()
-        .lines()
-        .last()
-        .unwrap()
-        .to_string();
+    let key = hs(&[
+        "preauthkeys",
+        "create",
+        "--user",
+        "1",
+        "--reusable",
+        "--expiration",
+        "1h",
+    ])
+    .unwrap()
+    .trim()
+    .lines()
+    .last()
+    .unwrap()
+    .to_string();
 
     // 3. Two stock tailscaled, userspace networking, relay path forced, SOCKS5 on node 1.
     for n in 1..=2 {
         let mut c = ns.cmd(&tailscaled);
         c.arg("--tun=userspace-networking")
-            .arg(format!("--statedir={}", ns.path(&format!("node{n}")).display()))
-            .arg(format!("--socket={}", ns.path(&format!("node{n}.sock")).display()))
+            .arg(format!(
+                "--statedir={}",
+                ns.path(&format!("node{n}")).display()
+            ))
+            .arg(format!(
+                "--socket={}",
+                ns.path(&format!("node{n}.sock")).display()
+            ))
             .arg(format!("--port={}", 41640 + n))
             .arg("--no-logs-no-support")
             .arg(format!("--socks5-server=127.0.0.1:{}", 1080 + n))
@@ -437,7 +460,9 @@ fn stock_tailscale_nodes_under_headscale_use_ferry_as_their_derp_region() {
     let mut ips = Vec::new();
     for n in 1..=2 {
         let sock = ns.path(&format!("node{n}.sock"));
-        wait_until("tailscaled's socket", Duration::from_secs(30), || sock.exists());
+        wait_until("tailscaled's socket", Duration::from_secs(30), || {
+            sock.exists()
+        });
         let mut up = tailscale(&ns, &tailscale_bin, n);
         up.args(["up", "--login-server", &format!("http://{HEADSCALE}")])
             .args(["--authkey", &key, "--hostname", &format!("node{n}")])
@@ -534,12 +559,21 @@ fn stock_tailscale_nodes_under_headscale_use_ferry_as_their_derp_region() {
     // 7. 64 MiB node 1 -> node 2 through ferry, checksummed; ferry forwarded at least as many
     //    bytes (WireGuard packets of it, plus the acknowledgements the other way).
     let socks: SocketAddr = "127.0.0.1:1081".parse().unwrap();
-    let before = metric(&http_get(&ns, METRICS, "/metrics"), "ferry_relay_bytes_forwarded_total");
+    let before = metric(
+        &http_get(&ns, METRICS, "/metrics"),
+        "ferry_relay_bytes_forwarded_total",
+    );
     const N: u64 = 64 << 20;
     let t0 = Instant::now();
-    let (sent, got) = transfer(&ns, socks, ips[1], N, Arc::default()).join().unwrap();
+    let (sent, got) = transfer(&ns, socks, ips[1], N, Arc::default())
+        .join()
+        .unwrap();
     let took = t0.elapsed();
-    assert_eq!((got.bytes, got.sha), (N, sent), "the transfer arrived changed");
+    assert_eq!(
+        (got.bytes, got.sha),
+        (N, sent),
+        "the transfer arrived changed"
+    );
     let m = http_get(&ns, METRICS, "/metrics");
     let through = metric(&m, "ferry_relay_bytes_forwarded_total") - before;
     eprintln!(
@@ -554,9 +588,11 @@ fn stock_tailscale_nodes_under_headscale_use_ferry_as_their_derp_region() {
     const M: u64 = 96 << 20;
     let progress = Arc::new(AtomicU64::new(0));
     let t = transfer(&ns, socks, ips[1], M, Arc::clone(&progress));
-    wait_until("the second transfer under way", Duration::from_secs(60), || {
-        progress.load(Ordering::SeqCst) >= 16 << 20
-    });
+    wait_until(
+        "the second transfer under way",
+        Duration::from_secs(60),
+        || progress.load(Ordering::SeqCst) >= 16 << 20,
+    );
     let at = progress.load(Ordering::SeqCst);
     let signalled = Instant::now();
     let pid = ns.procs[relay].id() as libc::pid_t;
@@ -571,7 +607,11 @@ fn stock_tailscale_nodes_under_headscale_use_ferry_as_their_derp_region() {
     );
     start_relay(&mut ns, "relay-2.log");
     let (sent, got) = t.join().unwrap();
-    assert_eq!((got.bytes, got.sha), (M, sent), "the transfer arrived changed");
+    assert_eq!(
+        (got.bytes, got.sha),
+        (M, sent),
+        "the transfer arrived changed"
+    );
     let m = http_get(&ns, METRICS, "/metrics");
     eprintln!(
         "96 MiB with a restart after {} MiB: ferry exited {exit:.2?} after SIGTERM; longest pause in the transfer {:.2?}; \

@@ -24,9 +24,7 @@ impl Relay {
 
     /// `sha256-raw:<hex>` of the TLS leaf, as a DERP map's CertName.
     pub fn pin(&self) -> String {
-        use sha2::Digest;
-        let der = self.server.cert_der().expect("a TLS relay");
-        format!("sha256-raw:{}", hex::encode(sha2::Sha256::digest(&der)))
+        ferry_relay::server::cert_name_pin(&self.server.cert_der().expect("a TLS relay"))
     }
 
     pub fn stun_addr(&self) -> SocketAddr {

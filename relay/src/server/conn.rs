@@ -257,7 +257,7 @@ async fn serve<S>(
                 let prefix = if fast_start {
                     Vec::new()
                 } else {
-                    http::derp_switching_protocols(&shared.public.to_hex())
+                    crate::proto::client::switching_protocols_response(&shared.public)
                 };
                 // Boxed: the connection task then holds only what the DERP phase needs, not
                 // the largest state of every phase before it (idle connections are most of a

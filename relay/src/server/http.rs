@@ -161,16 +161,6 @@ impl Response {
     }
 }
 
-/// The 101 response derper writes (unless fast-start).
-pub(crate) fn derp_switching_protocols(server_key_hex: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: {}\r\nDerp-Public-Key: {}\r\n\r\n",
-        crate::proto::PROTOCOL_VERSION,
-        server_key_hex
-    )
-    .into_bytes()
-}
-
 /// Whether a `/generate_204` challenge is one derper would echo: up to 64 characters of
 /// `[A-Za-z0-9._:-]` (derper's `isChallengeChar`).
 pub(crate) fn valid_challenge(c: &str) -> bool {

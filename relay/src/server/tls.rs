@@ -10,7 +10,6 @@ use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use sha2::Digest;
 
 /// Where the relay's certificate comes from.
 #[derive(Debug, Clone)]
@@ -58,7 +57,7 @@ pub enum TlsError {
 
 /// The `CertName` value that pins a self-signed leaf in a DERP map: `sha256-raw:<hex>`.
 pub fn cert_name_pin(leaf_der: &[u8]) -> String {
-    format!("sha256-raw:{}", hex::encode(sha2::Sha256::digest(leaf_der)))
+    ferry_proto::pin::CertPin::from_der(leaf_der).to_string()
 }
 
 /// A client-side rustls config on the ring provider that trusts the webpki roots plus the PEM

@@ -1,15 +1,15 @@
 //! DERP v2 wire protocol, sans-IO: keys, frame codec, handshake messages.
 //!
 //! Nothing here touches a socket or a runtime. Bytes go in, typed frames come out, and the
-//! encoders append to a caller-owned buffer. Both the relay server and ferry's client library use
-//! this module, so it compiles without the `server` feature.
+//! encoders append to a caller-owned buffer.
 //!
 //! The facts are Tailscale's (`tailscale.com/derp`): a frame is `type: u8 | length: u32 BE |
 //! payload`, the handshake is ServerKey → ClientInfo (NaCl box) → ServerInfo (NaCl box).
 
-mod frame;
-mod handshake;
-mod keys;
+pub mod client;
+pub mod frame;
+pub mod handshake;
+pub mod keys;
 
 pub use frame::*;
 pub use handshake::*;
