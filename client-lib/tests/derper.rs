@@ -51,6 +51,11 @@ impl Drop for Derper {
 /// derper on 127.0.0.1 with a self-signed certificate for `localhost` (manual cert mode wants
 /// `<certdir>/<hostname>.crt` and `.key`), no STUN; and a DERP map that pins the certificate.
 fn start_derper(bin: &Path) -> Derper {
+    start_derper_stun(bin, None)
+}
+
+/// The same, with derper's STUN server on `stun_port` when given.
+fn start_derper_stun(bin: &Path, stun_port: Option<u16>) -> Derper {
     let dir = tempfile::tempdir().unwrap();
     let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
@@ -67,7 +72,11 @@ fn start_derper(bin: &Path) -> Derper {
         .args(["-a", &format!("127.0.0.1:{port}"), "-hostname", "localhost"])
         .args(["-certmode", "manual", "-certdir"])
         .arg(dir.path())
-        .args(["-http-port", "-1", "-stun=false"])
+        .args(["-http-port", "-1"])
+        .args(match stun_port {
+            Some(p) => vec!["-stun-port".to_string(), p.to_string()],
+            None => vec!["-stun=false".to_string()],
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -83,7 +92,7 @@ fn start_derper(bin: &Path) -> Derper {
     // SNI must be derper's -hostname; the connection goes to IPv4; the pin verifies the leaf.
     let node = serde_json::json!({
         "Name": "900a", "RegionID": 900, "HostName": "localhost", "IPv4": "127.0.0.1",
-        "IPv6": "none", "DERPPort": port, "STUNPort": -1,
+        "IPv6": "none", "DERPPort": port, "STUNPort": stun_port.map_or(-1, i32::from),
         "CertName": cert_name_pin(cert.der()),
     });
     Derper {
@@ -144,4 +153,43 @@ async fn endpoints_talk_through_tailscales_derper_and_go_direct() {
     assert_eq!(pong.path, direct);
     let pong = timeout(T, b.ping(ak)).await.unwrap().unwrap();
     assert!(matches!(pong.path, EpPath::Direct(_)), "{pong:?}");
+}
+
+/// netcheck against derper's STUN server: derper answers only Tailscale-style requests
+/// (SOFTWARE "tailnode" + FINGERPRINT), so a ferry node whose region has derper nodes must send
+/// exactly those, or it concludes that UDP is blocked. (It sent SOFTWARE "ferry" once, and
+/// derper never answered.)
+#[tokio::test]
+async fn netcheck_gets_answers_from_derpers_stun_server() {
+    let Some(bin) = derper_bin() else {
+        return;
+    };
+    let stun_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = start_derper_stun(&bin, Some(stun_port));
+    let sockets = ferry_client::udp::Sockets::bind("127.0.0.1:0".parse().unwrap(), None, None)
+        .await
+        .unwrap();
+    let local = sockets.v4.local_addr().unwrap();
+    let opts = ferry_client::netcheck::NetcheckOptions {
+        timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    // derper binds its STUN port a moment after its TCP listener: retry the first seconds.
+    let deadline = std::time::Instant::now() + T;
+    let report = loop {
+        let r = ferry_client::netcheck::run(&d.map, &sockets, None, opts).await;
+        if r.udp || std::time::Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert!(
+        report.udp,
+        "derper's STUN server never answered: {report:?}"
+    );
+    assert_eq!(report.global_v4, Some(local), "{report:?}");
+    assert!(report.region_latency.contains_key(&900), "{report:?}");
 }

@@ -17,50 +17,33 @@ use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 
 use crate::cli::StunArgs;
+use ferry_proto::stun;
+
 use crate::procfs;
 use crate::progress::{Meter, Sampler};
 use crate::report::{self, Hist, Report, ServerStats, Settings, Stun};
 
-/// The RFC 5389/8489 magic cookie.
-pub const MAGIC_COOKIE: u32 = 0x2112_A442;
 const BATCH: usize = 64;
 const REQ_MAX: usize = 40;
 const REPLY_BUF: usize = 256;
 const RING: usize = 1 << 16;
 const TAG_BASE: u32 = 0x464C_5400;
 /// SOFTWARE value Tailscale's clients send; derper answers only requests that carry it.
-const TAILSCALE_SOFTWARE: &[u8; 8] = b"tailnode";
+const TAILSCALE_SOFTWARE: &[u8] = b"tailnode";
 
-/// A Binding request with this transaction id. `tailscale` adds SOFTWARE=tailnode and a
-/// FINGERPRINT, as Tailscale's clients send and derper requires.
+/// A Binding request with this transaction id, written into `out`. `tailscale` adds
+/// SOFTWARE=tailnode and a FINGERPRINT, as Tailscale's clients send and derper requires.
 pub fn binding_request(txid: &[u8; 12], tailscale: bool, out: &mut [u8]) -> usize {
-    out[0..2].copy_from_slice(&0x0001u16.to_be_bytes());
-    out[4..8].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-    out[8..20].copy_from_slice(txid);
-    if !tailscale {
-        out[2..4].copy_from_slice(&0u16.to_be_bytes());
-        return 20;
-    }
-    // SOFTWARE (0x8022), 8 bytes; FINGERPRINT (0x8028), 4 bytes.
-    out[2..4].copy_from_slice(&20u16.to_be_bytes());
-    out[20..22].copy_from_slice(&0x8022u16.to_be_bytes());
-    out[22..24].copy_from_slice(&8u16.to_be_bytes());
-    out[24..32].copy_from_slice(TAILSCALE_SOFTWARE);
-    out[32..34].copy_from_slice(&0x8028u16.to_be_bytes());
-    out[34..36].copy_from_slice(&4u16.to_be_bytes());
-    let fp = crc32fast::hash(&out[..32]) ^ 0x5354_554E;
-    out[36..40].copy_from_slice(&fp.to_be_bytes());
-    40
+    stun::encode_binding_request(
+        txid,
+        tailscale.then_some(TAILSCALE_SOFTWARE),
+        tailscale,
+        out,
+    )
 }
 
 /// Whether `msg` is a well-formed Binding success response; returns its transaction id.
-pub fn success_txid(msg: &[u8]) -> Option<[u8; 12]> {
-    (msg.len() >= 20
-        && msg[..2] == [0x01, 0x01]
-        && msg[4..8] == MAGIC_COOKIE.to_be_bytes()
-        && usize::from(u16::from_be_bytes([msg[2], msg[3]])) + 20 == msg.len())
-    .then(|| msg[8..20].try_into().expect("12 bytes"))
-}
+pub use ferry_proto::stun::success_txid;
 
 struct Flow {
     sock: UdpSocket,
@@ -468,20 +451,19 @@ mod tests {
         let n = binding_request(&[9; 12], false, &mut b);
         assert_eq!(n, 20);
         assert_eq!(&b[..4], &[0, 1, 0, 0]);
-        assert_eq!(&b[4..8], &MAGIC_COOKIE.to_be_bytes());
+        assert_eq!(&b[4..8], &stun::COOKIE_BYTES);
         let n = binding_request(&[9; 12], true, &mut b);
         assert_eq!(n, 40);
         assert_eq!(u16::from_be_bytes([b[2], b[3]]), 20);
         assert_eq!(&b[24..32], b"tailnode");
-        // FINGERPRINT: CRC-32 of everything before it, XOR 0x5354554e.
-        let fp = u32::from_be_bytes(b[36..40].try_into().unwrap());
-        assert_eq!(fp, crc32fast::hash(&b[..32]) ^ 0x5354_554E);
+        let m = stun::Message::parse(&b[..n]).unwrap();
+        assert_eq!(m.fingerprint(), stun::FingerprintStatus::Valid);
     }
 
     #[test]
     fn answers_are_checked() {
         let mut ok = vec![0x01, 0x01, 0, 12];
-        ok.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        ok.extend_from_slice(&stun::COOKIE_BYTES);
         ok.extend_from_slice(&[7; 12]);
         ok.extend_from_slice(&[0; 12]);
         assert_eq!(success_txid(&ok), Some([7; 12]));

@@ -11,5 +11,6 @@
 
 pub mod derp;
 pub mod pin;
+pub mod stun;
 
 pub use derp::{KeyParseError, PublicKey, SecretKey};

@@ -38,8 +38,6 @@ mod linux {
     use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
-    use ferry_stun::proto;
-
     const BATCH: usize = 64;
     const LOSS_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -158,8 +156,12 @@ mod linux {
                 let mut txid = [0u8; 12];
                 txid[..4].copy_from_slice(&self.tag.to_be_bytes());
                 txid[4..8].copy_from_slice(&self.seq.wrapping_add(k as u32).to_be_bytes());
-                let req = proto::binding_request(txid, None, false);
-                self.requests[k * REQ..(k + 1) * REQ].copy_from_slice(&req);
+                ferry_proto::stun::encode_binding_request(
+                    &txid,
+                    None,
+                    false,
+                    &mut self.requests[k * REQ..(k + 1) * REQ],
+                );
             }
             // SAFETY: plain old data.
             let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
@@ -220,11 +222,8 @@ mod linux {
             let (mut ok, mut bad) = (0, 0);
             for (k, h) in hdrs.iter().enumerate().take(r as usize) {
                 let msg = &self.replies[k * REPLY_BUF..k * REPLY_BUF + h.msg_len as usize];
-                let valid = msg.len() >= 20
-                    && msg[..2] == [0x01, 0x01]
-                    && msg[4..8] == proto::MAGIC_COOKIE.to_be_bytes()
-                    && msg[8..12] == self.tag.to_be_bytes()
-                    && usize::from(u16::from_be_bytes([msg[2], msg[3]])) + 20 == msg.len();
+                let valid = ferry_proto::stun::success_txid(msg)
+                    .is_some_and(|t| t[..4] == self.tag.to_be_bytes());
                 if valid {
                     ok += 1;
                 } else {
