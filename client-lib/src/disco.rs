@@ -33,7 +33,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
-use ferry_relay::proto::{self, PublicKey, SecretKey, DISCO_MAGIC, KEY_LEN, NONCE_LEN};
+use ferry_proto::derp::{self as proto, PublicKey, SecretKey, DISCO_MAGIC, KEY_LEN, NONCE_LEN};
 
 /// A ping's transaction id.
 pub type TxId = [u8; 12];

@@ -30,7 +30,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
-use ferry_relay::proto::{PublicKey, SecretKey};
+use ferry_proto::{PublicKey, SecretKey};
 use snow::{HandshakeState, StatelessTransportState};
 
 /// The Noise protocol name.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ferry_relay::proto::{PublicKey, SecretKey};
+use ferry_proto::{PublicKey, SecretKey};
 
 /// Why a key could not be used.
 #[derive(Debug, thiserror::Error)]

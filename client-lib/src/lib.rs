@@ -10,7 +10,8 @@
 //! * [`e2e`] — Noise IK sessions between nodes (sans-IO).
 //! * [`disco`] — ping / pong / call-me-maybe between nodes, sealed with the node keys (sans-IO).
 //!
-//! The DERP protocol itself comes from `ferry_relay::proto`, the relay's own codec.
+//! The wire formats come from `ferry_proto` (shared with the relay); `ferry_relay` is not a
+//! dependency.
 
 pub mod disco;
 pub mod e2e;
@@ -27,5 +28,5 @@ pub use endpoint::{
     DirectOptions, Endpoint, EndpointConfig, EndpointError, EndpointStats, Path, PathEvent,
     PingReply,
 };
-pub use ferry_relay::proto::{PublicKey, SecretKey};
+pub use ferry_proto::{PublicKey, SecretKey};
 pub use relaymap::RelayMap;

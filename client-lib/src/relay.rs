@@ -10,15 +10,15 @@
 //! The connection is `GET /derp` with `Upgrade: DERP` over TLS (plain HTTP for a test node);
 //! if the relay (or a proxy in front of it) answers that with anything but 101, the client
 //! falls back to DERP over WebSocket (`Sec-WebSocket-Protocol: derp`) and stays on it. The
-//! protocol itself is `ferry_relay::proto`, the relay's own sans-IO codec.
+//! protocol itself is `ferry_proto::derp`, shared with the relay.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ferry_relay::proto::{
-    self, frame_type as ft, ClientInfo, FrameDecoder, PeerGoneReason, PublicKey, SecretKey,
-    ServerFrame,
+use ferry_proto::derp::client::{ClientHandshake, HandshakeError, HttpUpgrade, Step, Upgrade};
+use ferry_proto::derp::{
+    self as proto, frame_type as ft, ClientInfo, FrameDecoder, PeerGoneReason, PublicKey,
+    SecretKey, ServerFrame,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -476,84 +476,36 @@ async fn dial_once(
     } else {
         Box::new(tcp)
     };
-    let (reader, writer, buf) = if websocket {
-        upgrade_ws(node, io).await?
+    let (reader, writer, upgrade) = if websocket {
+        let (r, w) = upgrade_ws(node, io).await?;
+        (r, w, Upgrade::AlreadyUpgraded)
     } else {
-        upgrade_derp(node, io, addr).await?
+        let (r, w) = tokio::io::split(io);
+        let up = HttpUpgrade::new(
+            node.host_port(),
+            format!("ferry-client/{}", env!("CARGO_PKG_VERSION")),
+        );
+        (Reader::Io(r), Writer::Io(w), Upgrade::Http(up))
     };
-    let mut conn = Conn {
-        reader,
-        writer,
-        buf,
-        server_key: PublicKey([0; 32]),
-        websocket,
-    };
-    handshake(&mut conn, secret)
+    let conn = handshake(reader, writer, upgrade, secret, websocket)
         .await
-        .map_err(|why| RelayError::Handshake {
-            node: node.name.clone(),
-            url: node.url(),
-            why,
+        .map_err(|e| match e {
+            HandshakeFailure::Protocol(HandshakeError::Refused(r)) => RelayError::Refused {
+                node: node.name.clone(),
+                url: node.url(),
+                status: r.status_line(),
+            },
+            other => RelayError::Handshake {
+                node: node.name.clone(),
+                url: node.url(),
+                why: other.to_string(),
+            },
         })?;
     debug!(node = %node.name, %addr, websocket, "connected to relay");
     Ok(conn)
 }
 
-async fn upgrade_derp(
-    node: &Node,
-    mut io: BoxIo,
-    addr: SocketAddr,
-) -> Result<(Reader, Writer, BytesMut), RelayError> {
-    let hs = |why: String| RelayError::Handshake {
-        node: node.name.clone(),
-        url: node.url(),
-        why,
-    };
-    let req = format!(
-        "GET /derp HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nUser-Agent: ferry-client/{}\r\n\r\n",
-        node.host_port(),
-        env!("CARGO_PKG_VERSION")
-    );
-    io.write_all(req.as_bytes())
-        .await
-        .map_err(|e| hs(format!("writing the upgrade request to {addr}: {e}")))?;
-    io.flush().await.map_err(|e| hs(e.to_string()))?;
-    let mut buf = BytesMut::with_capacity(4096);
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 16 << 10 {
-            return Err(hs(
-                "HTTP response head over 16 KiB: not a DERP relay?".into()
-            ));
-        }
-        let n = io
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| hs(format!("reading the upgrade response: {e}")))?;
-        if n == 0 {
-            return Err(hs(
-                "the relay closed the connection before answering the upgrade".into(),
-            ));
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let status = head.lines().next().unwrap_or("").to_string();
-    let code = status.split_whitespace().nth(1).unwrap_or("");
-    if code != "101" {
-        return Err(RelayError::Refused {
-            node: node.name.clone(),
-            url: node.url(),
-            status,
-        });
-    }
-    let _ = buf.split_to(head_end);
-    let (r, w) = tokio::io::split(io);
-    Ok((Reader::Io(r), Writer::Io(w), buf))
-}
-
-async fn upgrade_ws(node: &Node, io: BoxIo) -> Result<(Reader, Writer, BytesMut), RelayError> {
+async fn upgrade_ws(node: &Node, io: BoxIo) -> Result<(Reader, Writer), RelayError> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let scheme = if node.uses_tls() { "wss" } else { "ws" };
     let url = format!("{scheme}://{}/derp", node.host_port());
@@ -574,59 +526,66 @@ async fn upgrade_ws(node: &Node, io: BoxIo) -> Result<(Reader, Writer, BytesMut)
         .await
         .map_err(|e| refused(format!("WebSocket upgrade: {e}")))?;
     let (w, r) = ws.split();
-    Ok((Reader::Ws(r), Writer::Ws(w), BytesMut::new()))
+    Ok((Reader::Ws(r), Writer::Ws(w)))
 }
 
-/// Reads one frame, reading more as needed.
-async fn read_frame(conn: &mut Conn) -> Result<proto::RawFrame, String> {
-    let mut dec = FrameDecoder::new();
-    loop {
-        if let Some(f) = dec.decode(&mut conn.buf).map_err(|e| e.to_string())? {
-            return Ok(f);
-        }
-        let n = conn
-            .reader
-            .read_more(&mut conn.buf)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("the relay closed the connection".into());
-        }
-    }
+/// Why the DERP handshake failed.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeFailure {
+    #[error(transparent)]
+    Protocol(#[from] HandshakeError),
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
 }
 
-async fn handshake(conn: &mut Conn, secret: &SecretKey) -> Result<(), String> {
-    let f = read_frame(conn).await?;
-    if f.frame_type != ft::SERVER_KEY {
-        return Err(format!(
-            "expected ServerKey, got frame type {:#04x}",
-            f.frame_type
-        ));
-    }
-    conn.server_key = proto::parse_server_key(&f.payload).map_err(|e| e.to_string())?;
+/// The upgrade (unless a WebSocket did it) and the DERP handshake, on ferry-proto's sans-IO
+/// machine.
+async fn handshake(
+    mut reader: Reader,
+    mut writer: Writer,
+    upgrade: Upgrade,
+    secret: &SecretKey,
+    websocket: bool,
+) -> Result<Conn, HandshakeFailure> {
     let info = ClientInfo {
         version: proto::PROTOCOL_VERSION,
         can_ack_pings: true,
         ..Default::default()
     };
-    let payload = proto::client_info_payload(secret, &conn.server_key, &info);
-    let mut out = Vec::with_capacity(payload.len() + 5);
-    proto::put_frame(&mut out, ft::CLIENT_INFO, &[&payload]);
-    conn.writer
-        .write(&out)
-        .await
-        .map_err(|e| format!("write ClientInfo: {e}"))?;
-    let f = read_frame(conn).await?;
-    if f.frame_type != ft::SERVER_INFO {
-        return Err(format!(
-            "expected ServerInfo, got frame type {:#04x} (the relay may have refused this client)",
-            f.frame_type
-        ));
+    let (mut hs, first) = ClientHandshake::new(secret.clone(), info, upgrade);
+    if !first.is_empty() {
+        writer
+            .write(&first)
+            .await
+            .map_err(|e| HandshakeFailure::Io("writing the upgrade request", e))?;
     }
-    let json = proto::open(secret, &conn.server_key, &f.payload)
-        .map_err(|e| format!("ServerInfo: {e}"))?;
-    proto::ServerInfo::from_json(&json).map_err(|e| format!("ServerInfo: {e}"))?;
-    Ok(())
+    let mut buf = BytesMut::with_capacity(4096);
+    let est = loop {
+        match hs.feed(&mut buf)? {
+            Step::NeedMore => {
+                buf.reserve(hs.bytes_needed(&buf));
+                let n = reader
+                    .read_more(&mut buf)
+                    .await
+                    .map_err(|e| HandshakeFailure::Io("reading", e))?;
+                if n == 0 {
+                    return Err(hs.closed().into());
+                }
+            }
+            Step::ServerKey { client_info, .. } => writer
+                .write(&client_info)
+                .await
+                .map_err(|e| HandshakeFailure::Io("writing ClientInfo", e))?,
+            Step::Established(e) => break e,
+        }
+    };
+    Ok(Conn {
+        reader,
+        writer,
+        buf,
+        server_key: est.server_key,
+        websocket,
+    })
 }
 
 struct Supervisor {

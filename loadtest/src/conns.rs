@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use ferry_relay::proto::{frame_type as ft, ServerFrame};
+use ferry_proto::derp::{frame_type as ft, ServerFrame};
 use hdrhistogram::Histogram;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Semaphore};
@@ -173,7 +173,7 @@ async fn hold(mut c: crate::target::DerpConn, mut finish: watch::Receiver<bool>)
                     if f.frame_type == ft::PING {
                         if let Ok(ServerFrame::Ping(data)) = ServerFrame::parse(f) {
                             let mut out = Vec::with_capacity(13);
-                            ferry_relay::proto::put_frame(&mut out, ft::PONG, &[&data]);
+                            ferry_proto::derp::put_frame(&mut out, ft::PONG, &[&data]);
                             if c.io.write_all(&out).await.is_err() {
                                 return;
                             }

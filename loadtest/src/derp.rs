@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::{BufMut, Bytes, BytesMut};
-use ferry_relay::proto::{self, frame_type as ft, FrameDecoder, PublicKey, ServerFrame, KEY_LEN};
+use ferry_proto::derp::{
+    self as proto, frame_type as ft, FrameDecoder, PublicKey, ServerFrame, KEY_LEN,
+};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch, Barrier, Notify, Semaphore};

@@ -9,9 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferry_proto::derp::client::{
+    ClientHandshake, HandshakeError, HttpUpgrade, Stage, Step, Upgrade,
+};
+use ferry_proto::derp::{self as proto, ClientInfo, FrameDecoder, PublicKey, SecretKey};
 use ferry_proto::pin::tls::PinVerifier;
 use ferry_proto::pin::CertPin;
-use ferry_relay::proto::{self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, SecretKey};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -395,96 +398,93 @@ impl Target {
     /// Dials, upgrades to DERP and completes the handshake with a fresh key.
     pub async fn connect(&self) -> Result<DerpConn, ConnectError> {
         let mut io = self.dial().await?;
-        let req = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nDerp-Version: 2\r\nUser-Agent: ferry-loadtest/{}\r\n\r\n",
-            self.path,
-            self.host_header,
-            env!("CARGO_PKG_VERSION")
-        );
-        io.write_all(req.as_bytes())
-            .await
-            .map_err(|e| self.io("upgrade request", e))?;
-        io.flush()
-            .await
-            .map_err(|e| self.io("upgrade request", e))?;
-        let mut buf = BytesMut::with_capacity(4096);
-        let head = tokio::time::timeout(STAGE_TIMEOUT, read_head(&mut io, &mut buf))
-            .await
-            .map_err(|_| self.not_derp("no HTTP response to the upgrade request within 10 s"))?
-            .map_err(|e| match e {
-                HeadError::Io(e) => self.io("HTTP upgrade", e),
-                HeadError::Closed => self.not_derp(
-                    "the connection closed before an HTTP response (a TLS server reached over http://?)",
-                ),
-                HeadError::TooLong => self.not_derp("the HTTP response head is over 16 KiB"),
-            })?;
-        let status = head.lines().next().unwrap_or("").trim().to_string();
-        if !(status.starts_with("HTTP/1.1 101") || status.starts_with("HTTP/1.0 101")) {
-            return Err(self.not_derp(format!(
-                "the upgrade got `{}` instead of `101 Switching Protocols`",
-                if status.is_empty() {
-                    "(nothing)"
-                } else {
-                    &status
-                }
-            )));
-        }
-        let mut conn = DerpConn {
-            io,
-            buf,
-            dec: FrameDecoder::new(),
-            secret: SecretKey::generate(),
-            server_key: PublicKey([0; 32]),
-        };
-        tokio::time::timeout(STAGE_TIMEOUT, self.handshake(&mut conn))
-            .await
-            .map_err(|_| self.timeout("DERP handshake"))??;
-        Ok(conn)
-    }
-
-    async fn handshake(&self, c: &mut DerpConn) -> Result<(), ConnectError> {
-        let f = c
-            .read_frame()
-            .await
-            .map_err(|e| self.io("DERP handshake", e))?
-            .ok_or_else(|| self.not_derp("the connection closed before the ServerKey frame"))?;
-        if f.frame_type != ft::SERVER_KEY {
-            return Err(self.not_derp(format!(
-                "the first frame is of type {:#04x}, not ServerKey (0x01)",
-                f.frame_type
-            )));
-        }
-        c.server_key = proto::parse_server_key(&f.payload)
-            .map_err(|e| self.not_derp(format!("bad ServerKey frame: {e}")))?;
+        let secret = SecretKey::generate();
+        // No CanAckPings: a load generator wants packets, not Health/Restarting/PeerPresent.
         let info = ClientInfo {
             version: proto::PROTOCOL_VERSION,
             ..Default::default()
         };
-        let payload = proto::client_info_payload(&c.secret, &c.server_key, &info);
-        let mut out = Vec::with_capacity(payload.len() + 5);
-        proto::put_frame(&mut out, ft::CLIENT_INFO, &[&payload]);
-        c.io.write_all(&out)
-            .await
-            .map_err(|e| self.io("DERP handshake", e))?;
-        c.io.flush()
-            .await
-            .map_err(|e| self.io("DERP handshake", e))?;
-        let f = c
-            .read_frame()
-            .await
-            .map_err(|e| self.io("DERP handshake", e))?
-            .ok_or_else(|| {
-                self.not_derp("the server closed the connection after ClientInfo (it refused us)")
-            })?;
-        if f.frame_type != ft::SERVER_INFO {
-            return Err(self.not_derp(format!(
-                "expected ServerInfo (0x03) after ClientInfo, got type {:#04x}",
-                f.frame_type
-            )));
+        let upgrade = HttpUpgrade {
+            host: self.host_header.clone(),
+            path: self.path.clone(),
+            user_agent: format!("ferry-loadtest/{}", env!("CARGO_PKG_VERSION")),
+        };
+        let (mut hs, first) = ClientHandshake::new(secret.clone(), info, Upgrade::Http(upgrade));
+        self.write(&mut io, &first, "upgrade request").await?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let est = loop {
+            match hs.feed(&mut buf).map_err(|e| self.handshake_error(e))? {
+                Step::NeedMore => {
+                    let stage = hs.stage();
+                    buf.reserve(hs.bytes_needed(&buf));
+                    let n = tokio::time::timeout(STAGE_TIMEOUT, io.read_buf(&mut buf))
+                        .await
+                        .map_err(|_| match stage {
+                            Stage::HttpResponse => {
+                                self.not_derp("no HTTP response to the upgrade request within 10 s")
+                            }
+                            _ => self.timeout("DERP handshake"),
+                        })?
+                        .map_err(|e| self.io(stage_name(stage), e))?;
+                    if n == 0 {
+                        return Err(self.not_derp(match stage {
+                            Stage::HttpResponse => "the connection closed before an HTTP response (a TLS server reached over http://?)",
+                            Stage::ServerKey => "the connection closed before the ServerKey frame",
+                            _ => "the server closed the connection after ClientInfo (it refused us)",
+                        }));
+                    }
+                }
+                Step::ServerKey { client_info, .. } => {
+                    self.write(&mut io, &client_info, "DERP handshake").await?
+                }
+                Step::Established(e) => break e,
+            }
+        };
+        Ok(DerpConn {
+            io,
+            buf,
+            dec: FrameDecoder::new(),
+            secret,
+            server_key: est.server_key,
+        })
+    }
+
+    async fn write(
+        &self,
+        io: &mut BoxIo,
+        bytes: &[u8],
+        stage: &'static str,
+    ) -> Result<(), ConnectError> {
+        tokio::time::timeout(STAGE_TIMEOUT, async {
+            io.write_all(bytes).await?;
+            io.flush().await
+        })
+        .await
+        .map_err(|_| self.timeout(stage))?
+        .map_err(|e| self.io(stage, e))
+    }
+
+    /// A handshake failure, worded for the person running the test.
+    fn handshake_error(&self, e: HandshakeError) -> ConnectError {
+        match e {
+            HandshakeError::UnexpectedFrame {
+                expected: Stage::ServerKey,
+                got,
+            } => self.not_derp(format!(
+                "the first frame is of type {got:#04x}, not ServerKey (0x01)"
+            )),
+            HandshakeError::UnexpectedFrame { got, .. } => self.not_derp(format!(
+                "expected ServerInfo (0x03) after ClientInfo, got type {got:#04x}"
+            )),
+            other => self.not_derp(other.to_string()),
         }
-        proto::open(&c.secret, &c.server_key, &f.payload)
-            .map_err(|e| self.not_derp(format!("ServerInfo: {e}")))?;
-        Ok(())
+    }
+}
+
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::HttpResponse => "HTTP upgrade",
+        _ => "DERP handshake",
     }
 }
 
@@ -501,31 +501,6 @@ fn set_bind_no_port(sock: &TcpSocket) {
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
-    }
-}
-
-enum HeadError {
-    Io(io::Error),
-    Closed,
-    TooLong,
-}
-
-/// Reads until the end of an HTTP response head; bytes after it stay in `buf` (DERP frames).
-async fn read_head(io: &mut BoxIo, buf: &mut BytesMut) -> Result<String, HeadError> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = buf.split_to(end + 4);
-            return Ok(String::from_utf8_lossy(&head).into_owned());
-        }
-        if buf.len() > 16 << 10 {
-            return Err(HeadError::TooLong);
-        }
-        buf.reserve(4096);
-        match io.read_buf(buf).await {
-            Ok(0) => return Err(HeadError::Closed),
-            Ok(_) => {}
-            Err(e) => return Err(HeadError::Io(e)),
-        }
     }
 }
 
