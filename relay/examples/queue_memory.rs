@@ -23,7 +23,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ferry_relay::proto::{self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, SecretKey};
+use ferry_relay::proto::client::{ClientHandshake, HttpUpgrade, Step, Upgrade};
+use ferry_relay::proto::{self, ClientInfo, PublicKey, SecretKey};
 use ferry_relay::server::{Config, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,16 +38,6 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
-/// Reads until `dec` yields a frame.
-async fn frame(io: &mut TcpStream, buf: &mut BytesMut, dec: &mut FrameDecoder) -> proto::RawFrame {
-    loop {
-        if let Some(f) = dec.decode(buf).unwrap() {
-            return f;
-        }
-        assert!(io.read_buf(buf).await.unwrap() > 0, "closed");
-    }
-}
-
 /// Plain-HTTP upgrade and DERP handshake. A small receive buffer makes a client that never
 /// reads stall the relay's writer for it after a few KiB.
 async fn connect(addr: SocketAddr, small_rcvbuf: bool) -> (TcpStream, PublicKey) {
@@ -55,38 +46,18 @@ async fn connect(addr: SocketAddr, small_rcvbuf: bool) -> (TcpStream, PublicKey)
         sock.set_recv_buffer_size(4096).unwrap();
     }
     let mut io = sock.connect(addr).await.unwrap();
-    io.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = BytesMut::new();
-    let head_end = loop {
-        io.read_buf(&mut buf).await.unwrap();
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-    };
-    let _ = buf.split_to(head_end);
-    let mut dec = FrameDecoder::new();
-    let f = frame(&mut io, &mut buf, &mut dec).await;
-    assert_eq!(f.frame_type, ft::SERVER_KEY);
-    let server = proto::parse_server_key(&f.payload).unwrap();
     let secret = SecretKey::generate();
-    let info = ClientInfo {
-        version: 2,
-        ..Default::default()
-    };
-    let mut out = Vec::new();
-    proto::put_frame(
-        &mut out,
-        ft::CLIENT_INFO,
-        &[&proto::client_info_payload(&secret, &server, &info)],
-    );
-    io.write_all(&out).await.unwrap();
-    assert_eq!(
-        frame(&mut io, &mut buf, &mut dec).await.frame_type,
-        ft::SERVER_INFO
-    );
-    (io, secret.public())
+    let up = Upgrade::Http(HttpUpgrade::new(addr.to_string(), "queue-memory/1"));
+    let (mut hs, first) = ClientHandshake::new(secret.clone(), ClientInfo::default(), up);
+    io.write_all(&first).await.unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        match hs.feed(&mut buf).unwrap() {
+            Step::NeedMore => assert!(io.read_buf(&mut buf).await.unwrap() > 0, "closed"),
+            Step::ServerKey { client_info, .. } => io.write_all(&client_info).await.unwrap(),
+            Step::Established(_) => return (io, secret.public()),
+        }
+    }
 }
 
 async fn settle_rss() -> u64 {

@@ -31,10 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{client_tls, require, start_derper, BoxIo, Derper, RegionCert};
-use ferry_relay::proto::{
-    self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, SecretKey, ServerFrame,
-};
+use common::{client_tls, require, start_derper, BoxIo, Derper, RawClient, RegionCert};
+use ferry_relay::proto::client::{HttpUpgrade, Upgrade};
+use ferry_relay::proto::{self, ClientInfo, FrameDecoder, PublicKey, SecretKey, ServerFrame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ferry-relay");
@@ -262,60 +261,17 @@ async fn connect(w: &World, relay: usize, me: usize) -> std::io::Result<(BoxIo, 
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", w.ports[relay])).await?;
         tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut io: BoxIo = Box::new(w.tls.connect(name, tcp).await?);
-        io.write_all(
-            b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
-        )
-        .await?;
-        io.flush().await?;
-        let mut buf = BytesMut::new();
-        let mut dec = FrameDecoder::new();
-        let mut head_done = false;
-        let bad = |what: &str| std::io::Error::other(what.to_string());
-        let server = loop {
-            if !head_done {
-                if let Some(i) = buf.windows(4).position(|x| x == b"\r\n\r\n") {
-                    if !buf.starts_with(b"HTTP/1.1 101") {
-                        return Err(bad("upgrade refused"));
-                    }
-                    let _ = buf.split_to(i + 4);
-                    head_done = true;
-                    continue;
-                }
-            } else if let Some(f) = dec.decode(&mut buf).map_err(|_| bad("bad frame"))? {
-                if f.frame_type != ft::SERVER_KEY {
-                    return Err(bad("no ServerKey"));
-                }
-                break proto::parse_server_key(&f.payload).map_err(|_| bad("bad ServerKey"))?;
-            }
-            buf.reserve(4096);
-            if io.read_buf(&mut buf).await? == 0 {
-                return Err(bad("closed in the handshake"));
-            }
-        };
+        let io: BoxIo = Box::new(w.tls.connect(name, tcp).await?);
         let info = ClientInfo {
             version: 2,
             can_ack_pings: true,
             ..Default::default()
         };
-        let mut out = Vec::new();
-        let payload = proto::client_info_payload(&w.secrets[me], &server, &info);
-        proto::put_frame(&mut out, ft::CLIENT_INFO, &[&payload]);
-        io.write_all(&out).await?;
-        io.flush().await?;
-        loop {
-            if let Some(f) = dec.decode(&mut buf).map_err(|_| bad("bad frame"))? {
-                if f.frame_type != ft::SERVER_INFO {
-                    return Err(bad("no ServerInfo"));
-                }
-                break;
-            }
-            buf.reserve(4096);
-            if io.read_buf(&mut buf).await? == 0 {
-                return Err(bad("closed in the handshake"));
-            }
-        }
-        Ok((io, buf))
+        let up = Upgrade::Http(HttpUpgrade::new("localhost", "churn/1"));
+        let c = RawClient::try_over(io, w.secrets[me].clone(), info, up)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok(c.into_parts())
     };
     tokio::time::timeout(Duration::from_secs(5), io)
         .await
@@ -640,12 +596,17 @@ fn a_region_survives_rolling_restarts_with_exact_accounting() {
         for r in 0..DERPER {
             w.sending.store(true, Ordering::SeqCst);
             // Rebalance as a load balancer would: a quarter of the clients move to the relay
-            // about to be stopped (churn in itself: each leaves its relay cleanly).
-            let movers: Vec<usize> = (0..n).filter(|_| rand::random::<u8>() < 64).collect();
+            // about to be stopped (churn in itself: each leaves its relay cleanly). Clients on
+            // derper stay there: derper loses a packet now and then, uncounted, when a client
+            // leaves it (see docs/notes-derp-interop.md), and this test counts exactly.
+            let movers: Vec<usize> = (0..n)
+                .filter(|&c| {
+                    let at = w.location[c].load(Ordering::SeqCst);
+                    at != DERPER && at != r && rand::random::<u8>() < 64
+                })
+                .collect();
             for &c in &movers {
-                if w.location[c].load(Ordering::SeqCst) != r {
-                    w.move_to[c].store(r, Ordering::SeqCst);
-                }
+                w.move_to[c].store(r, Ordering::SeqCst);
             }
             let deadline = Instant::now() + Duration::from_secs(20);
             while movers.iter().any(|&c| {

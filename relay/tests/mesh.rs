@@ -7,12 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    eventually, free_port, read_head, require, start_derper, upgrade, BoxIo, Derper, RawClient,
-    RegionCert, Relay, T,
+    eventually, free_port, require, start_derper, upgrade, BoxIo, Derper, RawClient, RegionCert,
+    Relay, T,
 };
 use ferry_relay::proto::{ClientInfo, PublicKey, SecretKey, ServerFrame};
 use ferry_relay::server::{Config, MeshConfig, MeshDns, MeshTls, Server, TlsConfig};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 async fn meshed_relay(rc: &RegionCert, port: u16, peers: Vec<String>) -> Relay {
@@ -207,21 +206,15 @@ async fn dns_discovered_peers_mesh_and_self_is_skipped() {
 async fn derper_client(d: &Derper, rc: &RegionCert) -> RawClient {
     let tcp = TcpStream::connect(("127.0.0.1", d.port)).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut io: BoxIo = Box::new(
+    let io: BoxIo = Box::new(
         common::client_tls(&rc.der)
             .connect(name, tcp)
             .await
             .unwrap(),
     );
-    io.write_all(
-        b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let head = read_head(&mut io).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    RawClient::handshake(
+    RawClient::over(
         io,
+        "localhost",
         ClientInfo {
             version: 2,
             ..Default::default()
@@ -366,13 +359,10 @@ async fn a_watcher_that_stops_reading_is_cut_off_and_counted() {
     // so its socket fills soon.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
-    let mut io: BoxIo = Box::new(sock.connect(relay.addr()).await.unwrap());
-    io.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-        .await
-        .unwrap();
-    read_head(&mut io).await;
-    let mut watcher = RawClient::handshake(
+    let io: BoxIo = Box::new(sock.connect(relay.addr()).await.unwrap());
+    let mut watcher = RawClient::over(
         io,
+        "x",
         ClientInfo {
             version: 2,
             mesh_key: Some(mesh_key),

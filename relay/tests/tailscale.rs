@@ -520,32 +520,22 @@ fn stock_tailscale_nodes_under_headscale_use_ferry_as_their_derp_region() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            use tokio::io::AsyncWriteExt;
+            use ferry_relay::proto::client::{HandshakeError, HttpUpgrade, Stage, Upgrade};
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", DERP_PORT))
                 .await
                 .unwrap();
             let name = rustls::pki_types::ServerName::try_from(RELAY_HOST).unwrap();
-            let mut io: common::BoxIo =
+            let io: common::BoxIo =
                 Box::new(common::client_tls(&der).connect(name, tcp).await.unwrap());
-            io.write_all(
-                b"GET /derp HTTP/1.1\r\nHost: derp.ferry.test\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
+            let up = Upgrade::Http(HttpUpgrade::new(RELAY_HOST, "outsider/1"));
+            let r = common::RawClient::try_over(
+                io,
+                ferry_relay::proto::SecretKey::generate(),
+                ferry_relay::proto::ClientInfo::default(),
+                up,
             )
-            .await
-            .unwrap();
-            io.flush().await.unwrap();
-            common::read_head(&mut io).await;
-            let secret = ferry_relay::proto::SecretKey::generate();
-            let mut c = common::RawClient::from_parts(io, secret, ferry_relay::proto::PublicKey([0; 32]));
-            let f = c.frame().await.expect("ServerKey");
-            let server = ferry_relay::proto::parse_server_key(&f.payload).unwrap();
-            let info = ferry_relay::proto::ClientInfo {
-                version: 2,
-                ..Default::default()
-            };
-            let payload = ferry_relay::proto::client_info_payload(&c.secret, &server, &info);
-            c.send_frame(ferry_relay::proto::frame_type::CLIENT_INFO, &[&payload])
-                .await;
-            c.frame().await.is_none()
+            .await;
+            matches!(r, Err(HandshakeError::Closed(Stage::ServerInfo)))
         })
     });
     assert!(refused, "a key outside the tailnet got a ServerInfo");

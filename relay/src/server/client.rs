@@ -291,12 +291,7 @@ where
     let key_gone = shared.registry.unregister(&me);
     me.cancel.cancel();
     let writer_why = writer.await.ok().flatten();
-    let mut rest = Queues::default();
-    me.take_queued(&mut rest);
-    m.drop_n(
-        DropReason::GoneDisconnected,
-        (rest.disco.len() + rest.data.len()) as u64,
-    );
+    m.drop_n(DropReason::GoneDisconnected, me.close_queues() as u64);
     m.connections.decrement(1.0);
     if home {
         m.home_connections.decrement(1.0);
@@ -518,14 +513,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     // One timer for the connection's life, reset when it fires (not re-created per batch).
     let keepalive_timer = tokio::time::sleep_until(keepalive(tokio::time::Instant::now()));
     tokio::pin!(keepalive_timer);
-    let mut restarting = false;
+    let mut draining = false;
     // Packets left queued by the last batch: write again without waiting for a wake-up.
     let mut more = false;
     loop {
         tokio::select! {
             biased;
             _ = me.cancel.cancelled() => return None,
-            _ = shared.drain.cancelled(), if !restarting => restarting = true,
+            _ = shared.drain.cancelled(), if !draining => draining = true,
             _ = std::future::ready(()), if more => {}
             _ = me.notify.notified() => {}
             _ = &mut keepalive_timer => {
@@ -560,7 +555,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             proto::put_recv_packet(&mut out, &p.src, &p.data);
         }
         // Draining: everything queued goes out first, then Restarting and the end of stream.
-        if restarting && !more && me.extended_frames {
+        let restarting = draining && !more;
+        if restarting && me.extended_frames {
             let (reconnect, try_for) = shared.restart_hint();
             proto::put_restarting(&mut out, reconnect, try_for);
             m.restarting_sent.increment(1);
@@ -585,7 +581,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 out = Vec::new();
             }
         }
-        if restarting && !more {
+        if restarting {
             let _ = tokio::time::timeout(write_timeout, w.shutdown()).await;
             return Some(CloseReason::Shutdown);
         }

@@ -29,6 +29,9 @@ use tracing::{debug, info, warn};
 use super::metrics::DropReason;
 use super::queue::{Cost, DropOldest, QueueLimits, QUEUED_OVERHEAD};
 use super::Shared;
+use crate::proto::client::{
+    host_header, ClientHandshake, HandshakeError, HttpUpgrade, Stage, Step, Upgrade,
+};
 use crate::proto::{
     self, frame_type as ft, present_flags, ClientInfo, FrameDecoder, PublicKey, ServerFrame,
 };
@@ -79,6 +82,8 @@ const READ_IDLE: Duration = Duration::from_secs(150);
 /// A write to a peer that makes no progress for this long ends the link (derper: 30 s for mesh).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a graceful end, how long a link waits for the peer to close its side.
+const LINK_LINGER: Duration = Duration::from_secs(2);
 
 /// A packet on its way to a peer relay's client.
 #[derive(Debug)]
@@ -145,10 +150,15 @@ impl MeshLink {
     }
 
     /// Ends the link for senders: returns how many packets were still queued (never sent).
+    /// The writer then finishes the batch it is writing and half-closes the connection.
     fn close(&self) -> u64 {
-        let mut q = self.queue.lock();
-        q.closed = true;
-        q.packets.drain().count() as u64
+        let dropped = {
+            let mut q = self.queue.lock();
+            q.closed = true;
+            q.packets.drain().count() as u64
+        };
+        self.notify.notify_one();
+        dropped
     }
 
     fn pong(&self, data: [u8; 8]) {
@@ -392,13 +402,14 @@ enum LinkEnd {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<X: AsyncRead + AsyncWrite + Unpin + Send> Io for X {}
 
-async fn connect(target: &Target, ctx: &LinkCtx) -> Result<(Box<dyn Io>, BytesMut), String> {
+/// TCP, and TLS when the mesh uses it.
+async fn connect(target: &Target, ctx: &LinkCtx) -> Result<Box<dyn Io>, String> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.dial.as_str()))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let mut io: Box<dyn Io> = match &ctx.connector {
+    let io: Box<dyn Io> = match &ctx.connector {
         None => Box::new(tcp),
         Some(c) => {
             let name = target
@@ -414,41 +425,7 @@ async fn connect(target: &Target, ctx: &LinkCtx) -> Result<(Box<dyn Io>, BytesMu
             Box::new(tls)
         }
     };
-    let req = format!(
-        "GET /derp HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\nUser-Agent: ferry-relay/{} mesh\r\n\r\n",
-        target.host,
-        env!("CARGO_PKG_VERSION")
-    );
-    io.write_all(req.as_bytes())
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    io.flush().await.map_err(|e| format!("write: {e}"))?;
-    // Read the response head; keep whatever DERP bytes came after it.
-    let mut buf = BytesMut::with_capacity(4096);
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 16 << 10 {
-            return Err("HTTP response head too long: not a DERP server?".into());
-        }
-        let n = tokio::time::timeout(CONNECT_TIMEOUT, io.read_buf(&mut buf))
-            .await
-            .map_err(|_| "no HTTP response in time".to_string())?
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("closed before the HTTP response".into());
-        }
-    };
-    let head = buf.split_to(head_end);
-    let status = String::from_utf8_lossy(&head[..head.len().min(64)]).into_owned();
-    if !status.starts_with("HTTP/1.1 101") {
-        return Err(format!(
-            "upgrade refused: {}",
-            status.lines().next().unwrap_or("")
-        ));
-    }
-    Ok((io, buf))
+    Ok(io)
 }
 
 /// Reads one frame, with the idle bound.
@@ -482,52 +459,83 @@ type Halves = (
 );
 
 /// Connects, upgrades and handshakes as a client with our own server key and the mesh key, then
-/// asks to watch connections.
+/// asks to watch connections. The whole of it is bounded by [`CONNECT_TIMEOUT`] (a peer that
+/// trickles bytes cannot hold it).
 async fn establish(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkEnd> {
-    let shared = &ctx.shared;
-    let (io, mut buf) = connect(target, ctx).await.map_err(LinkEnd::Failed)?;
-    let (mut r, mut w) = tokio::io::split(io);
-    let mut dec = FrameDecoder::new();
-    let f = next_frame(&mut r, &mut buf, &mut dec, CONNECT_TIMEOUT)
+    tokio::time::timeout(CONNECT_TIMEOUT, establish_inner(target, ctx))
         .await
-        .map_err(|e| LinkEnd::Failed(format!("waiting for ServerKey: {e}")))?;
-    if f.frame_type != ft::SERVER_KEY {
-        return Err(LinkEnd::Failed(format!(
-            "first frame is type {:#04x}, not ServerKey: not a DERP server?",
-            f.frame_type
-        )));
-    }
-    let peer_key = proto::parse_server_key(&f.payload)
-        .map_err(|e| LinkEnd::Failed(format!("bad ServerKey: {e}")))?;
-    if peer_key == shared.public {
-        return Err(LinkEnd::SelfConnect);
-    }
+        .unwrap_or_else(|_| {
+            Err(LinkEnd::Failed(format!(
+                "no DERP connection within {CONNECT_TIMEOUT:?}"
+            )))
+        })
+}
+
+async fn establish_inner(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkEnd> {
+    let shared = &ctx.shared;
+    let failed = |e: String| LinkEnd::Failed(e);
+    let io = connect(target, ctx).await.map_err(failed)?;
+    let (mut r, mut w) = tokio::io::split(io);
+    let port = split_host_port(&target.dial).map(|(_, p)| p).unwrap_or(443);
+    let upgrade = HttpUpgrade::new(
+        host_header(&target.host, port),
+        format!("ferry-relay/{} mesh", env!("CARGO_PKG_VERSION")),
+    );
     let info = ClientInfo {
         version: proto::PROTOCOL_VERSION,
         mesh_key: Some(ctx.mesh_key),
         can_ack_pings: true,
         is_prober: false,
     };
-    let payload = proto::client_info_payload(&shared.secret, &peer_key, &info);
-    let mut out = Vec::new();
-    proto::put_frame(&mut out, ft::CLIENT_INFO, &[&payload]);
-    proto::put_frame(&mut out, ft::WATCH_CONNS, &[]);
-    let sent = async {
-        w.write_all(&out).await?;
-        w.flush().await
+    let (mut hs, first) = ClientHandshake::new(shared.secret.clone(), info, Upgrade::Http(upgrade));
+    write_flush(&mut w, &first)
+        .await
+        .map_err(|e| failed(format!("write: {e}")))?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let peer_key = loop {
+        let step = hs.feed(&mut buf).map_err(|e| {
+            failed(match e {
+                HandshakeError::Refused(r) => format!("upgrade refused: {}", r.status_line()),
+                other => other.to_string(),
+            })
+        })?;
+        match step {
+            Step::NeedMore => {
+                buf.reserve(hs.bytes_needed(&buf));
+                let n = r
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| failed(format!("read: {e}")))?;
+                if n == 0 {
+                    let hint = if hs.stage() == Stage::ServerInfo {
+                        " (a peer closes the connection when the mesh key differs: check that every relay has the same mesh key)"
+                    } else {
+                        ""
+                    };
+                    return Err(failed(format!("{}{hint}", hs.closed())));
+                }
+            }
+            Step::ServerKey { key, .. } if key == shared.public => {
+                return Err(LinkEnd::SelfConnect)
+            }
+            Step::ServerKey {
+                mut client_info, ..
+            } => {
+                // Subscribe at once, pipelined behind ClientInfo.
+                proto::put_frame(&mut client_info, ft::WATCH_CONNS, &[]);
+                write_flush(&mut w, &client_info)
+                    .await
+                    .map_err(|e| failed(format!("write: {e}")))?;
+            }
+            Step::Established(e) => break e.server_key,
+        }
     };
-    sent.await
-        .map_err(|e| LinkEnd::Failed(format!("write: {e}")))?;
-    match next_frame(&mut r, &mut buf, &mut dec, CONNECT_TIMEOUT).await {
-        Ok(f) if f.frame_type == ft::SERVER_INFO => Ok((r, w, buf, dec, peer_key)),
-        Ok(f) => Err(LinkEnd::Failed(format!(
-            "expected ServerInfo, got frame type {:#04x}",
-            f.frame_type
-        ))),
-        Err(e) => Err(LinkEnd::Failed(format!(
-            "no ServerInfo: {e} (a peer closes the connection when the mesh key differs: check that every relay has the same mesh key)"
-        ))),
-    }
+    Ok((r, w, buf, FrameDecoder::new(), peer_key))
+}
+
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
 /// The keys learned over one link. Dropping it (however the link ends, even if its task is
@@ -578,21 +586,21 @@ async fn run_link(
     let link = Arc::clone(&learned.link);
     let up_since = tokio::time::Instant::now();
     info!(peer = %target.dial, peer_key = %peer_key.short(), "mesh link up");
-    let link_cancel = cancel.child_token();
-    let _stop_writer = link_cancel.clone().drop_guard();
-    tokio::spawn(link_writer(
+    // Stops the writer at once: a failed write, or a link that will not close gracefully.
+    let stop_writer = CancellationToken::new();
+    let _stop_writer = stop_writer.clone().drop_guard();
+    let writer = tokio::spawn(link_writer(
         w,
         Arc::clone(&link),
-        link_cancel.clone(),
+        stop_writer.clone(),
         Arc::clone(&ctx.shared),
     ));
     let end = loop {
         let f = tokio::select! {
-            _ = link_cancel.cancelled() => break if cancel.is_cancelled() {
-                LinkEnd::Cancelled
-            } else {
-                LinkEnd::Lost("write failed or timed out".into(), up_since.elapsed())
-            },
+            _ = cancel.cancelled() => break LinkEnd::Cancelled,
+            _ = stop_writer.cancelled() => {
+                break LinkEnd::Lost("write failed or timed out".into(), up_since.elapsed())
+            }
             f = next_frame(&mut r, &mut buf, &mut dec, READ_IDLE) => f,
         };
         let f = match f.and_then(|f| ServerFrame::parse(f).map_err(|e| e.to_string())) {
@@ -626,16 +634,37 @@ async fn run_link(
         }
     };
     debug!(peer = %target.dial, keys = learned.keys.len(), "mesh link down; its keys dropped");
+    // Forget the keys; what is still queued is counted, and the writer half-closes after the
+    // batch it is writing.
     drop(learned);
+    if matches!(end, LinkEnd::Cancelled | LinkEnd::Restarting) {
+        // A graceful end (this relay stopping, or the peer restarting): read on until the peer
+        // closes too. Closing a socket with unread bytes in it (the peer's latest presence
+        // notes) would send a reset, and a reset throws away the packets this side still had
+        // in flight to the peer: lost, and counted by nobody.
+        let _ = tokio::time::timeout(LINK_LINGER, async {
+            let _ = writer.await;
+            loop {
+                buf.clear();
+                buf.reserve(16 << 10);
+                match r.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
     end
 }
 
 /// Sends queued ForwardPackets (and pongs) to the peer, one flush per batch. A batch that cannot
-/// be written is counted as `write_error`.
+/// be written is counted as `write_error`. Once the link is closed it finishes its batch and
+/// half-closes the connection.
 async fn link_writer<W: AsyncWrite + Unpin>(
     mut w: W,
     link: Arc<MeshLink>,
-    cancel: CancellationToken,
+    stop: CancellationToken,
     shared: Arc<Shared>,
 ) {
     let mut batch = LinkQueue::default();
@@ -643,14 +672,15 @@ async fn link_writer<W: AsyncWrite + Unpin>(
     loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = stop.cancelled() => return,
             _ = link.notify.notified() => {}
         }
-        {
+        let closed = {
             let mut q = link.queue.lock();
             q.packets.swap(&mut batch.packets);
             std::mem::swap(&mut q.pongs, &mut batch.pongs);
-        }
+            q.closed
+        };
         for d in batch.pongs.drain(..) {
             proto::put_frame(&mut out, ft::PONG, &[&d]);
         }
@@ -658,22 +688,21 @@ async fn link_writer<W: AsyncWrite + Unpin>(
         for p in batch.packets.drain() {
             proto::put_forward_packet(&mut out, &p.src, &p.dst, &p.data);
         }
-        if out.is_empty() {
-            continue;
+        if !out.is_empty() {
+            let res = tokio::time::timeout(WRITE_TIMEOUT, write_flush(&mut w, &out)).await;
+            if !matches!(res, Ok(Ok(()))) {
+                shared.metrics.drop_n(DropReason::WriteError, batch_packets);
+                stop.cancel();
+                return;
+            }
+            out.clear();
+            if out.capacity() > 1 << 20 {
+                out = Vec::with_capacity(64 << 10);
+            }
         }
-        let res = tokio::time::timeout(WRITE_TIMEOUT, async {
-            w.write_all(&out).await?;
-            w.flush().await
-        })
-        .await;
-        if !matches!(res, Ok(Ok(()))) {
-            shared.metrics.drop_n(DropReason::WriteError, batch_packets);
-            cancel.cancel();
+        if closed {
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, w.shutdown()).await;
             return;
-        }
-        out.clear();
-        if out.capacity() > 1 << 20 {
-            out = Vec::with_capacity(64 << 10);
         }
     }
 }

@@ -68,6 +68,8 @@ pub(crate) struct Queues {
     /// Presence changes for a watcher, in order: the snapshot it got when it subscribed, then
     /// every join and leave since. Never cut silently: see [`Registry::add_watcher`].
     pub(crate) presence: VecDeque<Presence>,
+    /// Set at teardown ([`ClientHandle::close_queues`]): packets are counted, not queued.
+    closed: bool,
 }
 
 /// One authenticated DERP connection, as seen by everyone else.
@@ -159,13 +161,20 @@ impl ClientHandle {
         disco: bool,
         m: &RelayMetrics,
     ) {
-        let dropped = {
+        let (dropped, reason) = {
             let mut qs = self.queues.lock();
-            let q = if disco { &mut qs.disco } else { &mut qs.data };
-            let data = q.detach(data);
-            q.push(QueuedPacket { src, data }, self.limits)
+            if qs.closed {
+                (1, DropReason::GoneDisconnected)
+            } else {
+                let q = if disco { &mut qs.disco } else { &mut qs.data };
+                let data = q.detach(data);
+                (
+                    q.push(QueuedPacket { src, data }, self.limits),
+                    DropReason::QueueHead,
+                )
+            }
         };
-        m.drop_n(DropReason::QueueHead, dropped);
+        m.drop_n(reason, dropped);
         self.notify.notify_one();
     }
 
@@ -200,7 +209,23 @@ impl ClientHandle {
         true
     }
 
+    /// At teardown: closes the queues and takes every packet in them (returned as a count, for
+    /// the caller's `gone_disconnected`). A sender that looked this connection up before it
+    /// left may still enqueue afterwards; [`ClientHandle::enqueue_packet`] then counts the
+    /// packet instead of leaving it in a queue nobody reads.
+    pub(crate) fn close_queues(&self) -> usize {
+        let mut rest = Queues::default();
+        {
+            let mut q = self.queues.lock();
+            q.closed = true;
+            q.disco.swap(&mut rest.disco);
+            q.data.swap(&mut rest.data);
+        }
+        rest.disco.len() + rest.data.len()
+    }
+
     /// Moves everything queued into `into` (which must be empty), keeping both allocations.
+    #[cfg(test)]
     pub(crate) fn take_queued(&self, into: &mut Queues) {
         self.take_batch(into, usize::MAX);
     }
@@ -526,6 +551,25 @@ mod tests {
         let kept: Vec<u8> = q.data.drain().map(|p| p.data[0]).collect();
         assert_eq!(kept, vec![3, 4]);
         assert_eq!(m.drops_for(DropReason::QueueHead), 3);
+    }
+
+    /// A sender that looked the receiver up just before it left still enqueues after the
+    /// teardown took the queue: that packet must be counted, not left in a dead queue.
+    #[test]
+    fn a_packet_enqueued_after_the_receiver_closed_is_counted() {
+        let m = RelayMetrics::detached();
+        let reg = Registry::default();
+        let c = handle(&reg, 1);
+        reg.register(Arc::clone(&c));
+        let looked_up = reg.get(&c.key).unwrap();
+        c.enqueue_packet(PublicKey([9; 32]), Bytes::from_static(b"before"), false, &m);
+        // The receiver leaves: unregistered, its queue closed and what it held counted.
+        reg.unregister(&c);
+        assert_eq!(c.close_queues(), 1);
+        // The late sender.
+        looked_up.enqueue_packet(PublicKey([9; 32]), Bytes::from_static(b"late"), false, &m);
+        assert_eq!(m.drops_for(DropReason::GoneDisconnected), 1);
+        assert_eq!(c.close_queues(), 0, "nothing sits in the dead queue");
     }
 
     #[test]

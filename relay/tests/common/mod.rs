@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferry_relay::proto::client::{ClientHandshake, HandshakeError, HttpUpgrade, Step, Upgrade};
 use ferry_relay::proto::{
     self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, RawFrame, SecretKey, ServerFrame,
 };
@@ -205,6 +206,8 @@ pub struct RawClient {
     pub io: BoxIo,
     pub secret: SecretKey,
     pub server_key: PublicKey,
+    /// The server's ServerInfo, when this client did the handshake.
+    pub server_info: Option<ferry_relay::proto::ServerInfo>,
     buf: BytesMut,
     dec: FrameDecoder,
 }
@@ -215,6 +218,7 @@ impl RawClient {
             io,
             secret,
             server_key,
+            server_info: None,
             buf: BytesMut::new(),
             dec: FrameDecoder::new(),
         }
@@ -239,17 +243,58 @@ impl RawClient {
     }
 
     async fn handshake_full(io: BoxIo, secret: SecretKey, info: ClientInfo) -> RawClient {
-        let mut c = Self::from_parts(io, secret, PublicKey([0; 32]));
-        let f = c.frame().await.expect("ServerKey");
-        assert_eq!(f.frame_type, ft::SERVER_KEY);
-        c.server_key = proto::parse_server_key(&f.payload).unwrap();
-        let payload = proto::client_info_payload(&c.secret, &c.server_key, &info);
-        c.send_frame(ft::CLIENT_INFO, &[&payload]).await;
-        let f = c.frame().await.expect("ServerInfo");
-        assert_eq!(f.frame_type, ft::SERVER_INFO);
-        let si = proto::open(&c.secret, &c.server_key, &f.payload).unwrap();
-        assert_eq!(proto::ServerInfo::from_json(&si).unwrap().version, 2);
+        let c = Self::try_over(io, secret, info, Upgrade::AlreadyUpgraded)
+            .await
+            .expect("DERP handshake");
+        assert_eq!(c.server_info.as_ref().map(|i| i.version), Some(2));
         c
+    }
+
+    /// Upgrade (unless done already) and handshake with ferry-proto's client machine; the
+    /// error if the server refuses or hangs up.
+    pub async fn try_over(
+        mut io: BoxIo,
+        secret: SecretKey,
+        info: ClientInfo,
+        upgrade: Upgrade,
+    ) -> Result<RawClient, HandshakeError> {
+        let (mut hs, first) = ClientHandshake::new(secret.clone(), info, upgrade);
+        if !first.is_empty() {
+            io.write_all(&first).await.unwrap();
+            io.flush().await.unwrap();
+        }
+        let mut buf = BytesMut::new();
+        let est = loop {
+            match hs.feed(&mut buf)? {
+                Step::NeedMore => {
+                    buf.reserve(hs.bytes_needed(&buf));
+                    let n = tokio::time::timeout(T, io.read_buf(&mut buf))
+                        .await
+                        .expect("the handshake went on in time")
+                        .unwrap_or(0);
+                    if n == 0 {
+                        return Err(hs.closed());
+                    }
+                }
+                Step::ServerKey { client_info, .. } => {
+                    io.write_all(&client_info).await.unwrap();
+                    io.flush().await.unwrap();
+                }
+                Step::Established(e) => break e,
+            }
+        };
+        let mut c = Self::from_parts(io, secret, est.server_key);
+        c.buf = buf;
+        c.server_info = Some(est.server_info);
+        Ok(c)
+    }
+
+    /// `GET /derp` with `Upgrade: DERP` on a fresh stream, then the handshake.
+    pub async fn over(io: BoxIo, host: &str, info: ClientInfo) -> RawClient {
+        let up = Upgrade::Http(HttpUpgrade::new(host, "ferry-test/1"));
+        Self::try_over(io, SecretKey::generate(), info, up)
+            .await
+            .expect("DERP upgrade and handshake")
     }
 
     pub async fn connect(relay: &Relay) -> RawClient {
@@ -265,6 +310,11 @@ impl RawClient {
 
     pub fn key(&self) -> PublicKey {
         self.secret.public()
+    }
+
+    /// The stream and the bytes read past the handshake, for a caller with its own loop.
+    pub fn into_parts(self) -> (BoxIo, BytesMut) {
+        (self.io, self.buf)
     }
 
     pub async fn send_frame(&mut self, t: u8, parts: &[&[u8]]) {
