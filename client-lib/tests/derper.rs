@@ -16,23 +16,7 @@ use tokio::time::timeout;
 
 /// `derper` from `<repo>/.tools/bin` or PATH; `None` (skip) unless `CI` is set.
 fn derper_bin() -> Option<PathBuf> {
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/derper");
-    if local.exists() {
-        return Some(local);
-    }
-    let on_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("derper"))
-            .find(|c| c.exists())
-    });
-    if on_path.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "derper is required under CI: run scripts/test-deps.sh"
-        );
-        eprintln!("SKIPPED: derper not found; run scripts/test-deps.sh");
-    }
-    on_path
+    ferry_relay::testing::require("derper", "scripts/test-deps.sh")
 }
 
 struct Derper {

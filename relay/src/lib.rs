@@ -2,13 +2,14 @@
 //! beside it.
 //!
 //! - [`proto`]: the DERP wire protocol, sans-IO: `ferry_proto::derp`, re-exported.
-//! - `server` (feature `server`, on by default): listeners, TLS, HTTP upgrade, the per-client
-//!   actors and the registry. Start one with [`Server::spawn`].
+//! - [`server`]: listeners, TLS, HTTP upgrade, the per-client actors and the registry. Start
+//!   one with [`Server::spawn`].
+//! - `testing` (feature `testing`): a relay on 127.0.0.1:0 for a test, in one call.
 
 pub use ferry_proto::derp as proto;
 
-#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 
-#[cfg(feature = "server")]
 pub use server::{Config, Server, SpawnError};

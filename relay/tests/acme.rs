@@ -197,19 +197,15 @@ async fn acme_certificate_from_pebble_over_http01_serves_derp_and_is_cached() {
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
 
     // Two Tailscale clients relay through it, verifying the chain up to pebble's root.
-    let relay = Relay {
-        server,
-        dir,
-        root: Some(pebble_root(&pebble).await),
-    };
+    let root = pebble_root(&pebble).await;
+    let relay = Relay::from_server(server).trusting(root.clone());
     let a = ts_connect(&relay).await;
     let b = ts_connect(&relay).await;
     ping_pong(&a, &b, "acme").await;
 
     // A restart serves the cached certificate at once, with the CA gone.
     drop(pebble);
-    let Relay { server, dir, root } = relay;
-    server.shutdown().await;
+    relay.shutdown().await;
     let port = free_port();
     let again = Server::spawn(Config {
         tls: Some(TlsConfig::Acme(AcmeConfig {
@@ -225,11 +221,7 @@ async fn acme_certificate_from_pebble_over_http01_serves_derp_and_is_cached() {
     .await
     .unwrap();
     assert_eq!(again.cert_der(), Some(leaf), "cached certificate served");
-    let relay = Relay {
-        server: again,
-        dir,
-        root,
-    };
+    let relay = Relay::from_server(again).trusting(root);
     let a = ts_connect(&relay).await;
     let b = ts_connect(&relay).await;
     ping_pong(&a, &b, "acme cached").await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{eventually, ping_pong, relay_plain, test_limits, ts_connect, RawClient, Relay, T};
 use ferry_relay::proto::{self, frame_type as ft, ClientInfo, PublicKey, SecretKey, ServerInfo};
-use ferry_relay::server::{AdmissionConfig, Config, Limits, Server, VerifyFail};
+use ferry_relay::server::{AdmissionConfig, Limits, VerifyFail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -20,19 +20,13 @@ async fn relay_with(
     admission: Option<AdmissionConfig>,
     mesh_key: Option<[u8; 32]>,
 ) -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    Relay {
-        server: Server::spawn(Config {
-            limits,
-            admission,
-            mesh_key,
-            ..Config::dev_loopback()
+    common::Options::plain()
+        .limits(limits)
+        .start_with(|c| {
+            c.admission = admission;
+            c.mesh_key = mesh_key;
         })
         .await
-        .unwrap(),
-        dir,
-        root: None,
-    }
 }
 
 /// Upgrades and sends ClientInfo. `Some` with the ServerInfo if admitted; `None` if the relay

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{client_tls, Relay, T};
-use ferry_relay::server::{Config, Limits, Server, TlsConfig};
+use ferry_relay::server::{Limits, TlsConfig};
 use tokio::io::AsyncWriteExt;
 
 /// Writes a new pair the way the kubelet updates a Secret volume: a new directory, then the
@@ -45,23 +45,18 @@ async fn tls_connect(
 async fn a_swapped_secret_is_served_without_sighup_and_old_connections_stay() {
     let dir = tempfile::tempdir().unwrap();
     let first = k8s_secret(dir.path(), 1, "one.test");
-    let relay = Relay {
-        server: Server::spawn(Config {
-            tls: Some(TlsConfig::Manual {
+    let relay = common::Options::plain()
+        .limits(Limits {
+            cert_reload_interval: Duration::from_millis(20),
+            ..common::test_limits()
+        })
+        .start_with(|c| {
+            c.tls = Some(TlsConfig::Manual {
                 cert_path: dir.path().join("tls.crt"),
                 key_path: dir.path().join("tls.key"),
-            }),
-            limits: Limits {
-                cert_reload_interval: Duration::from_millis(20),
-                ..common::test_limits()
-            },
-            ..Config::dev_loopback()
+            })
         })
-        .await
-        .unwrap(),
-        dir: tempfile::tempdir().unwrap(),
-        root: None,
-    };
+        .await;
     let mut old = tls_connect(&relay, &first)
         .await
         .expect("first cert served");

@@ -579,7 +579,7 @@ async fn shutdown_sends_restarting_only_to_clients_that_understand_it_and_drains
     go_like.send(plain.key(), b"last words").await;
     assert_eq!(plain.recv().await.1, b"last words");
     let started = std::time::Instant::now();
-    let Relay { server, .. } = relay;
+    let server = relay.server;
     let m = server.metrics().clone();
     let shutdown = tokio::spawn(server.shutdown());
     match go_like.next().await {

@@ -54,11 +54,7 @@ async fn meshed_relay_full(
         hostname: Some("localhost".into()),
         ..Config::dev_loopback()
     };
-    Relay {
-        server: Server::spawn(cfg).await.unwrap(),
-        dir: tempfile::tempdir().unwrap(),
-        root: Some(rc.der.clone()),
-    }
+    Relay::from_server(Server::spawn(cfg).await.unwrap()).trusting(rc.der.clone())
 }
 
 async fn connect_with(relay: &Relay, secret: SecretKey) -> RawClient {
@@ -340,20 +336,13 @@ async fn a_restarted_relay_learns_all_2000_clients_of_its_peer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_stops_reading_is_cut_off_and_counted() {
     let mesh_key = [7u8; 32];
-    let relay = Relay {
-        server: Server::spawn(Config {
-            mesh_key: Some(mesh_key),
-            limits: ferry_relay::server::Limits {
-                watcher_backlog: 50,
-                ..common::test_limits()
-            },
-            ..Config::dev_loopback()
+    let relay = common::Options::plain()
+        .limits(ferry_relay::server::Limits {
+            watcher_backlog: 50,
+            ..common::test_limits()
         })
-        .await
-        .unwrap(),
-        dir: tempfile::tempdir().unwrap(),
-        root: None,
-    };
+        .start_with(|c| c.mesh_key = Some(mesh_key))
+        .await;
     let m = relay.server.metrics().clone();
     // The watcher: mesh key, WatchConns, then it never reads again. A small receive buffer,
     // so its socket fills soon.

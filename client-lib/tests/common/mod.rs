@@ -7,55 +7,28 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_client::{RelayMap, SecretKey};
-use ferry_relay::server::{cert_name_pin, Config, Limits, Server, StunConfig, TlsConfig};
+use ferry_relay::server::{cert_name_pin, Server};
 
 /// Bounds every await in tests, so a bug shows as a failure, not a hang.
 pub const T: Duration = Duration::from_secs(20);
 
-pub fn limits() -> Limits {
-    Limits {
-        handshake_timeout: Duration::from_secs(5),
-        shutdown_timeout: Duration::from_secs(5),
-        // Clients told "Restarting" come back within 100 ms.
-        restart_reconnect_spread: Duration::from_millis(100),
-        ..Limits::default()
-    }
-}
-
-pub fn stun_loopback() -> StunConfig {
-    StunConfig {
-        udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
-        tcp_addrs: vec![],
-        ..StunConfig::default()
-    }
-}
+use ferry_relay::testing::Options;
 
 /// A TLS relay with a self-signed certificate kept in `dir`, on `listen`, with `key`.
 pub async fn tls_relay(listen: SocketAddr, dir: &Path, key: SecretKey, stun: bool) -> Server {
-    Server::spawn(Config {
-        listen,
-        tls: Some(TlsConfig::SelfSigned {
-            names: vec!["localhost".into(), "127.0.0.1".into()],
-            dir: dir.into(),
-        }),
-        server_key: key,
-        stun: stun.then(stun_loopback),
-        limits: limits(),
-        ..Config::dev_loopback()
-    })
-    .await
-    .unwrap()
+    Options::tls()
+        .listen(listen)
+        .dir(dir)
+        .key(key)
+        .stun(stun)
+        .start()
+        .await
+        .server
 }
 
 /// A plain-HTTP relay (what `ferry-relay --dev` serves), optionally with STUN.
 pub async fn plain_relay(stun: bool) -> Server {
-    Server::spawn(Config {
-        stun: stun.then(stun_loopback),
-        limits: limits(),
-        ..Config::dev_loopback()
-    })
-    .await
-    .unwrap()
+    Options::plain().stun(stun).start().await.server
 }
 
 /// The pin of a TLS relay's certificate, as the DERP map's CertName.

@@ -5,30 +5,27 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use ferry_loadtest::{Cli, Report};
-use ferry_relay::server::{Config, Limits, Server, StunConfig, TlsConfig};
+use ferry_relay::server::Limits;
+use ferry_relay::testing::{Options, TestRelay};
 
-pub struct Relay {
-    pub server: Server,
-    pub dir: tempfile::TempDir,
+/// A relay for a test, with the load tests' views of its counters.
+pub struct Relay(pub TestRelay);
+
+impl std::ops::Deref for Relay {
+    type Target = TestRelay;
+    fn deref(&self) -> &TestRelay {
+        &self.0
+    }
 }
 
 impl Relay {
-    pub fn url(&self) -> String {
-        let scheme = if self.server.cert_der().is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        format!("{scheme}://{}/derp", self.server.listen_addr())
-    }
-
     /// `sha256-raw:<hex>` of the TLS leaf, as a DERP map's CertName.
     pub fn pin(&self) -> String {
-        ferry_relay::server::cert_name_pin(&self.server.cert_der().expect("a TLS relay"))
+        self.0.pin().expect("a TLS relay")
     }
 
     pub fn stun_addr(&self) -> SocketAddr {
-        self.server.stun_udp_addrs()[0]
+        self.0.stun_addr().expect("a relay with STUN")
     }
 
     fn sample(&self, name: &str, reason: &str) -> u64 {
@@ -77,24 +74,12 @@ impl Relay {
 /// A relay; `tls` gives it a self-signed certificate for localhost and 127.0.0.1; `stun` adds
 /// a STUN server on 127.0.0.1 (UDP only).
 pub async fn relay(tls: bool, stun: bool, limits: Limits) -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = Config {
-        tls: tls.then(|| TlsConfig::SelfSigned {
-            names: vec!["localhost".into(), "127.0.0.1".into()],
-            dir: dir.path().into(),
-        }),
-        stun: stun.then(|| StunConfig {
-            udp_addrs: vec!["127.0.0.1:0".parse().unwrap()],
-            tcp_addrs: vec![],
-            ..StunConfig::default()
-        }),
-        limits,
-        ..Config::dev_loopback()
+    let o = if tls {
+        Options::tls()
+    } else {
+        Options::plain()
     };
-    Relay {
-        server: Server::spawn(cfg).await.unwrap(),
-        dir,
-    }
+    Relay(o.stun(stun).limits(limits).start().await)
 }
 
 /// Runs ferry-loadtest in this process with these arguments (after the program name).

@@ -3,10 +3,9 @@
 //! bad input on purpose), and Tailscale's `ts_derp` client (the foreign one).
 #![allow(dead_code, unreachable_pub)]
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -14,7 +13,7 @@ use ferry_relay::proto::client::{ClientHandshake, HandshakeError, HttpUpgrade, S
 use ferry_relay::proto::{
     self, frame_type as ft, ClientInfo, FrameDecoder, PublicKey, RawFrame, SecretKey, ServerFrame,
 };
-use ferry_relay::server::{Config, Limits, Server, TlsConfig};
+use ferry_relay::server::Limits;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -25,89 +24,39 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<X: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for X {}
 pub type BoxIo = Box<dyn Io>;
 
-pub struct Relay {
-    pub server: Server,
-    pub dir: tempfile::TempDir,
-    /// The root to trust instead of the served leaf (a CA-issued certificate, e.g. ACME).
-    pub root: Option<Vec<u8>>,
-}
+/// A relay for a test (`ferry_relay::testing`).
+#[allow(unused_imports)]
+pub use ferry_relay::testing::{
+    require, tool, trust_only as client_tls, Options, TestRelay as Relay,
+};
 
-impl Relay {
-    pub fn addr(&self) -> SocketAddr {
-        self.server.listen_addr()
-    }
-    pub fn tls(&self) -> bool {
-        self.server.cert_der().is_some()
-    }
-}
-
+/// The relay tests' limits: a 2 s handshake bound (slowloris tests wait for it).
 pub fn test_limits() -> Limits {
     Limits {
         handshake_timeout: Duration::from_secs(2),
-        shutdown_timeout: Duration::from_secs(5),
-        ..Limits::default()
+        ..ferry_relay::testing::limits()
     }
 }
 
 /// A relay over TLS with a self-signed certificate for localhost/127.0.0.1.
 pub async fn relay_tls(limits: Limits) -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = Config {
-        tls: Some(TlsConfig::SelfSigned {
-            names: vec!["localhost".into(), "127.0.0.1".into()],
-            dir: dir.path().into(),
-        }),
-        limits,
-        ..Config::dev_loopback()
-    };
-    Relay {
-        server: Server::spawn(cfg).await.unwrap(),
-        dir,
-        root: None,
-    }
+    Options::tls().limits(limits).start().await
 }
 
 /// A plain-HTTP relay (what `--dev` runs).
 pub async fn relay_plain(limits: Limits) -> Relay {
-    let dir = tempfile::tempdir().unwrap();
-    Relay {
-        server: Server::spawn(Config {
-            limits,
-            ..Config::dev_loopback()
-        })
-        .await
-        .unwrap(),
-        dir,
-        root: None,
-    }
-}
-
-/// A rustls client config that trusts exactly this certificate (ring provider: ts_derp turns
-/// on aws-lc-rs too, so the process has no default provider).
-pub fn client_tls(cert_der: &[u8]) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
-        .unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    Options::plain().limits(limits).start().await
 }
 
 /// TCP (+ TLS if the relay has it) to the relay.
 pub async fn dial(relay: &Relay) -> BoxIo {
     let tcp = TcpStream::connect(relay.addr()).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    match relay.root.clone().or_else(|| relay.server.cert_der()) {
-        Some(der) => {
+    match relay.tls_connector() {
+        Some(connector) => {
             let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
             Box::new(
-                tokio::time::timeout(T, client_tls(&der).connect(name, tcp))
+                tokio::time::timeout(T, connector.connect(name, tcp))
                     .await
                     .unwrap()
                     .unwrap(),
@@ -135,7 +84,7 @@ pub async fn upgrade(relay: &Relay) -> BoxIo {
     let mut io = dial(relay).await;
     let req = format!(
         "POST {}://127.0.0.1:{}/derp HTTP/1.1\r\nhost: 127.0.0.1\r\nupgrade: DERP\r\nconnection: Upgrade\r\n\r\n",
-        if relay.tls() { "https" } else { "http" },
+        if relay.is_tls() { "https" } else { "http" },
         relay.addr().port()
     );
     io.write_all(req.as_bytes()).await.unwrap();
@@ -392,34 +341,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A foreign tool from `<repo>/.tools/bin` (put there by `scripts/test-deps.sh`) or PATH.
-pub fn tool(name: &str) -> Option<std::path::PathBuf> {
-    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../.tools/bin")
-        .join(name);
-    if local.exists() {
-        return Some(local);
-    }
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.exists())
-    })
-}
-
-/// The tool, or `None` after printing why the test is skipped (a failure under CI).
-pub fn require(name: &str, install: &str) -> Option<std::path::PathBuf> {
-    let t = tool(name);
-    if t.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required under CI: {install}"
-        );
-        eprintln!("SKIPPED: {name} not found; run {install}");
-    }
-    t
 }
 
 /// Waits until `cond` holds, polling a metric or a count (events that have no channel to await).
