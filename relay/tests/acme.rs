@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::{free_port, ping_pong, require, ts_connect, Relay, T};
-use ferry_relay::server::{AcmeConfig, Config, Server, TlsConfig};
+use ferry_relay::server::{AcmeConfig, Config, ConfigError, Server, SpawnError, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -243,18 +243,24 @@ async fn acme_refuses_configs_that_cannot_work() {
         ..Config::dev_loopback()
     })
     .await
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("http_listen"), "{err}");
+    .unwrap_err();
+    assert!(
+        matches!(err, SpawnError::Invalid(ConfigError::AcmeWithoutHttpListen)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("http_listen"), "{err}");
     let err = Server::spawn(Config {
         tls: Some(TlsConfig::Acme(acme("127.0.0.1"))),
         http_listen: Some("127.0.0.1:0".parse().unwrap()),
         ..Config::dev_loopback()
     })
     .await
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("DNS name"), "{err}");
+    .unwrap_err();
+    let msg = ferry_relay::testing::error_chain(&err);
+    assert!(
+        msg.contains("tls.acme.hostname") && msg.contains("DNS name"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]

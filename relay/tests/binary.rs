@@ -814,3 +814,145 @@ fn log_colour_only_on_a_terminal() {
     );
     assert!(!run(true, true).contains('\x1b'), "colour despite NO_COLOR");
 }
+
+/// Runs the binary with `args`, which must exit (not start serving) within 20 s; its stderr.
+fn run_to_exit(args: &[&std::ffi::OsStr]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+/// `derpmap` refuses exactly the configurations the relay refuses (one resolver, one
+/// validation), with the same message, instead of printing a map for a relay that cannot start.
+#[test]
+fn derpmap_refuses_what_the_relay_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    let key = dir.path().join("relay.key");
+    let cases: &[(&str, &[&str])] = &[
+        // An empty STUN list: the relay cannot serve STUN; derpmap printed STUNPort 3478.
+        (
+            "hostname = \"relay.example.com\"\nhttp_listen = \"off\"\n[stun]\nlisten = []\n",
+            &["[stun] listen", "is empty", "enabled = false"],
+        ),
+        // Manual mode without a key file.
+        (
+            "hostname = \"relay.example.com\"\nhttp_listen = \"off\"\n[tls]\nmode = \"manual\"\ncert_file = \"/nonexistent/c.pem\"\n",
+            &["--cert-key-file"],
+        ),
+        // ACME for an IP address.
+        (
+            "hostname = \"192.0.2.7\"\nhttp_listen = \"127.0.0.1:0\"\n[tls]\nmode = \"acme\"\n",
+            &["DNS name", "self-signed"],
+        ),
+        // ACME with the port-80 listener off.
+        (
+            "hostname = \"relay.example.com\"\nhttp_listen = \"off\"\n[tls]\nmode = \"acme\"\n",
+            &["http_listen", "HTTP-01"],
+        ),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&cfg, text).unwrap();
+        let common = [
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--key-file".as_ref(),
+            key.as_os_str(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--metrics-listen".as_ref(),
+            "off".as_ref(),
+        ];
+        let (status, run_err) = run_to_exit(&common);
+        assert!(!status.success(), "{text}: the relay started");
+        let mut dm: Vec<&std::ffi::OsStr> = vec!["derpmap".as_ref()];
+        dm.extend(common);
+        let (status, map_err) = run_to_exit(&dm);
+        assert!(!status.success(), "{text}: derpmap printed a map");
+        for w in *want {
+            assert!(run_err.contains(w), "{text}: run: {run_err}");
+            assert!(map_err.contains(w), "{text}: derpmap: {map_err}");
+        }
+    }
+}
+
+/// Values that would make the relay spin, never time out, or refuse everything fail at start,
+/// naming the file, the line and the fix (or the flag when the value came from one).
+#[test]
+fn bad_values_fail_at_start_naming_file_line_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("relay.toml");
+    let dev = [
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-stun",
+        "--metrics-listen",
+        "off",
+    ];
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[limits]\nqueue_depth = 0\n",
+            &["relay.toml", "line 2", "[limits] queue_depth", "at least 1"],
+        ),
+        (
+            "# comment\n[limits]\nmax_connections = 0\n",
+            &[
+                "relay.toml",
+                "line 3",
+                "[limits] max_connections",
+                "at least 1",
+            ],
+        ),
+        (
+            "[limits]\nwrite_timeout = \"2s\"\nkeepalive_interval = \"0s\"\n",
+            &["relay.toml", "line 3", "[limits] keepalive_interval", "0"],
+        ),
+        (
+            "[limits]\nhandshake_timeout = \"0s\"\n",
+            &["relay.toml", "line 2", "[limits] handshake_timeout"],
+        ),
+        (
+            "[mesh]\npeers = [\"a.example:443\"]\n",
+            &["mesh", "key", "--mesh-psk-file"],
+        ),
+    ];
+    for (text, want) in cases {
+        std::fs::write(&cfg, text).unwrap();
+        let mut args: Vec<&std::ffi::OsStr> = dev.iter().map(|a| a.as_ref()).collect();
+        args.extend(["--config".as_ref(), cfg.as_os_str()]);
+        let (status, err) = run_to_exit(&args);
+        assert!(!status.success(), "{text}: the relay started");
+        for w in *want {
+            assert!(err.contains(w), "{text}: want {w:?} in: {err}");
+        }
+    }
+    // From a flag: the flag is named.
+    let mut args: Vec<&std::ffi::OsStr> = dev.iter().map(|a| a.as_ref()).collect();
+    args.extend([
+        std::ffi::OsStr::new("--max-connections"),
+        std::ffi::OsStr::new("0"),
+    ]);
+    let (status, err) = run_to_exit(&args);
+    assert!(
+        !status.success() && err.contains("--max-connections") && err.contains("at least 1"),
+        "{err}"
+    );
+}

@@ -61,26 +61,44 @@ impl AcmeConfig {
     }
 
     /// Checks what can be checked before start: a DNS name, an https directory URL.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.hostname.parse::<std::net::IpAddr>().is_ok() {
-            return Err(format!(
-                "ACME needs a DNS name, and the hostname is the IP address {}: point a DNS name at this relay and use it as the hostname, or use tls mode \"self-signed\" (clients pin it with CertName)",
-                self.hostname
-            ));
+    pub fn validate(&self) -> Result<(), AcmeConfigError> {
+        if let Ok(ip) = self.hostname.parse::<std::net::IpAddr>() {
+            return Err(AcmeConfigError::IpHostname(ip));
         }
         if self.hostname.is_empty() || self.hostname.contains(['/', ':', ' ']) {
-            return Err(format!(
-                "ACME needs a plain DNS name as the hostname, not {:?}",
-                self.hostname
-            ));
+            return Err(AcmeConfigError::NotDnsName(self.hostname.clone()));
         }
         if !self.directory.starts_with("https://") {
-            return Err(format!(
-                "the ACME directory must be an https:// URL, not {:?} (Let's Encrypt: {LETS_ENCRYPT_DIRECTORY})",
-                self.directory
-            ));
+            return Err(AcmeConfigError::DirectoryNotHttps(self.directory.clone()));
         }
         Ok(())
+    }
+}
+
+/// ACME settings that cannot get a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcmeConfigError {
+    /// HTTP-01 validates DNS names; CAs do not issue for IP addresses this way.
+    #[error("the hostname is the IP address {0}, and ACME (HTTP-01) needs a DNS name")]
+    IpHostname(std::net::IpAddr),
+    /// Empty, or with a scheme, port or path.
+    #[error("the hostname {0:?} is not a plain DNS name")]
+    NotDnsName(String),
+    /// The directory URL is not https.
+    #[error(
+        "the directory {0:?} is not an https:// URL (Let's Encrypt: {LETS_ENCRYPT_DIRECTORY})"
+    )]
+    DirectoryNotHttps(String),
+}
+
+impl AcmeConfigError {
+    /// The field at fault: `tls.acme.hostname` or `tls.acme.directory`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            AcmeConfigError::IpHostname(_) | AcmeConfigError::NotDnsName(_) => "tls.acme.hostname",
+            AcmeConfigError::DirectoryNotHttps(_) => "tls.acme.directory",
+        }
     }
 }
 
@@ -429,10 +447,15 @@ mod tests {
         let e = cfg("192.0.2.1", LETS_ENCRYPT_DIRECTORY)
             .validate()
             .unwrap_err();
-        assert!(e.contains("DNS name") && e.contains("self-signed"), "{e}");
+        assert_eq!(e, AcmeConfigError::IpHostname("192.0.2.1".parse().unwrap()));
+        assert!(e.to_string().contains("DNS name"), "{e}");
         let e = cfg("relay.example.com", "http://ca.test/dir")
             .validate()
             .unwrap_err();
-        assert!(e.contains("https://"), "{e}");
+        assert!(e.to_string().contains("https://"), "{e}");
+        assert_eq!(e.field(), "tls.acme.directory");
+        assert!(cfg("https://relay.example.com", LETS_ENCRYPT_DIRECTORY)
+            .validate()
+            .is_err());
     }
 }

@@ -88,8 +88,42 @@ pub enum AdmissionError {
     },
     #[error("allowlist file {path}: {msg}")]
     Parse { path: PathBuf, msg: String },
-    #[error("verify URL {url:?}: {msg}")]
-    Url { url: String, msg: String },
+    #[error("verify URL {url:?}")]
+    Url {
+        url: String,
+        #[source]
+        source: VerifyUrlError,
+    },
+    #[error("verify URL client")]
+    Tls(#[source] super::TlsError),
+}
+
+/// Why a verify URL cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyUrlError {
+    /// Not a URL at all.
+    #[error("not a URL")]
+    Parse(#[source] hyper::http::uri::InvalidUri),
+    /// Neither `http://` nor `https://`.
+    #[error("the scheme is not http:// or https://")]
+    Scheme,
+    /// No host to send the request to.
+    #[error("no host")]
+    NoHost,
+}
+
+/// Parses a verify URL: `http://` or `https://` with a host.
+pub(crate) fn check_verify_url(url: &str) -> Result<hyper::Uri, VerifyUrlError> {
+    let uri: hyper::Uri = url.parse().map_err(VerifyUrlError::Parse)?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(VerifyUrlError::Scheme),
+    }
+    if uri.host().is_none() {
+        return Err(VerifyUrlError::NoHost);
+    }
+    Ok(uri)
 }
 
 /// Parses an allowlist: one `nodekey:<64 hex>` a line; `#` starts a comment; blank lines are
@@ -239,33 +273,13 @@ impl Admission {
 
 impl Verifier {
     fn new(url: &str, cfg: &AdmissionConfig) -> Result<Verifier, AdmissionError> {
-        let bad = |msg: String| AdmissionError::Url {
+        // Shape and timeout were checked by Config::validate; checked again for callers of
+        // Admission::new alone.
+        let uri = check_verify_url(url).map_err(|source| AdmissionError::Url {
             url: url.into(),
-            msg,
-        };
-        let uri: hyper::Uri = url.parse().map_err(|e| {
-            bad(format!(
-                "not a URL ({e}); write e.g. http://headscale:8080/verify"
-            ))
+            source,
         })?;
-        match uri.scheme_str() {
-            Some("http") | Some("https") => {}
-            _ => {
-                return Err(bad(
-                    "must start with http:// or https:// (e.g. http://headscale:8080/verify)"
-                        .into(),
-                ))
-            }
-        }
-        if uri.host().is_none() {
-            return Err(bad("has no host".into()));
-        }
-        if cfg.verify_timeout.is_zero() {
-            return Err(bad(
-                "verify_timeout is 0; give it a bound such as \"2s\"".into()
-            ));
-        }
-        let tls = super::tls::client_config(None).map_err(|e| bad(e.to_string()))?;
+        let tls = super::tls::client_config(None).map_err(AdmissionError::Tls)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -463,11 +477,17 @@ mod tests {
     }
 
     #[test]
-    fn bad_urls_say_what_to_write() {
+    fn bad_urls_say_what_is_wrong() {
         let cfg = AdmissionConfig::default();
-        for u in ["headscale:8080/verify", "ftp://x/verify", "not a url"] {
-            let e = Verifier::new(u, &cfg).err().expect(u).to_string();
-            assert!(e.contains("http://"), "{e}");
+        for u in [
+            "headscale:8080/verify",
+            "ftp://x/verify",
+            "not a url",
+            "http:///verify",
+        ] {
+            let e = Verifier::new(u, &cfg).err().expect(u);
+            assert!(matches!(e, AdmissionError::Url { .. }), "{e}");
+            assert!(e.to_string().contains(u), "{e}");
         }
         assert!(Verifier::new("https://hs.example.com/verify", &cfg).is_ok());
     }

@@ -194,22 +194,23 @@ impl std::fmt::Debug for Prepared {
     }
 }
 
-/// Checks everything that can be checked before start: a mesh key, peer addresses, the CA file.
+/// Prepares the links of a mesh [`super::Config::validate`] accepted: targets, TLS names and the
+/// connector (which reads `ca_file`).
 pub(crate) fn prepare(
     cfg: MeshConfig,
-    mesh_key: Option<[u8; 32]>,
+    mesh_key: [u8; 32],
     own_hostname: Option<&str>,
-) -> Result<Prepared, String> {
-    let Some(mesh_key) = mesh_key else {
-        return Err("mesh peers are configured but there is no mesh key: set [mesh] key_file (or --mesh-psk-file) to a file with 64 hex characters, the same on every relay of the region".into());
-    };
+) -> Result<Prepared, super::TlsError> {
     let (connector, name_override) = match &cfg.tls {
         MeshTls::Plain => (None, None),
         MeshTls::Verify { ca_file, name } => (Some(tls_connector(ca_file.as_ref())?), name.clone()),
     };
     let mut targets = Vec::new();
     for p in &cfg.peers {
-        let (host, _port) = split_host_port(p)?;
+        // Checked by Config::validate; a peer that still does not split is skipped.
+        let Ok((host, _port)) = split_host_port(p) else {
+            continue;
+        };
         targets.push(Target {
             dial: p.clone(),
             host: host.to_string(),
@@ -257,24 +258,33 @@ pub(crate) fn start(
     }
 }
 
-fn split_host_port(p: &str) -> Result<(&str, u16), String> {
-    let bad = || {
-        format!(
-            "mesh peer {p:?} is not host:port (e.g. derp1b.example.com:443 or [2001:db8::1]:443)"
-        )
-    };
-    let (host, port) = p.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
+/// Why a mesh peer is not `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerAddrError {
+    /// No `:port` at the end.
+    #[error("no port")]
+    NoPort,
+    /// The part after the last `:` is not a port number.
+    #[error("the port is not a number from 0 to 65535")]
+    BadPort(#[source] std::num::ParseIntError),
+    /// Nothing before the port.
+    #[error("no host")]
+    EmptyHost,
+}
+
+pub(crate) fn split_host_port(p: &str) -> Result<(&str, u16), PeerAddrError> {
+    let (host, port) = p.rsplit_once(':').ok_or(PeerAddrError::NoPort)?;
+    let port: u16 = port.parse().map_err(PeerAddrError::BadPort)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
-        return Err(bad());
+        return Err(PeerAddrError::EmptyHost);
     }
     Ok((host, port))
 }
 
-fn tls_connector(ca_file: Option<&PathBuf>) -> Result<tokio_rustls::TlsConnector, String> {
-    let cfg = super::tls::client_config(ca_file.map(PathBuf::as_path))
-        .map_err(|e| format!("mesh ca_file: {e}"))?;
+fn tls_connector(ca_file: Option<&PathBuf>) -> Result<tokio_rustls::TlsConnector, super::TlsError> {
+    let cfg = super::tls::client_config(ca_file.map(PathBuf::as_path))?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
@@ -721,9 +731,11 @@ mod tests {
             split_host_port("[2001:db8::1]:8443").unwrap(),
             ("2001:db8::1", 8443)
         );
-        for bad in ["a.example", "a.example:https", ":443", "a:70000"] {
+        assert_eq!(split_host_port("a.example"), Err(PeerAddrError::NoPort));
+        assert_eq!(split_host_port(":443"), Err(PeerAddrError::EmptyHost));
+        for bad in ["a.example:https", "a:70000"] {
             let e = split_host_port(bad).unwrap_err();
-            assert!(e.contains("host:port"), "{bad}: {e}");
+            assert!(matches!(e, PeerAddrError::BadPort(_)), "{bad}: {e}");
         }
     }
 }

@@ -7,10 +7,8 @@
 pub mod acme;
 pub mod admission;
 mod client;
-pub mod config_file;
+mod config;
 mod conn;
-pub mod derpmap;
-pub mod healthcheck;
 mod http;
 pub mod keyfile;
 pub mod mesh;
@@ -23,7 +21,6 @@ mod watch;
 pub mod ws;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,138 +30,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-pub use self::acme::{AcmeConfig, LETS_ENCRYPT_DIRECTORY};
-pub use self::admission::{AdmissionConfig, AdmissionError, VerifyFail};
-pub use self::mesh::{MeshConfig, MeshDns, MeshTls};
+pub use self::acme::{AcmeConfig, AcmeConfigError, LETS_ENCRYPT_DIRECTORY};
+pub use self::admission::{AdmissionConfig, AdmissionError, VerifyFail, VerifyUrlError};
+pub use self::config::{Config, ConfigError, Limits};
+pub use self::mesh::{MeshConfig, MeshDns, MeshTls, PeerAddrError};
 pub use self::metrics::RelayMetrics;
 pub use self::tls::{cert_name_pin, TlsConfig, TlsError};
 use crate::proto::{PublicKey, SecretKey};
 use conn::Listener;
 pub use ferry_stun::{Rfc5780Config, StunConfig, StunServer};
-
-/// Timeouts, queue depths and caps. The defaults match derper where derper has one.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Most DERP-listener connections at once (TLS, HTTP and DERP); more are closed at accept.
-    pub max_connections: usize,
-    /// From TCP accept to a completed DERP handshake (TLS + request head + ClientInfo).
-    pub handshake_timeout: Duration,
-    /// A write that makes no progress for this long closes the connection (derper: 2 s).
-    pub write_timeout: Duration,
-    /// Between requests on a kept-alive plain HTTP connection.
-    pub http_idle_timeout: Duration,
-    /// KeepAlive frame interval (derper: 60 s) ...
-    pub keepalive_interval: Duration,
-    /// ... plus a random jitter up to this (derper: 5 s).
-    pub keepalive_jitter: Duration,
-    /// Packets queued per receiver, per queue (disco and data; derper: 32) ...
-    pub queue_depth: usize,
-    /// ... and bytes: the oldest packet is dropped only when a queue is over both (payload +
-    /// 64 per packet; 0: over `queue_depth` alone, derper's rule).
-    pub queue_bytes: usize,
-    /// Packets waiting to go out on one mesh link: at most 8,192 and, beyond 32 of them, at most
-    /// this many bytes (payload + 64 per packet); the oldest are dropped (`mesh_queue`).
-    pub mesh_queue_bytes: usize,
-    /// Presence changes a watcher (mesh peer) may fall behind by, beyond one per connected
-    /// client; a watcher further behind is disconnected (it resubscribes and gets a fresh
-    /// snapshot). Bounds a stalled watcher's memory at ~72 bytes per entry.
-    pub watcher_backlog: usize,
-    /// How long [`Server::shutdown`] waits for connections to drain before closing them.
-    pub shutdown_timeout: Duration,
-    /// Restarting frame: clients reconnect after a random delay up to this (spreads the herd) ...
-    pub restart_reconnect_spread: Duration,
-    /// ... and keep trying for this long.
-    pub restart_try_for: Duration,
-    /// Per-client receive rate in bytes/s (0 = off). Reads pause when a client exceeds it, so
-    /// TCP flow control slows the sender; advertised in ServerInfo; mesh peers are exempt.
-    pub client_rate_limit: u64,
-    /// Burst of the receive rate, in bytes (raised to at least 65,568, as derper does).
-    pub client_rate_burst: u64,
-    /// New DERP-listener connections accepted per second (0 = off); more are closed at accept.
-    pub accept_rate: f64,
-    /// Burst of the accept rate (0: the rate rounded up, at least 1).
-    pub accept_burst: u32,
-    /// DERP-listener connections at once from one source IP (0 = off).
-    pub max_connections_per_ip: u32,
-    /// Manual certificate mode: how often the certificate files are checked for changes.
-    pub cert_reload_interval: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 100_000,
-            handshake_timeout: Duration::from_secs(10),
-            write_timeout: Duration::from_secs(2),
-            http_idle_timeout: Duration::from_secs(30),
-            keepalive_interval: Duration::from_secs(60),
-            keepalive_jitter: Duration::from_secs(5),
-            queue_depth: 32,
-            queue_bytes: 128 << 10,
-            mesh_queue_bytes: 16 << 20,
-            watcher_backlog: registry::DEFAULT_WATCHER_BACKLOG,
-            shutdown_timeout: Duration::from_secs(10),
-            restart_reconnect_spread: Duration::from_secs(5),
-            restart_try_for: Duration::from_secs(60),
-            client_rate_limit: 0,
-            client_rate_burst: 0,
-            accept_rate: 0.0,
-            accept_burst: 0,
-            max_connections_per_ip: 0,
-            cert_reload_interval: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Everything [`Server::spawn`] needs.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The DERP listener (TLS unless `tls` is `None`).
-    pub listen: SocketAddr,
-    /// Certificate source; `None` serves plain HTTP (development only).
-    pub tls: Option<TlsConfig>,
-    /// Port-80 listener: captive-portal check (`/generate_204`) and redirects to HTTPS.
-    pub http_listen: Option<SocketAddr>,
-    /// Prometheus listener (`/metrics`).
-    pub metrics_listen: Option<SocketAddr>,
-    /// STUN beside the relay.
-    pub stun: Option<StunConfig>,
-    /// The server's private key (persist it: clients pin the public half).
-    pub server_key: SecretKey,
-    /// Mesh key: clients presenting it may use mesh frames.
-    pub mesh_key: Option<[u8; 32]>,
-    /// Mesh peers to forward to (needs `mesh_key`).
-    pub mesh: Option<MeshConfig>,
-    /// Host name, for redirects and logs.
-    pub hostname: Option<String>,
-    /// Timeouts and caps.
-    pub limits: Limits,
-    /// Allowlist and verify URL; `None` admits every client.
-    pub admission: Option<AdmissionConfig>,
-    /// Install this server's metrics recorder as the process-global one (the binary does, so
-    /// the STUN server's counters land in the same scrape; tests don't).
-    pub install_global_recorder: bool,
-}
-
-impl Config {
-    /// A plain-HTTP config on 127.0.0.1 port 0 with an ephemeral key and no STUN (for tests).
-    pub fn dev_loopback() -> Self {
-        Config {
-            listen: "127.0.0.1:0".parse().expect("literal"),
-            tls: None,
-            http_listen: None,
-            metrics_listen: None,
-            stun: None,
-            server_key: SecretKey::generate(),
-            mesh_key: None,
-            mesh: None,
-            hostname: None,
-            limits: Limits::default(),
-            admission: None,
-            install_global_recorder: false,
-        }
-    }
-}
 
 /// Why the server could not start. Each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -182,8 +56,11 @@ pub enum SpawnError {
     Stun(#[from] ferry_stun::StunError),
     #[error("admission: {0}")]
     Admission(#[from] AdmissionError),
-    #[error("mesh: {0}")]
-    Mesh(String),
+    #[error("mesh ca_file")]
+    MeshCaFile(#[source] TlsError),
+    /// [`Config::validate`] refused the config.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
 }
 
 /// State shared by every task of one server.
@@ -290,6 +167,7 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, Spawn
 impl Server {
     /// Binds every listener, starts STUN and the accept loops, and returns the handle.
     pub async fn spawn(config: Config) -> Result<Server, SpawnError> {
+        config.validate()?;
         let (metrics, recorder) = RelayMetrics::new();
         if config.install_global_recorder {
             if ::metrics::set_global_recorder(recorder).is_err() {
@@ -298,21 +176,12 @@ impl Server {
             // After installing: descriptions go to the global recorder.
             ferry_stun::describe_metrics();
         }
-        if let Some(TlsConfig::Acme(acme)) = &config.tls {
-            acme.validate().map_err(TlsError::Acme)?;
-            if config.http_listen.is_none() {
-                return Err(TlsError::Acme(
-                    "ACME answers the CA's HTTP-01 challenge on the port-80 listener, and it is off: set http_listen (e.g. 0.0.0.0:80)".into(),
-                )
-                .into());
-            }
-        }
-        let mesh = match config.mesh.clone() {
-            Some(m) => Some(
-                mesh::prepare(m, config.mesh_key, config.hostname.as_deref())
-                    .map_err(SpawnError::Mesh)?,
+        let mesh = match (config.mesh.clone(), config.mesh_key) {
+            (Some(m), Some(key)) => Some(
+                mesh::prepare(m, key, config.hostname.as_deref())
+                    .map_err(SpawnError::MeshCaFile)?,
             ),
-            None => None,
+            _ => None,
         };
         let admission = match &config.admission {
             Some(a) if a.allowlist_file.is_some() || a.verify_url.is_some() => {
@@ -688,9 +557,4 @@ async fn accept_loop(
             }
         }
     }
-}
-
-/// Default path of the server key file.
-pub fn default_key_path() -> PathBuf {
-    PathBuf::from("/var/lib/ferry/relay.key")
 }

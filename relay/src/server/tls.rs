@@ -55,6 +55,11 @@ pub enum TlsError {
     Acme(String),
 }
 
+/// Where [`TlsConfig::SelfSigned`] keeps its certificate in `dir` (the key is beside it).
+pub fn self_signed_cert_path(dir: &Path) -> PathBuf {
+    dir.join("self-signed-cert.pem")
+}
+
 /// The `CertName` value that pins a self-signed leaf in a DERP map: `sha256-raw:<hex>`.
 pub fn cert_name_pin(leaf_der: &[u8]) -> String {
     ferry_proto::pin::CertPin::from_der(leaf_der).to_string()
@@ -241,7 +246,7 @@ fn load_certified_key(source: &TlsConfig) -> Result<CertifiedKey, TlsError> {
             key_path,
         } => parse_pem(&read(cert_path)?, cert_path, &read(key_path)?, key_path),
         TlsConfig::SelfSigned { names, dir } => {
-            let cert_path = dir.join("self-signed-cert.pem");
+            let cert_path = self_signed_cert_path(dir);
             let key_path = dir.join("self-signed-key.pem");
             if !cert_path.exists() || !key_path.exists() {
                 let (cert_pem, key_pem) = generate_self_signed(names)?;

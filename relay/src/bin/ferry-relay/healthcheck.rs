@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 /// GETs `url` (`http://host[:port][/path]`) within `timeout`. `Ok` on a 200 answer; otherwise
 /// a one-line reason.
-pub fn check(url: &str, timeout: Duration) -> Result<(), String> {
+pub(crate) fn check(url: &str, timeout: Duration) -> Result<(), String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url}: only http:// URLs are supported (the metrics listener's /healthz is plain HTTP)"))?;

@@ -4,34 +4,118 @@
 
 use std::fmt::Write;
 
+use anyhow::{bail, Context, Result};
+use ferry_relay::server::{cert_name_pin, TlsConfig};
+
+use crate::cli::{DerpmapArgs, MapFormat};
+use crate::resolve::Resolved;
+
+/// `ferry-relay derpmap`: this relay's region, from the same resolver and checks as the relay.
+/// Reads the self-signed certificate if there is one; creates nothing.
+pub(crate) fn command(args: DerpmapArgs, r: Resolved) -> Result<()> {
+    r.check()?;
+    let entry = entry(&r)?;
+    match args.format {
+        MapFormat::Json => println!("{}", entry.to_json()),
+        MapFormat::Headscale => print!("{}", entry.to_headscale_yaml()),
+    }
+    Ok(())
+}
+
+/// The region entry of a resolved configuration.
+fn entry(r: &Resolved) -> Result<RegionEntry> {
+    let c = r.view();
+    let dm = &r.derpmap;
+    let Some(host) = c.hostname.clone() else {
+        bail!("the DERP map needs the name clients use: set --hostname (FERRY_HOSTNAME, or `hostname` in the config file)");
+    };
+    let stun_port = c
+        .stun
+        .as_ref()
+        .and_then(|s| s.udp_addrs.first())
+        .map_or(-1, |a| i32::from(a.port()));
+    let region_id = dm.region_id.unwrap_or(900);
+    let region_code = dm.region_code.clone().unwrap_or_else(|| "ferry".into());
+    if r.dev {
+        eprintln!("ferry-relay derpmap: --dev serves plain HTTP; Tailscale clients expect TLS, so this map is for local tests only");
+    }
+    let cert_name = match &c.tls {
+        Some(TlsConfig::SelfSigned { dir, .. }) => {
+            let p = ferry_relay::server::tls::self_signed_cert_path(dir);
+            let pem = match std::fs::read(&p) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                    "the self-signed certificate {} does not exist yet: start the relay once to create it, then run derpmap again (its CertName pin goes into the map)",
+                    p.display()
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot read the self-signed certificate {}", p.display())
+                    })
+                }
+            };
+            let der = rustls_pemfile::certs(&mut &pem[..])
+                .next()
+                .and_then(|c| c.ok())
+                .with_context(|| format!("{} holds no PEM certificate; delete it and start the relay to create a new one (the pin changes)", p.display()))?;
+            Some(cert_name_pin(&der))
+        }
+        _ => None,
+    };
+    Ok(RegionEntry {
+        region_id,
+        region_name: dm
+            .region_name
+            .clone()
+            .unwrap_or_else(|| region_code.clone()),
+        region_code,
+        node_name: dm
+            .node_name
+            .clone()
+            .unwrap_or_else(|| format!("{region_id}a")),
+        ipv4: dm
+            .ipv4
+            .or_else(|| host.parse().ok())
+            .map(|ip: std::net::Ipv4Addr| ip.to_string()),
+        ipv6: dm
+            .ipv6
+            .or_else(|| host.parse().ok())
+            .map(|ip: std::net::Ipv6Addr| ip.to_string()),
+        host_name: host,
+        derp_port: dm.derp_port.unwrap_or(c.listen.port()),
+        stun_port: dm.stun_port.unwrap_or(stun_port),
+        cert_name,
+    })
+}
+
 /// One region with one node: what `ferry-relay derpmap` prints.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegionEntry {
+pub(crate) struct RegionEntry {
     /// `RegionID` (Tailscale's own regions are below 900).
-    pub region_id: u32,
+    pub(crate) region_id: u32,
     /// `RegionCode`, short, e.g. "ferry" or "fra".
-    pub region_code: String,
+    pub(crate) region_code: String,
     /// `RegionName`, for people.
-    pub region_name: String,
+    pub(crate) region_name: String,
     /// The node's `Name`, e.g. "900a".
-    pub node_name: String,
+    pub(crate) node_name: String,
     /// `HostName` clients dial (and verify the certificate against, unless pinned).
-    pub host_name: String,
+    pub(crate) host_name: String,
     /// `IPv4`, if known: clients then skip DNS.
-    pub ipv4: Option<String>,
+    pub(crate) ipv4: Option<String>,
     /// `IPv6`, if known.
-    pub ipv6: Option<String>,
+    pub(crate) ipv6: Option<String>,
     /// Public DERP port (`DERPPort`).
-    pub derp_port: u16,
+    pub(crate) derp_port: u16,
     /// Public STUN port (`STUNPort`); -1 when STUN is off.
-    pub stun_port: i32,
+    pub(crate) stun_port: i32,
     /// `CertName`: `sha256-raw:<hex>` pins a self-signed certificate.
-    pub cert_name: Option<String>,
+    pub(crate) cert_name: Option<String>,
 }
 
 impl RegionEntry {
     /// `{"Regions":{"<id>":{...}}}`, Tailscale's DERPMap JSON.
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         let mut node = serde_json::Map::new();
         node.insert("Name".into(), self.node_name.clone().into());
         node.insert("RegionID".into(), self.region_id.into());
@@ -58,7 +142,7 @@ impl RegionEntry {
     }
 
     /// Headscale's derp.yaml (`derp.paths`): the same fields, lower-cased.
-    pub fn to_headscale_yaml(&self) -> String {
+    pub(crate) fn to_headscale_yaml(&self) -> String {
         // JSON strings are valid YAML double-quoted scalars.
         let q = |s: &str| serde_json::to_string(s).expect("a string");
         let mut y = String::new();
