@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Fuzz ferry's parsers of untrusted bytes with cargo-fuzz (libFuzzer). Targets: fuzz/fuzz_targets/.
+#
+#   scripts/fuzz.sh                      every target, 10,000,000 runs each (the long run;
+#                                        docs/reliability.md records its figures)
+#   scripts/fuzz.sh --ci                 every target for a short fixed run (scripts/test.sh)
+#   scripts/fuzz.sh stun_handler 2e6     one target, N runs
+#   FUZZ_SANITIZER=none scripts/fuzz.sh  without AddressSanitizer (about 2x faster; no leak check)
+#
+# cargo-fuzz needs libFuzzer's nightly-only rustc flags: RUSTC_BOOTSTRAP=1 lets the stable
+# toolchain accept them (tried here with rustc 1.95; the ASan runtime ships with it).
+# Corpora live in fuzz/corpus/<target> (not committed), seeded from fuzz/seeds/<target>
+# (committed: bytes recorded from the interop tests' real traffic, and crashes found, which
+# stay as regression inputs). A crash leaves its input in fuzz/artifacts/<target>/ and fails.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
+export RUSTC_BOOTSTRAP=1
+CARGO_FUZZ_VERSION=0.13.2
+SAN="${FUZZ_SANITIZER:-address}"
+
+if ! cargo fuzz --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION\$"; then
+    echo "[fuzz] installing cargo-fuzz $CARGO_FUZZ_VERSION" >&2
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked >&2
+fi
+
+targets=$(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^ferry-fuzz$')
+ci=0
+runs=10000000
+if [[ ${1:-} == --ci ]]; then
+    ci=1
+    shift
+elif [[ $# -gt 0 ]]; then
+    targets=$1
+    runs=$(python3 -c "print(int(float('${2:-1e7}')))")
+fi
+
+cargo fuzz build --sanitizer "$SAN" >&2
+status=0
+for t in $targets; do
+    mkdir -p "corpus/$t"
+    seeds=()
+    [[ -d seeds/$t ]] && seeds=("seeds/$t")
+    if ((ci)); then
+        # A short run that still finds regressions on the seeds and a little beyond them:
+        # a fixed time rather than a run count, because per-input cost varies 200x between
+        # targets (the E2E target does two Noise handshakes per input).
+        args=(-max_total_time="${FUZZ_CI_SECONDS:-20}")
+    else
+        args=(-runs="$runs")
+    fi
+    log="artifacts/$t.log"
+    mkdir -p artifacts
+    echo "[fuzz] $t: ${args[*]}" >&2
+    start=$(date +%s)
+    if ! cargo fuzz run --sanitizer "$SAN" "$t" "corpus/$t" "${seeds[@]}" -- \
+        -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 "${args[@]}" >"$log" 2>&1; then
+        echo "[fuzz] $t FAILED; input in fuzz/artifacts/$t/, log in fuzz/$log:" >&2
+        grep -E "panicked|ERROR|SUMMARY" "$log" | head -5 >&2
+        status=1
+        continue
+    fi
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | awk '{s+=$1} END {print s+0}')
+    cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1)
+    secs=$(( $(date +%s) - start ))
+    printf '[fuzz] %-22s ok  %12s execs  %6ss  %s  (sanitizer %s)\n' "$t" "$execs" "$secs" "$cov" "$SAN" >&2
+done
+exit $status
