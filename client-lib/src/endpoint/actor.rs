@@ -1,0 +1,689 @@
+//! The endpoint's task: I/O glue around the sans-IO parts. One event loop ([`Actor::run`])
+//! over API commands, relay events, UDP datagrams, the pacer's timer and a ~100 ms tick. It
+//! reads the clock once per event and hands `now` down; it routes E2E packets through
+//! [`Sessions`], disco messages to the peer's [`PeerPath`], and executes the [`Action`]s the
+//! machine returns ([`Actor::execute`]) on the sockets ([`Actor::send_direct`], the TTL-2
+//! punch), the relays ([`RelaySet`]), the [`Pacer`], the [`AddrBook`] and the birthday
+//! coordinator and sockets ([`Birthday`], [`BirthdaySockets`]). It also publishes each peer's
+//! path ([`Actor::set_path`]: `SharedState` + [`PathEvent`]) and counts packets.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_proto::PublicKey;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::addrbook::AddrBook;
+use super::birthday::Birthday;
+use super::pacer::Pacer;
+use super::path::{Action, Env, PathChoice, PeerPath, ACK_TIMEOUT_MIN};
+use super::relays::RelaySet;
+use super::sockets::{birthday_socket_budget, BirthdaySockets};
+use super::{
+    Cmd, EndpointConfig, EndpointError, Path, PathEvent, PingReply, SharedState, M_DATA, M_PING,
+    M_PONG,
+};
+use crate::disco::{self, Message};
+use crate::e2e::{self, Sessions};
+use crate::netcheck;
+use crate::relay::RelayEvent;
+use crate::udp::{self, Datagram, Sockets};
+
+/// How often [`Actor::prune`] runs.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// IP TTL of hole-punching pings ([`Action::Punch`], birthday sockets): past our own NAT
+/// router (one hop) but not across the Internet to the peer's NAT.
+pub(super) const PUNCH_TTL: u32 = 2;
+
+/// Completes at `at`; never, with `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The endpoint's state, owned by its task.
+pub(super) struct Actor {
+    cfg: EndpointConfig,
+    me: PublicKey,
+    peers: HashMap<PublicKey, PeerPath>,
+    /// The path per peer (the actor's copy of `SharedState::paths`, which it alone writes).
+    paths: HashMap<PublicKey, Path>,
+    addrs: AddrBook,
+    sessions: Sessions,
+    relays: RelaySet,
+    /// Relay-bound packets paced (resends and handshake flushes).
+    pacer: Pacer,
+    birthday: Birthday,
+    extra: BirthdaySockets,
+    /// Pending [`super::Endpoint::ping`]s by id.
+    pings: HashMap<u64, (Instant, oneshot::Sender<PingReply>)>,
+    recv_tx: mpsc::Sender<(PublicKey, Bytes)>,
+    events: broadcast::Sender<PathEvent>,
+    shared: Arc<SharedState>,
+    cmd_tx: mpsc::Sender<Cmd>,
+    sockets: Arc<Sockets>,
+}
+
+/// The channels and shared parts [`Actor::new`] takes from `Endpoint::bind`.
+pub(super) struct Parts {
+    pub(super) cfg: EndpointConfig,
+    pub(super) relays: RelaySet,
+    pub(super) sockets: Arc<Sockets>,
+    pub(super) shared: Arc<SharedState>,
+    pub(super) recv_tx: mpsc::Sender<(PublicKey, Bytes)>,
+    pub(super) events: broadcast::Sender<PathEvent>,
+    pub(super) cmd_tx: mpsc::Sender<Cmd>,
+    pub(super) udp_tx: mpsc::Sender<Datagram>,
+}
+
+impl Actor {
+    pub(super) fn new(p: Parts) -> Actor {
+        Actor {
+            me: p.cfg.secret_key.public(),
+            peers: HashMap::new(),
+            paths: HashMap::new(),
+            addrs: AddrBook::new(&p.sockets.local_addrs()),
+            sessions: Sessions::new(p.cfg.secret_key.clone()),
+            relays: p.relays,
+            pacer: Pacer::default(),
+            birthday: Birthday::new(p.cfg.direct.probe_interval),
+            extra: BirthdaySockets::new(p.udp_tx),
+            pings: HashMap::new(),
+            recv_tx: p.recv_tx,
+            events: p.events,
+            shared: p.shared,
+            cmd_tx: p.cmd_tx,
+            sockets: p.sockets,
+            cfg: p.cfg,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut relay_rx: mpsc::Receiver<(u32, RelayEvent)>,
+        mut udp_rx: mpsc::Receiver<Datagram>,
+    ) {
+        // Often enough to notice an overdue ack ping (ACK_TIMEOUT_MIN) while no data is sent.
+        let period = (ACK_TIMEOUT_MIN / 2).min(self.cfg.direct.heartbeat / 2);
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_restun = self.restun_at();
+        let mut last_prune = Instant::now();
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(c) => self.on_cmd(c).await,
+                    None => return,
+                },
+                Some((region, ev)) = relay_rx.recv() => self.on_relay(region, ev).await,
+                Some(d) = udp_rx.recv() => self.on_udp(d).await,
+                _ = sleep_until_some(self.pacer.deadline()) => {
+                    let batch = self.pacer.drain(Instant::now());
+                    self.send_paced(batch).await;
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    self.disco_tick(now).await;
+                    if now.saturating_duration_since(last_prune) >= PRUNE_EVERY {
+                        last_prune = now;
+                        self.prune(now);
+                    }
+                    for (peer, pkt) in self.sessions.poll(now) {
+                        self.send_to_peer(peer, pkt.into(), now).await;
+                    }
+                    self.pings.retain(|_, (_, tx)| !tx.is_closed());
+                    if next_restun.is_some_and(|t| t <= now) {
+                        next_restun = self.restun_at();
+                        self.spawn_netcheck();
+                    }
+                }
+            }
+        }
+    }
+
+    fn restun_at(&self) -> Option<Instant> {
+        self.cfg
+            .restun_interval
+            .map(|i| Instant::now() + i + i.mul_f64(rand::random::<f64>() * 0.3))
+    }
+
+    fn spawn_netcheck(&self) {
+        let map = self.cfg.relay_map.clone();
+        let sockets = Arc::clone(&self.sockets);
+        let opts = self.cfg.netcheck;
+        let prev = Some(self.relays.home());
+        let tx = self.cmd_tx.clone();
+        tokio::spawn(async move {
+            let r = netcheck::run(&map, &sockets, prev, opts).await;
+            let _ = tx.send(Cmd::Netcheck(r)).await;
+        });
+    }
+
+    /// The peer's machine, created on first use.
+    fn peer_mut(&mut self, peer: PublicKey) -> &mut PeerPath {
+        let (cfg, me) = (self.cfg.direct, self.me);
+        self.peers
+            .entry(peer)
+            .or_insert_with(|| PeerPath::new(peer, cfg, peer == me))
+    }
+
+    /// Node-wide facts for `peer`'s rules.
+    fn env(&self, peer: &PublicKey) -> Env {
+        Env {
+            me_hard: self.my_nat_hard(),
+            has_session: self.sessions.has_session(peer),
+        }
+    }
+
+    /// Whether netcheck found our NAT hard (mapping varies by destination).
+    fn my_nat_hard(&self) -> bool {
+        self.shared
+            .report
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .is_some_and(|r| r.mapping_varies_by_dest_ip == Some(true))
+    }
+
+    async fn on_cmd(&mut self, c: Cmd) {
+        let now = Instant::now();
+        match c {
+            Cmd::Send {
+                peer,
+                plaintext,
+                done,
+            } => {
+                self.peer_mut(peer).on_activity(now);
+                let r = self.seal_and_send(peer, &plaintext, now).await;
+                let _ = done.send(r);
+            }
+            Cmd::Ping { peer, done } => {
+                self.peer_mut(peer).on_activity(now);
+                let id: u64 = rand::random();
+                self.pings.insert(id, (now, done));
+                let mut m = vec![M_PING];
+                m.extend_from_slice(&id.to_be_bytes());
+                if let Err(e) = self.seal_and_send(peer, &m, now).await {
+                    debug!("ping to {} not sent: {e}", peer.short());
+                    self.pings.remove(&id);
+                }
+            }
+            Cmd::SetPeerRegion(peer, region) => self.relays.set_peer_region(peer, region),
+            Cmd::RelayUp(region, r) => self.relays.on_relay_up(region, r).await,
+            Cmd::Netcheck(report) => {
+                let new_home = report.preferred_region;
+                *self.shared.report.lock().expect("lock") = Some(report);
+                if let Some(h) = new_home.filter(|h| *h != self.relays.home()) {
+                    self.relays.change_home(h).await;
+                }
+            }
+        }
+    }
+
+    async fn seal_and_send(
+        &mut self,
+        peer: PublicKey,
+        plaintext: &[u8],
+        now: Instant,
+    ) -> Result<(), EndpointError> {
+        let pkts = self.sessions.seal(&peer, plaintext, now)?;
+        for p in pkts {
+            self.send_to_peer(peer, p.into(), now).await;
+        }
+        Ok(())
+    }
+
+    /// Sends an E2E packet to `peer` on its current path ([`PeerPath::on_send`]).
+    async fn send_to_peer(&mut self, peer: PublicKey, pkt: Bytes, now: Instant) {
+        let env = self.env(&peer);
+        let actions = self.peer_mut(peer).on_send(now, pkt, &env);
+        self.execute(peer, actions, now).await;
+    }
+
+    /// Carries out what `peer`'s machine decided, in order.
+    async fn execute(&mut self, peer: PublicKey, actions: Vec<Action>, now: Instant) {
+        for a in actions {
+            match a {
+                Action::SetPath(PathChoice::Direct(addr)) => {
+                    self.set_path(peer, Path::Direct(addr))
+                }
+                Action::SetPath(PathChoice::Relay) => {
+                    let region = self.relays.region_for(&peer);
+                    self.set_path(peer, Path::Relay(region));
+                }
+                Action::LeaveDirect(addr) => {
+                    if self.paths.get(&peer) == Some(&Path::Direct(addr)) {
+                        let region = self.relays.region_for(&peer);
+                        self.set_path(peer, Path::Relay(region));
+                    }
+                }
+                Action::SendDirect { addr, via, pkt } => {
+                    self.send_direct(via, addr, &pkt).await;
+                    self.shared.sent_direct.fetch_add(1, Ordering::Relaxed);
+                }
+                Action::SendRelay { pkt } => {
+                    self.shared.sent_relay.fetch_add(1, Ordering::Relaxed);
+                    self.relays.send(peer, pkt).await;
+                }
+                Action::QueuePaced { pkts, resend } => {
+                    let batch = self.pacer.push(now, peer, pkts, resend);
+                    self.send_paced(batch).await;
+                }
+                Action::Ping {
+                    addr,
+                    via,
+                    txid,
+                    pad,
+                } => {
+                    let msg = Message::Ping {
+                        txid,
+                        node_key: self.me,
+                    };
+                    let pkt = disco::seal_padded(&self.cfg.secret_key, &peer, &msg, pad);
+                    self.send_direct(via, addr, &pkt).await;
+                }
+                Action::Punch { addr } => self.punch(peer, addr).await,
+                Action::Pong { addr, via, txid } => {
+                    let msg = Message::Pong { txid, src: addr };
+                    let pong = disco::seal(&self.cfg.secret_key, &peer, &msg);
+                    self.send_direct(via, addr, &pong).await;
+                }
+                Action::CallMeMaybe { punched } => self.send_call_me_maybe(peer, punched).await,
+                Action::OpenBirthday {
+                    endpoints,
+                    announce,
+                } => {
+                    if self.birthday_open(peer, &endpoints, now).await && announce {
+                        // Our mappings are open now: say so, the peer probes them.
+                        self.send_call_me_maybe(peer, true).await;
+                    }
+                }
+                Action::StartSpray {
+                    endpoints,
+                    eligible,
+                } => {
+                    self.birthday.start_spray(now, peer, &endpoints, eligible);
+                }
+                Action::MapAddr { addr } => self.addrs.map_addr(addr, peer, now),
+                Action::Observed { addr } => self.addrs.observe(addr, now),
+            }
+        }
+    }
+
+    /// Sends what the pacer released via the relays, counted.
+    async fn send_paced(&mut self, batch: Vec<super::pacer::Paced>) {
+        if batch.is_empty() {
+            return;
+        }
+        let resent = batch.iter().filter(|p| p.resend).count() as u64;
+        self.shared
+            .resent_via_relay
+            .fetch_add(resent, Ordering::Relaxed);
+        self.shared
+            .sent_relay
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for p in batch {
+            self.relays.send(p.peer, p.pkt).await;
+        }
+    }
+
+    /// Sends a datagram straight to `addr` from the data socket (`via` = [`udp::MAIN`]) or
+    /// from one of the birthday sockets.
+    async fn send_direct(&self, via: u32, addr: SocketAddr, pkt: &[u8]) {
+        if self.shared.blackhole_direct.load(Ordering::Relaxed) {
+            return;
+        }
+        let sock = if via == udp::MAIN {
+            self.sockets.for_addr(&addr)
+        } else {
+            self.extra.get(via)
+        };
+        let Some(sock) = sock else {
+            return;
+        };
+        if let Err(e) = sock.send_to(pkt, addr).await {
+            debug!(%addr, "direct send failed: {e}");
+        }
+    }
+
+    /// The TTL-2 punch ([`PUNCH_TTL`], see [`PeerPath`]'s `punch`): an untracked ping from
+    /// the main IPv4 socket with the TTL lowered for this one send.
+    async fn punch(&mut self, peer: PublicKey, addr: SocketAddr) {
+        let Some(sock) = self.sockets.for_addr(&addr).cloned() else {
+            return;
+        };
+        let msg = Message::Ping {
+            txid: disco::new_txid(),
+            node_key: self.me,
+        };
+        let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        let old = sock.ttl().unwrap_or(64);
+        if sock.set_ttl(PUNCH_TTL).is_ok() {
+            self.send_direct(udp::MAIN, addr, &pkt).await;
+            let _ = sock.set_ttl(old);
+        }
+    }
+
+    async fn send_call_me_maybe(&mut self, peer: PublicKey, punched: bool) {
+        let endpoints = {
+            let report = self.shared.report.lock().expect("lock");
+            self.addrs.my_endpoints(report.as_ref())
+        };
+        let msg = Message::CallMeMaybe {
+            endpoints,
+            hard_nat: self.my_nat_hard(),
+            punched,
+        };
+        let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        self.relays.send(peer, pkt.into()).await;
+    }
+
+    /// Birthday probing, hard side: if [`Birthday`] allows, opens its sockets and punches
+    /// (TTL 2) from each towards the peer's public IPv4 endpoints, so the NAT holds that many
+    /// mappings to them; the peer's random-port probes that hit one come in on that socket,
+    /// which then carries the path. Returns whether it opened a session.
+    async fn birthday_open(
+        &mut self,
+        peer: PublicKey,
+        endpoints: &[SocketAddr],
+        now: Instant,
+    ) -> bool {
+        let Some(targets) = self.birthday.gate(now, peer, endpoints) else {
+            return false;
+        };
+        self.close_unused_sockets(now);
+        let Some(want) = self.birthday.start(now, peer, birthday_socket_budget()) else {
+            return false;
+        };
+        let ip = self
+            .sockets
+            .v4
+            .local_addr()
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
+                a.ip()
+            });
+        let mut opened = 0;
+        for _ in 0..want {
+            let (via, sock) = match self.extra.open(ip, &self.sockets.stun) {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("birthday probing: cannot open more sockets after {opened}: {e}");
+                    break;
+                }
+            };
+            let msg = Message::Ping {
+                txid: disco::new_txid(),
+                node_key: self.me,
+            };
+            let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+            let old = sock.ttl().unwrap_or(64);
+            let _ = sock.set_ttl(PUNCH_TTL);
+            for t in &targets {
+                self.send_direct(via, *t, &pkt).await;
+            }
+            let _ = sock.set_ttl(old);
+            opened += 1;
+        }
+        info!(peer = %peer.short(), sockets = opened, ?targets, "birthday probing: hard side opened its mappings");
+        opened > 0
+    }
+
+    /// Closes birthday sockets that no peer's direct path uses, once their session is over.
+    fn close_unused_sockets(&mut self, now: Instant) {
+        if !self.birthday.session_over(now) {
+            return;
+        }
+        let in_use: HashSet<u32> = self.peers.values().filter_map(PeerPath::best_via).collect();
+        self.extra.retain(&in_use);
+    }
+
+    /// Sends the birthday spray's probes that are due (tracked pings from the main socket).
+    async fn spray_step(&mut self, now: Instant) {
+        let peers = &self.peers;
+        let Some((peer, batch)) = self.birthday.spray_step(now, |p| {
+            peers.get(p).is_none_or(|pp| pp.best_via().is_some())
+        }) else {
+            return;
+        };
+        let pp = self.peer_mut(peer);
+        let actions: Vec<Action> = batch
+            .into_iter()
+            .map(|a| pp.ping(now, a, udp::MAIN))
+            .collect();
+        self.execute(peer, actions, now).await;
+    }
+
+    /// Forgets peers idle with nothing in flight ([`PeerPath::is_idle`], nothing paced, no
+    /// spray towards them), and stale address mappings.
+    fn prune(&mut self, now: Instant) {
+        self.addrs.expire_mappings(now);
+        let spray = self.birthday.spray_peer();
+        let idle: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter(|(p, pp)| pp.is_idle(now) && !self.pacer.has(p) && spray != Some(**p))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in idle {
+            self.peers.remove(&p);
+            self.birthday.forget(&p);
+            self.paths.remove(&p);
+            self.shared.paths.lock().expect("lock").remove(&p);
+        }
+    }
+
+    /// Every peer's [`PeerPath::tick`], then the spray and the birthday sockets.
+    async fn disco_tick(&mut self, now: Instant) {
+        if !self.cfg.direct.enabled {
+            return;
+        }
+        self.addrs.expire_observed(now);
+        let me_hard = self.my_nat_hard();
+        let mut all = Vec::new();
+        for (peer, pp) in &mut self.peers {
+            let env = Env {
+                me_hard,
+                has_session: self.sessions.has_session(peer),
+            };
+            let actions = pp.tick(now, &env);
+            if !actions.is_empty() {
+                all.push((*peer, actions));
+            }
+        }
+        for (peer, actions) in all {
+            self.execute(peer, actions, now).await;
+        }
+        self.spray_step(now).await;
+        self.close_unused_sockets(now);
+    }
+
+    /// A disco message, from UDP (`from`, on socket `via`) or the relay (`from` = None,
+    /// `relay_src` = the relay's source key, which must be the sealer).
+    async fn on_disco(
+        &mut self,
+        data: &[u8],
+        from: Option<SocketAddr>,
+        via: u32,
+        relay_src: Option<PublicKey>,
+    ) {
+        if !self.cfg.direct.enabled {
+            return;
+        }
+        let (peer, msg) = match disco::open(&self.cfg.secret_key, data, relay_src.as_ref()) {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(?from, "disco message dropped: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let actions = match (msg, from) {
+            (Message::Ping { txid, node_key }, Some(src)) => {
+                if node_key != peer {
+                    debug!(%src, "disco ping whose node key is not its sealer's; dropped");
+                    return;
+                }
+                self.peer_mut(peer).on_ping(now, src, via, txid)
+            }
+            (
+                Message::Pong {
+                    txid,
+                    src: observed,
+                },
+                Some(src),
+            ) => {
+                if via != udp::MAIN && !self.extra.contains(via) {
+                    debug!(%src, "pong on a birthday socket closed meanwhile; ignored");
+                    return;
+                }
+                let Some(pp) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                pp.on_pong(now, src, via, txid, observed)
+            }
+            (
+                Message::CallMeMaybe {
+                    endpoints,
+                    hard_nat,
+                    punched,
+                },
+                None,
+            ) => {
+                let env = self.env(&peer);
+                self.peer_mut(peer)
+                    .on_call_me_maybe(now, endpoints, hard_nat, punched, &env)
+            }
+            (m, _) => {
+                debug!(?from, "disco {m:?} on an unexpected path; ignored");
+                return;
+            }
+        };
+        self.execute(peer, actions, now).await;
+    }
+
+    async fn on_udp(&mut self, d: Datagram) {
+        if self.shared.blackhole_direct.load(Ordering::Relaxed) {
+            return;
+        }
+        if disco::is_disco(&d.data) {
+            self.on_disco(&d.data, Some(d.from), d.via, None).await;
+        } else if e2e::is_e2e(&d.data) {
+            // By the session index in the packet, not by the source address (which anyone
+            // can spoof); initiations by the address a disco message proved (a spoof makes
+            // the handshake fail, and it is retried).
+            let Some(peer) = self
+                .sessions
+                .peer_of(&d.data)
+                .or_else(|| self.addrs.peer_at(&d.from))
+            else {
+                debug!(from = %d.from, "E2E datagram of no known session, from an address no disco message proved");
+                return;
+            };
+            self.on_e2e(peer, d.data, Path::Direct(d.from)).await;
+        } else {
+            debug!(from = %d.from, "unknown datagram dropped");
+        }
+    }
+
+    /// Records the path data to `peer` is sent on (called per packet: the shared map, behind
+    /// a mutex, is only touched when the path changes).
+    fn set_path(&mut self, peer: PublicKey, new: Path) {
+        let old = self.paths.insert(peer, new);
+        if old != Some(new) {
+            self.shared.paths.lock().expect("lock").insert(peer, new);
+            let _ = self.events.send(PathEvent { peer, old, new });
+        }
+    }
+
+    /// An E2E packet from `src` (proven by the relay's source key or the UDP address map;
+    /// the Noise session proves it again), which arrived via `via`.
+    async fn on_e2e(&mut self, src: PublicKey, data: Bytes, via: Path) {
+        let now = Instant::now();
+        let opened = match self.sessions.open(&src, &data, now) {
+            Ok(o) => o,
+            Err(e) => {
+                debug!(%via, "packet from {} dropped: {e}", src.short());
+                return;
+            }
+        };
+        if let Path::Relay(region) = via {
+            // Authenticated: this is where the peer is reachable now.
+            self.relays.set_peer_region(src, region);
+            if self.peers.get(&src).and_then(|pp| pp.direct(now)).is_none() {
+                self.set_path(src, via);
+            }
+        }
+        if !opened.replies.is_empty() {
+            let env = self.env(&src);
+            let replies = opened.replies.into_iter().map(Bytes::from).collect();
+            let actions = self.peer_mut(src).on_flush(now, replies, &env);
+            self.execute(src, actions, now).await;
+        }
+        let Some(pt) = opened.plaintext else { return };
+        self.peer_mut(src).on_activity(now);
+        match pt.first() {
+            Some(&M_DATA) => {
+                let data = Bytes::from(pt).slice(1..);
+                let _ = self.recv_tx.send((src, data)).await;
+            }
+            Some(&M_PING) if pt.len() == 9 => {
+                let mut m = pt;
+                m[0] = M_PONG;
+                if let Err(e) = self.seal_and_send(src, &m, now).await {
+                    debug!("pong to {} not sent: {e}", src.short());
+                }
+            }
+            Some(&M_PONG) if pt.len() == 9 => {
+                let id = u64::from_be_bytes(pt[1..9].try_into().expect("len"));
+                if let Some((sent, tx)) = self.pings.remove(&id) {
+                    let _ = tx.send(PingReply {
+                        rtt: sent.elapsed(),
+                        path: via,
+                    });
+                }
+            }
+            _ => debug!("unknown inner message from {}", src.short()),
+        }
+    }
+
+    async fn on_relay(&mut self, region: u32, ev: RelayEvent) {
+        match ev {
+            RelayEvent::Packet { src, data } => {
+                if disco::is_disco(&data) {
+                    self.on_disco(&data, None, udp::MAIN, Some(src)).await;
+                } else if e2e::is_e2e(&data) {
+                    self.on_e2e(src, data, Path::Relay(region)).await;
+                } else {
+                    debug!(region, "non-E2E packet from {} ignored", src.short());
+                }
+            }
+            RelayEvent::PeerGone { peer, reason } => {
+                debug!(
+                    region,
+                    ?reason,
+                    "peer {} is not on this relay",
+                    peer.short()
+                );
+            }
+            RelayEvent::Connected { generation, .. } => {
+                debug!(region, generation, "relay connected");
+            }
+            RelayEvent::Disconnected { error, retry_in } => {
+                debug!(region, ?retry_in, "relay disconnected: {error}");
+            }
+            RelayEvent::Health(h) => {
+                if !h.is_empty() {
+                    warn!(region, "relay health: {h}");
+                }
+            }
+        }
+    }
+}

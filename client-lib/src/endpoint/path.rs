@@ -1,0 +1,744 @@
+//! One peer's direct path, as a sans-IO state machine ([`PeerPath`]).
+//!
+//! No sockets, no async code, no locks and no clock: every input takes `now` from the caller
+//! and returns the [`Action`]s it decided on, which the actor ([`super::actor`]) executes **in
+//! order** (the order matters: punches before the CallMeMaybe that says "punched", birthday
+//! sockets opened before the CallMeMaybe that announces them). The machine keeps the per-peer
+//! state — candidates, pings in flight, the direct path and its last pong, the packets waiting
+//! for an acknowledgement — and every rule about it (module docs of [`super`], 4. and 5.):
+//!
+//! - [`PeerPath::on_send`]: the path of one E2E packet — direct while the last pong is younger
+//!   than `trust`, also via the relay while stale (older than 2 heartbeats), suspect, of a
+//!   size the path lost, or when the resend buffer is full; otherwise via the relay, probing.
+//!   Direct-only packets are kept until a pong acknowledges them; ack pings (padded to the
+//!   largest kept packet) are due after [`ACK_INTERVAL`] or [`ACK_COUNT`] packets; an ack ping
+//!   unanswered for the ack timeout makes the path suspect and resends what is kept.
+//! - [`PeerPath::on_flush`]: a handshake's queued packets (paced via the relay when many).
+//! - [`PeerPath::on_ping`], [`PeerPath::on_pong`], [`PeerPath::on_call_me_maybe`]: disco.
+//! - [`PeerPath::tick`]: expiry (relay fallback), heartbeats, overdue ack pings, probes.
+//! - [`PeerPath::ping`]: a tracked ping (the birthday spray uses it so its pongs match).
+//!
+//! Node-wide facts come in per call through [`Env`]; node-wide state (the address book, the
+//! relays, the pacer, the birthday session) is the actor's, reached through actions. Birthday
+//! probing is node-wide (one session and one spray at a time), so the machine only asks for it
+//! ([`Action::OpenBirthday`], [`Action::StartSpray`]) and the sans-IO
+//! [`super::birthday::Birthday`] coordinator applies the node-wide gates.
+//!
+//! Log lines keep their texts: `tests/nat_lab_no_loss.rs` reads `direct path suspect`
+//! (`resent=N`) and `resending unacknowledged` (`n=N`).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_proto::PublicKey;
+use tracing::{debug, info};
+
+use super::addrbook::{remember, ADDR_TTL};
+use super::pacer::RESEND_BURST;
+use super::{recent, DirectOptions};
+use crate::disco::{self, TxId};
+use crate::udp;
+
+/// Most candidate addresses kept per peer.
+pub(super) const MAX_CANDIDATES: usize = 64;
+/// A peer with no traffic, no probe and no direct path for this long is forgotten (its
+/// `Endpoint::path` becomes `None`; its E2E session lives on in `Sessions`).
+pub(super) const PEER_IDLE: Duration = Duration::from_secs(600);
+/// Most E2E packets kept for a resend (see [`PeerPath::unacked`]); beyond it packets go on
+/// both paths. Well inside the receiver's replay window ([`crate::e2e::REPLAY_WINDOW`]).
+pub(super) const MAX_UNACKED: usize = 4096;
+/// Most bytes kept for a resend.
+pub(super) const MAX_UNACKED_BYTES: usize = 4 << 20;
+/// While data goes direct, ping the path (an "ack ping") when the oldest unacknowledged
+/// packet is this old ...
+pub(super) const ACK_INTERVAL: Duration = Duration::from_millis(100);
+/// ... or this many packets are unacknowledged.
+pub(super) const ACK_COUNT: usize = 128;
+/// An ack ping unanswered for `ACK_RTTS` round trips (at least `ACK_TIMEOUT_MIN`) makes the
+/// direct path suspect.
+pub(super) const ACK_RTTS: u32 = 4;
+pub(super) const ACK_TIMEOUT_MIN: Duration = Duration::from_millis(200);
+pub(super) const ACK_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+/// A ping to an address is not repeated for this long (disco answers take one round trip).
+pub(super) const PING_AGAIN_AFTER: Duration = Duration::from_millis(500);
+/// Ack pings up to this size are not "padded" (a lost one says nothing about packet sizes).
+pub(super) const SMALL_PING_MAX: usize = 1_280;
+/// How long packets of a size the direct path lost go on both paths before it is tried again.
+pub(super) const TOO_BIG_RETRY: Duration = Duration::from_secs(30);
+/// At most one answer per peer to its unpunched CallMeMaybes this often (they come at most
+/// every `probe_interval` from a well-behaved peer).
+pub(super) const RESPONSE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Node-wide facts a peer's rules depend on, passed per call (read-only).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Env {
+    /// Netcheck found our NAT hard (mapping varies by destination).
+    pub(super) me_hard: bool,
+    /// The peer has proven its key in a Noise handshake (birthday spray gate).
+    pub(super) has_session: bool,
+}
+
+/// The path data to the peer goes on, as the machine sees it (the actor maps `Relay` to the
+/// peer's region).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PathChoice {
+    /// Direct, to this address.
+    Direct(SocketAddr),
+    /// Via the peer's relay.
+    Relay,
+}
+
+/// What the actor does for the machine, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Action {
+    /// Publish the path (a [`super::PathEvent`] if it changed).
+    SetPath(PathChoice),
+    /// The direct path at `addr` expired: if the published path is `Direct(addr)`, it becomes
+    /// the relay.
+    LeaveDirect(SocketAddr),
+    /// An E2E packet on the direct path, from socket `via` (counts `sent_direct`).
+    SendDirect {
+        /// Peer's address.
+        addr: SocketAddr,
+        /// Our socket ([`udp::MAIN`] or a birthday socket).
+        via: u32,
+        /// The ciphertext.
+        pkt: Bytes,
+    },
+    /// An E2E packet via the peer's relay, now (counts `sent_relay`).
+    SendRelay {
+        /// The ciphertext.
+        pkt: Bytes,
+    },
+    /// E2E packets via the relay, paced ([`super::pacer::Pacer`]); `resend`: unacknowledged
+    /// direct packets sent again (counted as such).
+    QueuePaced {
+        /// The ciphertexts, oldest first.
+        pkts: Vec<Bytes>,
+        /// Resends (true) or a handshake's flush (false).
+        resend: bool,
+    },
+    /// A tracked disco ping from socket `via`, padded to at least `pad` bytes.
+    Ping {
+        /// Peer's address.
+        addr: SocketAddr,
+        /// Our socket.
+        via: u32,
+        /// Its transaction id (the pong echoes it).
+        txid: TxId,
+        /// Minimum datagram size (0: not padded).
+        pad: usize,
+    },
+    /// An untracked ping with IP TTL 2 from the main IPv4 socket (opens our NAT only).
+    Punch {
+        /// Peer's IPv4 address.
+        addr: SocketAddr,
+    },
+    /// Answer to a ping, from the socket it came to.
+    Pong {
+        /// Where the ping came from.
+        addr: SocketAddr,
+        /// The socket it came to.
+        via: u32,
+        /// The ping's transaction id.
+        txid: TxId,
+    },
+    /// A CallMeMaybe via the relay with our endpoints and NAT hardness.
+    CallMeMaybe {
+        /// Whether we have just opened our NAT towards the peer's fresh candidates.
+        punched: bool,
+    },
+    /// Birthday probing, hard side: open the sockets if the node-wide gates allow; if
+    /// `announce` and sockets opened, then send `CallMeMaybe { punched: true }`.
+    OpenBirthday {
+        /// The peer's endpoints (public IPv4 ones are the targets).
+        endpoints: Vec<SocketAddr>,
+        /// Announce the opened sockets with a CallMeMaybe.
+        announce: bool,
+    },
+    /// Birthday probing, easy side: start the spray if the node-wide gates allow.
+    StartSpray {
+        /// The hard peer's endpoints.
+        endpoints: Vec<SocketAddr>,
+        /// The peer is active or has a session (else no spray).
+        eligible: bool,
+    },
+    /// Address book: a disco message from `addr` proved the peer.
+    MapAddr {
+        /// The source address.
+        addr: SocketAddr,
+    },
+    /// Address book: the peer saw us at `addr` (a pong's observed source).
+    Observed {
+        /// Our address as seen.
+        addr: SocketAddr,
+    },
+}
+
+/// A disco ping in flight.
+#[derive(Debug, Clone, Copy)]
+struct PingSent {
+    addr: SocketAddr,
+    /// The socket it went from ([`udp::MAIN`] or a birthday socket).
+    via: u32,
+    at: Instant,
+    /// [`PeerPath::next_seq`] when it was sent: its pong acknowledges the direct-only packets
+    /// numbered below.
+    mark: u64,
+}
+
+/// What the endpoint knows about one peer's direct paths, and the rules (module docs).
+#[derive(Debug)]
+pub(super) struct PeerPath {
+    /// The peer (for logs).
+    peer: PublicKey,
+    cfg: DirectOptions,
+    /// The peer is this node: never probed.
+    is_self: bool,
+    /// Addresses to ping: from CallMeMaybe and peer-reflexive (sources of its pings).
+    /// Each with when it was last offered or seen; bounded (`MAX_CANDIDATES`, `ADDR_TTL`).
+    candidates: HashMap<SocketAddr, Instant>,
+    /// Pings in flight (kept for `trust`).
+    pings: HashMap<TxId, PingSent>,
+    /// The direct path and its last pong.
+    best: Option<(SocketAddr, Instant)>,
+    /// The socket of the direct path ([`udp::MAIN`], or the birthday socket that found it).
+    best_via: u32,
+    /// Whether the peer's last CallMeMaybe said its NAT is hard.
+    peer_hard: Option<bool>,
+    /// Last CallMeMaybe we sent in answer to an unpunched one.
+    last_response: Option<Instant>,
+    last_probe: Option<Instant>,
+    last_heartbeat: Option<Instant>,
+    /// Last data to or from the peer.
+    last_active: Option<Instant>,
+    /// E2E packets sent on the direct path only and not yet acknowledged, oldest first, with
+    /// when they were sent. A pong from the direct path acknowledges every packet sent before
+    /// its ping (one path keeps its order); a ping unanswered for the ack timeout resends them
+    /// all via the relay (the peer's replay window drops those that did arrive). This is what
+    /// makes a direct path that dies without warning lose nothing.
+    unacked: VecDeque<(Instant, Bytes)>,
+    unacked_bytes: usize,
+    /// Number of the next direct-only packet (the front of `unacked` is
+    /// `next_seq - unacked.len()`).
+    next_seq: u64,
+    /// Since when a ping to `best` waits for its pong (`None`: none waits).
+    awaiting: Option<Instant>,
+    /// An ack ping went unanswered: data goes on both paths until the next pong.
+    suspect: bool,
+    /// Latest direct round trip.
+    rtt: Option<Duration>,
+    /// The largest packet kept since the last ping on the direct path: the next ack ping is
+    /// padded to it, so a path that loses large datagrams (dropped IP fragments) loses the
+    /// ping too, and the packets are resent instead of acknowledged.
+    big_since_ping: usize,
+    /// Size of the padded ack ping that is awaited (0: none or unpadded).
+    awaiting_pad: usize,
+    /// A padded ack ping of this size went unanswered (at that time): packets this large go
+    /// on both paths for [`TOO_BIG_RETRY`] (or until the direct path changes) — the path
+    /// loses them (e.g. it drops IP fragments), and resending each batch after an ack timeout
+    /// would be slow. Then large packets are tried direct again (a lost ping may have been
+    /// bad luck).
+    too_big: Option<(usize, Instant)>,
+}
+
+impl PeerPath {
+    /// A peer not heard of before.
+    pub(super) fn new(peer: PublicKey, cfg: DirectOptions, is_self: bool) -> PeerPath {
+        PeerPath {
+            peer,
+            cfg,
+            is_self,
+            candidates: HashMap::new(),
+            pings: HashMap::new(),
+            best: None,
+            best_via: udp::MAIN,
+            peer_hard: None,
+            last_response: None,
+            last_probe: None,
+            last_heartbeat: None,
+            last_active: None,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            next_seq: 0,
+            awaiting: None,
+            suspect: false,
+            rtt: None,
+            big_since_ping: 0,
+            awaiting_pad: 0,
+            too_big: None,
+        }
+    }
+
+    // ----- queries -----
+
+    /// The direct address to use now, the socket to send from, and whether to send on the
+    /// relay too (the pong is older than two heartbeats). `None`: no fresh direct path.
+    pub(super) fn direct(&self, now: Instant) -> Option<(SocketAddr, u32, bool)> {
+        let (addr, pong) = self.best?;
+        let age = now.saturating_duration_since(pong);
+        (age < self.cfg.trust).then_some((addr, self.best_via, age > self.cfg.heartbeat * 2))
+    }
+
+    /// The socket of the direct path, if there is one (fresh or not yet expired).
+    pub(super) fn best_via(&self) -> Option<u32> {
+        self.best.map(|_| self.best_via)
+    }
+
+    /// Whether the peer can be forgotten: no direct path, nothing in flight, no traffic and
+    /// no probe for [`PEER_IDLE`] (the actor also checks its pacer and the spray).
+    pub(super) fn is_idle(&self, now: Instant) -> bool {
+        self.best.is_none()
+            && self.pings.is_empty()
+            && self.unacked.is_empty()
+            && !recent(self.last_active, PEER_IDLE, now)
+            && !recent(self.last_probe, PEER_IDLE, now)
+    }
+
+    fn is_active(&self, now: Instant) -> bool {
+        recent(self.last_active, self.cfg.active_timeout, now)
+    }
+
+    fn is_best(&self, addr: SocketAddr, via: u32) -> bool {
+        self.best.is_some_and(|(b, _)| b == addr) && self.best_via == via
+    }
+
+    /// Whether a ping to `addr` from `via` went out within [`PING_AGAIN_AFTER`] (pings stay
+    /// in flight for `trust`, 6.5 s: one sent into an outage must not stop the pings that
+    /// heal the path once it is over).
+    fn pinged_lately(&self, addr: SocketAddr, via: u32, now: Instant) -> bool {
+        self.pings.values().any(|p| {
+            p.addr == addr && p.via == via && now.saturating_duration_since(p.at) < PING_AGAIN_AFTER
+        })
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        self.rtt
+            .map_or(ACK_TIMEOUT_MIN, |r| r * ACK_RTTS)
+            .clamp(ACK_TIMEOUT_MIN, ACK_TIMEOUT_MAX)
+    }
+
+    // ----- the unacknowledged packets -----
+
+    /// Keeps `pkt` for a resend; false when the buffer is full (send it on both paths).
+    fn keep_unacked(&mut self, pkt: &Bytes, now: Instant) -> bool {
+        if self.unacked.len() >= MAX_UNACKED || self.unacked_bytes + pkt.len() > MAX_UNACKED_BYTES {
+            return false;
+        }
+        self.unacked_bytes += pkt.len();
+        self.big_since_ping = self.big_since_ping.max(pkt.len());
+        self.unacked.push_back((now, pkt.clone()));
+        self.next_seq += 1;
+        true
+    }
+
+    /// Forgets the packets numbered below `mark` (a pong acknowledged them).
+    fn ack(&mut self, mark: u64) {
+        while !self.unacked.is_empty() && self.next_seq - (self.unacked.len() as u64) < mark {
+            if let Some((_, p)) = self.unacked.pop_front() {
+                self.unacked_bytes -= p.len();
+            }
+        }
+    }
+
+    /// Takes every unacknowledged packet (to resend them via the relay).
+    fn take_unacked(&mut self) -> Vec<Bytes> {
+        self.unacked_bytes = 0;
+        self.unacked.drain(..).map(|(_, p)| p).collect()
+    }
+
+    // ----- inputs -----
+
+    /// Data went to or came from the peer (an API send or ping, authenticated plaintext).
+    pub(super) fn on_activity(&mut self, now: Instant) {
+        self.last_active = Some(now);
+    }
+
+    /// Sends an E2E packet on the current path (see the module docs of [`super`], 5.).
+    pub(super) fn on_send(&mut self, now: Instant, pkt: Bytes, env: &Env) -> Vec<Action> {
+        let mut out = Vec::new();
+        match self.direct(now) {
+            Some((addr, via, stale)) => {
+                out.push(Action::SetPath(PathChoice::Direct(addr)));
+                out.push(Action::SendDirect {
+                    addr,
+                    via,
+                    pkt: pkt.clone(),
+                });
+                // Unsure of the path (stale or suspect), a packet the path lost at this size,
+                // or no room to keep the packet for a resend: the relay carries it too.
+                if self
+                    .too_big
+                    .is_some_and(|(_, t)| now.saturating_duration_since(t) >= TOO_BIG_RETRY)
+                {
+                    self.too_big = None;
+                }
+                let too_big = self.too_big.is_some_and(|(b, _)| pkt.len() >= b);
+                if stale || self.suspect || too_big || !self.keep_unacked(&pkt, now) {
+                    out.push(Action::SendRelay { pkt });
+                }
+                self.check_acks(now, addr, via, &mut out);
+            }
+            None => {
+                out.push(Action::SetPath(PathChoice::Relay));
+                out.push(Action::SendRelay { pkt });
+                self.maybe_probe(now, env, &mut out);
+            }
+        }
+        out
+    }
+
+    /// A handshake completed and released the packets queued meanwhile: more than
+    /// [`RESEND_BURST`] without a fresh direct path go via the relay paced (a burst can
+    /// overflow a relay's per-client queue, 32 packets in derper: tests/derper.rs missed some
+    /// of 50 packets about 1 run in 4 before this, 0 in 30 after); otherwise each is sent.
+    pub(super) fn on_flush(&mut self, now: Instant, pkts: Vec<Bytes>, env: &Env) -> Vec<Action> {
+        let mut out = Vec::new();
+        if pkts.len() > RESEND_BURST && self.direct(now).is_none() {
+            out.push(Action::SetPath(PathChoice::Relay));
+            out.push(Action::QueuePaced {
+                pkts,
+                resend: false,
+            });
+            self.maybe_probe(now, env, &mut out);
+        } else {
+            for p in pkts {
+                out.extend(self.on_send(now, p, env));
+            }
+        }
+        out
+    }
+
+    /// A disco ping from `src` on our socket `via` (its node key already checked).
+    pub(super) fn on_ping(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        via: u32,
+        txid: TxId,
+    ) -> Vec<Action> {
+        let mut out = vec![
+            Action::MapAddr { addr: src },
+            Action::Pong {
+                addr: src,
+                via,
+                txid,
+            },
+        ];
+        let new = remember(&mut self.candidates, src, now, MAX_CANDIDATES);
+        let fresh = self.direct(now).is_some();
+        if (new || !fresh) && !self.pinged_lately(src, via, now) {
+            // Peer-reflexive: ping it back (this is the other half of the hole punch), from
+            // the socket its ping came to.
+            out.push(self.ping(now, src, via));
+        }
+        out
+    }
+
+    /// A disco pong from `src` on our socket `via` (which the actor checked is still open),
+    /// saying the peer saw our ping come from `observed`.
+    pub(super) fn on_pong(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        via: u32,
+        txid: TxId,
+        observed: SocketAddr,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(sent) = self.pings.remove(&txid) else {
+            debug!(%src, "pong for no ping in flight");
+            return out;
+        };
+        if sent.addr != src || sent.via != via {
+            debug!(%src, pinged = %sent.addr, "pong from another address or socket than pinged; ignored");
+            return out;
+        }
+        let keep_other = !self.is_best(src, via)
+            && self
+                .best
+                .is_some_and(|(_, t)| now.saturating_duration_since(t) < self.cfg.trust);
+        let moved = !keep_other && self.best.is_some() && !self.is_best(src, via);
+        if !keep_other {
+            if !self.is_best(src, via) {
+                self.too_big = None; // a new path: its own size limits
+            }
+            if via != udp::MAIN && !self.is_best(src, via) {
+                info!(peer = %self.peer.short(), %src, "birthday probing found a direct path");
+            }
+            self.best = Some((src, now));
+            self.best_via = via;
+            self.rtt = Some(now.saturating_duration_since(sent.at));
+            if !moved {
+                // Everything sent direct before the ping has crossed (one path keeps its
+                // order). (If the path moved, what is kept went to the old address: resent
+                // below.)
+                self.ack(sent.mark);
+            }
+            if self.awaiting.is_none_or(|w| sent.at >= w) {
+                self.awaiting = None;
+                self.suspect = false;
+            }
+        }
+        if moved {
+            // Packets still unacknowledged went to the old address.
+            self.resend_unacked(&mut out);
+        }
+        out.push(Action::MapAddr { addr: src });
+        if !observed.ip().is_unspecified() && observed.port() != 0 {
+            out.push(Action::Observed { addr: observed });
+        }
+        if !keep_other {
+            out.push(Action::SetPath(PathChoice::Direct(src)));
+        }
+        out
+    }
+
+    /// A CallMeMaybe from the peer (via the relay): its endpoints, whether its NAT is hard,
+    /// and whether it has just punched towards us.
+    pub(super) fn on_call_me_maybe(
+        &mut self,
+        now: Instant,
+        endpoints: Vec<SocketAddr>,
+        peer_hard: bool,
+        punched: bool,
+        env: &Env,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        let me_hard = env.me_hard;
+        let fresh = self.direct(now).is_some();
+        self.peer_hard = Some(peer_hard);
+        debug!(peer = %self.peer.short(), ?endpoints, punched, peer_hard, me_hard, "call-me-maybe");
+        for a in &endpoints {
+            remember(&mut self.candidates, *a, now, MAX_CANDIDATES);
+        }
+        // Birthday probing when we are the hard side and the peer is easy.
+        let birthday = me_hard && !peer_hard && !fresh;
+        if !punched {
+            // The peer has not opened its NAT towards us (it knew no address of ours). Open
+            // ours towards its endpoints without reaching its NAT, then answer "punched": it
+            // pings us on receiving that, its pings come through the mapping just opened, and
+            // we ping back (peer-reflexive). A full ping now could reach its router before its
+            // own first packet and leave the conntrack entry that breaks the path
+            // (docs/nat-traversal.md).
+            if recent(self.last_response, RESPONSE_INTERVAL, now) {
+                return out;
+            }
+            self.last_response = Some(now);
+            self.last_probe = Some(now);
+            for a in &endpoints {
+                self.punch(now, *a, &mut out);
+            }
+            if birthday {
+                // Open the mappings before the answer makes the peer probe them.
+                out.push(Action::OpenBirthday {
+                    endpoints,
+                    announce: false,
+                });
+            }
+            out.push(Action::CallMeMaybe { punched: true });
+            return out;
+        }
+        // The peer has opened its NAT towards us: ping every endpoint at full TTL.
+        if birthday {
+            // Once our mappings are open, say so: the peer probes them.
+            out.push(Action::OpenBirthday {
+                endpoints: endpoints.clone(),
+                announce: true,
+            });
+        }
+        if peer_hard && !me_hard && !fresh {
+            // Birthday, easy side: the hard peer has opened its mappings before sending this:
+            // probe random ports on its address.
+            out.push(Action::StartSpray {
+                endpoints: endpoints.clone(),
+                eligible: env.has_session || self.is_active(now),
+            });
+        }
+        for a in endpoints {
+            if !self.pinged_lately(a, udp::MAIN, now) {
+                out.push(self.ping(now, a, udp::MAIN));
+            }
+        }
+        out
+    }
+
+    /// Periodic work (every ~100 ms): expiry, heartbeats, overdue ack pings, probes.
+    pub(super) fn tick(&mut self, now: Instant, env: &Env) -> Vec<Action> {
+        let mut out = Vec::new();
+        let d = self.cfg;
+        self.candidates
+            .retain(|_, t| now.saturating_duration_since(*t) < ADDR_TTL);
+        self.pings
+            .retain(|_, p| now.saturating_duration_since(p.at) < d.trust);
+        let active = self.is_active(now);
+        match self.best {
+            Some((addr, pong)) if now.saturating_duration_since(pong) >= d.trust => {
+                self.best = None;
+                self.suspect = false;
+                info!(peer = %self.peer.short(), %addr, "direct path expired (no fresh pong); relay");
+                self.resend_unacked(&mut out);
+                out.push(Action::LeaveDirect(addr));
+                if active {
+                    self.maybe_probe(now, env, &mut out);
+                }
+            }
+            Some((addr, _)) if self.awaiting.is_some() => {
+                self.check_acks(now, addr, self.best_via, &mut out);
+            }
+            Some((addr, _)) => {
+                let due = !recent(self.last_heartbeat, d.heartbeat, now);
+                if !self.unacked.is_empty() {
+                    self.check_acks(now, addr, self.best_via, &mut out);
+                } else if active && due {
+                    self.last_heartbeat = Some(now);
+                    out.push(self.ping(now, addr, self.best_via));
+                }
+            }
+            None if active => self.maybe_probe(now, env, &mut out),
+            None => {}
+        }
+        out
+    }
+
+    /// Pings the peer at `addr` from socket `via` (tracked: its pong is matched). A ping to
+    /// the direct path carries the ack padding and starts the wait for its pong.
+    pub(super) fn ping(&mut self, now: Instant, addr: SocketAddr, via: u32) -> Action {
+        let txid = disco::new_txid();
+        let mark = self.next_seq;
+        self.pings.insert(
+            txid,
+            PingSent {
+                addr,
+                via,
+                at: now,
+                mark,
+            },
+        );
+        let mut pad = 0;
+        if self.is_best(addr, via) {
+            pad = std::mem::take(&mut self.big_since_ping);
+            if self.awaiting.is_none() {
+                self.awaiting = Some(now);
+                self.awaiting_pad = pad;
+            }
+        }
+        Action::Ping {
+            addr,
+            via,
+            txid,
+            pad,
+        }
+    }
+
+    // ----- rules shared by the inputs -----
+
+    /// While data goes direct-only to `addr`: ack-ping the path when packets wait for an
+    /// acknowledgement; if the ping waiting for its pong is overdue, the path is suspect —
+    /// resend what is unacknowledged via the relay and ping again.
+    fn check_acks(&mut self, now: Instant, addr: SocketAddr, via: u32, out: &mut Vec<Action>) {
+        match self.awaiting {
+            Some(since) if now.saturating_duration_since(since) >= self.ack_timeout() => {
+                let resend = self.take_unacked();
+                if !self.suspect || !resend.is_empty() {
+                    debug!(peer = %self.peer.short(), %addr, resent = resend.len(),
+                        "direct path suspect (ping unanswered); sending on both paths");
+                }
+                self.suspect = true;
+                if self.awaiting_pad > SMALL_PING_MAX {
+                    let size = self.awaiting_pad;
+                    if self.too_big.is_none_or(|(b, _)| size < b) {
+                        debug!(peer = %self.peer.short(), %addr, size, "a padded ack ping went unanswered: packets this large go on both paths for a while");
+                        self.too_big = Some((size, now));
+                    }
+                }
+                self.awaiting = None; // the ping below starts the next wait
+                resend_via_relay(resend, out);
+                out.push(self.ping(now, addr, via));
+            }
+            Some(_) => {}
+            None => {
+                let due = self.unacked.front().is_some_and(|(t, _)| {
+                    self.unacked.len() >= ACK_COUNT
+                        || now.saturating_duration_since(*t) >= ACK_INTERVAL
+                });
+                if due {
+                    out.push(self.ping(now, addr, via));
+                }
+            }
+        }
+    }
+
+    /// Resends the unacknowledged direct packets via the relay (the direct path went away or
+    /// changed).
+    fn resend_unacked(&mut self, out: &mut Vec<Action>) {
+        self.awaiting = None;
+        let resend = self.take_unacked();
+        if !resend.is_empty() {
+            debug!(peer = %self.peer.short(), n = resend.len(), "resending unacknowledged direct packets via the relay");
+        }
+        resend_via_relay(resend, out);
+    }
+
+    /// A disco ping with a small TTL ([`super::actor::PUNCH_TTL`]): it opens our NAT's
+    /// mapping towards `addr` but dies before the peer's NAT, so that NAT keeps no
+    /// "unreplied" entry for it. (A Linux router that saw the peer's ping before its host sent
+    /// anything to us keeps that entry and then gives the host's own packets to us another
+    /// port: neither side's pings get through.) Not tracked as a ping in flight: on a flat
+    /// network it reaches the peer, whose peer-reflexive ping back makes the path. IPv6: an
+    /// ordinary (tracked) ping.
+    fn punch(&mut self, now: Instant, addr: SocketAddr, out: &mut Vec<Action>) {
+        if addr.is_ipv4() {
+            out.push(Action::Punch { addr });
+        } else {
+            out.push(self.ping(now, addr, udp::MAIN));
+        }
+    }
+
+    /// No fresh direct path: punch the peer's known candidates, then CallMeMaybe via the
+    /// relay (see the module docs of [`super`], 4.), at most every `probe_interval`.
+    fn maybe_probe(&mut self, now: Instant, env: &Env, out: &mut Vec<Action>) {
+        if !self.cfg.enabled || self.is_self {
+            return;
+        }
+        let interval = self.cfg.probe_interval;
+        if recent(self.last_probe, interval, now) {
+            return;
+        }
+        self.last_probe = Some(now);
+        let candidates: Vec<SocketAddr> = self.candidates.keys().copied().collect();
+        // "Punched" only if the peer offered (or pinged from) some of them lately: punching
+        // stale addresses (the peer moved) and saying "punched" would make it ping us at full
+        // TTL before our NAT is open towards its new address — the conntrack trap.
+        let fresh = self
+            .candidates
+            .values()
+            .any(|t| now.saturating_duration_since(*t) < interval);
+        let peer_easy = self.peer_hard == Some(false);
+        debug!(peer = %self.peer.short(), ?candidates, fresh, "probing for a direct path");
+        // Open our NAT towards every address we know of the peer (TTL 2: not as far as its
+        // NAT), then say so: the peer pings us at full TTL on receiving it.
+        for a in &candidates {
+            self.punch(now, *a, out);
+        }
+        if env.me_hard && peer_easy && self.direct(now).is_none() {
+            out.push(Action::OpenBirthday {
+                endpoints: candidates,
+                announce: false,
+            });
+        }
+        out.push(Action::CallMeMaybe { punched: fresh });
+    }
+}
+
+/// Queues `pkts` (if any) for a paced resend via the relay.
+fn resend_via_relay(pkts: Vec<Bytes>, out: &mut Vec<Action>) {
+    if !pkts.is_empty() {
+        out.push(Action::QueuePaced { pkts, resend: true });
+    }
+}
+
+#[cfg(test)]
+mod tests;
