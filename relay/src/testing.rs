@@ -284,15 +284,5 @@ pub fn require(name: &str, install: &str) -> Option<PathBuf> {
 
 /// An error and its sources, `: `-separated.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let more = c.to_string();
-        if !s.contains(&more) {
-            s.push_str(": ");
-            s.push_str(&more);
-        }
-        cur = c.source();
-    }
-    s
+    crate::error_chain(e)
 }

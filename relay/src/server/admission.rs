@@ -81,13 +81,18 @@ impl Default for AdmissionConfig {
 /// Why admission could not be set up. Each says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
-    #[error("cannot read the allowlist file {path}: {source} (check the path and that the relay's user may read it)")]
+    #[error("cannot read the allowlist file {path} (check the path and that the relay's user may read it)")]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("allowlist file {path}: {msg}")]
-    Parse { path: PathBuf, msg: String },
+    #[error("allowlist file {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: AllowlistLineError,
+    },
     #[error("verify URL {url:?}")]
     Url {
         url: String,
@@ -126,9 +131,20 @@ pub(crate) fn check_verify_url(url: &str) -> Result<hyper::Uri, VerifyUrlError> 
     Ok(uri)
 }
 
+/// A line of an allowlist that is not a node key (there is no underlying error: the line and
+/// its text say what is wrong).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {text:?} is not a node key; write one `nodekey:<64 hex>` per line (the form `tailscale status --json` shows as PublicKey), `#` for comments")]
+pub struct AllowlistLineError {
+    /// 1-based.
+    pub line: usize,
+    /// The line without its comment, trimmed.
+    pub text: String,
+}
+
 /// Parses an allowlist: one `nodekey:<64 hex>` a line; `#` starts a comment; blank lines are
 /// skipped. The error names the first bad line.
-pub fn parse_allowlist(text: &str) -> Result<HashSet<PublicKey>, String> {
+pub fn parse_allowlist(text: &str) -> Result<HashSet<PublicKey>, AllowlistLineError> {
     let mut keys = HashSet::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -145,11 +161,10 @@ pub fn parse_allowlist(text: &str) -> Result<HashSet<PublicKey>, String> {
                 keys.insert(k);
             }
             None => {
-                return Err(format!(
-                    "line {}: {line:?} is not a node key; write one `nodekey:<64 hex>` per line \
-                     (the form `tailscale status --json` shows as PublicKey), `#` for comments",
-                    i + 1
-                ))
+                return Err(AllowlistLineError {
+                    line: i + 1,
+                    text: line.to_string(),
+                })
             }
         }
     }
@@ -161,9 +176,9 @@ fn read_allowlist(path: &Path) -> Result<HashSet<PublicKey>, AdmissionError> {
         path: path.into(),
         source,
     })?;
-    parse_allowlist(&text).map_err(|msg| AdmissionError::Parse {
+    parse_allowlist(&text).map_err(|source| AdmissionError::Parse {
         path: path.into(),
-        msg,
+        source,
     })
 }
 
@@ -251,8 +266,9 @@ impl Admission {
                 *list.write() = Arc::new(keys);
             }
             Err(e) => error!(
-                "allowlist not reloaded, still using the previous {} keys: {e}",
-                list.read().len()
+                "allowlist not reloaded, still using the previous {} keys: {}",
+                list.read().len(),
+                crate::error_chain(&e)
             ),
         }
     }
@@ -333,15 +349,13 @@ impl Verifier {
                     AdmissionResult::RefusedVerify
                 }
             }
-            Ok(Err(why)) => self.failed(key, &why),
-            Err(_) => self.failed(
-                key,
-                &format!("no answer within {:?} (verify_timeout)", self.timeout),
-            ),
+            Ok(Err(e)) => self.failed(key, &e),
+            Err(_) => self.failed(key, &VerifyError::Timeout(self.timeout)),
         }
     }
 
-    fn failed(&self, key: &PublicKey, why: &str) -> AdmissionResult {
+    fn failed(&self, key: &PublicKey, e: &VerifyError) -> AdmissionResult {
+        let why = crate::error_chain(e);
         match self.fail {
             VerifyFail::Open => {
                 warn!(key = %key.short(), url = %self.url, "verify URL failed ({why}); admitting (verify_fail = open)");
@@ -355,7 +369,7 @@ impl Verifier {
     }
 
     /// One request: `Ok(allow)` for a 200 with a JSON body, `Err(why)` otherwise.
-    async fn ask(&self, key: &PublicKey, ip: IpAddr) -> Result<bool, String> {
+    async fn ask(&self, key: &PublicKey, ip: IpAddr) -> Result<bool, VerifyError> {
         let body = serde_json::json!({
             "NodePublic": format!("nodekey:{}", key.to_hex()),
             "Source": ip.to_string(),
@@ -364,32 +378,51 @@ impl Verifier {
         let req = hyper::Request::post(self.url.clone())
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| format!("request failed: {e:#}"))?;
+            .map_err(VerifyError::Request)?;
+        let resp = self.client.request(req).await.map_err(VerifyError::Send)?;
         let status = resp.status();
         if status != hyper::StatusCode::OK {
-            return Err(format!("answered {status}, not 200"));
+            return Err(VerifyError::Status(status));
         }
         let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
             .await
-            .map_err(|e| format!("reading the answer: {e}"))?
+            .map_err(VerifyError::Body)?
             .to_bytes();
-        parse_answer(&bytes)
+        Ok(parse_answer(&bytes)?)
     }
 }
 
+/// Why one verify request gave no answer (what `verify_fail` then decides about).
+#[derive(Debug, thiserror::Error)]
+enum VerifyError {
+    #[error("building the request")]
+    Request(#[source] hyper::http::Error),
+    #[error("request failed")]
+    Send(#[source] hyper_util::client::legacy::Error),
+    #[error("answered {0}, not 200")]
+    Status(hyper::StatusCode),
+    #[error("reading the answer")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Answer(#[from] AnswerError),
+    #[error("no answer within {0:?} (verify_timeout)")]
+    Timeout(Duration),
+}
+
+/// A 200 answer that is not `{"Allow":true|false}`.
+#[derive(Debug, thiserror::Error)]
+enum AnswerError {
+    #[error("answer is not JSON; expected {{\"Allow\":true|false}}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("answer is not a JSON object; expected {{\"Allow\":true|false}}")]
+    NotObject,
+}
+
 /// `{"Allow":true}` admits. Field names match case-insensitively, as Go's encoding/json does.
-fn parse_answer(body: &[u8]) -> Result<bool, String> {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| format!("answer is not JSON ({e}); expected {{\"Allow\":true|false}}"))?;
-    let obj = v
-        .as_object()
-        .ok_or("answer is not a JSON object; expected {\"Allow\":true|false}")?;
+fn parse_answer(body: &[u8]) -> Result<bool, AnswerError> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(AnswerError::NotJson)?;
+    let obj = v.as_object().ok_or(AnswerError::NotObject)?;
     Ok(obj
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("allow"))
@@ -415,14 +448,16 @@ mod tests {
         assert!(keys.contains(&k1) && keys.contains(&k2));
         let bad = format!("nodekey:{}\n{}\n", k1.to_hex(), k2.to_hex());
         let e = parse_allowlist(&bad).unwrap_err();
+        assert_eq!((e.line, e.text.as_str()), (2, k2.to_hex().as_str()));
+        let e = e.to_string();
         assert!(
             e.starts_with("line 2:") && e.contains("nodekey:<64 hex>"),
             "{e}"
         );
         let e = parse_allowlist("nodekey:abcd\n").unwrap_err();
-        assert!(e.starts_with("line 1:"), "{e}");
+        assert_eq!(e.line, 1);
         let e = parse_allowlist(&format!("discokey:{}\n", k1.to_hex())).unwrap_err();
-        assert!(e.starts_with("line 1:"), "{e}");
+        assert_eq!(e.line, 1);
         assert!(parse_allowlist("# nobody\n").unwrap().is_empty());
     }
 
@@ -462,18 +497,22 @@ mod tests {
             allowlist_file: Some(p),
             ..Default::default()
         })
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+        let e = crate::error_chain(&e);
         assert!(e.contains("keys.txt") && e.contains("line 2"), "{e}");
     }
 
     #[test]
     fn answers_parse_like_go() {
-        assert_eq!(parse_answer(br#"{"Allow":true}"#), Ok(true));
-        assert_eq!(parse_answer(br#"{"allow":true}"#), Ok(true));
-        assert_eq!(parse_answer(br#"{"Allow":false}"#), Ok(false));
-        assert_eq!(parse_answer(br#"{}"#), Ok(false));
-        assert!(parse_answer(b"yes").is_err());
+        assert!(parse_answer(br#"{"Allow":true}"#).unwrap());
+        assert!(parse_answer(br#"{"allow":true}"#).unwrap());
+        assert!(!parse_answer(br#"{"Allow":false}"#).unwrap());
+        assert!(!parse_answer(br#"{}"#).unwrap());
+        assert!(matches!(parse_answer(b"yes"), Err(AnswerError::NotJson(_))));
+        assert!(matches!(
+            parse_answer(b"[true]"),
+            Err(AnswerError::NotObject)
+        ));
     }
 
     #[test]

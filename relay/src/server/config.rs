@@ -151,7 +151,7 @@ pub enum ConfigError {
     AcceptRate(f64),
     /// The ACME settings cannot get a certificate.
     #[error("{} cannot work for ACME", .0.field())]
-    Acme(#[source] super::acme::AcmeConfigError),
+    Acme(#[source] super::AcmeConfigError),
     /// ACME answers HTTP-01 on the port-80 listener, which is off.
     #[error("tls is ACME but http_listen is None: the CA's HTTP-01 challenge is answered on the port-80 listener")]
     AcmeWithoutHttpListen,

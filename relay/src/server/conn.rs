@@ -12,9 +12,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
-use super::acme::CHALLENGE_PREFIX;
 use super::http::{self, HttpError, Request, Response};
 use super::metrics::HandshakeFailure;
+use super::tls::acme::CHALLENGE_PREFIX;
 use super::ws::WsIo;
 use super::{client, Shared};
 
@@ -237,7 +237,7 @@ async fn serve<S>(
                         _ => HandshakeFailure::HttpMalformed,
                     });
                 }
-                debug!(%remote, error = %e, "bad HTTP request");
+                debug!(%remote, error = %crate::error_chain(&e), "bad HTTP request");
                 if !matches!(e, HttpError::Io(_)) {
                     let r = Response::text(400, "Bad Request", "malformed HTTP request\n");
                     let _ = tokio::time::timeout(shared.limits.write_timeout, async {

@@ -62,11 +62,11 @@ impl Request {
 pub(crate) enum HttpError {
     #[error("request head over {MAX_HEAD} bytes")]
     TooLarge,
-    #[error("malformed request head: {0}")]
-    Malformed(httparse::Error),
+    #[error("malformed request head")]
+    Malformed(#[source] httparse::Error),
     #[error("connection closed in the middle of a request head")]
     Truncated,
-    #[error("read error: {0}")]
+    #[error("read error")]
     Io(#[from] std::io::Error),
 }
 

@@ -13,19 +13,37 @@ use crate::proto::SecretKey;
 /// Why the key file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    #[error("cannot read the server key file {path}: {source}")]
+    #[error("cannot read the server key file {path}")]
     Read {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the server key file {path}: {source} (create its directory, or point --key-file elsewhere)")]
+    #[error("cannot create the server key file {path} (create its directory, or point --key-file elsewhere)")]
     Create {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("the server key file {path} is not valid: {why}. Expected {{\"PrivateKey\":\"privkey:<64 hex>\"}}; \
+    #[error("the server key file {path} is not valid. Expected {{\"PrivateKey\":\"privkey:<64 hex>\"}}; \
              restore it from backup, or delete it to create a new key (clients will see a new server key)")]
-    Invalid { path: PathBuf, why: String },
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: InvalidKey,
+    },
+}
+
+/// What is wrong with the text of a key file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidKey {
+    #[error("not JSON")]
+    NotJson(#[source] serde_json::Error),
+    #[error("no \"PrivateKey\" string")]
+    NoPrivateKey,
+    #[error(transparent)]
+    Key(#[from] crate::proto::KeyParseError),
 }
 
 /// Loads the key at `path`, creating a new one if the file does not exist.
@@ -34,22 +52,18 @@ pub fn load_or_create(path: &Path) -> Result<(SecretKey, bool), KeyFileError> {
     match std::fs::read_to_string(path) {
         Ok(text) => parse(&text)
             .map(|k| (k, false))
-            .map_err(|why| KeyFileError::Invalid {
+            .map_err(|source| KeyFileError::Invalid {
                 path: path.into(),
-                why,
+                source,
             }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::generate();
             let json = serde_json::json!({ "PrivateKey": key.to_privkey_string() }).to_string();
-            super::tls::write_private(path, json.as_bytes()).map_err(|e| match e {
-                super::tls::TlsError::Write { source, .. } => KeyFileError::Create {
+            super::tls::write_secret(path, json.as_bytes()).map_err(|source| {
+                KeyFileError::Create {
                     path: path.into(),
                     source,
-                },
-                other => KeyFileError::Create {
-                    path: path.into(),
-                    source: std::io::Error::other(other.to_string()),
-                },
+                }
             })?;
             Ok((key, true))
         }
@@ -60,20 +74,17 @@ pub fn load_or_create(path: &Path) -> Result<(SecretKey, bool), KeyFileError> {
     }
 }
 
-fn parse(text: &str) -> Result<SecretKey, String> {
+fn parse(text: &str) -> Result<SecretKey, InvalidKey> {
     let t = text.trim();
     if t.starts_with('{') {
-        let v: serde_json::Value =
-            serde_json::from_str(t).map_err(|e| format!("not JSON ({e})"))?;
+        let v: serde_json::Value = serde_json::from_str(t).map_err(InvalidKey::NotJson)?;
         let s = v
             .get("PrivateKey")
             .and_then(|p| p.as_str())
-            .ok_or("no \"PrivateKey\" string")?;
-        s.parse()
-            .map_err(|e: crate::proto::KeyParseError| e.to_string())
+            .ok_or(InvalidKey::NoPrivateKey)?;
+        Ok(s.parse()?)
     } else {
-        t.parse()
-            .map_err(|e: crate::proto::KeyParseError| e.to_string())
+        Ok(t.parse()?)
     }
 }
 
@@ -145,7 +156,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.key");
         std::fs::write(&p, "{\"PrivateKey\":\"privkey:12\"}").unwrap();
-        let e = load_or_create(&p).unwrap_err().to_string();
+        let e = load_or_create(&p).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KeyFileError::Invalid {
+                    source: InvalidKey::Key(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = crate::error_chain(&e);
         assert!(e.contains("bad.key") && e.contains("64 hex"), "{e}");
+        assert!(matches!(
+            parse("{\"Private\":1}"),
+            Err(InvalidKey::NoPrivateKey)
+        ));
+        assert!(matches!(parse("{nope"), Err(InvalidKey::NotJson(_))));
     }
 }

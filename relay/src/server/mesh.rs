@@ -368,12 +368,14 @@ async fn peer_loop(target: Target, ctx: Arc<LinkCtx>, cancel: CancellationToken)
             LinkEnd::Cancelled => return,
             LinkEnd::Failed(e) => {
                 m.mesh_connect_failures.increment(1);
+                let e = crate::error_chain(&e);
                 warn!(peer = %target.dial, retry_in = ?backoff, "mesh link failed: {e}");
                 let w = backoff;
                 backoff = (backoff * 2).min(MESH_RETRY_MAX);
                 w
             }
             LinkEnd::Lost(e, was_up_for) => {
+                let e = crate::error_chain(&e);
                 warn!(peer = %target.dial, "mesh link lost: {e}; reconnecting");
                 if was_up_for > Duration::from_secs(10) {
                     backoff = MESH_RETRY_FIRST;
@@ -402,22 +404,70 @@ enum LinkEnd {
     SelfConnect,
     Cancelled,
     /// Never got to the watch stage.
-    Failed(String),
+    Failed(LinkError),
     /// Was up (for this long), then broke.
-    Lost(String, Duration),
+    Lost(LinkError, Duration),
     /// The peer said it is restarting.
     Restarting,
+}
+
+/// Why a mesh link could not be set up, or broke (logged; the link is retried).
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("connect")]
+    Connect(#[source] std::io::Error),
+    #[error("TLS name {name:?}")]
+    TlsName {
+        name: String,
+        #[source]
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    #[error("TLS handshake timed out")]
+    TlsTimeout,
+    #[error("TLS with {name:?} (is the peer's certificate valid for that name? set [mesh] tls_name / ca_file)")]
+    Tls {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no DERP connection within {0:?}")]
+    EstablishTimeout(Duration),
+    #[error("write")]
+    Write(#[source] std::io::Error),
+    #[error("write failed or timed out")]
+    Writer,
+    #[error("read")]
+    Read(#[source] std::io::Error),
+    /// The upgrade's status line (data from the peer).
+    #[error("upgrade refused: {0}")]
+    Refused(String),
+    #[error("handshake")]
+    Handshake(#[source] HandshakeError),
+    /// `hint`: what a close at this stage usually means.
+    #[error("{source}{hint}")]
+    Closed {
+        source: HandshakeError,
+        hint: &'static str,
+    },
+    #[error("nothing from the peer for {0:?}")]
+    Idle(Duration),
+    #[error("peer closed the connection")]
+    PeerClosed,
+    #[error("bad frame")]
+    Frame(#[source] proto::ProtoError),
 }
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<X: AsyncRead + AsyncWrite + Unpin + Send> Io for X {}
 
 /// TCP, and TLS when the mesh uses it.
-async fn connect(target: &Target, ctx: &LinkCtx) -> Result<Box<dyn Io>, String> {
+async fn connect(target: &Target, ctx: &LinkCtx) -> Result<Box<dyn Io>, LinkError> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.dial.as_str()))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|_| LinkError::ConnectTimeout)?
+        .map_err(LinkError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = match &ctx.connector {
         None => Box::new(tcp),
@@ -426,12 +476,16 @@ async fn connect(target: &Target, ctx: &LinkCtx) -> Result<Box<dyn Io>, String> 
                 .tls_name
                 .clone()
                 .unwrap_or_else(|| target.host.clone());
-            let sn = rustls::pki_types::ServerName::try_from(name.clone())
-                .map_err(|e| format!("TLS name {name:?}: {e}"))?;
+            let sn = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|source| {
+                LinkError::TlsName {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
             let tls = tokio::time::timeout(CONNECT_TIMEOUT, c.connect(sn, tcp))
                 .await
-                .map_err(|_| "TLS handshake timed out".to_string())?
-                .map_err(|e| format!("TLS with {name:?}: {e} (is the peer's certificate valid for that name? set [mesh] tls_name / ca_file)"))?;
+                .map_err(|_| LinkError::TlsTimeout)?
+                .map_err(|source| LinkError::Tls { name, source })?;
             Box::new(tls)
         }
     };
@@ -444,18 +498,18 @@ async fn next_frame<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     dec: &mut FrameDecoder,
     idle: Duration,
-) -> Result<proto::RawFrame, String> {
+) -> Result<proto::RawFrame, LinkError> {
     loop {
-        if let Some(f) = dec.decode(buf).map_err(|e| e.to_string())? {
+        if let Some(f) = dec.decode(buf).map_err(LinkError::Frame)? {
             return Ok(f);
         }
         buf.reserve(dec.bytes_needed(buf).max(16 << 10));
         let n = tokio::time::timeout(idle, r.read_buf(buf))
             .await
-            .map_err(|_| format!("nothing from the peer for {idle:?}"))?
-            .map_err(|e| format!("read: {e}"))?;
+            .map_err(|_| LinkError::Idle(idle))?
+            .map_err(LinkError::Read)?;
         if n == 0 {
-            return Err("peer closed the connection".into());
+            return Err(LinkError::PeerClosed);
         }
     }
 }
@@ -475,15 +529,15 @@ async fn establish(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkEnd> {
     tokio::time::timeout(CONNECT_TIMEOUT, establish_inner(target, ctx))
         .await
         .unwrap_or_else(|_| {
-            Err(LinkEnd::Failed(format!(
-                "no DERP connection within {CONNECT_TIMEOUT:?}"
+            Err(LinkEnd::Failed(LinkError::EstablishTimeout(
+                CONNECT_TIMEOUT,
             )))
         })
 }
 
 async fn establish_inner(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkEnd> {
     let shared = &ctx.shared;
-    let failed = |e: String| LinkEnd::Failed(e);
+    let failed = LinkEnd::Failed;
     let io = connect(target, ctx).await.map_err(failed)?;
     let (mut r, mut w) = tokio::io::split(io);
     let port = split_host_port(&target.dial).map(|(_, p)| p).unwrap_or(443);
@@ -500,13 +554,13 @@ async fn establish_inner(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkE
     let (mut hs, first) = ClientHandshake::new(shared.secret.clone(), info, Upgrade::Http(upgrade));
     write_flush(&mut w, &first)
         .await
-        .map_err(|e| failed(format!("write: {e}")))?;
+        .map_err(|e| failed(LinkError::Write(e)))?;
     let mut buf = BytesMut::with_capacity(4096);
     let peer_key = loop {
         let step = hs.feed(&mut buf).map_err(|e| {
             failed(match e {
-                HandshakeError::Refused(r) => format!("upgrade refused: {}", r.status_line()),
-                other => other.to_string(),
+                HandshakeError::Refused(r) => LinkError::Refused(r.status_line().to_string()),
+                other => LinkError::Handshake(other),
             })
         })?;
         match step {
@@ -515,14 +569,17 @@ async fn establish_inner(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkE
                 let n = r
                     .read_buf(&mut buf)
                     .await
-                    .map_err(|e| failed(format!("read: {e}")))?;
+                    .map_err(|e| failed(LinkError::Read(e)))?;
                 if n == 0 {
                     let hint = if hs.stage() == Stage::ServerInfo {
                         " (a peer closes the connection when the mesh key differs: check that every relay has the same mesh key)"
                     } else {
                         ""
                     };
-                    return Err(failed(format!("{}{hint}", hs.closed())));
+                    return Err(failed(LinkError::Closed {
+                        source: hs.closed(),
+                        hint,
+                    }));
                 }
             }
             Step::ServerKey { key, .. } if key == shared.public => {
@@ -535,7 +592,7 @@ async fn establish_inner(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkE
                 proto::put_frame(&mut client_info, ft::WATCH_CONNS, &[]);
                 write_flush(&mut w, &client_info)
                     .await
-                    .map_err(|e| failed(format!("write: {e}")))?;
+                    .map_err(|e| failed(LinkError::Write(e)))?;
             }
             Step::Established(e) => break e.server_key,
         }
@@ -609,11 +666,11 @@ async fn run_link(
         let f = tokio::select! {
             _ = cancel.cancelled() => break LinkEnd::Cancelled,
             _ = stop_writer.cancelled() => {
-                break LinkEnd::Lost("write failed or timed out".into(), up_since.elapsed())
+                break LinkEnd::Lost(LinkError::Writer, up_since.elapsed())
             }
             f = next_frame(&mut r, &mut buf, &mut dec, READ_IDLE) => f,
         };
-        let f = match f.and_then(|f| ServerFrame::parse(f).map_err(|e| e.to_string())) {
+        let f = match f.and_then(|f| ServerFrame::parse(f).map_err(LinkError::Frame)) {
             Ok(f) => f,
             Err(e) => break LinkEnd::Lost(e, up_since.elapsed()),
         };

@@ -4,7 +4,6 @@
 //! the handle for the bound addresses. Every task hangs off the handle; [`Server::shutdown`]
 //! drains gracefully and dropping the handle aborts.
 
-pub mod acme;
 pub mod admission;
 mod client;
 mod config;
@@ -30,12 +29,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-pub use self::acme::{AcmeConfig, AcmeConfigError, LETS_ENCRYPT_DIRECTORY};
-pub use self::admission::{AdmissionConfig, AdmissionError, VerifyFail, VerifyUrlError};
+pub use self::admission::{
+    AdmissionConfig, AdmissionError, AllowlistLineError, VerifyFail, VerifyUrlError,
+};
 pub use self::config::{Config, ConfigError, Limits};
 pub use self::mesh::{MeshConfig, MeshDns, MeshTls, PeerAddrError};
 pub use self::metrics::RelayMetrics;
-pub use self::tls::{cert_name_pin, TlsConfig, TlsError};
+use self::tls::acme;
+pub use self::tls::{
+    cert_name_pin, AcmeConfig, AcmeConfigError, TlsConfig, TlsError, LETS_ENCRYPT_DIRECTORY,
+};
 use crate::proto::{PublicKey, SecretKey};
 use conn::Listener;
 pub use ferry_stun::{Rfc5780Config, StunConfig, StunServer};
@@ -43,7 +46,7 @@ pub use ferry_stun::{Rfc5780Config, StunConfig, StunServer};
 /// Why the server could not start. Each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    #[error("cannot listen on {addr} ({what}): {source}. Is another process using it? Pick another address or stop that process{hint}")]
+    #[error("cannot listen on {addr} ({what}). Is another process using it? Pick another address or stop that process{hint}")]
     Bind {
         addr: SocketAddr,
         what: &'static str,
@@ -52,9 +55,9 @@ pub enum SpawnError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("STUN: {0}")]
+    #[error("STUN")]
     Stun(#[from] ferry_stun::StunError),
-    #[error("admission: {0}")]
+    #[error("admission")]
     Admission(#[from] AdmissionError),
     #[error("mesh ca_file")]
     MeshCaFile(#[source] TlsError),
@@ -190,7 +193,7 @@ impl Server {
             _ => None,
         };
         let cert = match config.tls.clone() {
-            Some(t) => Some(Arc::new(tls::ReloadableCert::load(t)?)),
+            Some(t) => Some(Arc::new(tls::load(t)?)),
             None => None,
         };
         let tls_acceptor = cert

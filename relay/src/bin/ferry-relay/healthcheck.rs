@@ -2,21 +2,63 @@
 //! no shell or curl.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-/// GETs `url` (`http://host[:port][/path]`) within `timeout`. `Ok` on a 200 answer; otherwise
-/// a one-line reason.
-pub(crate) fn check(url: &str, timeout: Duration) -> Result<(), String> {
+/// Why the URL is not healthy. `main` prints it with its source, on one line.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Unhealthy {
+    #[error(
+        "{url}: only http:// URLs are supported (the metrics listener's /healthz is plain HTTP)"
+    )]
+    NotHttp { url: String },
+    #[error("{url}: no host")]
+    NoHost { url: String },
+    #[error("{url}: cannot resolve {hostport}")]
+    Resolve {
+        url: String,
+        hostport: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{url}: {hostport} resolves to no address")]
+    NoAddress { url: String, hostport: String },
+    #[error(
+        "{url}: cannot connect to {addr} (is the relay running, with its metrics listener there?)"
+    )]
+    Connect {
+        url: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{url}")]
+    Io {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{url}: no answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    /// The status line, as received.
+    #[error("{url}: answered {line:?}, not 200")]
+    Status { url: String, line: String },
+    #[error("{url}: not an HTTP answer ({line:?})")]
+    NotHttpAnswer { url: String, line: String },
+}
+
+/// GETs `url` (`http://host[:port][/path]`) within `timeout`. `Ok` on a 200 answer.
+pub(crate) fn check(url: &str, timeout: Duration) -> Result<(), Unhealthy> {
+    let u = || url.to_string();
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs are supported (the metrics listener's /healthz is plain HTTP)"))?;
+        .ok_or_else(|| Unhealthy::NotHttp { url: u() })?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     if authority.is_empty() {
-        return Err(format!("{url}: no host"));
+        return Err(Unhealthy::NoHost { url: u() });
     }
     let has_port = match authority.rfind(':') {
         Some(i) => !authority[i..].contains(']'),
@@ -31,9 +73,16 @@ pub(crate) fn check(url: &str, timeout: Duration) -> Result<(), String> {
     let left = || deadline.saturating_duration_since(Instant::now());
     let addrs: Vec<_> = hostport
         .to_socket_addrs()
-        .map_err(|e| format!("{url}: cannot resolve {hostport}: {e}"))?
+        .map_err(|source| Unhealthy::Resolve {
+            url: u(),
+            hostport: hostport.clone(),
+            source,
+        })?
         .collect();
-    let mut last_err = format!("{url}: {hostport} resolves to no address");
+    let mut last_err = Unhealthy::NoAddress {
+        url: u(),
+        hostport: hostport.clone(),
+    };
     let mut stream = None;
     for a in addrs {
         if left().is_zero() {
@@ -44,11 +93,17 @@ pub(crate) fn check(url: &str, timeout: Duration) -> Result<(), String> {
                 stream = Some(s);
                 break;
             }
-            Err(e) => last_err = format!("{url}: cannot connect to {a}: {e} (is the relay running, with its metrics listener there?)"),
+            Err(source) => {
+                last_err = Unhealthy::Connect {
+                    url: u(),
+                    addr: a,
+                    source,
+                }
+            }
         }
     }
     let mut s = stream.ok_or(last_err)?;
-    let io = |e: std::io::Error| format!("{url}: {e}");
+    let io = |source: std::io::Error| Unhealthy::Io { url: u(), source };
     let bound = left().max(Duration::from_millis(1));
     s.set_read_timeout(Some(bound)).map_err(io)?;
     s.set_write_timeout(Some(bound)).map_err(io)?;
@@ -70,17 +125,17 @@ pub(crate) fn check(url: &str, timeout: Duration) -> Result<(), String> {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(format!("{url}: no answer within {timeout:?}"))
+                return Err(Unhealthy::Timeout { url: u(), timeout })
             }
             Err(e) => return Err(io(e)),
         }
     }
     let line = String::from_utf8_lossy(&head);
-    let line = line.lines().next().unwrap_or("").trim();
+    let line = line.lines().next().unwrap_or("").trim().to_string();
     let code = line.split_whitespace().nth(1);
     match code {
         Some("200") => Ok(()),
-        Some(_) => Err(format!("{url}: answered {line:?}, not 200")),
-        None => Err(format!("{url}: not an HTTP answer ({line:?})")),
+        Some(_) => Err(Unhealthy::Status { url: u(), line }),
+        None => Err(Unhealthy::NotHttpAnswer { url: u(), line }),
     }
 }

@@ -34,7 +34,7 @@ async fn main() -> ExitCode {
             return match healthcheck::check(&url, timeout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(why) => {
-                    eprintln!("ferry-relay healthcheck: unhealthy: {why}");
+                    eprintln!("ferry-relay healthcheck: unhealthy: {}", chain(&why.into()));
                     ExitCode::FAILURE
                 }
             };

@@ -152,7 +152,7 @@ impl Signals {
                 _ = self.int.recv() => return,
                 _ = self.hup.recv() => match server.reload_tls() {
                     Ok(()) => info!("SIGHUP: certificate reloaded"),
-                    Err(e) => error!(error = %e, "SIGHUP: certificate reload failed; still serving the previous one"),
+                    Err(e) => error!(error = %crate::chain(&e.into()), "SIGHUP: certificate reload failed; still serving the previous one"),
                 },
             }
         }

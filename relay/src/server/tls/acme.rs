@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -24,83 +23,11 @@ use rustls::sign::CertifiedKey;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::tls::{parse_pem, read, replace_private, ReloadableCert, TlsError};
-
-/// Let's Encrypt's production directory, the default.
-pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+use super::files::{parse_pem, read, replace_private};
+use super::{AcmeConfig, ReloadableCert, TlsError};
 
 /// Path prefix of HTTP-01 challenge requests.
 pub(crate) const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
-
-/// ACME settings.
-#[derive(Debug, Clone)]
-pub struct AcmeConfig {
-    /// The DNS name to get a certificate for (an IP address cannot pass HTTP-01 here).
-    pub hostname: String,
-    /// Contact address given to the CA (expiry warnings), e.g. `ops@example.com`.
-    pub email: Option<String>,
-    /// The CA's directory URL.
-    pub directory: String,
-    /// Extra trust anchor (PEM) for the CA's own HTTPS endpoint: for a private CA or a test
-    /// server such as pebble. Public CAs need none (webpki roots are built in).
-    pub ca_file: Option<PathBuf>,
-    /// Where the account and the issued certificate are cached. Must persist across restarts:
-    /// CAs rate-limit issuance (Let's Encrypt: 5 identical certificates a week).
-    pub dir: PathBuf,
-}
-
-impl AcmeConfig {
-    fn cert_path(&self) -> PathBuf {
-        self.dir.join(format!("acme-{}-cert.pem", self.hostname))
-    }
-    fn key_path(&self) -> PathBuf {
-        self.dir.join(format!("acme-{}-key.pem", self.hostname))
-    }
-    fn account_path(&self) -> PathBuf {
-        self.dir.join("acme-account.json")
-    }
-
-    /// Checks what can be checked before start: a DNS name, an https directory URL.
-    pub fn validate(&self) -> Result<(), AcmeConfigError> {
-        if let Ok(ip) = self.hostname.parse::<std::net::IpAddr>() {
-            return Err(AcmeConfigError::IpHostname(ip));
-        }
-        if self.hostname.is_empty() || self.hostname.contains(['/', ':', ' ']) {
-            return Err(AcmeConfigError::NotDnsName(self.hostname.clone()));
-        }
-        if !self.directory.starts_with("https://") {
-            return Err(AcmeConfigError::DirectoryNotHttps(self.directory.clone()));
-        }
-        Ok(())
-    }
-}
-
-/// ACME settings that cannot get a certificate.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AcmeConfigError {
-    /// HTTP-01 validates DNS names; CAs do not issue for IP addresses this way.
-    #[error("the hostname is the IP address {0}, and ACME (HTTP-01) needs a DNS name")]
-    IpHostname(std::net::IpAddr),
-    /// Empty, or with a scheme, port or path.
-    #[error("the hostname {0:?} is not a plain DNS name")]
-    NotDnsName(String),
-    /// The directory URL is not https.
-    #[error(
-        "the directory {0:?} is not an https:// URL (Let's Encrypt: {LETS_ENCRYPT_DIRECTORY})"
-    )]
-    DirectoryNotHttps(String),
-}
-
-impl AcmeConfigError {
-    /// The field at fault: `tls.acme.hostname` or `tls.acme.directory`.
-    pub fn field(&self) -> &'static str {
-        match self {
-            AcmeConfigError::IpHostname(_) | AcmeConfigError::NotDnsName(_) => "tls.acme.hostname",
-            AcmeConfigError::DirectoryNotHttps(_) => "tls.acme.directory",
-        }
-    }
-}
 
 /// HTTP-01 tokens being validated right now: token → key authorization. The port-80 listener
 /// answers `GET /.well-known/acme-challenge/<token>` from here.
@@ -148,7 +75,8 @@ pub(crate) fn load_cached(cfg: &AcmeConfig) -> Result<Option<CertifiedKey>, TlsE
     // unusable: ask the CA again rather than refuse to start.
     match parse_pem(&read(&cert_path)?, &cert_path, &read(&key_path)?, &key_path) {
         Ok(ck) => Ok(Some(ck)),
-        Err(e @ TlsError::BadKey { .. }) => {
+        Err(e @ (TlsError::UnsupportedKey { .. } | TlsError::KeyMismatch { .. })) => {
+            let e = crate::error_chain(&e);
             warn!("cached ACME certificate unusable ({e}); requesting a new one");
             Ok(None)
         }
@@ -212,7 +140,8 @@ pub(crate) async fn run(
                 warn!(
                     hostname = %cfg.hostname,
                     retry_in = %humantime::format_duration(backoff),
-                    "ACME certificate request failed: {e}"
+                    "ACME certificate request failed: {}",
+                    crate::error_chain(&e)
                 );
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -224,13 +153,48 @@ pub(crate) async fn run(
     }
 }
 
-fn acme_err(what: &str) -> impl Fn(instant_acme::Error) -> TlsError + '_ {
-    move |e| TlsError::Acme(format!("{what}: {e}"))
+/// Why getting a certificate from the CA failed (logged; the relay retries with backoff).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AcmeError {
+    /// A step of the protocol failed: `what` says which.
+    #[error("{what}")]
+    Protocol {
+        what: String,
+        #[source]
+        source: instant_acme::Error,
+    },
+    #[error("authorization for {hostname} is {status:?}")]
+    Authorization {
+        hostname: String,
+        status: AuthorizationStatus,
+    },
+    #[error("the CA offers no http-01 challenge for this name")]
+    NoHttp01,
+    /// The CA's own problem reports (data, not errors of this process) are kept as text.
+    #[error("the order is {status:?}{}{}. The CA must reach http://{hostname}{CHALLENGE_PREFIX}… on port 80: check that the name resolves to this relay and that port 80 is forwarded to its http_listen", if .problems.is_empty() { "" } else { ": " }, .problems.join("; "))]
+    OrderNotReady {
+        status: OrderStatus,
+        problems: Vec<String>,
+        hostname: String,
+    },
+    #[error("generating the certificate's key")]
+    Key(#[source] rcgen::Error),
+    #[error("building the CSR")]
+    Csr(#[source] rcgen::Error),
+    #[error(transparent)]
+    Files(#[from] TlsError),
+}
+
+fn acme_err(what: &str) -> impl Fn(instant_acme::Error) -> AcmeError + '_ {
+    move |source| AcmeError::Protocol {
+        what: what.into(),
+        source,
+    }
 }
 
 /// An HTTPS client for the CA on rustls + ring, trusting webpki roots plus `ca_file`.
 fn http_client(cfg: &AcmeConfig) -> Result<Box<dyn instant_acme::HttpClient>, TlsError> {
-    let tls = super::tls::client_config(cfg.ca_file.as_deref())?;
+    let tls = super::client_config(cfg.ca_file.as_deref())?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
@@ -248,7 +212,7 @@ struct StoredAccount {
 }
 
 /// The account for this directory: restored from the cache, or registered and cached.
-async fn account(cfg: &AcmeConfig) -> Result<Account, TlsError> {
+async fn account(cfg: &AcmeConfig) -> Result<Account, AcmeError> {
     let path = cfg.account_path();
     if let Ok(text) = fs::read(&path) {
         match serde_json::from_slice::<StoredAccount>(&text) {
@@ -291,7 +255,7 @@ async fn account(cfg: &AcmeConfig) -> Result<Account, TlsError> {
 }
 
 /// One full order: HTTP-01 for the hostname, a fresh P-256 key, the chain; cached on success.
-async fn obtain(cfg: &AcmeConfig, challenges: &Challenges) -> Result<CertifiedKey, TlsError> {
+async fn obtain(cfg: &AcmeConfig, challenges: &Challenges) -> Result<CertifiedKey, AcmeError> {
     let account = account(cfg).await?;
     let ids = [Identifier::Dns(cfg.hostname.clone())];
     let mut order = account
@@ -309,16 +273,16 @@ async fn obtain(cfg: &AcmeConfig, challenges: &Challenges) -> Result<CertifiedKe
             match authz.status {
                 AuthorizationStatus::Pending => {}
                 AuthorizationStatus::Valid => continue,
-                other => {
-                    return Err(TlsError::Acme(format!(
-                        "authorization for {} is {other:?}",
-                        cfg.hostname
-                    )))
+                status => {
+                    return Err(AcmeError::Authorization {
+                        hostname: cfg.hostname.clone(),
+                        status,
+                    })
                 }
             }
-            let mut ch = authz.challenge(ChallengeType::Http01).ok_or_else(|| {
-                TlsError::Acme("the CA offers no http-01 challenge for this name".into())
-            })?;
+            let mut ch = authz
+                .challenge(ChallengeType::Http01)
+                .ok_or(AcmeError::NoHttp01)?;
             guard.add(
                 ch.token.clone(),
                 ch.key_authorization().as_str().to_string(),
@@ -343,18 +307,17 @@ async fn obtain(cfg: &AcmeConfig, challenges: &Challenges) -> Result<CertifiedKe
                 }
             }
         }
-        return Err(TlsError::Acme(format!(
-            "the order is {status:?}{}{}. The CA must reach http://{}{CHALLENGE_PREFIX}… on port 80: check that the name resolves to this relay and that port 80 is forwarded to its http_listen",
-            if why.is_empty() { "" } else { ": " },
-            why.join("; "),
-            cfg.hostname
-        )));
+        return Err(AcmeError::OrderNotReady {
+            status,
+            problems: why,
+            hostname: cfg.hostname.clone(),
+        });
     }
     drop(guard);
-    let key = rcgen::KeyPair::generate().map_err(|e| TlsError::Acme(e.to_string()))?;
+    let key = rcgen::KeyPair::generate().map_err(AcmeError::Key)?;
     let csr = rcgen::CertificateParams::new(vec![cfg.hostname.clone()])
         .and_then(|p| p.serialize_request(&key))
-        .map_err(|e| TlsError::Acme(format!("building the CSR: {e}")))?;
+        .map_err(AcmeError::Csr)?;
     order
         .finalize_csr(csr.der())
         .await
@@ -379,6 +342,7 @@ async fn obtain(cfg: &AcmeConfig, challenges: &Challenges) -> Result<CertifiedKe
 
 #[cfg(test)]
 mod tests {
+    use super::super::{AcmeConfigError, LETS_ENCRYPT_DIRECTORY};
     use super::*;
 
     #[test]
