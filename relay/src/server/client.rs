@@ -339,20 +339,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let why = 'conn: loop {
         // Everything already buffered, then one read. Counters are added once per read.
         let (mut pkts, mut bytes, mut mesh_pkts) = (0u64, 0u64, 0u64);
-        loop {
+        // A bad frame ends the connection, but only after the packets before it in this read
+        // are counted: they were queued for their receivers.
+        let bad = loop {
             let f = match dec.decode(&mut rbuf) {
                 Ok(Some(f)) => f,
-                Ok(None) => break,
+                Ok(None) => break None,
                 Err(e) => {
                     debug!(error = %e, "protocol error");
-                    break 'conn CloseReason::ProtocolError;
+                    break Some(CloseReason::ProtocolError);
                 }
             };
             let frame = match ClientFrame::parse(f) {
                 Ok(fr) => fr,
                 Err(e) => {
                     debug!(error = %e, "protocol error");
-                    break 'conn CloseReason::ProtocolError;
+                    break Some(CloseReason::ProtocolError);
                 }
             };
             match frame {
@@ -386,7 +388,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 ClientFrame::ForwardPacket { src, dst, packet } => {
                     if !is_mesh {
-                        break 'conn CloseReason::NotPermitted;
+                        break Some(CloseReason::NotPermitted);
                     }
                     match reg.get(&dst) {
                         Some(to) => {
@@ -414,13 +416,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 ClientFrame::Pong(_) => {}
                 ClientFrame::WatchConns => {
                     if !is_mesh {
-                        break 'conn CloseReason::NotPermitted;
+                        break Some(CloseReason::NotPermitted);
                     }
                     reg.add_watcher(Arc::clone(me));
                 }
                 ClientFrame::ClosePeer(k) => {
                     if !is_mesh {
-                        break 'conn CloseReason::NotPermitted;
+                        break Some(CloseReason::NotPermitted);
                     }
                     reg.close_key(&k);
                 }
@@ -429,7 +431,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     m.frames_ignored.increment(1);
                 }
             }
-        }
+        };
         if pkts > 0 {
             m.packets_forwarded.increment(pkts);
             m.bytes_forwarded.increment(bytes);
@@ -440,7 +442,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // always readable, and without this a reader could queue up to the scheduler's
             // budget of reads (hundreds of packets, mostly dropped at full queues) before a
             // writer gets the core.
-            tokio::task::yield_now().await;
+            if bad.is_none() {
+                tokio::task::yield_now().await;
+            }
+        }
+        if let Some(why) = bad {
+            break 'conn why;
         }
         // An idle connection keeps a small buffer (most of a relay's connections are idle:
         // 512 bytes instead of 8 KiB each); one whose reads fill the buffer gets big chunks.
