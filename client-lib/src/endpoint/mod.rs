@@ -30,7 +30,8 @@
 //!    relay with our candidate endpoints (the STUN-mapped address, the socket's local
 //!    addresses, addresses peers observed in pongs), flagged *punched* if it punched
 //!    candidates the peer offered lately. A peer receiving a *punched* CallMeMaybe pings every
-//!    endpoint in it at full TTL; receiving an unpunched one, it punches the endpoints and
+//!    endpoint in it at full TTL (at most [`crate::disco::MAX_ENDPOINTS`] are read, and as many such
+//!    pings per peer per second); receiving an unpunched one, it punches the endpoints and
 //!    answers with a punched CallMeMaybe. A node pinged from a new address pings that address
 //!    back (peer-reflexive): simultaneous open. A pong from the address (and socket) pinged
 //!    makes it the peer's direct path. An easy NAT facing a hard one uses birthday probing

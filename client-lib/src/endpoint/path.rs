@@ -68,7 +68,8 @@ pub(super) const SMALL_PING_MAX: usize = 1_280;
 /// How long packets of a size the direct path lost go on both paths before it is tried again.
 pub(super) const TOO_BIG_RETRY: Duration = Duration::from_secs(30);
 /// At most one answer per peer to its unpunched CallMeMaybes this often (they come at most
-/// every `probe_interval` from a well-behaved peer).
+/// every `probe_interval` from a well-behaved peer); and at most
+/// [`disco::MAX_ENDPOINTS`] full-TTL pings per peer this often in answer to punched ones.
 pub(super) const RESPONSE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Node-wide facts a peer's rules depend on, passed per call (read-only).
@@ -210,6 +211,10 @@ pub(super) struct PeerPath {
     peer_hard: Option<bool>,
     /// Last CallMeMaybe we sent in answer to an unpunched one.
     last_response: Option<Instant>,
+    /// Full-TTL pings sent in answer to punched CallMeMaybes since the instant (a budget of
+    /// [`disco::MAX_ENDPOINTS`] per [`RESPONSE_INTERVAL`]: anyone can send CallMeMaybes
+    /// through a relay, naming any addresses).
+    answer_pings: (Option<Instant>, usize),
     last_probe: Option<Instant>,
     last_heartbeat: Option<Instant>,
     /// Last data to or from the peer.
@@ -257,6 +262,7 @@ impl PeerPath {
             best_via: udp::MAIN,
             peer_hard: None,
             last_response: None,
+            answer_pings: (None, 0),
             last_probe: None,
             last_heartbeat: None,
             last_active: None,
@@ -501,12 +507,18 @@ impl PeerPath {
     pub(super) fn on_call_me_maybe(
         &mut self,
         now: Instant,
-        endpoints: Vec<SocketAddr>,
+        mut endpoints: Vec<SocketAddr>,
         peer_hard: bool,
         punched: bool,
         env: &Env,
     ) -> Vec<Action> {
         let mut out = Vec::new();
+        // As many as we send at most: a relay frame carries about 3,600, each one a punch or
+        // a ping to an address the sender chose.
+        if endpoints.len() > disco::MAX_ENDPOINTS {
+            debug!(peer = %self.peer.short(), n = endpoints.len(), "call-me-maybe with too many endpoints; the first {} kept", disco::MAX_ENDPOINTS);
+            endpoints.truncate(disco::MAX_ENDPOINTS);
+        }
         let me_hard = env.me_hard;
         let fresh = self.direct(now).is_some();
         self.peer_hard = Some(peer_hard);
@@ -557,9 +569,17 @@ impl PeerPath {
                 eligible: env.has_session || self.is_active(now),
             });
         }
+        if !recent(self.answer_pings.0, RESPONSE_INTERVAL, now) {
+            self.answer_pings = (Some(now), 0);
+        }
         for a in endpoints {
+            if self.answer_pings.1 >= disco::MAX_ENDPOINTS {
+                debug!(peer = %self.peer.short(), "call-me-maybe pings over budget; the rest not sent");
+                break;
+            }
             if !self.pinged_lately(a, udp::MAIN, now) {
                 out.push(self.ping(now, a, udp::MAIN));
+                self.answer_pings.1 += 1;
             }
         }
         out

@@ -683,3 +683,44 @@ fn a_peer_is_idle_only_with_nothing_in_flight_for_ten_minutes() {
     pp.tick(t0 + PEER_IDLE, &env()); // pings older than trust are dropped
     assert!(pp.is_idle(t0 + PEER_IDLE));
 }
+
+// ----- B1: a CallMeMaybe cannot make us an amplifier -----
+
+/// `n` distinct public addresses, starting at port `base`.
+fn many(n: usize, base: u16) -> Vec<SocketAddr> {
+    (0..n)
+        .map(|i| SocketAddr::from(([198, 18, (i / 200) as u8, 1], base + (i % 200) as u16)))
+        .collect()
+}
+
+#[test]
+fn a_call_me_maybe_is_cut_to_max_endpoints_and_its_full_pings_are_budgeted_per_second() {
+    let t0 = Instant::now();
+    // A relay frame fits about 3,600 addresses.
+    let mut pp = new_pp();
+    let out = pp.on_call_me_maybe(t0, many(3600, 1000), false, false, &env());
+    let punches = out
+        .iter()
+        .filter(|a| matches!(a, Action::Punch { .. }))
+        .count();
+    assert_eq!(punches, disco::MAX_ENDPOINTS, "unpunched: punches capped");
+    let mut pp = new_pp();
+    let out = pp.on_call_me_maybe(t0, many(3600, 1000), false, true, &env());
+    assert_eq!(
+        pings(&out).len(),
+        disco::MAX_ENDPOINTS,
+        "punched: pings capped"
+    );
+    // Another list within RESPONSE_INTERVAL: no more full-TTL pings for this peer ...
+    let out = pp.on_call_me_maybe(t0 + ms(600), many(3600, 3000), false, true, &env());
+    assert!(pings(&out).is_empty(), "{} pings", pings(&out).len());
+    // ... until it is over.
+    let out = pp.on_call_me_maybe(
+        t0 + RESPONSE_INTERVAL,
+        many(3600, 5000),
+        false,
+        true,
+        &env(),
+    );
+    assert_eq!(pings(&out).len(), disco::MAX_ENDPOINTS);
+}
