@@ -6,11 +6,12 @@ Runs, with nothing leaving 127.0.0.1: Tailscale's derper (--dev: plain HTTP on :
 stun client against ferry's STUN; `ferry netcheck` against both relays' STUN; two `ferry ping`
 nodes through each relay (DERP upgrade, handshake, E2E packets, disco over the relay and over
 direct UDP). A raw packet socket on `lo` (root) records every segment; TCP streams are
-reassembled per direction. Seeds are written under a hash of their bytes, so reruns only add.
+reassembled per direction. Each run replaces the recorded seeds (files named by a hash of their
+bytes); inputs kept as regression tests live in fuzz/regressions/<target>/ and are not touched.
 
     sudo scripts/fuzz-seeds.py [--bin target/debug]     (needs .tools/bin/derper)
 """
-import argparse, hashlib, os, socket, struct, subprocess, sys, tempfile, threading, time
+import argparse, hashlib, os, shutil, socket, struct, subprocess, sys, tempfile, threading, time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DERP_PORTS = {3340, 13340}
@@ -125,6 +126,7 @@ def main():
         th.join()
 
     tcp, udp = parse(packets)
+    shutil.rmtree(os.path.join(REPO, "fuzz", "seeds"), ignore_errors=True)
     counts = {}
     def add(t, data, prefix=b""):
         save(t, data, prefix)
@@ -135,7 +137,8 @@ def main():
             continue
         head_end = data.find(b"\r\n\r\n")
         if dport in DERP_PORTS and head_end >= 0:  # client -> relay
-            add("http_request", data[:head_end + 4])
+            for listener in (b"\x00", b"\x01", b"\x02"):  # DERP, port 80, metrics
+                add("http_request", data, listener)
             body = data[head_end + 4:]
             add("derp_client_frames", body, b"\xff")
             add("derp_client_frames", body, b"\x07")
@@ -166,6 +169,8 @@ def main():
         for f in files:
             if f.endswith(".json"):
                 add("relay_map", open(os.path.join(root, f), "rb").read())
+    # The config loader: the example file every key is documented in.
+    add("config_toml", open(os.path.join(REPO, "relay", "ferry-relay.example.toml"), "rb").read())
     for t, n in sorted(counts.items()):
         print(f"{t}: {n} seeds")
     if not counts:

@@ -10,8 +10,9 @@
 # cargo-fuzz needs libFuzzer's nightly-only rustc flags: RUSTC_BOOTSTRAP=1 lets the stable
 # toolchain accept them (tried here with rustc 1.95; the ASan runtime ships with it).
 # Corpora live in fuzz/corpus/<target> (not committed), seeded from fuzz/seeds/<target>
-# (committed: bytes recorded from the interop tests' real traffic, and crashes found, which
-# stay as regression inputs). A crash leaves its input in fuzz/artifacts/<target>/ and fails.
+# (committed: real loopback traffic recorded by scripts/fuzz-seeds.py) and
+# fuzz/regressions/<target> (committed: every crash found, kept as a regression input).
+# A crash leaves its input in fuzz/artifacts/<target>/ and fails the run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
 export RUSTC_BOOTSTRAP=1
@@ -39,7 +40,7 @@ status=0
 for t in $targets; do
     mkdir -p "corpus/$t"
     seeds=()
-    [[ -d seeds/$t ]] && seeds=("seeds/$t")
+    for d in "seeds/$t" "regressions/$t"; do [[ -d $d ]] && seeds+=("$d"); done
     if ((ci)); then
         # A short run that still finds regressions on the seeds and a little beyond them:
         # a fixed time rather than a run count, because per-input cost varies 200x between
