@@ -3,38 +3,13 @@
 //! `bytes_needed`, refuses lengths over `max_payload_len` before buffering them, and every frame
 //! that parses re-encodes to the bytes it was read from.
 #![no_main]
-use bytes::{BufMut, BytesMut};
-use ferry_proto::derp::{self as derp, frame_type as ft, ClientFrame, FrameDecoder, RawFrame};
+use bytes::BytesMut;
+use ferry_proto::derp::{self as derp, frame_type as ft, ClientFrame, RawFrame};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&chunk, stream)) = data.split_first() else { return };
-    let chunk = usize::from(chunk).max(1);
-    let mut dec = FrameDecoder::new();
-    let mut buf = BytesMut::new();
-    let mut fed = 0;
-    while fed < stream.len() {
-        let n = chunk.min(stream.len() - fed);
-        buf.extend_from_slice(&stream[fed..fed + n]);
-        fed += n;
-        loop {
-            let before = buf.len();
-            let needed = dec.bytes_needed(&buf);
-            match dec.decode(&mut buf) {
-                Ok(Some(f)) => {
-                    assert_eq!(needed, 0, "a frame was decoded while bytes_needed said {needed}");
-                    assert_eq!(before - buf.len(), derp::FRAME_HEADER_LEN + f.payload.len());
-                    assert!(f.payload.len() <= derp::frame::max_payload_len(f.frame_type));
-                    check(f);
-                }
-                Ok(None) => {
-                    assert!(needed > 0, "no frame, yet bytes_needed said 0");
-                    break;
-                }
-                Err(_) => return, // the connection is closed; nothing more is read
-            }
-        }
-    }
+    ferry_fuzz::decode_frames(stream, usize::from(chunk), check);
 });
 
 fn check(f: RawFrame) {
@@ -65,8 +40,5 @@ fn check(f: RawFrame) {
         assert_eq!(out[5] != 0, raw.payload[0] != 0);
         return;
     }
-    let mut expect = BytesMut::new();
-    derp::put_header(&mut expect, raw.frame_type, raw.payload.len());
-    expect.put_slice(&raw.payload);
-    assert_eq!(out, expect, "{parsed:?} does not re-encode to its bytes");
+    assert_eq!(out, ferry_fuzz::encoded(&raw), "{parsed:?} does not re-encode to its bytes");
 }

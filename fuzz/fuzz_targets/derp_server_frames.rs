@@ -2,25 +2,13 @@
 //! decoder fed in arbitrary read sizes, then `ServerFrame::parse`. Oracle: frames that parse and
 //! have an encoder re-encode to the bytes they were read from.
 #![no_main]
-use bytes::{BufMut, BytesMut};
-use ferry_proto::derp::{self as derp, frame_type as ft, FrameDecoder, RawFrame, ServerFrame};
+use bytes::BytesMut;
+use ferry_proto::derp::{self as derp, frame_type as ft, RawFrame, ServerFrame};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&chunk, stream)) = data.split_first() else { return };
-    let chunk = usize::from(chunk).max(1);
-    let mut dec = FrameDecoder::new();
-    let mut buf = BytesMut::new();
-    for piece in stream.chunks(chunk) {
-        buf.extend_from_slice(piece);
-        loop {
-            match dec.decode(&mut buf) {
-                Ok(Some(f)) => check(f),
-                Ok(None) => break,
-                Err(_) => return,
-            }
-        }
-    }
+    ferry_fuzz::decode_frames(stream, usize::from(chunk), check);
 });
 
 fn check(f: RawFrame) {
@@ -51,8 +39,5 @@ fn check(f: RawFrame) {
             return;
         }
     }
-    let mut expect = BytesMut::new();
-    derp::put_header(&mut expect, raw.frame_type, raw.payload.len());
-    expect.put_slice(&raw.payload);
-    assert_eq!(out, expect, "{parsed:?} does not re-encode to its bytes");
+    assert_eq!(out, ferry_fuzz::encoded(&raw), "{parsed:?} does not re-encode to its bytes");
 }

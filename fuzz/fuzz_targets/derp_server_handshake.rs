@@ -2,26 +2,14 @@
 //! Half the inputs are sealed properly with a fixed client key, so the JSON parser behind the
 //! box is reached; the other half go in raw (bad lengths, boxes that do not open).
 #![no_main]
-use arbitrary::Arbitrary;
-use ferry_proto::derp::{self as derp, ClientInfo, SecretKey};
+use ferry_fuzz::{key, MaybeSealed};
+use ferry_proto::derp::{self as derp, ClientInfo};
 use libfuzzer_sys::fuzz_target;
 
-#[derive(Arbitrary, Debug)]
-struct Input<'a> {
-    seal: bool,
-    bytes: &'a [u8],
-}
-
-fuzz_target!(|input: Input<'_>| {
-    let server = SecretKey::from_bytes([7; 32]);
-    let client = SecretKey::from_bytes([9; 32]);
-    let payload = if input.seal {
-        let mut p = client.public().0.to_vec();
-        p.extend_from_slice(&derp::seal(&client, &server.public(), input.bytes));
-        p
-    } else {
-        input.bytes.to_vec()
-    };
+fuzz_target!(|input: MaybeSealed<'_>| {
+    let (server, client) = (key(7), key(9));
+    // ClientInfo: the client's key, then the box.
+    let payload = input.payload(&[], &client, &server.public());
     if let Ok((key, info)) = derp::open_client_info(&server, &payload) {
         assert_eq!(key, client.public(), "a box opened for a key that did not seal it");
         // What the server understood survives its own encoding.

@@ -2,28 +2,15 @@
 //! properly (so the parser behind the box is reached). Oracle: what opens re-seals and re-opens
 //! to the same message.
 #![no_main]
-use arbitrary::Arbitrary;
 use ferry_client::disco;
-use ferry_proto::derp::{self as derp, SecretKey, DISCO_MAGIC};
+use ferry_fuzz::{key, MaybeSealed};
+use ferry_proto::derp::DISCO_MAGIC;
 use libfuzzer_sys::fuzz_target;
 
-#[derive(Arbitrary, Debug)]
-struct Input<'a> {
-    seal: bool,
-    bytes: &'a [u8],
-}
-
-fuzz_target!(|input: Input<'_>| {
-    let ours = SecretKey::from_bytes([3; 32]);
-    let theirs = SecretKey::from_bytes([5; 32]);
-    let packet = if input.seal {
-        let mut p = DISCO_MAGIC.to_vec();
-        p.extend_from_slice(theirs.public().as_bytes());
-        p.extend_from_slice(&derp::seal(&theirs, &ours.public(), input.bytes));
-        p
-    } else {
-        input.bytes.to_vec()
-    };
+fuzz_target!(|input: MaybeSealed<'_>| {
+    let (ours, theirs) = (key(3), key(5));
+    // A disco datagram: magic, the sender's key, the box.
+    let packet = input.payload(&DISCO_MAGIC, &theirs, &ours.public());
     let _ = disco::is_disco(&packet);
     let _ = disco::sender(&packet);
     match disco::open(&ours, &packet, None) {
