@@ -498,7 +498,7 @@ async fn dial_once(
             other => RelayError::Handshake {
                 node: node.name.clone(),
                 url: node.url(),
-                why: other.to_string(),
+                why: chain(&other),
             },
         })?;
     debug!(node = %node.name, %addr, websocket, "connected to relay");
@@ -527,6 +527,19 @@ async fn upgrade_ws(node: &Node, io: BoxIo) -> Result<(Reader, Writer), RelayErr
         .map_err(|e| refused(format!("WebSocket upgrade: {e}")))?;
     let (w, r) = ws.split();
     Ok((Reader::Ws(r), Writer::Ws(w)))
+}
+
+/// The error and its causes, `: `-separated (a bad HTTP head or sealed JSON keeps the parser's
+/// error as its source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        next = s.source();
+    }
+    text
 }
 
 /// Why the DERP handshake failed.

@@ -126,22 +126,58 @@ pub struct Rfc5780Config {
     pub alternate: SocketAddr,
 }
 
-/// Errors from [`StunServer::spawn`]. The messages say what to change.
+/// Errors from [`StunServer::spawn`]. The messages say what went wrong; advice (which flag or
+/// setting to change) is the caller's.
 #[derive(Debug, thiserror::Error)]
 pub enum StunError {
     /// A socket could not be created or bound.
-    #[error("cannot bind the STUN {transport} socket on {addr}: {hint}", hint = sock::bind_hint(.source, .addr))]
+    #[error("cannot bind the STUN {transport} socket on {addr}")]
     Bind {
         /// The address that failed.
         addr: SocketAddr,
         /// "UDP" or "TCP".
         transport: &'static str,
         /// The OS error.
+        #[source]
         source: io::Error,
     },
-    /// The configuration is inconsistent.
-    #[error("invalid STUN configuration: {0}")]
-    Config(String),
+    /// No UDP or TCP address and no RFC 5780 grid.
+    #[error("no listen address: at least one UDP or TCP address (or an RFC 5780 grid) is needed")]
+    NoAddress,
+    /// `udp_workers` is 0 with UDP addresses to serve.
+    #[error("udp_workers is 0: each UDP address needs at least one socket")]
+    NoUdpWorkers,
+    /// `tcp_max_connections` is 0 with TCP addresses to serve.
+    #[error("tcp_max_connections is 0, so TCP could serve nobody")]
+    NoTcpConnections,
+    /// `tcp_idle_timeout` is 0.
+    #[error("tcp_idle_timeout is 0, so every TCP connection would time out at once")]
+    ZeroTcpIdleTimeout,
+    /// An RFC 5780 address is a wildcard (0.0.0.0 or ::).
+    #[error(
+        "RFC 5780: primary {primary} and alternate {alternate} must be specific IP addresses \
+         (not 0.0.0.0 or ::), because RESPONSE-ORIGIN and OTHER-ADDRESS report them to clients"
+    )]
+    Rfc5780Wildcard {
+        /// A1:P1.
+        primary: SocketAddr,
+        /// A2:P2.
+        alternate: SocketAddr,
+    },
+    /// The RFC 5780 addresses are of different IP families.
+    #[error("RFC 5780: primary {primary} and alternate {alternate} are of different IP families")]
+    Rfc5780Families {
+        /// A1:P1.
+        primary: SocketAddr,
+        /// A2:P2.
+        alternate: SocketAddr,
+    },
+    /// The RFC 5780 primary and alternate have the same IP.
+    #[error("RFC 5780: primary and alternate have the same IP {0}; they must be two different IP addresses of this host")]
+    Rfc5780SameIp(std::net::IpAddr),
+    /// The RFC 5780 primary and alternate have the same (non-zero) port.
+    #[error("RFC 5780: primary and alternate have the same port {0}; the ports must differ")]
+    Rfc5780SamePort(u16),
     /// The SOFTWARE value is too long.
     #[error(transparent)]
     Software(#[from] SoftwareTooLong),
@@ -172,27 +208,16 @@ impl StunServer {
         metrics: StunMetrics,
     ) -> Result<StunServer, StunError> {
         if cfg.udp_addrs.is_empty() && cfg.tcp_addrs.is_empty() && cfg.rfc5780.is_none() {
-            return Err(StunError::Config(
-                "no listen address: give at least one UDP or TCP address (e.g. 0.0.0.0:3478)"
-                    .into(),
-            ));
+            return Err(StunError::NoAddress);
         }
         if cfg.udp_workers == 0 {
-            return Err(StunError::Config(
-                "udp_workers is 0: use 1 (the default) or more".into(),
-            ));
+            return Err(StunError::NoUdpWorkers);
         }
         if cfg.tcp_max_connections == 0 && !cfg.tcp_addrs.is_empty() {
-            return Err(StunError::Config(
-                "tcp_max_connections is 0, so TCP could serve nobody: raise it or drop the TCP \
-                 addresses"
-                    .into(),
-            ));
+            return Err(StunError::NoTcpConnections);
         }
         if cfg.tcp_idle_timeout.is_zero() {
-            return Err(StunError::Config(
-                "tcp_idle_timeout is 0: use a few seconds or more (default 30 s)".into(),
-            ));
+            return Err(StunError::ZeroTcpIdleTimeout);
         }
         let udp_ctx = Ctx::new(Transport::Udp).with_software(cfg.software.as_deref())?;
         let tcp_ctx = Ctx::new(Transport::Tcp).with_software(cfg.software.as_deref())?;

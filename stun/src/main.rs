@@ -123,12 +123,107 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let e = report(&e);
             match format {
-                LogFormat::Text => eprintln!("error: {e:#}"),
-                LogFormat::Json => tracing::error!("{e:#}"),
+                LogFormat::Text => eprintln!("error: {e}"),
+                LogFormat::Json => tracing::error!("{e}"),
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A [`StunError`] with this binary's advice. Its `Display` is the advice alone; [`report`]
+/// prints it after the error and its causes.
+#[derive(Debug, thiserror::Error)]
+#[error("{advice}")]
+struct Advised {
+    advice: String,
+    #[source]
+    error: StunError,
+}
+
+/// The error and its causes, `: `-separated (as `{:#}` prints them), then the advice after `; `.
+fn report(e: &anyhow::Error) -> String {
+    let mut advice = Vec::new();
+    let mut text = e
+        .chain()
+        .filter(|c| match c.downcast_ref::<Advised>() {
+            Some(a) => {
+                advice.push(a.advice.clone());
+                false
+            }
+            None => true,
+        })
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ");
+    for a in advice {
+        text.push_str("; ");
+        text.push_str(&a);
+    }
+    text
+}
+
+/// What to change, in this binary's flags, for a [`StunError`] (the library's message says what
+/// went wrong).
+fn explain(error: StunError) -> anyhow::Error {
+    let advice = match &error {
+        StunError::Bind { addr, source, .. } => Some(bind_advice(source, addr)),
+        StunError::NoAddress => {
+            Some("give at least one --listen address (e.g. 0.0.0.0:3478)".into())
+        }
+        StunError::NoUdpWorkers => Some("use --udp-workers 1 (the default) or more".into()),
+        StunError::NoTcpConnections => {
+            Some("raise --tcp-max-connections, or serve UDP only with --no-tcp".into())
+        }
+        StunError::ZeroTcpIdleTimeout => {
+            Some("use a --tcp-idle-timeout of a few seconds or more (default 30)".into())
+        }
+        StunError::Rfc5780Wildcard { .. } => {
+            Some("give --rfc5780-alternate a specific IP address of this host".into())
+        }
+        StunError::Rfc5780SameIp(_) => Some(
+            "--rfc5780-alternate needs a second IP address of this host, not the --listen one"
+                .into(),
+        ),
+        StunError::Rfc5780SamePort(_) => {
+            Some("give --rfc5780-alternate another port (e.g. 3479)".into())
+        }
+        // `config` picks a primary of the alternate's family; the library's message says what
+        // to shorten.
+        StunError::Rfc5780Families { .. } | StunError::Software(_) => None,
+    };
+    match advice {
+        Some(advice) => Advised { advice, error }.into(),
+        None => error.into(),
+    }
+}
+
+/// The advice for a socket that could not be bound.
+fn bind_advice(err: &std::io::Error, addr: &SocketAddr) -> String {
+    use std::io::ErrorKind;
+    const EAFNOSUPPORT: i32 = 97;
+    match err.kind() {
+        ErrorKind::AddrInUse => "the port is already in use (by another STUN/TURN server such as \
+                                 coturn, or a second ferry-stun?); stop that process or listen on \
+                                 another port"
+            .to_owned(),
+        ErrorKind::PermissionDenied => format!(
+            "ports below 1024 need root or CAP_NET_BIND_SERVICE; use a port of 1024 or more \
+             instead of {}, or grant the capability (setcap cap_net_bind_service=+ep)",
+            addr.port()
+        ),
+        ErrorKind::AddrNotAvailable => format!(
+            "{} is not an address of this host; listen on 0.0.0.0 / [::] or on an address shown \
+             by `ip addr`",
+            addr.ip()
+        ),
+        _ if err.raw_os_error() == Some(EAFNOSUPPORT) => format!(
+            "this host does not support {} sockets; remove {addr} from the listen addresses",
+            if addr.is_ipv6() { "IPv6" } else { "IPv4" }
+        ),
+        _ => "check that the address is valid on this host".to_owned(),
     }
 }
 
@@ -206,9 +301,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tracing::warn!(%addr, "IPv6 is not available on this host; serving IPv4 only");
             cfg.udp_addrs.retain(SocketAddr::is_ipv4);
             cfg.tcp_addrs.retain(SocketAddr::is_ipv4);
-            StunServer::spawn(cfg).await?
+            StunServer::spawn(cfg).await.map_err(explain)?
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(explain(e)),
     };
     println!(
         "ferry-stun listening: udp {:?} tcp {:?}",

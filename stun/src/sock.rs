@@ -1,5 +1,5 @@
-//! Socket creation: `IPV6_V6ONLY`, `SO_REUSEPORT` for worker groups, buffer sizes, and error
-//! messages that say what to do.
+//! Socket creation: `IPV6_V6ONLY`, `SO_REUSEPORT` for worker groups, buffer sizes, and errors
+//! that name the address.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -16,33 +16,6 @@ const UDP_BUFFER_BYTES: usize = 4 << 20;
 const TCP_BACKLOG: i32 = 1024;
 /// Attempts at finding a port free on both RFC 5780 IPs when the configured port is 0.
 const GRID_PORT_ATTEMPTS: usize = 16;
-
-/// The advice appended to a bind error.
-pub(crate) fn bind_hint(err: &io::Error, addr: &SocketAddr) -> String {
-    const EAFNOSUPPORT: i32 = 97;
-    match err.kind() {
-        io::ErrorKind::AddrInUse => "the port is already in use (by another STUN/TURN server \
-                                     such as coturn, or a second ferry-stun?); stop that \
-                                     process or listen on another port"
-            .to_owned(),
-        io::ErrorKind::PermissionDenied => format!(
-            "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE; use a port \
-             of 1024 or more, or grant the capability (setcap cap_net_bind_service=+ep) instead \
-             of {}",
-            addr.port()
-        ),
-        io::ErrorKind::AddrNotAvailable => format!(
-            "{} is not an address of this host; listen on 0.0.0.0 / [::] or on an address shown \
-             by `ip addr`",
-            addr.ip()
-        ),
-        _ if err.raw_os_error() == Some(EAFNOSUPPORT) => format!(
-            "this host does not support {} sockets; remove {addr} from the listen addresses",
-            if addr.is_ipv6() { "IPv6" } else { "IPv4" }
-        ),
-        _ => format!("{err}; check that the address is valid on this host"),
-    }
-}
 
 fn udp_error(addr: SocketAddr) -> impl FnOnce(io::Error) -> StunError {
     move |source| StunError::Bind {
@@ -135,22 +108,19 @@ pub(crate) fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, StunError> {
 /// Check an RFC 5780 configuration and bind its four sockets, in [`GridPos::ALL`] order.
 pub(crate) fn bind_grid(cfg: &Rfc5780Config) -> Result<(Grid, [UdpSocket; 4]), StunError> {
     let (a1, a2) = (cfg.primary.ip(), cfg.alternate.ip());
-    let bad = |why: &str| Err(StunError::Config(format!("RFC 5780: {why}")));
+    let (primary, alternate) = (cfg.primary, cfg.alternate);
     if a1.is_unspecified() || a2.is_unspecified() {
-        return bad(
-            "primary and alternate must be specific IP addresses (not 0.0.0.0 or ::), because \
-             RESPONSE-ORIGIN and OTHER-ADDRESS report them to clients",
-        );
+        return Err(StunError::Rfc5780Wildcard { primary, alternate });
     }
     if a1.is_ipv4() != a2.is_ipv4() {
-        return bad("primary and alternate must be of the same IP family");
+        return Err(StunError::Rfc5780Families { primary, alternate });
     }
     if a1 == a2 {
-        return bad("primary and alternate must be two different IP addresses of this host");
+        return Err(StunError::Rfc5780SameIp(a1));
     }
     let (p1, p2) = (cfg.primary.port(), cfg.alternate.port());
     if p1 != 0 && p1 == p2 {
-        return bad("primary and alternate ports must differ (e.g. 3478 and 3479)");
+        return Err(StunError::Rfc5780SamePort(p1));
     }
     let (p1_socks, p1) = bind_port_pair(a1, a2, p1)?;
     let (p2_socks, p2) = bind_port_pair(a1, a2, p2)?;

@@ -54,6 +54,35 @@ fn port_in_use_is_explained() {
     assert!(err.contains("another port"), "{err}");
 }
 
+/// The library says what is wrong; the binary adds which flag to change.
+#[test]
+fn refused_settings_name_the_flag() {
+    for (args, what, flag) in [
+        (
+            &["--udp-workers", "0"][..],
+            "udp_workers is 0",
+            "--udp-workers 1",
+        ),
+        (
+            &["--tcp-idle-timeout", "0"][..],
+            "tcp_idle_timeout is 0",
+            "--tcp-idle-timeout",
+        ),
+        (
+            &["--tcp-max-connections", "0"][..],
+            "tcp_max_connections is 0",
+            "--no-tcp",
+        ),
+    ] {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend(args);
+        let out = run_sync(&all);
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(what) && err.contains(flag), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn rfc5780_needs_a_specific_primary() {
     let out = run_sync(&[

@@ -135,7 +135,7 @@ pub fn parse_upgrade_response(
             Err(HandshakeError::HeadTooLong)
         }
         Ok(httparse::Status::Partial) => Ok(None),
-        Err(e) => Err(HandshakeError::BadHttp(e.to_string())),
+        Err(e) => Err(HandshakeError::BadHttp(e)),
     }
 }
 
@@ -208,8 +208,8 @@ pub enum HandshakeError {
     #[error("the upgrade got `{}` instead of `101 Switching Protocols`", .0.status_line())]
     Refused(UpgradeResponse),
     /// The response head is not HTTP.
-    #[error("the response is not HTTP: {0}")]
-    BadHttp(String),
+    #[error("the response is not HTTP")]
+    BadHttp(#[source] httparse::Error),
     /// The response head is over [`MAX_RESPONSE_HEAD`].
     #[error("the HTTP response head is over {MAX_RESPONSE_HEAD} bytes")]
     HeadTooLong,
@@ -492,7 +492,10 @@ mod tests {
         // Not HTTP at all.
         let (mut hs, _, _) = client();
         let mut b = BytesMut::from(&b"\x01\x00\x00\x00\x28DERP"[..]);
-        assert!(matches!(hs.feed(&mut b), Err(HandshakeError::BadHttp(_))));
+        let e = hs.feed(&mut b).unwrap_err();
+        assert!(matches!(e, HandshakeError::BadHttp(_)), "{e}");
+        let source = std::error::Error::source(&e).expect("httparse's error is the source");
+        assert!(source.is::<httparse::Error>(), "{source}");
         // A KeepAlive where ServerKey belongs.
         let (mut hs, _, _) = client();
         let mut b =

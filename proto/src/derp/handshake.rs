@@ -59,9 +59,12 @@ fn normalised(map: &Map<String, Value>) -> impl Iterator<Item = (String, &Value)
 impl ClientInfo {
     /// Parses the JSON a client sealed.
     pub fn from_json(json: &[u8]) -> Result<Self, ProtoError> {
-        let v: Value = serde_json::from_slice(json).map_err(|e| ProtoError::Json(e.to_string()))?;
+        let v: Value = serde_json::from_slice(json).map_err(|source| ProtoError::Json {
+            what: "ClientInfo",
+            source,
+        })?;
         let Value::Object(map) = v else {
-            return Err(ProtoError::Json("ClientInfo is not a JSON object".into()));
+            return Err(ProtoError::NotObject { what: "ClientInfo" });
         };
         let mut info = ClientInfo::default();
         for (k, v) in normalised(&map) {
@@ -127,9 +130,12 @@ impl ServerInfo {
 
     /// Parses it leniently, like [`ClientInfo::from_json`].
     pub fn from_json(json: &[u8]) -> Result<Self, ProtoError> {
-        let v: Value = serde_json::from_slice(json).map_err(|e| ProtoError::Json(e.to_string()))?;
+        let v: Value = serde_json::from_slice(json).map_err(|source| ProtoError::Json {
+            what: "ServerInfo",
+            source,
+        })?;
         let Value::Object(map) = v else {
-            return Err(ProtoError::Json("ServerInfo is not a JSON object".into()));
+            return Err(ProtoError::NotObject { what: "ServerInfo" });
         };
         let mut info = ServerInfo::default();
         let num = |v: &Value| v.as_u64().map(|n| n.min(u32::MAX as u64) as u32);
@@ -219,10 +225,10 @@ mod tests {
         let mallory = SecretKey::generate();
         let mut forged = payload.clone();
         forged[..32].copy_from_slice(mallory.public().as_bytes());
-        assert_eq!(
+        assert!(matches!(
             open_client_info(&server, &forged).unwrap_err(),
             ProtoError::BoxOpen
-        );
+        ));
 
         let si = ServerInfo {
             version: 2,
@@ -252,9 +258,19 @@ mod tests {
             "bad_json"
         );
         assert_eq!(
+            ClientInfo::from_json(b"[]").unwrap_err().to_string(),
+            "the sealed ClientInfo is not a JSON object"
+        );
+        // The parser's error is kept as the source, not flattened into a string.
+        let e = ServerInfo::from_json(b"{nope").unwrap_err();
+        assert_eq!(e.reason(), "bad_json");
+        assert_eq!(e.to_string(), "the sealed ServerInfo is not valid JSON");
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.is::<serde_json::Error>(), "{source}");
+        assert!(matches!(
             ClientInfo::from_json(br#"{"meshKey":"xyz"}"#).unwrap_err(),
             ProtoError::BadMeshKey
-        );
+        ));
     }
 
     #[test]
@@ -263,7 +279,10 @@ mod tests {
         assert_eq!(parse_server_key(&server_key_payload(&k)).unwrap(), k);
         let mut bad = server_key_payload(&k);
         bad[0] = b'X';
-        assert_eq!(parse_server_key(&bad).unwrap_err(), ProtoError::BadMagic);
+        assert!(matches!(
+            parse_server_key(&bad).unwrap_err(),
+            ProtoError::BadMagic
+        ));
         assert!(parse_server_key(&bad[..39]).is_err());
     }
 }

@@ -42,7 +42,10 @@ pub fn looks_like_disco(packet: &[u8]) -> bool {
 }
 
 /// Errors from decoding DERP bytes. Each names what was wrong with the peer's input.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+///
+/// Not `PartialEq`: [`ProtoError::Json`] keeps its [`serde_json::Error`], which has no equality
+/// (compare with `matches!` or [`ProtoError::reason`]).
+#[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
     #[error("frame of type {frame_type:#04x} is {len} bytes, over the {max}-byte limit")]
     FrameTooLong {
@@ -62,8 +65,21 @@ pub enum ProtoError {
     UnexpectedFrame { expected: &'static str, got: u8 },
     #[error("could not open the sealed box (wrong key, or corrupted)")]
     BoxOpen,
-    #[error("sealed JSON is not valid: {0}")]
-    Json(String),
+    /// The sealed `what` (ClientInfo or ServerInfo) does not parse as JSON.
+    #[error("the sealed {what} is not valid JSON")]
+    Json {
+        /// "ClientInfo" or "ServerInfo".
+        what: &'static str,
+        /// The parser's error (line, column, what it expected).
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The sealed `what` is JSON, but not an object.
+    #[error("the sealed {what} is not a JSON object")]
+    NotObject {
+        /// "ClientInfo" or "ServerInfo".
+        what: &'static str,
+    },
     #[error("mesh key must be 64 hex characters")]
     BadMeshKey,
 }
@@ -77,7 +93,7 @@ impl ProtoError {
             ProtoError::BadMagic => "bad_magic",
             ProtoError::UnexpectedFrame { .. } => "unexpected_frame",
             ProtoError::BoxOpen => "box_open",
-            ProtoError::Json(_) => "bad_json",
+            ProtoError::Json { .. } | ProtoError::NotObject { .. } => "bad_json",
             ProtoError::BadMeshKey => "bad_mesh_key",
         }
     }

@@ -78,10 +78,10 @@ impl Default for AdmissionConfig {
     }
 }
 
-/// Why admission could not be set up. Each says what to fix.
+/// Why admission could not be set up. Each says what went wrong; advice is the binary's.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
-    #[error("cannot read the allowlist file {path} (check the path and that the relay's user may read it)")]
+    #[error("cannot read the allowlist file {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -134,7 +134,7 @@ pub(crate) fn check_verify_url(url: &str) -> Result<hyper::Uri, VerifyUrlError> 
 /// A line of an allowlist that is not a node key (there is no underlying error: the line and
 /// its text say what is wrong).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line}: {text:?} is not a node key; write one `nodekey:<64 hex>` per line (the form `tailscale status --json` shows as PublicKey), `#` for comments")]
+#[error("line {line}: {text:?} is not a node key (expected `nodekey:<64 hex>`, or a `#` comment)")]
 pub struct AllowlistLineError {
     /// 1-based.
     pub line: usize,

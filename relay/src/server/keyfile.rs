@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::proto::SecretKey;
 
-/// Why the key file could not be used.
+/// Why the key file could not be used. What to do about it is the binary's to say.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read the server key file {path}")]
@@ -19,14 +19,13 @@ pub enum KeyFileError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the server key file {path} (create its directory, or point --key-file elsewhere)")]
+    #[error("cannot create the server key file {path}")]
     Create {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the server key file {path} is not valid. Expected {{\"PrivateKey\":\"privkey:<64 hex>\"}}; \
-             restore it from backup, or delete it to create a new key (clients will see a new server key)")]
+    #[error("the server key file {path} is not valid (expected {{\"PrivateKey\":\"privkey:<64 hex>\"}})")]
     Invalid {
         path: PathBuf,
         #[source]

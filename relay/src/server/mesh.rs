@@ -426,7 +426,9 @@ enum LinkError {
     },
     #[error("TLS handshake timed out")]
     TlsTimeout,
-    #[error("TLS with {name:?} (is the peer's certificate valid for that name? set [mesh] tls_name / ca_file)")]
+    /// Often the peer's certificate is not valid for `name`, or not signed by a trusted CA (the
+    /// source says which); docs/operating.md names the settings.
+    #[error("TLS with {name:?}")]
     Tls {
         name: String,
         #[source]
@@ -445,9 +447,11 @@ enum LinkError {
     Refused(String),
     #[error("handshake")]
     Handshake(#[source] HandshakeError),
-    /// `hint`: what a close at this stage usually means.
-    #[error("{source}{hint}")]
+    /// The peer closed during the handshake; `hint`: what a close at this stage usually means.
+    /// (The close itself is the source, not repeated here: chains printed it twice.)
+    #[error("handshake{hint}")]
     Closed {
+        #[source]
         source: HandshakeError,
         hint: &'static str,
     },
@@ -572,7 +576,7 @@ async fn establish_inner(target: &Target, ctx: &LinkCtx) -> Result<Halves, LinkE
                     .map_err(|e| failed(LinkError::Read(e)))?;
                 if n == 0 {
                     let hint = if hs.stage() == Stage::ServerInfo {
-                        " (a peer closes the connection when the mesh key differs: check that every relay has the same mesh key)"
+                        " (a peer closes the connection here when the mesh keys differ)"
                     } else {
                         ""
                     };

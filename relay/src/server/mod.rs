@@ -43,15 +43,16 @@ use crate::proto::{PublicKey, SecretKey};
 use conn::Listener;
 pub use ferry_stun::{Rfc5780Config, StunConfig, StunServer};
 
-/// Why the server could not start. Each says what to do.
+/// Why the server could not start. Each says what went wrong; advice (which flag to change,
+/// what else may hold a port) is the binary's.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    #[error("cannot listen on {addr} ({what}). Is another process using it? Pick another address or stop that process{hint}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         addr: SocketAddr,
         what: &'static str,
+        #[source]
         source: std::io::Error,
-        hint: &'static str,
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -152,19 +153,9 @@ pub struct Server {
 
 async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, SpawnError> {
     // std's listener sets SO_REUSEADDR on Unix, so a restart does not wait out TIME_WAIT.
-    TcpListener::bind(addr).await.map_err(|source| {
-        let hint = if source.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 {
-            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-        } else {
-            ""
-        };
-        SpawnError::Bind {
-            addr,
-            what,
-            source,
-            hint,
-        }
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SpawnError::Bind { addr, what, source })
 }
 
 impl Server {

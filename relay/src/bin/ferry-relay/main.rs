@@ -3,6 +3,7 @@
 //!
 //! [`Server::spawn`]: ferry_relay::Server::spawn
 
+mod advice;
 mod cli;
 mod derpmap;
 mod file;
@@ -71,11 +72,26 @@ async fn main() -> ExitCode {
 
 /// The error and its causes, `: `-separated (as `{:#}` prints them), leaving out a TOML parse
 /// error's own text: its Display is a multi-line snippet repeating what the message above it
-/// already says with the line number.
+/// already says with the line number. Advice the binary attached ([`advice::Advised`]) comes
+/// last, after `; `.
 fn chain(e: &anyhow::Error) -> String {
-    e.chain()
+    let mut advice = Vec::new();
+    let mut text = e
+        .chain()
         .filter(|c| c.downcast_ref::<toml::de::Error>().is_none())
+        .filter(|c| match c.downcast_ref::<advice::Advised>() {
+            Some(a) => {
+                advice.push(a.advice.clone());
+                false
+            }
+            None => true,
+        })
         .map(ToString::to_string)
         .collect::<Vec<_>>()
-        .join(": ")
+        .join(": ");
+    for a in advice {
+        text.push_str("; ");
+        text.push_str(&a);
+    }
+    text
 }

@@ -21,7 +21,7 @@ pub(crate) async fn run(sources: Sources) -> Result<()> {
     let server_key = match &resolved.key_file {
         None => SecretKey::generate(),
         Some(p) => {
-            let (k, created) = keyfile::load_or_create(p)?;
+            let (k, created) = keyfile::load_or_create(p).map_err(crate::advice::key_file)?;
             if created {
                 info!(path = %p.display(), "created a new server key");
             }
@@ -40,7 +40,7 @@ pub(crate) async fn run(sources: Sources) -> Result<()> {
     // Signal handlers before the relay says it is ready: a SIGTERM or SIGHUP that follows the
     // ready line must never meet the default action (which kills the process).
     let signals = Signals::install()?;
-    let server = Server::spawn(config).await?;
+    let server = Server::spawn(config).await.map_err(crate::advice::spawn)?;
 
     if let Some(der) = server.cert_der() {
         let pin = cert_name_pin(&der);
@@ -152,7 +152,7 @@ impl Signals {
                 _ = self.int.recv() => return,
                 _ = self.hup.recv() => match server.reload_tls() {
                     Ok(()) => info!("SIGHUP: certificate reloaded"),
-                    Err(e) => error!(error = %crate::chain(&e.into()), "SIGHUP: certificate reload failed; still serving the previous one"),
+                    Err(e) => error!(error = %crate::chain(&crate::advice::tls(e)), "SIGHUP: certificate reload failed; still serving the previous one"),
                 },
             }
         }

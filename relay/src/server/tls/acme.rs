@@ -171,7 +171,7 @@ pub(crate) enum AcmeError {
     #[error("the CA offers no http-01 challenge for this name")]
     NoHttp01,
     /// The CA's own problem reports (data, not errors of this process) are kept as text.
-    #[error("the order is {status:?}{}{}. The CA must reach http://{hostname}{CHALLENGE_PREFIX}… on port 80: check that the name resolves to this relay and that port 80 is forwarded to its http_listen", if .problems.is_empty() { "" } else { ": " }, .problems.join("; "))]
+    #[error("the order is {status:?}{}{}. The CA must reach http://{hostname}{CHALLENGE_PREFIX}… on port 80: the name must resolve to this relay, and port 80 lead to its http_listen", if .problems.is_empty() { "" } else { ": " }, .problems.join("; "))]
     OrderNotReady {
         status: OrderStatus,
         problems: Vec<String>,

@@ -3,13 +3,22 @@
 use std::io;
 use std::path::PathBuf;
 
-/// Errors setting up TLS. Each says which file and what to do.
+/// Errors setting up TLS. Each says which file and what went wrong; advice (permissions,
+/// directories) is the binary's.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path} (check the path and that the relay's user may read it)")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot write {path} (the directory must exist and be writable by the relay's user)")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)")]
     NoCert { path: PathBuf },
     #[error("{path} holds no PEM private key (expected PKCS#8, PKCS#1 or SEC1 PEM)")]
