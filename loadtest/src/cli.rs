@@ -64,6 +64,227 @@ pub enum Command {
     /// STUN Binding requests over UDP (RFC 8489): answers/s, latency, loss.
     #[command(after_help = STUN_HELP)]
     Stun(StunArgs),
+    /// Long run: a pool of clients with connects and disconnects every second, pairs exchanging
+    /// packets, and the relay's RSS, fds, tasks and queues sampled (CSV, SVG, slopes).
+    #[command(after_help = SOAK_HELP)]
+    Soak(SoakArgs),
+    /// Hostile clients at scale: connections that never finish the handshake, that drip one
+    /// byte a second, or one client sending garbage frames.
+    #[command(after_help = ABUSE_HELP)]
+    Abuse(AbuseArgs),
+}
+
+const SOAK_HELP: &str = "\
+Holds --clients connections: --pairs pairs send packets to each other (--rate packets/s in all,
+each receiver echoes, so both directions flow) for the whole run, and the rest are idle clients of
+which --churn per second are closed and replaced by new ones (connects and disconnects). Every
+--sample-every it reads the relay's VmRSS and open fds from /proc/PID (--server-pid) and its
+ferry_relay_tasks, ferry_relay_queued_bytes and ferry_relay_connections gauges from its metrics
+listener (--metrics-addr), writes them to --csv, and at the end the slope of each (least squares
+over the samples after --settle) and an SVG chart. The pairs' run ends with the exact drain of
+`derp` mode, and the relay's drop counters (all reasons but write_error, read before and after)
+must equal the packets lost: the report says whether accounting is exact.
+
+Example (10,000 TLS clients, 100 connects + 100 disconnects/s, 1,000 pairs, 10 minutes):
+  ferry-loadtest soak https://127.0.0.1:8443/derp --insecure --clients 10000 --pairs 1000 \\
+      --churn 100 --rate 10000 --duration 10m --server-pid $(pidof ferry-relay) \\
+      --metrics-addr 127.0.0.1:9090 --csv soak.csv --svg soak.svg";
+
+const ABUSE_HELP: &str = "\
+Modes (each connection that the relay closes is opened again, so --conns stay open):
+  handshake-never  connect, then say nothing (--stall-at tcp: no TLS ClientHello; tls: TLS done,
+                   no HTTP request; http: half an HTTP request head). The relay's handshake
+                   timeout closes them.
+  drip             one byte a second: of an endless HTTP request head (--drip-phase head, cut by
+                   the handshake timeout) or, after a full DERP handshake, of a frame that never
+                   ends (--drip-phase frames; KeepAlives are read meanwhile).
+  garbage          one DERP client writes --bytes of frames of an unknown type (--garbage
+                   unknown-type; the relay skips and counts them) or of SendPackets to keys
+                   nobody has (--garbage unknown-dest), as fast as the relay reads them, then
+                   Pings and waits for the Pong (the relay has read everything).
+Run `ferry-loadtest derp ... --echo --rate R` beside it for the honest clients' round trips.
+
+Examples:
+  ferry-loadtest abuse https://127.0.0.1:8443/derp --insecure --mode handshake-never --conns 5000 --duration 60s
+  ferry-loadtest abuse https://127.0.0.1:8443/derp --insecure --mode drip --drip-phase frames --conns 5000
+  ferry-loadtest abuse https://127.0.0.1:8443/derp --insecure --mode garbage --bytes 1GiB --json";
+
+/// `soak` mode.
+#[derive(Debug, Clone, Args)]
+pub struct SoakArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// Connections held in all (pairs included).
+    #[arg(long, default_value_t = 10_000)]
+    pub clients: usize,
+
+    /// Pairs exchanging packets for the whole run (2 clients each).
+    #[arg(long, default_value_t = 1000)]
+    pub pairs: usize,
+
+    /// Idle clients closed and replaced per second.
+    #[arg(long, default_value_t = 100)]
+    pub churn: u32,
+
+    /// Packets per second sent by the pairs' senders in all (echoes come on top).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+
+    /// Packet size in bytes.
+    #[arg(long, default_value_t = 200)]
+    pub size: usize,
+
+    /// How long to run.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub duration: std::time::Duration,
+
+    /// Time between samples.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub sample_every: std::time::Duration,
+
+    /// Samples before this (after the start) are warm-up: left out of the slopes.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub settle: std::time::Duration,
+
+    /// PID of the relay (RSS and open fds from /proc).
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+
+    /// The relay's metrics listener, host:port (tasks, queued bytes, connections, drops).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+
+    /// Write the samples to this CSV file (a line per sample, written as it is taken).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+
+    /// Write a chart of the samples to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+
+    /// Print the JSON result on stdout instead of the text summary.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Worker threads of the load generator's runtime [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// What the abusive clients do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AbuseMode {
+    /// Connect and never finish the handshake.
+    HandshakeNever,
+    /// Send one byte a second.
+    Drip,
+    /// One client sending garbage frames.
+    Garbage,
+}
+
+/// Where a handshake-never connection stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StallAt {
+    /// After TCP connect (no TLS ClientHello).
+    Tcp,
+    /// After the TLS handshake (no HTTP request).
+    Tls,
+    /// After half an HTTP request head.
+    Http,
+}
+
+/// What a drip connection drips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DripPhase {
+    /// An HTTP request head that never ends.
+    Head,
+    /// After the DERP handshake, a frame that never ends.
+    Frames,
+}
+
+/// What garbage frames are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Garbage {
+    /// Frames of type 0x7f (unknown: skipped and counted).
+    UnknownType,
+    /// SendPacket to random keys nobody has (dropped as unknown_dest).
+    UnknownDest,
+}
+
+/// `abuse` mode.
+#[derive(Debug, Clone, Args)]
+pub struct AbuseArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    /// What the abusive clients do.
+    #[arg(long, value_enum)]
+    pub mode: AbuseMode,
+
+    /// Connections kept open (handshake-never, drip).
+    #[arg(long, default_value_t = 5000)]
+    pub conns: usize,
+
+    /// handshake-never: where to stop.
+    #[arg(long, value_enum, default_value_t = StallAt::Tls)]
+    pub stall_at: StallAt,
+
+    /// drip: what to drip.
+    #[arg(long, value_enum, default_value_t = DripPhase::Frames)]
+    pub drip_phase: DripPhase,
+
+    /// garbage: what the frames are.
+    #[arg(long, value_enum, default_value_t = Garbage::UnknownType)]
+    pub garbage: Garbage,
+
+    /// garbage: bytes to send (frames included), e.g. 1GiB.
+    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
+    pub bytes: u64,
+
+    /// garbage: payload bytes per frame (unknown-type: up to 1 MiB; unknown-dest: up to 64 KiB).
+    #[arg(long, default_value_t = 65536)]
+    pub frame_size: usize,
+
+    /// How long to keep the connections (handshake-never, drip); garbage stops when --bytes
+    /// are sent.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub duration: std::time::Duration,
+
+    /// Connections being opened at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+
+    /// Print the JSON result on stdout instead of the text summary.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Worker threads of the load generator's runtime [default: one per core].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// `1GiB`, `512MiB`, `64KiB`, `1000` (bytes).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = [
+        ("GiB", 1u64 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size like 1GiB, 512MiB, 64KiB or 1000"))
 }
 
 const DERP_HELP: &str = "\
@@ -268,6 +489,16 @@ pub struct IdleArgs {
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
 
+    /// The relay's KeepAlive interval (ferry: [limits] keepalive_interval, derper: 60 s): each
+    /// KeepAlive gap is checked against it plus --keepalive-jitter, and the report gives the
+    /// maximum lateness.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Option<std::time::Duration>,
+
+    /// The relay's KeepAlive jitter (a random extra delay of up to this; ferry and derper: 5 s).
+    #[arg(long, default_value = "5s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub keepalive_jitter: std::time::Duration,
+
     /// Print the JSON report on stdout instead of the text summary.
     #[arg(long)]
     pub json: bool,
@@ -321,6 +552,8 @@ impl Command {
             Command::Connect(a) => a.run.threads,
             Command::Idle(a) => a.threads,
             Command::Stun(a) => a.run.threads,
+            Command::Soak(a) => a.threads,
+            Command::Abuse(a) => a.threads,
         }
     }
 
@@ -331,6 +564,9 @@ impl Command {
             Command::Connect(a) => (a.run.json, a.run.svg.as_deref(), !a.run.no_progress),
             Command::Idle(a) => (a.json, a.svg.as_deref(), !a.no_progress),
             Command::Stun(a) => (a.run.json, a.run.svg.as_deref(), !a.run.no_progress),
+            // These print their own results (see main.rs).
+            Command::Soak(a) => (a.json, None, false),
+            Command::Abuse(a) => (a.json, None, false),
         }
     }
 }
@@ -346,6 +582,48 @@ mod tests {
             Command::Derp(a) => Ok(a),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert_eq!(parse_bytes("7B"), Ok(7));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("99999999999GiB").is_err());
+    }
+
+    #[test]
+    fn abuse_and_soak_flags() {
+        let c = Cli::try_parse_from([
+            "ferry-loadtest",
+            "abuse",
+            "https://127.0.0.1:8443/derp",
+            "--insecure",
+            "--mode",
+            "handshake-never",
+            "--stall-at",
+            "tcp",
+        ])
+        .unwrap();
+        let Command::Abuse(a) = c.command else {
+            unreachable!()
+        };
+        assert_eq!(
+            (a.mode, a.stall_at, a.conns),
+            (AbuseMode::HandshakeNever, StallAt::Tcp, 5000)
+        );
+        assert_eq!(a.bytes, 1 << 30);
+        let c =
+            Cli::try_parse_from(["ferry-loadtest", "soak", "https://127.0.0.1:8443/derp"]).unwrap();
+        let Command::Soak(s) = c.command else {
+            unreachable!()
+        };
+        assert_eq!((s.clients, s.pairs, s.churn), (10_000, 1000, 100));
+        assert_eq!(s.duration, Duration::from_secs(600));
+        assert_eq!(s.sample_every, Duration::from_secs(10));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use tokio::task::JoinSet;
 use crate::cli::{ConnectArgs, IdleArgs};
 use crate::procfs;
 use crate::progress::{Meter, Sampler, Span};
-use crate::report::{self, Handshakes, Hist, Idle, Report, ServerStats, Settings};
+use crate::report::{self, Handshakes, Hist, Idle, Keepalive, Report, ServerStats, Settings};
+use crate::stats;
 use crate::target::{ConnectError, Target};
 
 #[derive(Debug)]
@@ -164,25 +165,37 @@ pub async fn run_connect(a: &ConnectArgs) -> Result<Report> {
     Ok(rep)
 }
 
-/// Holds one connection: reads (and discards) what the server sends, answers Pings.
-async fn hold(mut c: crate::target::DerpConn, mut finish: watch::Receiver<bool>) {
+/// Holds one connection: reads (and discards) what the server sends, answers Pings. Returns
+/// each KeepAlive's arrival time and its gap since the previous one (the first since `since`,
+/// when the handshake completed).
+async fn hold(
+    mut c: crate::target::DerpConn,
+    since: Instant,
+    mut finish: watch::Receiver<bool>,
+) -> Vec<(Instant, Duration)> {
+    let mut gaps = Vec::new();
+    let mut last = since;
     loop {
         tokio::select! {
             f = c.read_frame() => match f {
                 Ok(Some(f)) => {
-                    if f.frame_type == ft::PING {
+                    if f.frame_type == ft::KEEP_ALIVE {
+                        let now = Instant::now();
+                        gaps.push((now, now - last));
+                        last = now;
+                    } else if f.frame_type == ft::PING {
                         if let Ok(ServerFrame::Ping(data)) = ServerFrame::parse(f) {
                             let mut out = Vec::with_capacity(13);
                             ferry_proto::derp::put_frame(&mut out, ft::PONG, &[&data]);
                             if c.io.write_all(&out).await.is_err() {
-                                return;
+                                return gaps;
                             }
                         }
                     }
                 }
-                _ => return,
+                _ => return gaps,
             },
-            _ = finish.changed() => return,
+            _ = finish.changed() => return gaps,
         }
     }
 }
@@ -239,7 +252,7 @@ pub async fn run_idle(a: &IdleArgs) -> Result<Report> {
             if c.is_ok() {
                 meter.add(1, 0);
             }
-            (i, t0.elapsed(), c)
+            (i, t0.elapsed(), Instant::now(), c)
         });
     }
     let mut holders = JoinSet::new();
@@ -247,12 +260,12 @@ pub async fn run_idle(a: &IdleArgs) -> Result<Report> {
     let mut opened = 0u64;
     let mut first_error: Option<anyhow::Error> = None;
     while let Some(r) = opening.join_next().await {
-        let (i, took, c) = r.context("connect task panicked")?;
+        let (i, took, done_at, c) = r.context("connect task panicked")?;
         match c {
             Ok(c) => {
                 opened += 1;
                 report::record(&mut hist, took);
-                holders.spawn(hold(c, finish.clone()));
+                holders.spawn(hold(c, done_at, finish.clone()));
             }
             Err(e) => {
                 if first_error.is_none() {
@@ -265,7 +278,8 @@ pub async fn run_idle(a: &IdleArgs) -> Result<Report> {
             }
         }
     }
-    let open_secs = epoch.elapsed().as_secs_f64();
+    let all_open = Instant::now();
+    let open_secs = (all_open - epoch).as_secs_f64();
     if let Some(e) = first_error {
         let _ = finish_tx.send(true);
         sampler.finish().await;
@@ -281,17 +295,25 @@ pub async fn run_idle(a: &IdleArgs) -> Result<Report> {
         )),
         None => None,
     };
+    let mut gaps: Vec<(Instant, Duration)> = Vec::new();
+    let mut with_keepalives = 0u64;
     let still_open = holders.len() - {
         // Holders that returned already lost their connection.
         let mut gone = 0;
         while let Some(r) = holders.try_join_next() {
-            r.context("holder task panicked")?;
+            let g = r.context("holder task panicked")?;
+            with_keepalives += u64::from(!g.is_empty());
+            gaps.extend(g);
             gone += 1;
         }
         gone
     };
     let _ = finish_tx.send(true);
-    while holders.join_next().await.is_some() {}
+    while let Some(r) = holders.join_next().await {
+        let g = r.context("holder task panicked")?;
+        with_keepalives += u64::from(!g.is_empty());
+        gaps.extend(g);
+    }
     rep.timeline = sampler.finish().await;
     if still_open < a.clients {
         rep.warnings.push(format!(
@@ -309,7 +331,23 @@ pub async fn run_idle(a: &IdleArgs) -> Result<Report> {
     });
     rep.latency.handshake = Hist::from_ns(&hist);
     let after = server.map(|(_, rss, _, _)| rss);
+    let interval = a.keepalive_interval.unwrap_or_default();
+    // Gaps that began once every connection was open: the storm's own delays excluded.
+    let mut steady: Vec<Duration> = gaps
+        .iter()
+        .filter(|(at, gap)| *at - *gap >= all_open)
+        .map(|(_, g)| *g)
+        .collect();
+    let mut all: Vec<Duration> = gaps.iter().map(|(_, g)| *g).collect();
     rep.idle = Some(Idle {
+        open_seconds: Some(open_secs),
+        keepalive: Some(Keepalive {
+            interval_seconds: a.keepalive_interval.map(|d| d.as_secs_f64()),
+            jitter_seconds: a.keepalive_jitter.as_secs_f64(),
+            connections_with_keepalives: with_keepalives,
+            all: stats::summarize_gaps(&mut all, interval, a.keepalive_jitter),
+            after_all_open: stats::summarize_gaps(&mut steady, interval, a.keepalive_jitter),
+        }),
         connections: still_open as u64,
         server_rss_before_bytes: rss_before,
         server_rss_after_bytes: after,

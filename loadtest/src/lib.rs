@@ -9,9 +9,13 @@
 //!   exact end-of-run drain, so sent = received + what the relay dropped.
 //! - [`conns`]: connect storm (handshakes/s) and idle connections (server memory per client).
 //! - [`stun`]: STUN Binding requests over UDP, pipelined, with latency and loss.
+//! - [`soak`]: a long run with churn and traffic, the relay's RSS/fds/tasks/queues sampled.
+//! - [`abuse`]: hostile clients at scale (stalled handshakes, drips, garbage frames).
+//! - [`stats`]: slopes, keepalive lateness, Prometheus scrapes.
 //! - [`report`], [`svg`]: the JSON report (schema in `report.schema.json`), the text summary and
 //!   the chart.
 
+pub mod abuse;
 pub mod cli;
 pub mod conns;
 pub mod derp;
@@ -19,6 +23,8 @@ pub mod limits;
 pub mod procfs;
 pub mod progress;
 pub mod report;
+pub mod soak;
+pub mod stats;
 pub mod stun;
 pub mod svg;
 pub mod target;
@@ -26,9 +32,13 @@ pub mod target;
 pub use cli::{Cli, Command};
 pub use report::Report;
 
-/// Runs one command to completion and returns its report.
+/// Runs one command to completion and returns its report. `soak` and `abuse` have results of
+/// their own: [`soak::run`], [`abuse::run`].
 pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
     match &cli.command {
+        Command::Soak(_) | Command::Abuse(_) => {
+            anyhow::bail!("soak and abuse have their own results: call soak::run or abuse::run")
+        }
         Command::Derp(a) => derp::run(a).await,
         Command::Connect(a) => conns::run_connect(a).await,
         Command::Idle(a) => conns::run_idle(a).await,

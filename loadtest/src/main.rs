@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferry_loadtest::{svg, Cli};
+use ferry_loadtest::{svg, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,6 +19,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // soak and abuse print results of their own.
+    let own = match &cli.command {
+        Command::Soak(a) => Some(
+            rt.block_on(ferry_loadtest::soak::run(a))
+                .map(|r| (a.json, r.to_json(), r.summary())),
+        ),
+        Command::Abuse(a) => Some(
+            rt.block_on(ferry_loadtest::abuse::run(a))
+                .map(|r| (a.json, r.to_json(), r.summary())),
+        ),
+        _ => None,
+    };
+    if let Some(r) = own {
+        return match r {
+            Ok((json, j, text)) => {
+                if json {
+                    println!("{j}");
+                } else {
+                    print!("{text}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let report = match rt.block_on(ferry_loadtest::run(&cli)) {
         Ok(r) => r,
         Err(e) => {

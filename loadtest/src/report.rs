@@ -148,10 +148,30 @@ pub struct Handshakes {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Idle {
     pub connections: u64,
+    /// Seconds from the first connect to the last handshake completed (the accept storm).
+    pub open_seconds: Option<f64>,
+    /// The relay's KeepAlive frames as the held connections saw them.
+    pub keepalive: Option<Keepalive>,
     pub server_rss_before_bytes: Option<u64>,
     pub server_rss_after_bytes: Option<u64>,
     /// (after − before) / connections.
     pub server_rss_per_connection_bytes: Option<f64>,
+}
+
+/// KeepAlive timeliness over the idle connections: the gap before each KeepAlive (the first
+/// one's since the handshake) against the interval + jitter the relay is configured with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Keepalive {
+    /// The relay's KeepAlive interval, if given (--keepalive-interval); without it every gap is
+    /// counted late against a bound of the jitter alone.
+    pub interval_seconds: Option<f64>,
+    pub jitter_seconds: f64,
+    /// Connections that received at least one KeepAlive.
+    pub connections_with_keepalives: u64,
+    /// Every gap, the accept storm included.
+    pub all: crate::stats::GapSummary,
+    /// Gaps that began after every connection was open.
+    pub after_all_open: crate::stats::GapSummary,
 }
 
 /// STUN counts and rates.
@@ -366,6 +386,26 @@ impl Report {
                     bytes(a as f64),
                     bytes(i.server_rss_per_connection_bytes.unwrap_or(0.0))
                 );
+            }
+            if let Some(t) = i.open_seconds {
+                let _ = writeln!(w, "  all connections open after {t:.2} s");
+            }
+            if let Some(k) = &i.keepalive {
+                for (name, g) in [("all gaps", &k.all), ("after all open", &k.after_all_open)] {
+                    let _ = writeln!(
+                        w,
+                        "  keepalives, {name}: {} gaps (on {} connections), gap min {:.3} p50 {:.3} p99 {:.3} max {:.3} s; bound {:.1} s; {} late, max lateness {:.3} s",
+                        g.count,
+                        k.connections_with_keepalives,
+                        g.min_seconds,
+                        g.p50_seconds,
+                        g.p99_seconds,
+                        g.max_seconds,
+                        g.bound_seconds,
+                        g.late,
+                        g.max_lateness_seconds
+                    );
+                }
             }
         }
         if let Some(x) = &self.stun {

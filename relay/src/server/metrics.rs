@@ -110,6 +110,8 @@ pub struct RelayMetrics {
     pub(crate) watchers: Gauge,
     pub(crate) queued_packets: Gauge,
     pub(crate) queued_bytes: Gauge,
+    /// Live tasks of the runtime that renders the scrape (the relay's), read at each render.
+    tasks: Gauge,
     drops: Vec<Counter>,
     handshake_failures: Vec<Counter>,
     closes: Vec<Counter>,
@@ -258,6 +260,10 @@ impl RelayMetrics {
             Some(metrics::Unit::Bytes),
             "Bytes waiting in receivers' queues (payload + 64 per packet, what the queue budget counts), sampled every 5 s.".into(),
         );
+        describe_g(
+            "ferry_relay_tasks",
+            "Live tokio tasks in the relay's runtime (every connection has a few), read at each scrape.",
+        );
         describe(
             "ferry_relay_mesh_resyncs_total",
             None,
@@ -333,6 +339,7 @@ impl RelayMetrics {
                 .register_gauge(&Key::from_static_name("ferry_relay_queued_packets"), &meta),
             queued_bytes: r
                 .register_gauge(&Key::from_static_name("ferry_relay_queued_bytes"), &meta),
+            tasks: r.register_gauge(&Key::from_static_name("ferry_relay_tasks"), &meta),
             drops: DropReason::ALL
                 .iter()
                 .map(|d| labelled(NAME_DROPS, "reason", d.label()))
@@ -386,6 +393,10 @@ impl RelayMetrics {
 
     /// The Prometheus text exposition of everything on this recorder.
     pub fn render(&self) -> String {
+        // Outside a runtime (a test reading counters) the gauge keeps its last value.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.tasks.set(rt.metrics().num_alive_tasks() as f64);
+        }
         self.handle.render()
     }
 
