@@ -1,5 +1,8 @@
 //! Mesh: the relays of one region forward to each other, exactly as derper's mesh does.
 //!
+//! (Just over 800 lines: a link's dial, watch and forward loops share their state and are
+//! easier to check side by side than split across files.)
+//!
 //! Each relay dials every peer as a DERP client, with its own server key and the shared mesh key,
 //! and sends WatchConns. The peer then reports who is connected to it (PeerPresent) and who
 //! leaves (PeerGone). A SendPacket for a key that is not local but present on a peer goes out on

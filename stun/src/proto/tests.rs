@@ -1,3 +1,6 @@
+//! (Over 800 lines: one test per RFC 5389/5780/3489 case, sharing the fixtures and the
+//! `stun_codec` attribute set at the top; split by RFC they would repeat both.)
+//!
 //! Byte-level tests of the sans-IO core. Replies are decoded with `stun_codec` (an independent
 //! implementation) wherever it can read them; RFC 3489 replies, which it rejects, are decoded
 //! by hand.
