@@ -1,6 +1,6 @@
 //! DERP v2 relay client: one region, kept connected.
 //!
-//! (Over 800 lines, about 30 of them tests: one connection's whole life, dial, TLS, upgrade
+//! (Over 800 lines, about 20 of them tests: one connection's whole life, dial, TLS, upgrade
 //! (DERP or WebSocket), handshake and the supervisor that redials, reads as one story; the
 //! parts that are not I/O already live in `ferry_proto::derp::client`.)
 //!
