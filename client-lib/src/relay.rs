@@ -502,7 +502,7 @@ async fn dial_once(
             other => RelayError::Handshake {
                 node: node.name.clone(),
                 url: node.url(),
-                why: chain(&other),
+                why: ferry_proto::error_chain(&other),
             },
         })?;
     debug!(node = %node.name, %addr, websocket, "connected to relay");
@@ -531,19 +531,6 @@ async fn upgrade_ws(node: &Node, io: BoxIo) -> Result<(Reader, Writer), RelayErr
         .map_err(|e| refused(format!("WebSocket upgrade: {e}")))?;
     let (w, r) = ws.split();
     Ok((Reader::Ws(r), Writer::Ws(w)))
-}
-
-/// The error and its causes, `: `-separated (a bad HTTP head or sealed JSON keeps the parser's
-/// error as its source).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        next = s.source();
-    }
-    text
 }
 
 /// Why the DERP handshake failed.

@@ -476,22 +476,9 @@ impl Target {
             HandshakeError::UnexpectedFrame { got, .. } => self.not_derp(format!(
                 "expected ServerInfo (0x03) after ClientInfo, got type {got:#04x}"
             )),
-            other => self.not_derp(chain(&other)),
+            other => self.not_derp(ferry_proto::error_chain(&other)),
         }
     }
-}
-
-/// The error and its causes, `: `-separated (a bad HTTP head or sealed JSON keeps the parser's
-/// error as its source).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        next = s.source();
-    }
-    text
 }
 
 fn stage_name(stage: Stage) -> &'static str {

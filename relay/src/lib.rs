@@ -14,18 +14,4 @@ pub mod testing;
 
 pub use server::{Config, Server, SpawnError};
 
-/// An error and its sources, `: `-separated (a source whose text the message already holds is
-/// left out): for log lines, where only one string goes out.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let more = c.to_string();
-        if !s.contains(&more) {
-            s.push_str(": ");
-            s.push_str(&more);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use ferry_proto::error_chain;
