@@ -9,7 +9,8 @@
 //! - [`pin`]: the DERP map's `CertName` and its `sha256-raw:` pin of a self-signed certificate,
 //!   with a rustls verifier behind the `rustls` feature.
 //!
-//! Plus [`error_chain`], the one way every crate turns an error and its sources into a line.
+//! Plus [`error_chain`], the one way every crate turns an error and its sources into a line, and
+//! [`Advised`] + [`report`], how the binaries add operator advice to a library's error.
 
 pub mod derp;
 pub mod pin;
@@ -33,6 +34,43 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// A library error with a binary's advice for its operator (libraries say what went wrong; the
+/// binaries, which know their flags and files, say what to do). Its `Display` is the advice
+/// alone; [`report`] prints it after the error and its causes.
+#[derive(Debug, thiserror::Error)]
+#[error("{advice}")]
+pub struct Advised {
+    /// What to do, in the binary's own terms.
+    pub advice: String,
+    /// The error the advice is for.
+    #[source]
+    pub error: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+/// An error and its causes, `: `-separated, then the advice of every [`Advised`] in the chain
+/// after `; `. Causes for which `skip` is true are left out (a message that already quotes them).
+pub fn report(
+    e: &(dyn std::error::Error + 'static),
+    skip: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> String {
+    let (mut parts, mut advice) = (Vec::new(), Vec::new());
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        match c.downcast_ref::<Advised>() {
+            Some(a) => advice.push(a.advice.clone()),
+            None if !skip(c) => parts.push(c.to_string()),
+            None => {}
+        }
+        cur = c.source();
+    }
+    let mut text = parts.join(": ");
+    for a in advice {
+        text.push_str("; ");
+        text.push_str(&a);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +88,21 @@ mod tests {
         let io = || std::io::Error::other("inner");
         assert_eq!(error_chain(&Outer(io())), "outer: inner");
         assert_eq!(error_chain(&Repeats(io())), "outer: inner");
+    }
+
+    #[test]
+    fn advice_comes_after_the_error_and_its_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Wrap(#[source] Advised);
+        let advised = Wrap(Advised {
+            advice: "do this".into(),
+            error: Box::new(std::io::Error::other("root cause")),
+        });
+        assert_eq!(report(&advised, |_| false), "outer: root cause; do this");
+        assert_eq!(
+            report(&advised, |c| c.to_string() == "root cause"),
+            "outer; do this"
+        );
     }
 }

@@ -133,36 +133,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// A [`StunError`] with this binary's advice. Its `Display` is the advice alone; [`report`]
-/// prints it after the error and its causes.
-#[derive(Debug, thiserror::Error)]
-#[error("{advice}")]
-struct Advised {
-    advice: String,
-    #[source]
-    error: StunError,
-}
-
 /// The error and its causes, `: `-separated (as `{:#}` prints them), then the advice after `; `.
 fn report(e: &anyhow::Error) -> String {
-    let mut advice = Vec::new();
-    let mut text = e
-        .chain()
-        .filter(|c| match c.downcast_ref::<Advised>() {
-            Some(a) => {
-                advice.push(a.advice.clone());
-                false
-            }
-            None => true,
-        })
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ");
-    for a in advice {
-        text.push_str("; ");
-        text.push_str(&a);
-    }
-    text
+    ferry_proto::report(e.as_ref(), |_| false)
 }
 
 /// What to change, in this binary's flags, for a [`StunError`] (the library's message says what
@@ -195,7 +168,11 @@ fn explain(error: StunError) -> anyhow::Error {
         StunError::Rfc5780Families { .. } | StunError::Software(_) => None,
     };
     match advice {
-        Some(advice) => Advised { advice, error }.into(),
+        Some(advice) => ferry_proto::Advised {
+            advice,
+            error: Box::new(error),
+        }
+        .into(),
         None => error.into(),
     }
 }

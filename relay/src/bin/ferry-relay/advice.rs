@@ -14,15 +14,7 @@ use ferry_relay::server::{AdmissionError, TlsError};
 use ferry_relay::SpawnError;
 use ferry_stun::StunError;
 
-/// A library error with the binary's advice. Its `Display` is the advice alone; `crate::chain`
-/// prints it after the error's causes.
-#[derive(Debug, thiserror::Error)]
-#[error("{advice}")]
-pub(crate) struct Advised {
-    pub(crate) advice: String,
-    #[source]
-    error: Box<dyn std::error::Error + Send + Sync + 'static>,
-}
+use ferry_proto::Advised;
 
 /// `e`, with `advice` when there is any.
 fn with<E>(e: E, advice: Option<String>) -> anyhow::Error

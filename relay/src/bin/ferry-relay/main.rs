@@ -72,26 +72,10 @@ async fn main() -> ExitCode {
 
 /// The error and its causes, `: `-separated (as `{:#}` prints them), leaving out a TOML parse
 /// error's own text: its Display is a multi-line snippet repeating what the message above it
-/// already says with the line number. Advice the binary attached ([`advice::Advised`]) comes
+/// already says with the line number. Advice the binary attached ([`ferry_proto::Advised`]) comes
 /// last, after `; `.
 fn chain(e: &anyhow::Error) -> String {
-    let mut advice = Vec::new();
-    let mut text = e
-        .chain()
-        .filter(|c| c.downcast_ref::<toml::de::Error>().is_none())
-        .filter(|c| match c.downcast_ref::<advice::Advised>() {
-            Some(a) => {
-                advice.push(a.advice.clone());
-                false
-            }
-            None => true,
-        })
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ");
-    for a in advice {
-        text.push_str("; ");
-        text.push_str(&a);
-    }
-    text
+    ferry_proto::report(e.as_ref(), |c| {
+        c.downcast_ref::<toml::de::Error>().is_some()
+    })
 }
