@@ -1,6 +1,6 @@
 //! The disco message parser (client-lib): arbitrary datagrams, and arbitrary plaintext sealed
 //! properly (so the parser behind the box is reached). Oracle: what opens re-seals and re-opens
-//! to the same message.
+//! to the same message (a CallMeMaybe cut to the MAX_ENDPOINTS we send).
 #![no_main]
 use ferry_client::disco;
 use ferry_fuzz::{key, MaybeSealed};
@@ -18,7 +18,13 @@ fuzz_target!(|input: MaybeSealed<'_>| {
             assert_eq!(from, theirs.public(), "a box opened for a key that did not seal it");
             let again = disco::seal(&theirs, &ours.public(), &msg);
             let (_, msg2) = disco::open(&ours, &again, Some(&from)).expect("our own seal opens");
-            assert_eq!(msg, msg2);
+            // We read CallMeMaybes of any length (Tailscale's carry up to the MTU) but send at
+            // most MAX_ENDPOINTS (documented, tested in disco.rs).
+            let mut want = msg;
+            if let disco::Message::CallMeMaybe { endpoints, .. } = &mut want {
+                endpoints.truncate(disco::MAX_ENDPOINTS);
+            }
+            assert_eq!(want, msg2);
         }
         Err(e) => {
             let _ = e.to_string();
