@@ -9,13 +9,18 @@
 //! connection up: it answers server Pings with Pongs, treats a silent relay (no frame, not even
 //! the KeepAlive the relay sends every minute) as dead, reconnects with jittered exponential
 //! backoff, and honours the Restarting frame (reconnect after the relay's delay). Packets sent
-//! while reconnecting wait in a bounded queue and go out on the new connection.
+//! while reconnecting wait in a bounded queue and go out on the new connection. Sending never
+//! waits: when the queue is full (a relay that stopped reading, or unreachable for long) the
+//! oldest packets are dropped and counted, as Tailscale's magicsock does, so one dead region
+//! never holds up the caller's other paths.
 //!
 //! The connection is `GET /derp` with `Upgrade: DERP` over TLS (plain HTTP for a test node);
 //! if the relay (or a proxy in front of it) answers that with anything but 101, the client
 //! falls back to DERP over WebSocket (`Sec-WebSocket-Protocol: derp`) and stays on it. The
 //! protocol itself is `ferry_proto::derp`, shared with the relay.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -24,10 +29,11 @@ use ferry_proto::derp::{
     self as proto, frame_type as ft, ClientInfo, FrameDecoder, PeerGoneReason, PublicKey,
     SecretKey, ServerFrame,
 };
+use ferry_proto::queue::{Cost, DropOldest, QueueLimits, QUEUED_OVERHEAD};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
@@ -41,8 +47,19 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READ_IDLE_TIMEOUT: Duration = Duration::from_secs(150);
 /// A write that does not finish within this ends the connection.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Packets queued for sending (also while reconnecting); `send` waits when it is full.
+/// Packets queued for sending (also while reconnecting) at most; beyond it [`RelayClient::send`]
+/// drops the oldest.
 pub const SEND_QUEUE: usize = 1024;
+/// ... and bytes (payload + 64 per packet): beyond it the oldest go too, down to 32 packets.
+pub const SEND_QUEUE_BYTES: usize = 4 << 20;
+
+/// The limits of every relay send queue (the client's, and the endpoint's for a region still
+/// connecting).
+pub const SEND_QUEUE_LIMITS: QueueLimits = QueueLimits {
+    min_packets: 32,
+    max_packets: SEND_QUEUE,
+    max_bytes: SEND_QUEUE_BYTES,
+};
 
 /// How to reach the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -190,6 +207,9 @@ pub enum RelayError {
     /// The client was closed.
     #[error("the relay client is closed")]
     Closed,
+    /// A packet over DERP's size limit.
+    #[error("packet of {0} bytes is over the {max}-byte DERP limit", max = proto::MAX_PACKET_SIZE)]
+    TooBig(usize),
 }
 
 impl RelayError {
@@ -198,9 +218,27 @@ impl RelayError {
     }
 }
 
-enum Cmd {
-    Send(PublicKey, Bytes),
-    NotePreferred(bool),
+/// A packet waiting for the connection.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    /// The addressee.
+    pub(crate) dst: PublicKey,
+    /// The packet.
+    pub(crate) data: Bytes,
+}
+
+impl Cost for Queued {
+    fn cost(&self) -> usize {
+        self.data.len() + QUEUED_OVERHEAD
+    }
+}
+
+/// The send queue, shared by the handle (pushes) and the connection task (takes).
+#[derive(Debug, Default)]
+struct SendQueue {
+    packets: Mutex<DropOldest<Queued>>,
+    ready: Notify,
+    dropped: AtomicU64,
 }
 
 /// The connection state, for waiting on (re)connects.
@@ -217,7 +255,8 @@ pub struct RelayStatus {
 pub struct RelayClient {
     region: u32,
     server_key: PublicKey,
-    cmd: mpsc::Sender<Cmd>,
+    queue: Arc<SendQueue>,
+    preferred: watch::Sender<bool>,
     status: watch::Receiver<RelayStatus>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -269,7 +308,8 @@ impl RelayClient {
             return Err(first_err.expect("at least one node was tried"));
         };
         let server_key = conn.server_key;
-        let (cmd_tx, cmd_rx) = mpsc::channel(SEND_QUEUE);
+        let queue = Arc::new(SendQueue::default());
+        let (preferred, preferred_rx) = watch::channel(opts.preferred);
         let (ev_tx, ev_rx) = mpsc::channel(1024);
         let (st_tx, st_rx) = watch::channel(RelayStatus {
             connected: true,
@@ -285,16 +325,17 @@ impl RelayClient {
             secret,
             opts,
             websocket: ws,
-            cmd_rx,
+            queue: Arc::clone(&queue),
+            preferred: preferred_rx,
             events: ev_tx,
             status: st_tx,
-            preferred: false,
         };
         let task = tokio::spawn(sup.run(conn));
         let client = RelayClient {
             region: region.id,
             server_key,
-            cmd: cmd_tx,
+            queue,
+            preferred,
             status: st_rx,
             task,
         };
@@ -311,32 +352,34 @@ impl RelayClient {
         self.server_key
     }
 
-    /// Queues `data` for `dst`. Waits only when the send queue is full (e.g. while the relay
-    /// is unreachable for long).
-    pub async fn send(&self, dst: PublicKey, data: Bytes) -> Result<(), RelayError> {
+    /// Queues `data` for `dst`; never waits. When the queue is over [`SEND_QUEUE_LIMITS`] the
+    /// oldest packets are dropped: `Ok(n)` says how many this call dropped (also added to
+    /// [`RelayClient::dropped`]).
+    pub fn send(&self, dst: PublicKey, data: Bytes) -> Result<u64, RelayError> {
         if data.len() > proto::MAX_PACKET_SIZE {
-            return Err(RelayError::Handshake {
-                node: String::new(),
-                url: String::new(),
-                why: format!(
-                    "packet of {} bytes is over the {}-byte DERP limit",
-                    data.len(),
-                    proto::MAX_PACKET_SIZE
-                ),
-            });
+            return Err(RelayError::TooBig(data.len()));
         }
-        self.cmd
-            .send(Cmd::Send(dst, data))
-            .await
-            .map_err(|_| RelayError::Closed)
+        let dropped = self
+            .queue
+            .packets
+            .lock()
+            .expect("lock")
+            .push(Queued { dst, data }, SEND_QUEUE_LIMITS);
+        self.queue.ready.notify_one();
+        if dropped > 0 {
+            self.queue.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+        Ok(dropped)
     }
 
-    /// Tells the relay whether it is our home region (sent again after every reconnect).
-    pub async fn note_preferred(&self, preferred: bool) -> Result<(), RelayError> {
-        self.cmd
-            .send(Cmd::NotePreferred(preferred))
-            .await
-            .map_err(|_| RelayError::Closed)
+    /// Packets dropped so far because the send queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Tells the relay whether it is our home region (now, and after every reconnect).
+    pub fn note_preferred(&self, preferred: bool) {
+        self.preferred.send_replace(preferred);
     }
 
     /// The connection state; `changed()` on it waits for reconnects.
@@ -598,10 +641,11 @@ struct Supervisor {
     secret: SecretKey,
     opts: RelayOptions,
     websocket: bool,
-    cmd_rx: mpsc::Receiver<Cmd>,
+    queue: Arc<SendQueue>,
+    /// Whether this is the home region; the sender is the handle (gone: closed).
+    preferred: watch::Receiver<bool>,
     events: mpsc::Sender<RelayEvent>,
     status: watch::Sender<RelayStatus>,
-    preferred: bool,
 }
 
 enum End {
@@ -615,7 +659,6 @@ enum End {
 
 impl Supervisor {
     async fn run(mut self, first: Conn) {
-        self.preferred = self.opts.preferred;
         let mut conn = first;
         let mut generation = 1u64;
         loop {
@@ -645,7 +688,7 @@ impl Supervisor {
                     return;
                 }
                 tokio::time::sleep(wait).await;
-                if self.cmd_rx.is_closed() && self.events.is_closed() {
+                if self.preferred.has_changed().is_err() && self.events.is_closed() {
                     return;
                 }
                 match self.dial_any().await {
@@ -702,7 +745,7 @@ impl Supervisor {
         let mut dec = FrameDecoder::new();
         let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
         let mut restarting: Option<(Duration, Duration)> = None;
-        if self.preferred {
+        if *self.preferred.borrow_and_update() {
             proto::put_frame(&mut out, ft::NOTE_PREFERRED, &[&[1]]);
         }
         let idle = tokio::time::sleep(READ_IDLE_TIMEOUT);
@@ -760,6 +803,11 @@ impl Supervisor {
             if !out.is_empty() {
                 continue;
             }
+            // Queued packets, batched into one write.
+            self.take_queued(&mut out);
+            if !out.is_empty() {
+                continue;
+            }
             tokio::select! {
                 biased;
                 r = conn.reader.read_more(&mut conn.buf) => match r {
@@ -771,16 +819,14 @@ impl Supervisor {
                     Err(e) => return End::Lost(format!("read: {e}")),
                     Ok(_) => idle.as_mut().reset(tokio::time::Instant::now() + READ_IDLE_TIMEOUT),
                 },
-                cmd = self.cmd_rx.recv() => {
-                    let Some(cmd) = cmd else { return End::Closed };
-                    self.put_cmd(&mut out, cmd);
-                    // Batch whatever else is queued into one write.
-                    while out.len() < 60 << 10 {
-                        match self.cmd_rx.try_recv() {
-                            Ok(c) => self.put_cmd(&mut out, c),
-                            Err(_) => break,
-                        }
+                // A push after take_queued left a permit: this completes at once.
+                () = self.queue.ready.notified() => {}
+                r = self.preferred.changed() => {
+                    if r.is_err() {
+                        return End::Closed;
                     }
+                    let p = *self.preferred.borrow_and_update();
+                    proto::put_frame(&mut out, ft::NOTE_PREFERRED, &[&[u8::from(p)]]);
                 }
                 _ = &mut idle => {
                     return End::Lost(format!("no frame from the relay for {READ_IDLE_TIMEOUT:?}"));
@@ -789,13 +835,12 @@ impl Supervisor {
         }
     }
 
-    fn put_cmd(&mut self, out: &mut Vec<u8>, cmd: Cmd) {
-        match cmd {
-            Cmd::Send(dst, data) => proto::put_send_packet(out, &dst, &data),
-            Cmd::NotePreferred(p) => {
-                self.preferred = p;
-                proto::put_frame(out, ft::NOTE_PREFERRED, &[&[u8::from(p)]]);
-            }
+    /// Frames queued packets into `out`, oldest first, up to ~60 KiB (one write).
+    fn take_queued(&mut self, out: &mut Vec<u8>) {
+        let mut q = self.queue.packets.lock().expect("lock");
+        while out.len() < 60 << 10 {
+            let Some(p) = q.pop_front() else { break };
+            proto::put_send_packet(out, &p.dst, &p.data);
         }
     }
 }

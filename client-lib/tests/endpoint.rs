@@ -199,7 +199,7 @@ async fn relay_forwards_only_ciphertext() {
         capture.push(data.to_vec());
         let o = b_e2e.open(&src, &data, Instant::now()).unwrap();
         for r in o.replies {
-            b_relay.send(src, r.into()).await.unwrap();
+            b_relay.send(src, r.into()).unwrap();
         }
         decrypted.extend(o.plaintext);
     }

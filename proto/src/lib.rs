@@ -8,12 +8,15 @@
 //!   What a server answers is policy and stays in `ferry-stun`.
 //! - [`pin`]: the DERP map's `CertName` and its `sha256-raw:` pin of a self-signed certificate,
 //!   with a rustls verifier behind the `rustls` feature.
+//! - [`queue`]: the bounded drop-oldest queue wherever a sender must never wait (the relay's
+//!   receiver and mesh queues, the client's queue per relay connection).
 //!
 //! Plus [`error_chain`], the one way every crate turns an error and its sources into a line, and
 //! [`Advised`] + [`report`], how the binaries add operator advice to a library's error.
 
 pub mod derp;
 pub mod pin;
+pub mod queue;
 pub mod stun;
 
 pub use derp::{KeyParseError, PublicKey, SecretKey};

@@ -217,12 +217,12 @@ impl Actor {
                 }
             }
             Cmd::SetPeerRegion(peer, region) => self.relays.set_peer_region(peer, region),
-            Cmd::RelayUp(region, r) => self.relays.on_relay_up(region, r).await,
+            Cmd::RelayUp(region, r) => self.relays.on_relay_up(region, r),
             Cmd::Netcheck(report) => {
                 let new_home = report.preferred_region;
                 *self.shared.report.lock().expect("lock") = Some(report);
                 if let Some(h) = new_home.filter(|h| *h != self.relays.home()) {
-                    self.relays.change_home(h).await;
+                    self.relays.change_home(h);
                 }
             }
         }
@@ -271,7 +271,7 @@ impl Actor {
                 }
                 Action::SendRelay { pkt } => {
                     self.shared.sent_relay.fetch_add(1, Ordering::Relaxed);
-                    self.relays.send(peer, pkt).await;
+                    self.relays.send(peer, pkt);
                 }
                 Action::QueuePaced { pkts, resend } => {
                     let batch = self.pacer.push(now, peer, pkts, resend);
@@ -331,7 +331,7 @@ impl Actor {
             .sent_relay
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         for p in batch {
-            self.relays.send(p.peer, p.pkt).await;
+            self.relays.send(p.peer, p.pkt);
         }
     }
 
@@ -383,7 +383,7 @@ impl Actor {
             punched,
         };
         let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
-        self.relays.send(peer, pkt.into()).await;
+        self.relays.send(peer, pkt.into());
     }
 
     /// Birthday probing, hard side: if [`Birthday`] allows, opens its sockets and punches

@@ -284,6 +284,7 @@ struct SharedState {
     sent_direct: AtomicU64,
     sent_relay: AtomicU64,
     resent_via_relay: AtomicU64,
+    relay_dropped: AtomicU64,
 }
 
 /// Counters of end-to-end packets sent (data, pings and handshakes; not disco), since bind.
@@ -296,6 +297,10 @@ pub struct EndpointStats {
     /// Sent direct, left unacknowledged when the direct path went quiet, and sent again via
     /// the relay (the peer drops the copies that did arrive).
     pub resent_via_relay: u64,
+    /// Relay-bound packets dropped without being sent: the region's send queue was full (its
+    /// relay slow or unreachable; the oldest go first) or its relay could not be connected.
+    /// Sending never waits for a relay.
+    pub relay_dropped: u64,
 }
 
 impl Drop for Endpoint {
@@ -453,6 +458,7 @@ impl Endpoint {
             sent_direct: s.sent_direct.load(Ordering::Relaxed),
             sent_relay: s.sent_relay.load(Ordering::Relaxed),
             resent_via_relay: s.resent_via_relay.load(Ordering::Relaxed),
+            relay_dropped: s.relay_dropped.load(Ordering::Relaxed),
         }
     }
 

@@ -1,19 +1,24 @@
 //! The relays (I/O): the home region (chosen at bind, moved by netcheck), the connected relay
-//! per region, connections made on demand for a peer's region (packets wait meanwhile), and
-//! which region each peer is reached through.
+//! per region, connections made on demand for a peer's region (packets wait meanwhile, in a
+//! bounded queue), and which region each peer is reached through. Nothing here waits: a full
+//! queue drops its oldest packets, counted in `EndpointStats::relay_dropped` and logged.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ferry_proto::queue::DropOldest;
 use ferry_proto::{PublicKey, SecretKey};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Cmd, EndpointConfig, EndpointError, SharedState};
 use crate::netcheck::Report;
-use crate::relay::{RelayClient, RelayError, RelayEvent, RelayEvents, RelayOptions};
+use crate::relay::{
+    Queued, RelayClient, RelayError, RelayEvent, RelayEvents, RelayOptions, SEND_QUEUE_LIMITS,
+};
 use crate::relaymap::RelayMap;
 
 /// Connects the home relay at bind: the forced home region, then netcheck's preferred one,
@@ -89,7 +94,9 @@ pub(super) struct RelaySet {
     secret: SecretKey,
     relays: HashMap<u32, RelayClient>,
     /// Packets waiting for a region's relay to connect.
-    connecting: HashMap<u32, Vec<(PublicKey, Bytes)>>,
+    connecting: HashMap<u32, DropOldest<Queued>>,
+    /// Per region: packets dropped since the last warning about it, and when that was.
+    drops: HashMap<u32, (u64, Option<Instant>)>,
     peer_region: HashMap<PublicKey, u32>,
     home: u32,
     shared: Arc<SharedState>,
@@ -119,6 +126,7 @@ impl RelaySet {
             secret: cfg.secret_key.clone(),
             relays: HashMap::from([(home_id, home)]),
             connecting: HashMap::new(),
+            drops: HashMap::new(),
             peer_region: HashMap::new(),
             home: home_id,
             shared,
@@ -143,44 +151,69 @@ impl RelaySet {
         self.peer_region.insert(peer, region);
     }
 
-    /// Sends a packet to `peer` through the relay of its region.
-    pub(super) async fn send(&mut self, peer: PublicKey, pkt: Bytes) {
-        let region = self.region_for(&peer);
-        match self.relays.get(&region) {
-            Some(c) => {
-                if let Err(e) = c.send(peer, pkt).await {
+    /// Queues a packet to `peer` on the relay of its region; never waits.
+    pub(super) fn send(&mut self, peer: PublicKey, pkt: Bytes) {
+        let mut region = self.region_for(&peer);
+        if !self.relays.contains_key(&region) && self.map.region(region).is_none() {
+            warn!(region, "peer's region is not in the relay map; using home");
+            self.peer_region.remove(&peer);
+            region = self.home;
+        }
+        let dropped = match self.relays.get(&region) {
+            Some(c) => match c.send(peer, pkt) {
+                Ok(n) => n,
+                Err(e) => {
                     warn!(region, "relay send failed: {e}");
+                    0
                 }
-            }
+            },
             None => {
-                if self.map.region(region).is_none() {
-                    warn!(region, "peer's region is not in the relay map; using home");
-                    self.peer_region.remove(&peer);
-                    if let Some(c) = self.relays.get(&self.home) {
-                        let _ = c.send(peer, pkt).await;
-                    }
-                    return;
-                }
                 self.connect_region(region, false);
-                if let Some(q) = self.connecting.get_mut(&region) {
-                    q.push((peer, pkt));
-                }
+                let q = self.connecting.entry(region).or_default();
+                q.push(
+                    Queued {
+                        dst: peer,
+                        data: pkt,
+                    },
+                    SEND_QUEUE_LIMITS,
+                )
             }
+        };
+        self.count_dropped(region, dropped, "its queue is full");
+    }
+
+    /// Counts packets to `region` that were dropped, and says so at most every 5 s per region
+    /// (debug for each).
+    fn count_dropped(&mut self, region: u32, n: u64, why: &str) {
+        if n == 0 {
+            return;
+        }
+        self.shared.relay_dropped.fetch_add(n, Ordering::Relaxed);
+        debug!(region, dropped = n, "relay packets dropped: {why}");
+        let (since, last) = self.drops.entry(region).or_default();
+        *since += n;
+        let now = Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5)) {
+            warn!(
+                region,
+                dropped = *since,
+                "relay region {region}: packets dropped ({why}; the relay is slow or unreachable)"
+            );
+            *since = 0;
+            *last = Some(now);
         }
     }
 
     /// Netcheck moved the home region: NotePreferred moves with it.
-    pub(super) async fn change_home(&mut self, new: u32) {
+    pub(super) fn change_home(&mut self, new: u32) {
         info!(old = self.home, new, "home relay changes");
         if let Some(old) = self.relays.get(&self.home) {
-            let _ = old.note_preferred(false).await;
+            old.note_preferred(false);
         }
         self.home = new;
         *self.shared.home.lock().expect("lock") = Some(new);
         match self.relays.get(&new) {
-            Some(c) => {
-                let _ = c.note_preferred(true).await;
-            }
+            Some(c) => c.note_preferred(true),
             None => self.connect_region(new, true),
         }
     }
@@ -190,7 +223,7 @@ impl RelaySet {
         if self.connecting.contains_key(&region) {
             return;
         }
-        self.connecting.insert(region, Vec::new());
+        self.connecting.entry(region).or_default();
         let Some(r) = self.map.region(region).cloned() else {
             return;
         };
@@ -215,8 +248,8 @@ impl RelaySet {
 
     /// A connection started by [`RelaySet::connect_region`] is up (the waiting packets go
     /// out) or failed (they are dropped).
-    pub(super) async fn on_relay_up(&mut self, region: u32, r: Result<RelayClient, RelayError>) {
-        let waiting = self.connecting.remove(&region).unwrap_or_default();
+    pub(super) fn on_relay_up(&mut self, region: u32, r: Result<RelayClient, RelayError>) {
+        let mut waiting = self.connecting.remove(&region).unwrap_or_default();
         match r {
             Ok(client) => {
                 self.shared
@@ -224,16 +257,18 @@ impl RelaySet {
                     .lock()
                     .expect("lock")
                     .insert(region, client.status());
-                for (peer, pkt) in waiting {
-                    let _ = client.send(peer, pkt).await;
+                let mut dropped = 0;
+                for p in waiting.drain() {
+                    dropped += client.send(p.dst, p.data).unwrap_or(0);
                 }
                 self.relays.insert(region, client);
+                self.count_dropped(region, dropped, "its queue is full");
             }
-            Err(e) => warn!(
-                region,
-                dropped = waiting.len(),
-                "cannot reach the peer's relay region: {e}"
-            ),
+            Err(e) => {
+                warn!(region, "cannot reach the peer's relay region: {e}");
+                let n = waiting.len() as u64;
+                self.count_dropped(region, n, "the region's relay cannot be reached");
+            }
         }
     }
 }

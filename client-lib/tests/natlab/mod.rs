@@ -11,6 +11,11 @@
 //!        (the DERP map lists :3479 as a STUNOnly node, so netcheck sees two servers)
 //! ```
 //!
+//! [`Lab::shared_wan`] instead puts every router's WAN on one segment (a bridge in `pub`
+//! holding 203.0.113.1/24; the routers keep their addresses, now /24 and on-link to each
+//! other), as two homes on one ISP switch, a campus or a CGNAT segment: a packet from one
+//! home then reaches the other home's router in two hops.
+//!
 //! Routers NAT their LAN with `MASQUERADE` ([`Nat::Easy`]), `MASQUERADE --random-fully`
 //! ([`Nat::Hard`]), or drop the LAN's UDP ([`Nat::UdpBlocked`], also MASQUERADE for TCP).
 //! Namespaces are named `ferrylab-<pid>-<n>-<role>`; [`Lab`]'s `Drop` kills the lab's
@@ -89,13 +94,6 @@ fn ip(args: &[&str]) -> Result<(), String> {
 /// Whether the lab can run here: `Err(why)` if not (not root, no `ip`, no `iptables`, no
 /// permission for `ip netns add`, or no relay binary).
 pub fn prerequisites() -> Result<(), String> {
-    // The effective uid via `id -u` (no libc dependency for one call).
-    let uid = run("id", &["-u"]).map_err(|e| format!("cannot run `id -u`: {e}"))?;
-    if uid.trim() != "0" {
-        return Err(format!("not root (uid {})", uid.trim()));
-    }
-    run("ip", &["-V"]).map_err(|e| format!("no iproute2 `ip`: {e}"))?;
-    run("iptables", &["-V"]).map_err(|e| format!("no `iptables`: {e}"))?;
     let relay = relay_bin();
     if !relay.exists() {
         return Err(format!(
@@ -103,6 +101,18 @@ pub fn prerequisites() -> Result<(), String> {
             relay.display()
         ));
     }
+    netns_prerequisites()
+}
+
+/// What [`NetNs`] needs: root, `ip`, `iptables`, and both working in a new namespace.
+pub fn netns_prerequisites() -> Result<(), String> {
+    // The effective uid via `id -u` (no libc dependency for one call).
+    let uid = run("id", &["-u"]).map_err(|e| format!("cannot run `id -u`: {e}"))?;
+    if uid.trim() != "0" {
+        return Err(format!("not root (uid {})", uid.trim()));
+    }
+    run("ip", &["-V"]).map_err(|e| format!("no iproute2 `ip`: {e}"))?;
+    run("iptables", &["-V"]).map_err(|e| format!("no `iptables`: {e}"))?;
     // Unique per call: tests of one binary check this in parallel.
     let n = LABS.fetch_add(1, Ordering::Relaxed);
     let probe = format!("{PREFIX}{}-{n}-probe", std::process::id());
@@ -119,7 +129,16 @@ pub fn prerequisites() -> Result<(), String> {
 /// `true` when the test should go on. Without the prerequisites, prints SKIPPED and returns
 /// `false`; under CI (`CI` set) panics instead, since CI runs as root with iptables installed.
 pub fn available(test: &str) -> bool {
-    match prerequisites() {
+    skip_unless(test, prerequisites())
+}
+
+/// [`available`] for a test that needs only a [`NetNs`] (no relay binary).
+pub fn netns_available(test: &str) -> bool {
+    skip_unless(test, netns_prerequisites())
+}
+
+fn skip_unless(test: &str, prereq: Result<(), String>) -> bool {
+    match prereq {
         Ok(()) => true,
         Err(why) if std::env::var_os("CI").is_some() => {
             panic!("{test}: NAT lab prerequisites missing under CI: {why}")
@@ -210,6 +229,15 @@ pub struct Lab {
 impl Lab {
     /// Builds the lab and starts the relay (waits until it is ready).
     pub fn new(homes: &[Nat]) -> Lab {
+        Lab::build_with(homes, false)
+    }
+
+    /// [`Lab::new`] with every router's WAN side on one shared segment (see the module docs).
+    pub fn shared_wan(homes: &[Nat]) -> Lab {
+        Lab::build_with(homes, true)
+    }
+
+    fn build_with(homes: &[Nat], shared: bool) -> Lab {
         remove_leftovers();
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{PREFIX}{}-{n}-", std::process::id());
@@ -222,7 +250,7 @@ impl Lab {
             dir,
             map_file,
         };
-        if let Err(e) = lab.build(homes) {
+        if let Err(e) = lab.build(homes, shared) {
             panic!("building the NAT lab: {e}");
         }
         lab
@@ -258,9 +286,22 @@ impl Lab {
         run("ip", &args)
     }
 
-    fn build(&mut self, homes: &[Nat]) -> Result<(), String> {
+    fn build(&mut self, homes: &[Nat], shared: bool) -> Result<(), String> {
         let public = self.add_ns("pub")?;
         Self::exec(&public, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        if shared {
+            ip(&["-n", &public, "link", "add", "br0", "type", "bridge"])?;
+            ip(&[
+                "-n",
+                &public,
+                "addr",
+                "add",
+                &format!("{RELAY_IP}/24"),
+                "dev",
+                "br0",
+            ])?;
+            ip(&["-n", &public, "link", "set", "br0", "up"])?;
+        }
         for (i, nat) in homes.iter().enumerate() {
             let n = i + 1;
             let router = self.add_ns(&format!("r{n}"))?;
@@ -277,24 +318,30 @@ impl Lab {
                 &router,
             ])?;
             let base = 4 * i; // 203.0.113.(base+1) pub side, (base+2) router side
-            let pub_ip = format!("203.0.113.{}", base + 1);
+            let (pub_ip, prefix) = if shared {
+                ip(&["-n", &public, "link", "set", &p, "master", "br0"])?;
+                (RELAY_IP.to_string(), 24)
+            } else {
+                let pub_ip = format!("203.0.113.{}", base + 1);
+                ip(&[
+                    "-n",
+                    &public,
+                    "addr",
+                    "add",
+                    &format!("{pub_ip}/30"),
+                    "dev",
+                    &p,
+                ])?;
+                (pub_ip, 30)
+            };
             let wan_ip = format!("203.0.113.{}", base + 2);
             let lan_gw = format!("192.168.{n}.1");
-            ip(&[
-                "-n",
-                &public,
-                "addr",
-                "add",
-                &format!("{pub_ip}/30"),
-                "dev",
-                &p,
-            ])?;
             ip(&[
                 "-n",
                 &router,
                 "addr",
                 "add",
-                &format!("{wan_ip}/30"),
+                &format!("{wan_ip}/{prefix}"),
                 "dev",
                 "wan",
             ])?;
@@ -524,8 +571,9 @@ pub fn udp_socket_in(ns: &str) -> std::net::UdpSocket {
 }
 
 /// Runs `f` in a short-lived thread that has joined network namespace `ns` (the caller's
-/// thread stays in its own). Sockets made there keep the namespace.
-fn in_netns<T: Send + 'static>(
+/// thread stays in its own). Sockets made there keep the namespace, and threads started there
+/// (a tokio runtime's workers) are in it too.
+pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
@@ -660,4 +708,57 @@ pub fn trials_or(default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or(default)
+}
+
+/// A network namespace of its own for an in-process test (only `lo`, up), deleted on drop with
+/// anything still running in it: the test's servers and clients bind to 127.0.0.1 there, and
+/// iptables rules it adds ([`NetNs::exec`]) touch nothing outside.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        remove_leftovers();
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{}-{n}-{tag}", std::process::id());
+        ip(&["netns", "add", &name]).unwrap_or_else(|e| panic!("{e}"));
+        let ns = NetNs { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]).unwrap_or_else(|e| panic!("{e}"));
+        ns
+    }
+
+    /// Runs a command to completion in the namespace; its stdout.
+    pub fn exec(&self, cmd: &[&str]) -> Result<String, String> {
+        Lab::exec(&self.name, cmd)
+    }
+
+    /// Runs `fut` to completion on a two-worker tokio runtime whose threads are all in the
+    /// namespace.
+    pub fn block_on<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        in_netns(&self.name, move || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(fut)
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Ok(pids) = run("ip", &["netns", "pids", &self.name]) {
+            for p in pids.split_whitespace() {
+                let _ = run("kill", &["-9", p]);
+            }
+        }
+        let _ = ip(&["netns", "del", &self.name]);
+    }
 }

@@ -143,7 +143,7 @@ impl MeshLink {
             if q.closed {
                 (1, DropReason::UnknownDest)
             } else {
-                let data = q.packets.detach(data);
+                let data = super::queue::detach(&q.packets, data);
                 let p = Forwarded { src, dst, data };
                 (q.packets.push(p, self.limits), DropReason::MeshQueue)
             }

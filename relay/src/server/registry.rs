@@ -167,7 +167,7 @@ impl ClientHandle {
                 (1, DropReason::GoneDisconnected)
             } else {
                 let q = if disco { &mut qs.disco } else { &mut qs.data };
-                let data = q.detach(data);
+                let data = super::queue::detach(q, data);
                 (
                     q.push(QueuedPacket { src, data }, self.limits),
                     DropReason::QueueHead,
