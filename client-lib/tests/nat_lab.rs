@@ -209,6 +209,46 @@ fn natlab_easy_hard_direct_by_birthday_probing() {
     );
 }
 
+/// Issue 14.2: two easy (MASQUERADE) routers whose WAN sides share one segment, so that a punch
+/// with TTL 2 reaches the peer's router (it is two hops away, and a router does not check the
+/// TTL of a packet for itself). The goal is ≥ 95 % direct within 5 s; CI runs 10 trials and
+/// requires 9 (the report in docs/nat-traversal.md runs more with NATLAB_TRIALS).
+#[test]
+fn natlab_neighbouring_easy_nats_go_direct() {
+    if !natlab::available("natlab_neighbouring_easy_nats_go_direct") {
+        return;
+    }
+    let n = trials_or(10);
+    let lab = Lab::shared_wan(&[Nat::Easy, Nat::Easy]);
+    let limit = Duration::from_secs(5);
+    let mut times = Vec::new();
+    let mut failures = Vec::new();
+    for i in 0..n {
+        let (from, to) = if i % 2 == 0 { (1, 2) } else { (2, 1) };
+        let t = trial(&lab, i, limit, from, to);
+        match t.to_direct {
+            Some(s) => times.push(s),
+            None => failures.push((i, t.lines)),
+        }
+    }
+    let ok = times.len();
+    let med = median(&mut times.clone());
+    let max = times.iter().copied().fold(0.0f64, f64::max);
+    println!(
+        "NAT lab neighbouring easy<->easy (one WAN segment): {ok}/{n} trials direct within {} s; time to direct median {} s, max {max:.3} s",
+        limit.as_secs(),
+        med.map_or("-".into(), |m| format!("{m:.3}")),
+    );
+    for (i, lines) in &failures {
+        println!("trial {i} stayed on the relay: {lines:?}");
+    }
+    assert!(
+        ok * 10 >= n * 9,
+        "only {ok} of {n} neighbouring easy<->easy trials went direct within {} s",
+        limit.as_secs()
+    );
+}
+
 /// One relay-only trial: home `listen_home` listens, home `ping_home` sends `PINGS` pings
 /// (`INTERVAL` s apart). Returns `Err(why)` if a path went direct, the first reply was not
 /// `seq=1` via the relay, or a ping went unanswered; `Ok(first reply line)` otherwise.

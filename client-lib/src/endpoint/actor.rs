@@ -40,6 +40,40 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// router (one hop) but not across the Internet to the peer's NAT.
 pub(super) const PUNCH_TTL: u32 = 2;
 
+/// ... and the same hop limit once more, for a peer whose router is only two hops away (two
+/// homes on one ISP segment): a router does not check the TTL of a packet addressed to itself,
+/// so the TTL-2 punch reaches it and leaves the "unreplied" conntrack entry the punch exists to
+/// avoid. An IPv4 Timestamp option (RFC 791, type 68) that is already full, its 4-bit overflow
+/// counter at 16 − [`PUNCH_TTL`]: every router that parses it (Linux does, for forwarded and
+/// local packets alike, before conntrack keeps any entry) adds one and drops the packet when
+/// the counter would pass 15. Our router takes it to 15 and forwards it (creating our mapping);
+/// the next one, the peer's own router included, drops it. Measured in the lab (docs/
+/// nat-traversal.md): neighbouring routers 0 of 25 trials direct with TTL 2 alone. Setting it
+/// needs no privilege. A router that strips the option leaves TTL 2 as the only limit (today's
+/// behaviour); one that drops optioned packets makes no mapping (see the docs).
+const PUNCH_IP_OPTIONS: [u8; 8] = [68, 8, 9, ((16 - PUNCH_TTL) as u8) << 4, 0, 0, 0, 0];
+
+/// Puts `sock` in hole-punching mode ([`PUNCH_TTL`] and [`PUNCH_IP_OPTIONS`]) or back to
+/// normal (`ttl` and no options). IPv4 sockets only.
+fn punch_mode(sock: &tokio::net::UdpSocket, on: bool, ttl: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let opts: &[u8] = if on { &PUNCH_IP_OPTIONS } else { &[] };
+    // SAFETY: a valid socket fd and a buffer of the length given.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            opts.as_ptr().cast(),
+            opts.len() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    sock.set_ttl(if on { PUNCH_TTL } else { ttl })
+}
+
 /// Completes at `at`; never, with `None`.
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
@@ -354,8 +388,8 @@ impl Actor {
         }
     }
 
-    /// The TTL-2 punch ([`PUNCH_TTL`], see [`PeerPath`]'s `punch`): an untracked ping from
-    /// the main IPv4 socket with the TTL lowered for this one send.
+    /// The punch ([`PUNCH_TTL`], [`PUNCH_IP_OPTIONS`], see [`PeerPath`]'s `punch`): an
+    /// untracked ping from the main IPv4 socket in punching mode for this one send.
     async fn punch(&mut self, peer: PublicKey, addr: SocketAddr) {
         let Some(sock) = self.sockets.for_addr(&addr).cloned() else {
             return;
@@ -366,9 +400,12 @@ impl Actor {
         };
         let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
         let old = sock.ttl().unwrap_or(64);
-        if sock.set_ttl(PUNCH_TTL).is_ok() {
-            self.send_direct(udp::MAIN, addr, &pkt).await;
-            let _ = sock.set_ttl(old);
+        match punch_mode(&sock, true, old) {
+            Ok(()) => self.send_direct(udp::MAIN, addr, &pkt).await,
+            Err(e) => debug!(%addr, "cannot set the punch's TTL and IP options: {e}"),
+        }
+        if let Err(e) = punch_mode(&sock, false, old) {
+            warn!("cannot reset the socket after a punch: {e}");
         }
     }
 
@@ -425,11 +462,12 @@ impl Actor {
             };
             let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
             let old = sock.ttl().unwrap_or(64);
-            let _ = sock.set_ttl(PUNCH_TTL);
-            for t in &targets {
-                self.send_direct(via, *t, &pkt).await;
+            if punch_mode(&sock, true, old).is_ok() {
+                for t in &targets {
+                    self.send_direct(via, *t, &pkt).await;
+                }
             }
-            let _ = sock.set_ttl(old);
+            let _ = punch_mode(&sock, false, old);
             opened += 1;
         }
         info!(peer = %peer.short(), sockets = opened, ?targets, "birthday probing: hard side opened its mappings");

@@ -702,8 +702,9 @@ impl PeerPath {
         resend_via_relay(resend, out);
     }
 
-    /// A disco ping with a small TTL ([`super::actor::PUNCH_TTL`]): it opens our NAT's
-    /// mapping towards `addr` but dies before the peer's NAT, so that NAT keeps no
+    /// A disco ping with a small TTL ([`super::actor::PUNCH_TTL`], and the same limit as an IP
+    /// option that also holds at a router two hops away, `PUNCH_IP_OPTIONS`): it opens our
+    /// NAT's mapping towards `addr` but dies before the peer's NAT, so that NAT keeps no
     /// "unreplied" entry for it. (A Linux router that saw the peer's ping before its host sent
     /// anything to us keeps that entry and then gives the host's own packets to us another
     /// port: neither side's pings get through.) Not tracked as a ping in flight: on a flat
