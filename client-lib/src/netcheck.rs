@@ -148,6 +148,21 @@ pub async fn run(
     previous_home: Option<u32>,
     opts: NetcheckOptions,
 ) -> Report {
+    run_with_progress(map, sockets, previous_home, opts, None).await
+}
+
+/// The latency per region of the STUN answers so far, while a netcheck runs.
+pub type Progress = tokio::sync::watch::Sender<BTreeMap<u32, Duration>>;
+
+/// [`run`], also publishing each region's latency on `progress` as its first answer arrives
+/// (so a caller can act on the answers so far before the deadline).
+pub async fn run_with_progress(
+    map: &RelayMap,
+    sockets: &Sockets,
+    previous_home: Option<u32>,
+    opts: NetcheckOptions,
+    progress: Option<&Progress>,
+) -> Report {
     let deadline = tokio::time::Instant::now() + opts.timeout;
     let mut report = Report {
         ipv6_socket: sockets.v6.is_some(),
@@ -179,12 +194,11 @@ pub async fn run(
             report.unprobed_regions.push(region.id);
         }
     }
-    let probes = futures_util::future::join_all(
-        targets
-            .into_iter()
-            .map(|(region, node, server)| probe(sockets, region, node, server, opts, deadline)),
-    )
-    .await;
+    let probes =
+        futures_util::future::join_all(targets.into_iter().map(|(region, node, server)| {
+            probe(sockets, region, node, server, opts, deadline, progress)
+        }))
+        .await;
     let mut v4_answers = Vec::new();
     for p in &probes {
         let (Some(lat), Some(mapped)) = (p.latency, p.mapped) else {
@@ -221,6 +235,7 @@ async fn probe(
     server: SocketAddr,
     opts: NetcheckOptions,
     deadline: tokio::time::Instant,
+    progress: Option<&Progress>,
 ) -> Probe {
     let mut result = Probe {
         region,
@@ -269,8 +284,15 @@ async fn probe(
             .map(|(_, t)| *t)
             .find(|t| *t <= a.at)
             .unwrap_or(sent[0].1);
-        result.latency = Some(a.at.saturating_duration_since(sent_at));
+        let lat = a.at.saturating_duration_since(sent_at);
+        result.latency = Some(lat);
         result.mapped = Some(a.mapped);
+        if let Some(p) = progress {
+            p.send_modify(|m| {
+                let e = m.entry(region).or_insert(lat);
+                *e = (*e).min(lat);
+            });
+        }
     }
     result
 }

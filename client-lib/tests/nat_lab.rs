@@ -336,6 +336,44 @@ fn natlab_hard_hard_and_udp_blocked_use_the_relay_at_once() {
     );
 }
 
+/// Issue 14.4: a node whose UDP is blocked gets its first ping answered within 0.5 s of its
+/// start (process start to the first pong line), not after netcheck's 3 s deadline. The peer
+/// listens behind an easy NAT; the pinger's router drops all its UDP.
+#[test]
+fn natlab_udp_blocked_first_ping_is_answered_at_once() {
+    if !natlab::available("natlab_udp_blocked_first_ping_is_answered_at_once") {
+        return;
+    }
+    const GOAL: Duration = Duration::from_millis(500);
+    let n = trials_or(5);
+    let lab = Lab::new(&[Nat::Easy, Nat::UdpBlocked]);
+    let mut times = Vec::new();
+    for i in 0..n {
+        let (bkey, bpub) = keygen(lab.dir.path(), &format!("u{i}.key"));
+        let mut b = listener(&lab, 1, &bkey).unwrap_or_else(|e| panic!("{e}"));
+        let start = std::time::Instant::now();
+        let mut a = pinger(&lab, 2, &bpub, 1, "0.1", &[]);
+        let pong = a.wait_for("pong from ", Duration::from_secs(10));
+        let Some((at, line)) = pong else {
+            panic!("trial {i}: no pong: {:?}", a.seen)
+        };
+        assert!(line.contains(" via relay 900: seq=1 "), "trial {i}: {line}");
+        times.push(at.duration_since(start).as_secs_f64());
+        a.kill();
+        b.kill();
+    }
+    let max = times.iter().copied().fold(0.0f64, f64::max);
+    println!(
+        "NAT lab UDP-blocked first ping: answered {:?} s after the pinger started (median {:.3} s, max {max:.3} s; goal {GOAL:?})",
+        times.iter().map(|t| format!("{t:.3}")).collect::<Vec<_>>(),
+        median(&mut times.clone()).unwrap_or_default(),
+    );
+    assert!(
+        max <= GOAL.as_secs_f64(),
+        "the UDP-blocked node's first ping took {max:.3} s (goal {GOAL:?})"
+    );
+}
+
 /// The packet counter of the rule tagged `/* tag */` in `chain` of the public namespace.
 fn rule_packets(lab: &Lab, chain: &str, tag: &str) -> u64 {
     let out = Lab::exec(&lab.ns("pub"), &["iptables", "-nvxL", chain]).expect("iptables -L");

@@ -12,10 +12,13 @@
 //!
 //! What happens inside:
 //!
-//! 1. `bind` opens the UDP socket(s), runs [netcheck](crate::netcheck) from them to pick the
-//!    home region (lowest STUN latency; if no STUN answers — UDP blocked — the lowest region
-//!    id), connects to its relay and sends NotePreferred. If that relay is unreachable the
-//!    next-fastest region is tried; only when none works does `bind` fail.
+//! 1. `bind` opens the UDP socket(s), starts [netcheck](crate::netcheck) from them and, once it
+//!    is done or after [`HOME_GRACE`] (200 ms; at once with a forced home), whichever is
+//!    first, connects the home region's relay and sends NotePreferred: the lowest STUN latency
+//!    so far; if no STUN answered — UDP blocked — the lowest region id. So a node whose UDP is
+//!    blocked is on its relay within ~0.2 s, not after netcheck's 3 s deadline. If that relay
+//!    is unreachable the next-fastest region is tried; only when none works does `bind` fail.
+//!    A netcheck that finishes later moves the home if it prefers another region.
 //! 2. `send` encrypts end to end ([e2e](crate::e2e): a Noise IK session with the peer, set up
 //!    on first use; data sent meanwhile waits and goes out when the handshake completes) and
 //!    hands the ciphertext to the relay of the peer's region: the region the peer was last
@@ -71,7 +74,7 @@
 //! - `birthday.rs`: the node-wide birthday decisions (`Birthday`, sans-IO: one session and
 //!   one spray at a time, rate limits); `sockets.rs`: the birthday sockets themselves.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -101,6 +104,11 @@ mod sockets;
 const M_DATA: u8 = 0x00;
 const M_PING: u8 = 0x01;
 const M_PONG: u8 = 0x02;
+
+/// How long [`Endpoint::bind`] waits for netcheck before it connects a home relay by the
+/// answers so far (none, with UDP blocked: the first region by id). Netcheck itself runs on to
+/// its deadline (3 s) and may then move the home.
+pub const HOME_GRACE: Duration = Duration::from_millis(200);
 
 /// Largest application payload per `send`.
 pub const MAX_PAYLOAD: usize = e2e::MAX_PLAINTEXT - 1;
@@ -328,13 +336,36 @@ impl Endpoint {
                     source,
                 })?,
         );
-        let report = netcheck::run(&cfg.relay_map, &sockets, None, cfg.netcheck).await;
-        let (home, home_events) = relays::connect_home(&cfg, &report).await?;
+        // Netcheck and the home relay in parallel: the relay is connected once netcheck is done
+        // or after HOME_GRACE (at once with a forced home), whichever is first, by the latencies
+        // measured so far; a netcheck finishing later may move the home (Cmd::Netcheck).
+        let (progress, so_far) = watch::channel(BTreeMap::new());
+        let mut netcheck = {
+            let (map, sockets, opts) = (cfg.relay_map.clone(), Arc::clone(&sockets), cfg.netcheck);
+            tokio::spawn(async move {
+                netcheck::run_with_progress(&map, &sockets, None, opts, Some(&progress)).await
+            })
+        };
+        let grace = if cfg.home_region.is_some() {
+            Duration::ZERO
+        } else {
+            HOME_GRACE
+        };
+        let (report, pending) = match tokio::time::timeout(grace, &mut netcheck).await {
+            Ok(r) => (Some(r.expect("netcheck panicked")), None),
+            Err(_) => (None, Some(netcheck)),
+        };
+        let partial = Report {
+            region_latency: so_far.borrow().clone(),
+            ..Report::default()
+        };
+        let (home, home_events) =
+            relays::connect_home(&cfg, report.as_ref().unwrap_or(&partial)).await?;
         let home_id = home.region();
         info!(region = home_id, "home relay connected");
         let shared = Arc::new(SharedState::default());
         *shared.home.lock().expect("lock") = Some(home_id);
-        *shared.report.lock().expect("lock") = Some(report);
+        *shared.report.lock().expect("lock") = report;
         shared
             .relay_status
             .lock()
@@ -359,6 +390,14 @@ impl Endpoint {
             udp_tx,
         });
         let task = tokio::spawn(actor.run(cmd_rx, relay_rx, udp_rx));
+        if let Some(netcheck) = pending {
+            let tx = cmd_tx.clone();
+            tokio::spawn(async move {
+                if let Ok(r) = netcheck.await {
+                    let _ = tx.send(Cmd::Netcheck(r)).await;
+                }
+            });
+        }
         Ok(Endpoint {
             public,
             cmd: cmd_tx,
