@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::addrbook::AddrBook;
-use super::birthday::Birthday;
+use super::birthday::{Birthday, Gate};
 use super::pacer::Pacer;
 use super::path::{Action, Env, PathChoice, PeerPath, ACK_TIMEOUT_MIN};
 use super::relays::RelaySet;
@@ -410,6 +410,9 @@ impl Actor {
     }
 
     async fn send_call_me_maybe(&mut self, peer: PublicKey, punched: bool) {
+        // While our birthday session towards the peer is held its mappings are open: say
+        // "punched", so that the (easy) peer sprays, whatever round this CallMeMaybe belongs to.
+        let punched = punched || self.birthday.holds(peer, Instant::now());
         let endpoints = {
             let report = self.shared.report.lock().expect("lock");
             self.addrs.my_endpoints(report.as_ref())
@@ -433,8 +436,11 @@ impl Actor {
         endpoints: &[SocketAddr],
         now: Instant,
     ) -> bool {
-        let Some(targets) = self.birthday.gate(now, peer, endpoints) else {
-            return false;
+        let targets = match self.birthday.gate(now, peer, endpoints) {
+            Gate::Open(targets) => targets,
+            // Our mappings towards the peer are open already: it may be told so.
+            Gate::Held => return true,
+            Gate::No => return false,
         };
         self.close_unused_sockets(now);
         let Some(want) = self.birthday.start(now, peer, birthday_socket_budget()) else {
