@@ -8,6 +8,8 @@
 //!   What a server answers is policy and stays in `ferry-stun`.
 //! - [`pin`]: the DERP map's `CertName` and its `sha256-raw:` pin of a self-signed certificate,
 //!   with a rustls verifier behind the `rustls` feature.
+//! - [`udprelay`]: the UDP relay path's Geneve header and bind handshake messages
+//!   (Tailscale's peer-relay format).
 //! - [`queue`]: the bounded drop-oldest queue wherever a sender must never wait (the relay's
 //!   receiver and mesh queues, the client's queue per relay connection).
 //!
@@ -18,6 +20,7 @@ pub mod derp;
 pub mod pin;
 pub mod queue;
 pub mod stun;
+pub mod udprelay;
 
 pub use derp::{KeyParseError, PublicKey, SecretKey};
 

@@ -16,6 +16,7 @@ mod queue;
 mod ratelimit;
 mod registry;
 pub mod tls;
+pub mod udprelay;
 mod watch;
 pub mod ws;
 
