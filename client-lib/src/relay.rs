@@ -794,6 +794,7 @@ impl Supervisor {
                     ServerFrame::KeepAlive
                     | ServerFrame::Pong(_)
                     | ServerFrame::PeerPresent { .. }
+                    | ServerFrame::UdpRelayEndpoint(_)
                     | ServerFrame::Other(_) => continue,
                 };
                 if self.events.send(ev).await.is_err() {

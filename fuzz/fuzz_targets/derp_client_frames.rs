@@ -30,6 +30,9 @@ fn check(f: RawFrame) {
             return;
         }
         ClientFrame::Pong(d) => derp::put_frame(&mut out, ft::PONG, &[d]),
+        ClientFrame::AllocateUdpRelay(r) => {
+            derp::put_frame(&mut out, ferry_proto::udprelay::FRAME_ALLOCATE, &[&r.encode()])
+        }
         ClientFrame::Other(t) => {
             assert_eq!(*t, raw.frame_type);
             return;

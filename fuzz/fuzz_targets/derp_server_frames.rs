@@ -34,6 +34,14 @@ fn check(f: RawFrame) {
             return;
         }
         ServerFrame::Ping(d) => derp::put_frame(&mut out, ft::PING, &[d]),
+        // A refusal's reason is read lossily (UTF-8); a grant re-encodes exactly.
+        ServerFrame::UdpRelayEndpoint(r) => {
+            if let Err(why) = &r.result {
+                assert_eq!(*why, String::from_utf8_lossy(&raw.payload[5..]));
+                return;
+            }
+            derp::put_frame(&mut out, ferry_proto::udprelay::FRAME_ENDPOINT, &[&r.encode()])
+        }
         ServerFrame::Other(t) => {
             assert_eq!(*t, raw.frame_type);
             return;

@@ -15,7 +15,10 @@
 //! (an X25519 key of the relay process, not its DERP key), as [`crate::derp::seal`] does for
 //! ClientInfo. A ferry client uses its node key as its disco key (as in ferry's disco).
 
-use crate::derp::{self, PublicKey, SecretKey, DISCO_MAGIC, KEY_LEN, NONCE_LEN};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::derp::{self, ProtoError, PublicKey, SecretKey, DISCO_MAGIC, KEY_LEN, NONCE_LEN};
 
 /// Geneve's fixed header, the only part used (no options).
 pub const GENEVE_LEN: usize = 8;
@@ -213,6 +216,166 @@ impl BindMsg {
     }
 }
 
+/// ferry's DERP frame (client → relay) asking for a UDP relay session on the client's own
+/// authenticated connection. Not a Tailscale frame: derper skips it as unknown; a ferry relay
+/// answers with [`FRAME_ENDPOINT`] (only ever to a client that asked).
+pub const FRAME_ALLOCATE: u8 = 0xF0;
+/// The relay's answer to [`FRAME_ALLOCATE`].
+pub const FRAME_ENDPOINT: u8 = 0xF1;
+
+/// The payload of [`FRAME_ALLOCATE`]: a request id (echoed) and the two clients' disco keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocRequest {
+    /// Echoed in the answer.
+    pub id: u32,
+    /// The two sides (any order).
+    pub keys: [PublicKey; 2],
+}
+
+impl AllocRequest {
+    /// The 68-byte payload.
+    pub fn encode(&self) -> [u8; 4 + 2 * KEY_LEN] {
+        let mut b = [0u8; 4 + 2 * KEY_LEN];
+        b[..4].copy_from_slice(&self.id.to_be_bytes());
+        b[4..36].copy_from_slice(self.keys[0].as_bytes());
+        b[36..68].copy_from_slice(self.keys[1].as_bytes());
+        b
+    }
+
+    /// Parses the payload (exactly 68 bytes).
+    pub fn parse(p: &[u8]) -> Result<AllocRequest, ProtoError> {
+        if p.len() != 4 + 2 * KEY_LEN {
+            return Err(ProtoError::BadLength {
+                what: "AllocateUdpRelay",
+                len: p.len(),
+                expected: "exactly 68",
+            });
+        }
+        Ok(AllocRequest {
+            id: u32::from_be_bytes(p[..4].try_into().expect("len")),
+            keys: [
+                PublicKey::from_slice(&p[4..36]).expect("len"),
+                PublicKey::from_slice(&p[36..68]).expect("len"),
+            ],
+        })
+    }
+}
+
+/// A granted session, as the relay describes it (Tailscale's `UDPRelayEndpoint` fields, plus
+/// the port for a client that knows the relay's address only from the DERP map).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The relay's server key (Bind and Answer are sealed to it).
+    pub server_key: PublicKey,
+    /// The two client keys, sorted.
+    pub keys: [PublicKey; 2],
+    /// Increases with every allocation of the relay process.
+    pub lamport: u64,
+    /// The session.
+    pub vni: u32,
+    /// Time to bind both sides.
+    pub bind_lifetime: Duration,
+    /// A bound session ends after this long without data from a side.
+    pub idle_lifetime: Duration,
+    /// The UDP relay port.
+    pub port: u16,
+    /// The relay's addresses for it, if it knows them (else: the DERP node's address + port).
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// The payload of [`FRAME_ENDPOINT`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocResponse {
+    /// The request's id.
+    pub id: u32,
+    /// The session, or why not (a sentence for the log).
+    pub result: Result<Endpoint, String>,
+}
+
+const ENDPOINT_FIXED: usize = 4 + 1 + 3 * KEY_LEN + 8 + 4 + 8 + 8 + 2;
+
+impl AllocResponse {
+    /// The payload: id u32 | status u8 (0 granted) | granted: server key | key 0 | key 1 |
+    /// lamport u64 | VNI u32 | bind lifetime ns u64 | idle lifetime ns u64 | port u16 |
+    /// N × (IPv6 or v4-mapped address (16) | port u16); refused: a UTF-8 reason.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(ENDPOINT_FIXED + 18 * 4);
+        b.extend_from_slice(&self.id.to_be_bytes());
+        match &self.result {
+            Ok(e) => {
+                b.push(0);
+                b.extend_from_slice(e.server_key.as_bytes());
+                b.extend_from_slice(e.keys[0].as_bytes());
+                b.extend_from_slice(e.keys[1].as_bytes());
+                b.extend_from_slice(&e.lamport.to_be_bytes());
+                b.extend_from_slice(&e.vni.to_be_bytes());
+                b.extend_from_slice(&(e.bind_lifetime.as_nanos() as u64).to_be_bytes());
+                b.extend_from_slice(&(e.idle_lifetime.as_nanos() as u64).to_be_bytes());
+                b.extend_from_slice(&e.port.to_be_bytes());
+                for a in &e.addrs {
+                    let ip = match a.ip() {
+                        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                        IpAddr::V6(v6) => v6,
+                    };
+                    b.extend_from_slice(&ip.octets());
+                    b.extend_from_slice(&a.port().to_be_bytes());
+                }
+            }
+            Err(why) => {
+                b.push(1);
+                b.extend_from_slice(why.as_bytes());
+            }
+        }
+        b
+    }
+
+    /// Parses the payload.
+    pub fn parse(p: &[u8]) -> Result<AllocResponse, ProtoError> {
+        let bad = |expected| ProtoError::BadLength {
+            what: "UdpRelayEndpoint",
+            len: p.len(),
+            expected,
+        };
+        if p.len() < 5 {
+            return Err(bad("at least 5"));
+        }
+        let id = u32::from_be_bytes(p[..4].try_into().expect("len"));
+        if p[4] != 0 {
+            return Ok(AllocResponse {
+                id,
+                result: Err(String::from_utf8_lossy(&p[5..]).into_owned()),
+            });
+        }
+        if p.len() < ENDPOINT_FIXED || !(p.len() - ENDPOINT_FIXED).is_multiple_of(18) {
+            return Err(bad("119 + 18 × N"));
+        }
+        let key = |o: usize| PublicKey::from_slice(&p[o..o + KEY_LEN]).expect("len");
+        let u64_at = |o: usize| u64::from_be_bytes(p[o..o + 8].try_into().expect("len"));
+        let o = 5 + 3 * KEY_LEN;
+        let addrs = p[ENDPOINT_FIXED..]
+            .chunks_exact(18)
+            .map(|c| {
+                let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&c[..16]).expect("len"));
+                let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
+                SocketAddr::new(ip, u16::from_be_bytes([c[16], c[17]]))
+            })
+            .collect();
+        Ok(AllocResponse {
+            id,
+            result: Ok(Endpoint {
+                server_key: key(5),
+                keys: [key(5 + KEY_LEN), key(5 + 2 * KEY_LEN)],
+                lamport: u64_at(o),
+                vni: u32::from_be_bytes(p[o + 8..o + 12].try_into().expect("len")),
+                bind_lifetime: Duration::from_nanos(u64_at(o + 12)),
+                idle_lifetime: Duration::from_nanos(u64_at(o + 20)),
+                port: u16::from_be_bytes([p[o + 28], p[o + 29]]),
+                addrs,
+            }),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +454,42 @@ mod tests {
         let mut data = d;
         data[1] = 0;
         assert_eq!(BindMsg::sender(&data), None);
+    }
+
+    #[test]
+    fn allocation_frames_round_trip_and_reject_bad_lengths() {
+        let k = || SecretKey::generate().public();
+        let req = AllocRequest {
+            id: 7,
+            keys: [k(), k()],
+        };
+        assert_eq!(AllocRequest::parse(&req.encode()).unwrap(), req);
+        assert!(AllocRequest::parse(&req.encode()[..67]).is_err());
+        let ok = AllocResponse {
+            id: 7,
+            result: Ok(Endpoint {
+                server_key: k(),
+                keys: [k(), k()],
+                lamport: 3,
+                vni: 42,
+                bind_lifetime: Duration::from_secs(30),
+                idle_lifetime: Duration::from_secs(300),
+                port: 3480,
+                addrs: vec![
+                    "203.0.113.1:3480".parse().unwrap(),
+                    "[2001:db8::1]:3480".parse().unwrap(),
+                ],
+            }),
+        };
+        let b = ok.encode();
+        assert_eq!(b.len(), ENDPOINT_FIXED + 2 * 18);
+        assert_eq!(AllocResponse::parse(&b).unwrap(), ok);
+        assert!(AllocResponse::parse(&b[..b.len() - 1]).is_err());
+        let no = AllocResponse {
+            id: 9,
+            result: Err("too many sessions".into()),
+        };
+        assert_eq!(AllocResponse::parse(&no.encode()).unwrap(), no);
+        assert!(AllocResponse::parse(&[0, 0, 0]).is_err());
     }
 }

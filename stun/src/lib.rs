@@ -46,6 +46,8 @@ mod sock;
 mod stats;
 mod tcp;
 mod udp;
+#[cfg(target_os = "linux")]
+pub use udp::mmsg;
 
 pub use proto::SoftwareTooLong;
 pub use stats::{describe_metrics, StunMetrics, REQUESTS_TOTAL, TCP_REJECTED_TOTAL};

@@ -9,7 +9,7 @@ use crate::proto::{self, Change, Ctx, GridPos};
 use crate::stats::TransportCounters;
 
 #[cfg(target_os = "linux")]
-mod mmsg;
+pub mod mmsg;
 
 /// Datagrams read (and replies sent) per system call on Linux.
 pub const UDP_BATCH: usize = 64;

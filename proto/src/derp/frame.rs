@@ -151,6 +151,8 @@ pub enum ClientFrame {
     Ping([u8; 8]),
     /// Answer to a server Ping.
     Pong([u8; 8]),
+    /// ferry: a UDP relay session for two disco keys ([`crate::udprelay::FRAME_ALLOCATE`]).
+    AllocateUdpRelay(crate::udprelay::AllocRequest),
     /// A frame type the server does not act on (skipped, counted).
     Other(u8),
 }
@@ -231,6 +233,9 @@ impl ClientFrame {
                 ClientFrame::Ping(p[..8].try_into().expect("length checked"))
             }
             ft::PONG => ClientFrame::Pong(exact("Pong", &p, "exactly 8")?),
+            crate::udprelay::FRAME_ALLOCATE => {
+                ClientFrame::AllocateUdpRelay(crate::udprelay::AllocRequest::parse(&p)?)
+            }
             other => ClientFrame::Other(other),
         })
     }
@@ -265,6 +270,8 @@ pub enum ServerFrame {
         reconnect_in_ms: u32,
         try_for_ms: u32,
     },
+    /// ferry: the answer to an AllocateUdpRelay ([`crate::udprelay::FRAME_ENDPOINT`]).
+    UdpRelayEndpoint(crate::udprelay::AllocResponse),
     /// Any other type (a client should skip it).
     Other(u8),
 }
@@ -325,6 +332,9 @@ impl ServerFrame {
                     reconnect_in_ms: u32::from_be_bytes(b[..4].try_into().expect("4")),
                     try_for_ms: u32::from_be_bytes(b[4..].try_into().expect("4")),
                 }
+            }
+            crate::udprelay::FRAME_ENDPOINT => {
+                ServerFrame::UdpRelayEndpoint(crate::udprelay::AllocResponse::parse(&p)?)
             }
             other => ServerFrame::Other(other),
         })

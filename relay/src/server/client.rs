@@ -426,6 +426,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     }
                     reg.close_key(&k);
                 }
+                ClientFrame::AllocateUdpRelay(req) => match &shared.udp_relay {
+                    // Over the client's own admitted connection: admission and the verify URL
+                    // have applied; the requester is the connection's proven key.
+                    Some(u) => {
+                        let resp = u.allocate(me.key, req);
+                        me.enqueue_control(Control::UdpRelayEndpoint(resp.encode()));
+                    }
+                    None => {
+                        trace!("AllocateUdpRelay with the UDP relay off; skipped");
+                        m.frames_ignored.increment(1);
+                    }
+                },
                 ClientFrame::Other(t) => {
                     trace!(frame_type = t, "skipping unknown frame");
                     m.frames_ignored.increment(1);
@@ -540,6 +552,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             match c {
                 Control::Pong(d) => proto::put_frame(&mut out, ft::PONG, &[&d]),
                 Control::PeerGone(k, r) => proto::put_peer_gone(&mut out, &k, r),
+                Control::UdpRelayEndpoint(b) => {
+                    proto::put_frame(&mut out, ferry_proto::udprelay::FRAME_ENDPOINT, &[&b])
+                }
             }
         }
         if me.extended_frames {

@@ -96,6 +96,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// STUN beside the relay.
     pub stun: Option<StunConfig>,
+    /// The UDP relay path (issue 15); `None`: off.
+    pub udp_relay: Option<UdpRelayConfig>,
     /// The server's private key (persist it: clients pin the public half).
     pub server_key: SecretKey,
     /// Mesh key: clients presenting it may use mesh frames.
@@ -122,6 +124,7 @@ impl Config {
             http_listen: None,
             metrics_listen: None,
             stun: None,
+            udp_relay: None,
             server_key: SecretKey::generate(),
             mesh_key: None,
             mesh: None,
@@ -129,6 +132,30 @@ impl Config {
             limits: Limits::default(),
             admission: None,
             install_global_recorder: false,
+        }
+    }
+}
+
+/// The UDP relay path: a UDP socket that forwards Geneve-framed datagrams between two clients
+/// that bound a session allocated over their DERP connections (see `server::udprelay`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpRelayConfig {
+    /// The UDP socket's address.
+    pub listen: SocketAddr,
+    /// Addresses to tell clients (the relay's public address and this port); empty: clients
+    /// use the DERP node's address with the bound port.
+    pub advertise: Vec<SocketAddr>,
+    /// Caps on sessions.
+    pub limits: crate::server::udprelay::Limits,
+}
+
+impl UdpRelayConfig {
+    /// On `listen`, nothing advertised, default caps.
+    pub fn new(listen: SocketAddr) -> Self {
+        UdpRelayConfig {
+            listen,
+            advertise: Vec::new(),
+            limits: crate::server::udprelay::Limits::default(),
         }
     }
 }

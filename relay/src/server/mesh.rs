@@ -704,6 +704,7 @@ async fn run_link(
             ServerFrame::KeepAlive
             | ServerFrame::Pong(_)
             | ServerFrame::Health(_)
+            | ServerFrame::UdpRelayEndpoint(_)
             | ServerFrame::Other(_) => {}
         }
     };

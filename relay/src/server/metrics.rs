@@ -78,6 +78,40 @@ impl AdmissionResult {
     }
 }
 
+reasons!(UdpRelayAlloc {
+    Granted => "granted",
+    RefusedTotal => "refused_total",
+    RefusedPerClient => "refused_per_client",
+    RefusedBadPair => "refused_bad_pair",
+});
+
+/// The UDP relay path's metrics (issue 15).
+#[derive(Debug, Clone)]
+pub(crate) struct UdpRelayMetrics {
+    pub(crate) forwarded_packets: Counter,
+    pub(crate) forwarded_bytes: Counter,
+    pub(crate) challenges: Counter,
+    pub(crate) binds: Counter,
+    pub(crate) expired: Counter,
+    pub(crate) send_errors: Counter,
+    pub(crate) connecting: Gauge,
+    pub(crate) open: Gauge,
+    drops: Vec<Counter>,
+    allocations: Vec<Counter>,
+}
+
+impl UdpRelayMetrics {
+    /// Counts a dropped datagram.
+    pub(crate) fn dropped(&self, why: super::udprelay::Drop) {
+        self.drops[why as usize].increment(1);
+    }
+
+    /// Counts an allocation decision.
+    pub(crate) fn allocation(&self, r: UdpRelayAlloc) {
+        self.allocations[r as usize].increment(1);
+    }
+}
+
 const NAME_DROPS: &str = "ferry_relay_packets_dropped_total";
 const NAME_ADMISSION: &str = "ferry_relay_admission_total";
 const NAME_RATE_DELAY: &str = "ferry_relay_rate_limit_delay_seconds";
@@ -112,6 +146,7 @@ pub struct RelayMetrics {
     pub(crate) queued_bytes: Gauge,
     /// Live tasks of the runtime that renders the scrape (the relay's), read at each render.
     tasks: Gauge,
+    pub(crate) udp_relay: UdpRelayMetrics,
     drops: Vec<Counter>,
     handshake_failures: Vec<Counter>,
     closes: Vec<Counter>,
@@ -288,6 +323,46 @@ impl RelayMetrics {
             "Pauses of a client's reads by its receive rate limit (back-pressure); _sum is the total time.".into(),
         );
         describe_g("ferry_build_info", "Always 1; labels carry the version.");
+        for (name, help) in [
+            (
+                "ferry_relay_udp_relay_forwarded_packets_total",
+                "UDP relay: datagrams forwarded between the two bound sides of a session.",
+            ),
+            (
+                "ferry_relay_udp_relay_forwarded_bytes_total",
+                "UDP relay: bytes of the datagrams forwarded (Geneve header included).",
+            ),
+            (
+                "ferry_relay_udp_relay_challenges_total",
+                "UDP relay: Challenges sent in answer to a valid Bind (each as large as the Bind).",
+            ),
+            (
+                "ferry_relay_udp_relay_binds_total",
+                "UDP relay: sides bound by a valid Answer.",
+            ),
+            (
+                "ferry_relay_udp_relay_sessions_expired_total",
+                "UDP relay: sessions ended (30 s unbound, or 5 min idle).",
+            ),
+            (
+                "ferry_relay_udp_relay_send_errors_total",
+                "UDP relay: datagrams the socket refused to send.",
+            ),
+            (
+                "ferry_relay_udp_relay_dropped_total",
+                "UDP relay: datagrams dropped, by reason (never answered).",
+            ),
+            (
+                "ferry_relay_udp_relay_allocations_total",
+                "UDP relay: allocation requests over DERP, by result.",
+            ),
+        ] {
+            describe(name, None, help);
+        }
+        describe_g(
+            "ferry_relay_udp_relay_sessions",
+            "UDP relay sessions by state: connecting (fewer than two sides bound) or open.",
+        );
         r.describe_histogram(
             "ferry_relay_handshake_duration_seconds".into(),
             Some(metrics::Unit::Seconds),
@@ -340,6 +415,44 @@ impl RelayMetrics {
             queued_bytes: r
                 .register_gauge(&Key::from_static_name("ferry_relay_queued_bytes"), &meta),
             tasks: r.register_gauge(&Key::from_static_name("ferry_relay_tasks"), &meta),
+            udp_relay: UdpRelayMetrics {
+                forwarded_packets: counter("ferry_relay_udp_relay_forwarded_packets_total"),
+                forwarded_bytes: counter("ferry_relay_udp_relay_forwarded_bytes_total"),
+                challenges: counter("ferry_relay_udp_relay_challenges_total"),
+                binds: counter("ferry_relay_udp_relay_binds_total"),
+                expired: counter("ferry_relay_udp_relay_sessions_expired_total"),
+                send_errors: counter("ferry_relay_udp_relay_send_errors_total"),
+                connecting: r.register_gauge(
+                    &Key::from_parts(
+                        "ferry_relay_udp_relay_sessions",
+                        vec![Label::new("state", "connecting")],
+                    ),
+                    &meta,
+                ),
+                open: r.register_gauge(
+                    &Key::from_parts(
+                        "ferry_relay_udp_relay_sessions",
+                        vec![Label::new("state", "open")],
+                    ),
+                    &meta,
+                ),
+                drops: super::udprelay::Drop::ALL
+                    .iter()
+                    .map(|d| labelled("ferry_relay_udp_relay_dropped_total", "reason", d.label()))
+                    .collect(),
+                allocations: UdpRelayAlloc::ALL
+                    .iter()
+                    .map(|d| {
+                        r.register_counter(
+                            &Key::from_parts(
+                                "ferry_relay_udp_relay_allocations_total",
+                                vec![Label::new("result", d.label())],
+                            ),
+                            &meta,
+                        )
+                    })
+                    .collect(),
+            },
             drops: DropReason::ALL
                 .iter()
                 .map(|d| labelled(NAME_DROPS, "reason", d.label()))

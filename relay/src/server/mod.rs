@@ -33,7 +33,7 @@ use tracing::{info, warn, Instrument};
 pub use self::admission::{
     AdmissionConfig, AdmissionError, AllowlistLineError, VerifyFail, VerifyUrlError,
 };
-pub use self::config::{Config, ConfigError, Limits};
+pub use self::config::{Config, ConfigError, Limits, UdpRelayConfig};
 pub use self::mesh::{MeshConfig, MeshDns, MeshTls, PeerAddrError};
 pub use self::metrics::RelayMetrics;
 use self::tls::acme;
@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     /// HTTP-01 challenges the port-80 listener answers (ACME mode).
     pub(crate) acme_challenges: Arc<acme::Challenges>,
     ready: AtomicBool,
+    /// The UDP relay path, if on.
+    pub(crate) udp_relay: Option<Arc<udprelay::UdpRelay>>,
     /// Cancelled at shutdown: writers flush, send Restarting where understood, and close.
     pub(crate) drain: CancellationToken,
     /// Parent of every connection's token: cancelled when draining times out.
@@ -144,6 +146,7 @@ pub struct Server {
     http_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     stun: Option<StunServer>,
+    udp_relay_addr: Option<SocketAddr>,
     accept_cancel: CancellationToken,
     /// Mesh links stay up while connections drain (their clients' packets still go out), and
     /// stop after.
@@ -205,6 +208,29 @@ impl Server {
             Some(s) => Some(StunServer::spawn(s).await?),
             None => None,
         };
+        let udp_relay = match &config.udp_relay {
+            Some(u) => {
+                let sock = tokio::net::UdpSocket::bind(u.listen)
+                    .await
+                    .map_err(|source| SpawnError::Bind {
+                        addr: u.listen,
+                        what: "UDP relay",
+                        source,
+                    })?;
+                let port = sock.local_addr().map_or(u.listen.port(), |a| a.port());
+                let relay = Arc::new(udprelay::UdpRelay {
+                    sessions: parking_lot::Mutex::new(udprelay::Sessions::new(
+                        u.limits,
+                        std::time::Instant::now(),
+                    )),
+                    port,
+                    advertise: u.advertise.clone(),
+                    metrics: metrics.udp_relay.clone(),
+                });
+                Some((relay, sock))
+            }
+            None => None,
+        };
 
         let watcher_backlog = config.limits.watcher_backlog;
         let shared = Arc::new(Shared {
@@ -218,6 +244,7 @@ impl Server {
             metrics,
             tls_acceptor,
             acme_challenges: Arc::default(),
+            udp_relay: udp_relay.as_ref().map(|(r, _)| Arc::clone(r)),
             ready: AtomicBool::new(false),
             drain: CancellationToken::new(),
             conns_cancel: CancellationToken::new(),
@@ -274,6 +301,19 @@ impl Server {
         if let Some(a) = &shared.admission {
             tracker.spawn(Arc::clone(a).watch(accept_cancel.clone()));
         }
+        let udp_relay_addr = match udp_relay {
+            Some((relay, sock)) => {
+                let addr = sock.local_addr().ok();
+                tracker.spawn(udprelay::serve(
+                    Arc::clone(&relay),
+                    sock,
+                    mesh_cancel.clone(),
+                ));
+                tracker.spawn(udprelay::sweeper(relay, mesh_cancel.clone()));
+                addr
+            }
+            None => None,
+        };
         if let Some(c) = &cert {
             if let TlsConfig::Manual {
                 cert_path,
@@ -307,6 +347,7 @@ impl Server {
             listen = %listen_addr,
             tls = cert.is_some(),
             stun = ?stun.as_ref().map(|s| s.udp_addrs()),
+            udp_relay = ?udp_relay_addr,
             metrics = ?metrics_addr,
             server_key = %shared.public,
             "relay ready"
@@ -318,6 +359,7 @@ impl Server {
             http_addr,
             metrics_addr,
             stun,
+            udp_relay_addr,
             accept_cancel,
             mesh_cancel,
             tracker,
@@ -328,6 +370,10 @@ impl Server {
     /// The bound DERP listener address.
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen_addr
+    }
+    /// The UDP relay's bound address, if on.
+    pub fn udp_relay_addr(&self) -> Option<SocketAddr> {
+        self.udp_relay_addr
     }
     /// The bound port-80 listener, if any.
     pub fn http_addr(&self) -> Option<SocketAddr> {

@@ -39,6 +39,8 @@ impl Cost for QueuedPacket {
 pub(crate) enum Control {
     Pong([u8; 8]),
     PeerGone(PublicKey, PeerGoneReason),
+    /// The answer to the client's AllocateUdpRelay (an encoded `AllocResponse`).
+    UdpRelayEndpoint(Vec<u8>),
 }
 
 /// A change in who is connected, for watchers (mesh peers): PeerPresent or PeerGone.

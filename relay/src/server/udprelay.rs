@@ -111,6 +111,16 @@ pub enum Drop {
 }
 
 impl Drop {
+    /// Every reason, in declaration order (metric handles are indexed by `as usize`).
+    pub const ALL: [Drop; 6] = [
+        Drop::Short,
+        Drop::UnknownVni,
+        Drop::BadControl,
+        Drop::BadChallenge,
+        Drop::NotBound,
+        Drop::UnknownSource,
+    ];
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {
@@ -413,6 +423,9 @@ fn verify(secret: &[u8; 32], m: &BindMsg, from: SocketAddr) -> bool {
     mac_input(&mut h, m, from);
     h.verify_slice(&m.challenge).is_ok()
 }
+
+mod serve;
+pub(crate) use serve::{serve, sweeper, UdpRelay};
 
 #[cfg(test)]
 mod tests;

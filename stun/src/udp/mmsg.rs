@@ -1,4 +1,5 @@
-//! `recvmmsg`/`sendmmsg` batches (Linux). The buffers live in the batch structs; the
+//! `recvmmsg`/`sendmmsg` batches (Linux), also used by the relay's UDP relay path
+//! (`ferry_stun::mmsg`). The buffers live in the batch structs; the
 //! `mmsghdr`/`iovec` arrays pointing into them are rebuilt on the stack for every call, so no
 //! raw pointer outlives a call (and the structs stay `Send`).
 
@@ -8,13 +9,13 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 use std::ptr;
 
-use super::UDP_BATCH;
+pub use super::UDP_BATCH;
 
 /// A raw source/destination address as the kernel gave it.
-pub(super) type RawAddr = (libc::sockaddr_storage, libc::socklen_t);
+pub type RawAddr = (libc::sockaddr_storage, libc::socklen_t);
 
 /// Receive side: `n` datagrams of at most `stride` bytes each.
-pub(super) struct RecvBatch {
+pub struct RecvBatch {
     bufs: Vec<u8>,
     stride: usize,
     lens: Vec<usize>,
@@ -25,7 +26,7 @@ pub(super) struct RecvBatch {
 }
 
 impl RecvBatch {
-    pub(super) fn new(batch: usize, stride: usize) -> RecvBatch {
+    pub fn new(batch: usize, stride: usize) -> RecvBatch {
         assert!(batch <= UDP_BATCH);
         RecvBatch {
             bufs: vec![0; batch * stride],
@@ -40,7 +41,7 @@ impl RecvBatch {
     }
 
     /// One `recvmmsg(MSG_DONTWAIT)`; returns the number of datagrams read.
-    pub(super) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         let batch = self.lens.len();
         // SAFETY: iovec and mmsghdr are plain old data; zero is valid (null pointers, 0 lengths).
         let mut iov: [libc::iovec; UDP_BATCH] = unsafe { zeroed() };
@@ -85,7 +86,7 @@ impl RecvBatch {
     }
 
     /// Datagram `i` and its source; `None` if it was truncated or has no IP source.
-    pub(super) fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr)> {
         if i >= self.n || self.truncated[i] {
             return None;
         }
@@ -95,13 +96,13 @@ impl RecvBatch {
     }
 
     /// The source of datagram `i` exactly as received, to send the reply to.
-    pub(super) fn raw_addr(&self, i: usize) -> RawAddr {
+    pub fn raw_addr(&self, i: usize) -> RawAddr {
         (self.addrs[i], self.addr_lens[i])
     }
 }
 
 /// Send side: up to `batch` replies of at most `stride` bytes.
-pub(super) struct SendBatch {
+pub struct SendBatch {
     bufs: Vec<u8>,
     stride: usize,
     lens: Vec<usize>,
@@ -111,7 +112,7 @@ pub(super) struct SendBatch {
 }
 
 impl SendBatch {
-    pub(super) fn new(batch: usize, stride: usize) -> SendBatch {
+    pub fn new(batch: usize, stride: usize) -> SendBatch {
         assert!(batch <= UDP_BATCH);
         SendBatch {
             bufs: vec![0; batch * stride],
@@ -124,22 +125,28 @@ impl SendBatch {
         }
     }
 
-    pub(super) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.n = 0;
     }
 
-    pub(super) fn len(&self) -> usize {
+    /// Datagrams kept so far.
+    pub fn len(&self) -> usize {
         self.n
     }
 
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
     /// The buffer the next reply is written into (kept only if [`SendBatch::commit`]ted).
-    pub(super) fn next_buf(&mut self) -> &mut [u8] {
+    pub fn next_buf(&mut self) -> &mut [u8] {
         let start = self.n.min(self.lens.len() - 1) * self.stride;
         &mut self.bufs[start..start + self.stride]
     }
 
     /// Keep the reply in [`SendBatch::next_buf`] (`len` bytes) for `addr`.
-    pub(super) fn commit(&mut self, len: usize, addr: RawAddr) {
+    pub fn commit(&mut self, len: usize, addr: RawAddr) {
         if self.n < self.lens.len() {
             self.lens[self.n] = len;
             self.addrs[self.n] = addr.0;
@@ -148,8 +155,13 @@ impl SendBatch {
         }
     }
 
+    /// Keep the datagram in [`SendBatch::next_buf`] (`len` bytes) for `addr`.
+    pub fn commit_to(&mut self, len: usize, addr: SocketAddr) {
+        self.commit(len, from_std(addr));
+    }
+
     /// One `sendmmsg` of the replies `from..len()`; returns how many were sent.
-    pub(super) fn send(&mut self, fd: RawFd, from: usize) -> io::Result<usize> {
+    pub fn send(&mut self, fd: RawFd, from: usize) -> io::Result<usize> {
         let count = self.n.saturating_sub(from);
         if count == 0 {
             return Ok(0);
@@ -180,6 +192,37 @@ impl SendBatch {
         }
         Ok(r as usize)
     }
+}
+
+/// A std socket address as the kernel takes it.
+pub fn from_std(addr: SocketAddr) -> RawAddr {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in.
+            let sin = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
 }
 
 /// Convert a kernel socket address to a std one (IPv4 and IPv6 only).
@@ -271,5 +314,13 @@ mod tests {
         let mut rx = RecvBatch::new(4, 32);
         assert_eq!(rx.recv(server.as_raw_fd()).unwrap(), 1);
         assert!(rx.get(0).is_none());
+    }
+
+    #[test]
+    fn from_std_and_to_std_round_trip() {
+        for a in ["203.0.113.7:3478", "[2001:db8::1]:41641"] {
+            let a: SocketAddr = a.parse().unwrap();
+            assert_eq!(to_std(&from_std(a).0), Some(a));
+        }
     }
 }

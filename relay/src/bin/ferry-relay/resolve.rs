@@ -121,6 +121,7 @@ impl Sources {
             limits: limits(&s),
             admission: admission_config(&s),
             install_global_recorder: true,
+            udp_relay: None,
         };
         Ok(Resolved {
             dev,

@@ -1,0 +1,194 @@
+//! The UDP relay's I/O: one task per socket reads datagrams in batches (`recvmmsg`), decides
+//! each with [`Sessions::handle`] under one lock per batch, and sends the forwards and
+//! challenges in batches (`sendmmsg`), copying each datagram once into the send batch (no
+//! allocation per packet). Allocation requests come from DERP connections
+//! ([`UdpRelay::allocate`]). A sweep ends expired sessions every 10 s.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::udprelay::{AllocRequest, AllocResponse, Endpoint};
+use ferry_proto::PublicKey;
+use parking_lot::Mutex;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info};
+
+use super::{Outcome, Sessions};
+use crate::server::metrics::{UdpRelayAlloc, UdpRelayMetrics};
+
+/// Receive buffer per datagram: the largest UDP payload (a larger one cannot exist).
+const MAX_DATAGRAM: usize = 65_535;
+/// Sessions are swept this often.
+const SWEEP: Duration = Duration::from_secs(10);
+
+/// The UDP relay of one relay process: its sessions, port and advertised addresses.
+#[derive(Debug)]
+pub(crate) struct UdpRelay {
+    pub(crate) sessions: Mutex<Sessions>,
+    pub(crate) port: u16,
+    pub(crate) advertise: Vec<SocketAddr>,
+    pub(crate) metrics: UdpRelayMetrics,
+}
+
+impl UdpRelay {
+    /// Answers an AllocateUdpRelay frame from the admitted client `requester`.
+    pub(crate) fn allocate(&self, requester: PublicKey, req: AllocRequest) -> AllocResponse {
+        let r = self
+            .sessions
+            .lock()
+            .allocate(requester, req.keys[0], req.keys[1], Instant::now());
+        let result = match r {
+            Ok(a) => {
+                self.metrics.allocation(UdpRelayAlloc::Granted);
+                Ok(Endpoint {
+                    server_key: a.server_key,
+                    keys: a.keys,
+                    lamport: a.lamport,
+                    vni: a.vni,
+                    bind_lifetime: a.bind_lifetime,
+                    idle_lifetime: a.idle_lifetime,
+                    port: self.port,
+                    addrs: self.advertise.clone(),
+                })
+            }
+            Err(e) => {
+                self.metrics.allocation(match e {
+                    super::AllocError::Total(_) => UdpRelayAlloc::RefusedTotal,
+                    super::AllocError::PerClient(_) => UdpRelayAlloc::RefusedPerClient,
+                    super::AllocError::BadPair => UdpRelayAlloc::RefusedBadPair,
+                });
+                debug!(requester = %requester.short(), "UDP relay allocation refused: {e}");
+                Err(e.to_string())
+            }
+        };
+        AllocResponse { id: req.id, result }
+    }
+
+    /// Ends expired sessions and updates the session gauges.
+    pub(crate) fn sweep(&self, now: Instant) {
+        let mut s = self.sessions.lock();
+        let n = s.expire(now);
+        let (connecting, open) = s.counts();
+        drop(s);
+        self.metrics.expired.increment(n as u64);
+        self.metrics.connecting.set(connecting as f64);
+        self.metrics.open.set(open as f64);
+    }
+}
+
+/// Serves `sock` until `cancel`; then returns.
+pub(crate) async fn serve(relay: Arc<UdpRelay>, sock: UdpSocket, cancel: CancellationToken) {
+    let local = sock.local_addr().ok();
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        r = run(&relay, &sock) => if let Err(e) = r {
+            error!(addr = ?local, error = %e, "UDP relay socket failed; it no longer serves");
+        },
+    }
+}
+
+/// Sweeps expired sessions every [`SWEEP`] until `cancel`.
+pub(crate) async fn sweeper(relay: Arc<UdpRelay>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => relay.sweep(Instant::now()),
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+async fn run(relay: &UdpRelay, sock: &UdpSocket) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    use std::os::fd::AsRawFd;
+
+    use ferry_stun::mmsg::{RecvBatch, SendBatch};
+    use tokio::io::Interest;
+
+    const BATCH: usize = 32;
+    let fd = sock.as_raw_fd();
+    let mut rx = RecvBatch::new(BATCH, MAX_DATAGRAM);
+    let mut tx = SendBatch::new(BATCH, MAX_DATAGRAM);
+    let m = &relay.metrics;
+    info!(addr = ?sock.local_addr().ok(), "UDP relay listening");
+    loop {
+        sock.readable().await?;
+        let n = match sock.try_io(Interest::READABLE, || rx.recv(fd)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                debug!(error = %e, "recvmmsg failed");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        tx.clear();
+        let (mut fwd_pkts, mut fwd_bytes) = (0u64, 0u64);
+        {
+            let now = Instant::now();
+            let mut sessions = relay.sessions.lock();
+            for i in 0..n {
+                let Some((d, from)) = rx.get(i) else {
+                    m.dropped(super::Drop::Short);
+                    continue;
+                };
+                match sessions.handle(from, d, now) {
+                    Outcome::Forward(to) => {
+                        tx.next_buf()[..d.len()].copy_from_slice(d);
+                        tx.commit_to(d.len(), to);
+                        fwd_pkts += 1;
+                        fwd_bytes += d.len() as u64;
+                    }
+                    Outcome::Reply(r) => {
+                        tx.next_buf()[..r.len()].copy_from_slice(&r);
+                        tx.commit_to(r.len(), from);
+                        m.challenges.increment(1);
+                    }
+                    Outcome::Bound => m.binds.increment(1),
+                    Outcome::Drop(why) => m.dropped(why),
+                }
+            }
+        }
+        m.forwarded_packets.increment(fwd_pkts);
+        m.forwarded_bytes.increment(fwd_bytes);
+        let mut sent = 0;
+        while sent < tx.len() {
+            match sock.try_io(Interest::WRITABLE, || tx.send(fd, sent)) {
+                Ok(k) => sent += k.max(1),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => sock.writable().await?,
+                Err(e) => {
+                    debug!(error = %e, "sendmmsg failed for one datagram");
+                    m.send_errors.increment(1);
+                    sent += 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn run(relay: &UdpRelay, sock: &UdpSocket) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let m = &relay.metrics;
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).await?;
+        let d = &buf[..n];
+        let outcome = relay.sessions.lock().handle(from, d, Instant::now());
+        match outcome {
+            Outcome::Forward(to) => {
+                m.forwarded_packets.increment(1);
+                m.forwarded_bytes.increment(n as u64);
+                let _ = sock.send_to(d, to).await;
+            }
+            Outcome::Reply(r) => {
+                m.challenges.increment(1);
+                let _ = sock.send_to(&r, from).await;
+            }
+            Outcome::Bound => m.binds.increment(1),
+            Outcome::Drop(why) => m.dropped(why),
+        }
+    }
+}
