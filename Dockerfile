@@ -52,7 +52,7 @@ VOLUME ["/var/lib/ferry"]
 # extra capabilities); publish them as 443, 80 and 3478. Metrics stay on 127.0.0.1:9090.
 #   8443/tcp DERP (TLS)   8080/tcp captive-portal check + HTTPS redirect + ACME HTTP-01
 #   3478/udp+tcp STUN
-EXPOSE 8443/tcp 8080/tcp 3478/udp 3478/tcp
+EXPOSE 8443/tcp 8080/tcp 3478/udp 3478/tcp 3480/udp
 # No shell or curl in distroless: the binary checks its own /healthz on the metrics listener.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["/usr/local/bin/ferry-relay", "healthcheck", "--url", "http://127.0.0.1:9090/healthz"]

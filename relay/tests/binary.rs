@@ -51,7 +51,7 @@ fn start(args: &[&str]) -> Proc {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert!(line.contains(" ready: "), "no ready line, got {line:?}");
-    // "... DERP https://localhost:PORT/derp, STUN udp+tcp [127.0.0.1:PORT], metrics http://ADDR/metrics, server key HEX"
+    // "... DERP https://localhost:PORT/derp, STUN udp+tcp [127.0.0.1:PORT], UDP relay ADDR, metrics http://ADDR/metrics, server key HEX"
     let derp = field(&line, "/derp", &[]).map(|_| ()).and_then(|_| {
         let url = field(&line, "DERP ", &[' ', ','])?;
         url.rsplit_once(':')?.1.split('/').next()?.parse().ok()
@@ -107,6 +107,9 @@ fn tls_args(dir: &str) -> Vec<&str> {
         "--metrics-listen",
         "127.0.0.1:0",
         "--stun-listen",
+        "127.0.0.1:0",
+        // Not the default 0.0.0.0:3480: tests run relays in parallel.
+        "--udp-relay-listen",
         "127.0.0.1:0",
     ]
 }

@@ -105,6 +105,7 @@ impl Region {
             .arg("--mesh-ca-file")
             .arg(self.rc.cert())
             .args(["--metrics-listen", "127.0.0.1:0", "--no-stun"])
+            .args(["--udp-relay-listen", "127.0.0.1:0"])
             .args(["--http-listen", "off", "--shutdown-timeout", "5s"])
             .args(["--log-format", "json", "--log-level", "info"])
             .env_remove("RUST_LOG")

@@ -242,6 +242,20 @@ impl Config {
     /// addresses are checked when the server opens or binds them.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.limits.validate()?;
+        if let Some(u) = &self.udp_relay {
+            if u.limits.total == 0 {
+                return Err(zero(
+                    "udp_relay.max_sessions",
+                    "no session could ever be allocated",
+                ));
+            }
+            if u.limits.per_client == 0 {
+                return Err(zero(
+                    "udp_relay.max_sessions_per_client",
+                    "no client could ever allocate a session",
+                ));
+            }
+        }
         match &self.tls {
             Some(TlsConfig::Acme(acme)) => {
                 acme.validate().map_err(ConfigError::Acme)?;

@@ -31,7 +31,8 @@ Examples:
 
 Signals: SIGTERM/SIGINT drain gracefully (clients that understand it are told to reconnect),
 SIGHUP reloads manual certificate files.
-Ports: DERP 443/tcp, STUN 3478/udp+tcp, captive-portal check 80/tcp, metrics 127.0.0.1:9090.
+Ports: DERP 443/tcp, STUN 3478/udp+tcp, UDP relay 3480/udp, captive-portal check 80/tcp,
+metrics 127.0.0.1:9090.
 See docs/operating.md.";
 
 #[derive(Debug, clap::Parser)]

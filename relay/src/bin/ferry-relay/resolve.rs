@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use ferry_relay::proto::SecretKey;
 use ferry_relay::server::{
     AcmeConfig, AdmissionConfig, Config, ConfigError, Limits, MeshConfig, MeshDns, MeshTls,
-    Rfc5780Config, StunConfig, TlsConfig, LETS_ENCRYPT_DIRECTORY,
+    Rfc5780Config, StunConfig, TlsConfig, UdpRelayConfig, LETS_ENCRYPT_DIRECTORY,
 };
 
 use crate::cli::flag_and_env;
@@ -121,7 +121,7 @@ impl Sources {
             limits: limits(&s),
             admission: admission_config(&s),
             install_global_recorder: true,
-            udp_relay: None,
+            udp_relay: udp_relay_config(&s),
         };
         Ok(Resolved {
             dev,
@@ -236,6 +236,34 @@ fn tls_config(s: &Settings, host: String, key_file: Option<&Path>) -> Result<Tls
         CertMode::SelfSigned => TlsConfig::SelfSigned {
             names: vec![host],
             dir,
+        },
+    })
+}
+
+/// The UDP relay: on by default (0.0.0.0:3480; in --dev beside the first STUN address, on an
+/// ephemeral port, so that dev relays and tests never collide), `off` turns it off.
+fn udp_relay_config(s: &Settings) -> Option<UdpRelayConfig> {
+    let u = &s.udp_relay;
+    let listen = match u.listen {
+        Some(l) => l.addr()?,
+        None if s.dev => {
+            let ip = s
+                .stun
+                .listen
+                .as_ref()
+                .and_then(|l| l.first())
+                .map_or([127, 0, 0, 1].into(), |a| a.ip());
+            SocketAddr::new(ip, 0)
+        }
+        None => "0.0.0.0:3480".parse().expect("literal"),
+    };
+    let defaults = ferry_relay::server::udprelay::Limits::default();
+    Some(UdpRelayConfig {
+        listen,
+        advertise: u.advertise.clone().unwrap_or_default(),
+        limits: ferry_relay::server::udprelay::Limits {
+            total: u.max_sessions.unwrap_or(defaults.total),
+            per_client: u.max_sessions_per_client.unwrap_or(defaults.per_client),
         },
     })
 }
@@ -404,6 +432,10 @@ const SETTINGS: &[Setting] = &[
         "must be an http:// or https:// URL, e.g. http://headscale:8080/verify"),
     at("admission.verify_timeout", Some("verify_timeout"), Some("admission"), "verify_timeout",
         "is 0: give the verify URL a bound such as \"2s\""),
+    at("udp_relay.max_sessions", None, Some("udp_relay"), "max_sessions",
+        "must be at least 1 (default 100000), or turn the UDP relay off with listen = \"off\" (--udp-relay-listen off)"),
+    at("udp_relay.max_sessions_per_client", None, Some("udp_relay"), "max_sessions_per_client",
+        "must be at least 1 (default 16)"),
     at("stun.udp_addrs", Some("stun_listen"), Some("stun"), "listen",
         "is empty: list at least one address (e.g. listen = [\"0.0.0.0:3478\"]), or set enabled = false (--no-stun) to run without STUN"),
     at("stun.rfc5780.primary", None, Some("stun"), "rfc5780_alternate",
@@ -462,6 +494,49 @@ mod tests {
             other => panic!("{other:?}"),
         }
         r.check().unwrap();
+    }
+
+    #[test]
+    fn the_udp_relay_is_on_by_default_ephemeral_in_dev_and_can_be_turned_off() {
+        let udp = |args: &[&str], file: &str| resolve(args, file).unwrap().view().udp_relay.clone();
+        let prod = udp(&["--hostname", "r.example"], "").unwrap();
+        assert_eq!(prod.listen, "0.0.0.0:3480".parse().unwrap());
+        assert!(prod.advertise.is_empty());
+        assert_eq!(
+            prod.limits,
+            ferry_relay::server::udprelay::Limits::default()
+        );
+        // --dev: beside STUN, on a port of its own choosing (clients learn it when allocating).
+        assert_eq!(
+            udp(&["--dev"], "").unwrap().listen,
+            "127.0.0.1:0".parse().unwrap()
+        );
+        assert_eq!(
+            udp(&["--dev", "--stun-listen", "203.0.113.1:3478"], "")
+                .unwrap()
+                .listen,
+            "203.0.113.1:0".parse().unwrap()
+        );
+        assert_eq!(udp(&["--dev", "--udp-relay-listen", "off"], ""), None);
+        let f = udp(
+            &["--dev", "--udp-relay-advertise", "198.51.100.1:3480"],
+            "[udp_relay]\nlisten = \"0.0.0.0:4000\"\nmax_sessions = 50\nmax_sessions_per_client = 2\n",
+        )
+        .unwrap();
+        assert_eq!(f.listen, "0.0.0.0:4000".parse().unwrap());
+        assert_eq!(f.advertise, vec!["198.51.100.1:3480".parse().unwrap()]);
+        assert_eq!((f.limits.total, f.limits.per_client), (50, 2));
+        assert_eq!(udp(&["--dev"], "[udp_relay]\nlisten = \"off\"\n"), None);
+        let e = resolve(&["--dev"], "[udp_relay]\nmax_sessions_per_client = 0\n")
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with(
+                "config file relay.toml: line 2: [udp_relay] max_sessions_per_client must be at least 1"
+            ),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub(crate) async fn run(sources: Sources) -> Result<()> {
         .unwrap_or(-1);
     let host = hostname.unwrap_or_else(|| server.listen_addr().ip().to_string());
     println!(
-        "ferry-relay {} ready: DERP {}://{}:{}/derp, STUN {}, metrics {}, server key {}",
+        "ferry-relay {} ready: DERP {}://{}:{}/derp, STUN {}, UDP relay {}, metrics {}, server key {}",
         env!("CARGO_PKG_VERSION"),
         if server.tls_enabled() {
             "https"
@@ -67,6 +67,9 @@ pub(crate) async fn run(sources: Sources) -> Result<()> {
         } else {
             format!("udp+tcp {:?}", server.stun_udp_addrs())
         },
+        server
+            .udp_relay_addr()
+            .map_or_else(|| "off".to_string(), |a| a.to_string()),
         server
             .metrics_addr()
             .map(|a| format!("http://{a}/metrics"))

@@ -171,6 +171,10 @@ layered! {
         #[command(flatten)]
         pub stun: StunSettings,
 
+        // `[udp_relay]`
+        #[command(flatten)]
+        pub udp_relay: UdpRelaySettings,
+
         // `[limits]`
         #[command(flatten)]
         pub limits: LimitsSettings,
@@ -296,6 +300,32 @@ layered! {
         /// RFC 5780 alternate address (a second IP and port); enables behaviour discovery.
         #[arg(skip)]
         pub rfc5780_alternate: Option<SocketAddr>,
+    }
+}
+
+layered! {
+    /// `[udp_relay]`
+    #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    pub(crate) struct UdpRelaySettings {
+        /// UDP relay path for clients that cannot go direct (Geneve, Tailscale's peer-relay
+        /// format; sessions are allocated over DERP), or `off` [default: 0.0.0.0:3480; --dev:
+        /// the first STUN address's IP, port 0 (clients learn the port when they allocate)].
+        #[arg(id = "udp_relay_listen", long = "udp-relay-listen", env = "FERRY_UDP_RELAY_LISTEN", value_name = "ADDR|off")]
+        pub listen: Option<Listen>,
+
+        /// Public IP:PORT(s) to tell clients for the UDP relay (behind NAT or a load balancer);
+        /// default: none, clients use the DERP node's address with the relay's port.
+        #[arg(id = "udp_relay_advertise", long = "udp-relay-advertise", env = "FERRY_UDP_RELAY_ADVERTISE", value_name = "IP:PORT", value_delimiter = ',')]
+        pub advertise: Option<Vec<SocketAddr>>,
+
+        /// Most UDP relay sessions in all (default 100000).
+        #[arg(skip)]
+        pub max_sessions: Option<usize>,
+
+        /// Most UDP relay sessions one node may hold (default 16).
+        #[arg(skip)]
+        pub max_sessions_per_client: Option<usize>,
     }
 }
 
