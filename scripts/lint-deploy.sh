@@ -129,7 +129,8 @@ log "relay.toml of every case: TOML syntax and ferry-relay's keys"
 import glob, os, sys, tomllib, yaml
 KEYS = {
     "": {"listen", "hostname", "key_file", "http_listen", "metrics_listen", "log_format",
-         "log_level", "tls", "stun", "mesh", "admission", "limits", "derpmap"},
+         "log_level", "tls", "stun", "udp_relay", "mesh", "admission", "limits", "derpmap"},
+    "udp_relay": {"listen", "advertise", "max_sessions", "max_sessions_per_client"},
     "tls": {"mode", "cert_file", "key_file", "dir", "acme_email", "acme_directory", "acme_ca_file"},
     "stun": {"enabled", "listen", "tcp", "software", "rfc5780_alternate"},
     "mesh": {"key_file", "peers", "dns", "dns_port", "dns_interval", "tls_name", "ca_file"},

@@ -171,6 +171,18 @@ cert_file = "/etc/ferry/tls/tls.crt"
 key_file = "/etc/ferry/tls/tls.key"
 {{- end }}
 
+[udp_relay]
+{{- if $v.relay.udpRelay.enabled }}
+listen = {{ printf "0.0.0.0:%d" (int $v.udpRelayPort) | toJson }}
+max_sessions = {{ int $v.relay.udpRelay.maxSessions }}
+max_sessions_per_client = {{ int $v.relay.udpRelay.maxSessionsPerClient }}
+{{- with $v.relay.udpRelay.advertise }}
+advertise = {{ toJson . }}
+{{- end }}
+{{- else }}
+listen = "off"
+{{- end }}
+
 [stun]
 enabled = {{ $v.relay.stun.enabled }}
 listen = [{{ printf "0.0.0.0:%d" (int $v.stunPort) | toJson }}{{ if $v.relay.stun.ipv6 }}, {{ printf "[::]:%d" (int $v.stunPort) | toJson }}{{ end }}]
