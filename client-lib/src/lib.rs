@@ -23,6 +23,7 @@ pub mod relaymap;
 pub mod stun;
 pub mod tls;
 pub mod udp;
+pub mod udprelay;
 
 pub use endpoint::{
     DirectOptions, Endpoint, EndpointConfig, EndpointError, EndpointStats, Path, PathEvent,

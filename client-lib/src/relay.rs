@@ -30,6 +30,7 @@ use ferry_proto::derp::{
     SecretKey, ServerFrame,
 };
 use ferry_proto::queue::{Cost, DropOldest, QueueLimits, QUEUED_OVERHEAD};
+use ferry_proto::udprelay::{AllocRequest, Endpoint as UdpRelayEndpoint, FRAME_ALLOCATE};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -210,6 +211,9 @@ pub enum RelayError {
     /// A packet over DERP's size limit.
     #[error("packet of {0} bytes is over the {max}-byte DERP limit", max = proto::MAX_PACKET_SIZE)]
     TooBig(usize),
+    /// A UDP relay allocation failed.
+    #[error("UDP relay allocation: {0}")]
+    UdpRelay(String),
 }
 
 impl RelayError {
@@ -237,9 +241,25 @@ impl Cost for Queued {
 #[derive(Debug, Default)]
 struct SendQueue {
     packets: Mutex<DropOldest<Queued>>,
+    /// UDP relay allocation requests waiting for the connection (few; see `allocate_udp_relay`).
+    allocs: Mutex<Vec<AllocRequest>>,
+    /// Their answers, by request id.
+    pending: Mutex<
+        std::collections::HashMap<
+            u32,
+            tokio::sync::oneshot::Sender<Result<UdpRelayEndpoint, String>>,
+        >,
+    >,
+    next_id: AtomicU64,
     ready: Notify,
     dropped: AtomicU64,
 }
+
+/// How long [`RelayClient::allocate_udp_relay`] waits for the relay's answer (a relay without
+/// the UDP relay, derper included, never answers).
+pub const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Allocation requests in flight per connection at most.
+const MAX_PENDING_ALLOCS: usize = 64;
 
 /// The connection state, for waiting on (re)connects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,6 +390,43 @@ impl RelayClient {
             self.queue.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
         Ok(dropped)
+    }
+
+    /// Asks the relay for a UDP relay session for the two disco keys (issue 15; ferry's DERP
+    /// frame `0xF0`, over this authenticated connection). `Err` with the relay's reason if it
+    /// refuses, [`RelayError::UdpRelay`] if it does not answer within [`ALLOCATE_TIMEOUT`] (a
+    /// relay without the UDP relay, such as derper, skips the frame) or too many are pending.
+    pub async fn allocate_udp_relay(
+        &self,
+        keys: [PublicKey; 2],
+    ) -> Result<UdpRelayEndpoint, RelayError> {
+        let id = self.queue.next_id.fetch_add(1, Ordering::Relaxed) as u32;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut pending = self.queue.pending.lock().expect("lock");
+            if pending.len() >= MAX_PENDING_ALLOCS {
+                return Err(RelayError::UdpRelay(format!(
+                    "{MAX_PENDING_ALLOCS} allocations already pending"
+                )));
+            }
+            pending.insert(id, tx);
+        }
+        self.queue
+            .allocs
+            .lock()
+            .expect("lock")
+            .push(AllocRequest { id, keys });
+        self.queue.ready.notify_one();
+        let r = tokio::time::timeout(ALLOCATE_TIMEOUT, rx).await;
+        self.queue.pending.lock().expect("lock").remove(&id);
+        match r {
+            Ok(Ok(Ok(ep))) => Ok(ep),
+            Ok(Ok(Err(why))) => Err(RelayError::UdpRelay(format!("refused: {why}"))),
+            Ok(Err(_)) => Err(RelayError::Closed),
+            Err(_) => Err(RelayError::UdpRelay(format!(
+                "no answer within {ALLOCATE_TIMEOUT:?} (does this relay run the UDP relay?)"
+            ))),
+        }
     }
 
     /// Packets dropped so far because the send queue was full.
@@ -781,6 +838,13 @@ impl Supervisor {
                         continue;
                     }
                     ServerFrame::Health(h) => RelayEvent::Health(h),
+                    ServerFrame::UdpRelayEndpoint(r) => {
+                        let tx = self.queue.pending.lock().expect("lock").remove(&r.id);
+                        if let Some(tx) = tx {
+                            let _ = tx.send(r.result);
+                        }
+                        continue;
+                    }
                     ServerFrame::Restarting {
                         reconnect_in_ms,
                         try_for_ms,
@@ -794,7 +858,6 @@ impl Supervisor {
                     ServerFrame::KeepAlive
                     | ServerFrame::Pong(_)
                     | ServerFrame::PeerPresent { .. }
-                    | ServerFrame::UdpRelayEndpoint(_)
                     | ServerFrame::Other(_) => continue,
                 };
                 if self.events.send(ev).await.is_err() {
@@ -836,8 +899,12 @@ impl Supervisor {
         }
     }
 
-    /// Frames queued packets into `out`, oldest first, up to ~60 KiB (one write).
+    /// Frames queued allocation requests and packets into `out`, oldest first, up to ~60 KiB
+    /// (one write).
     fn take_queued(&mut self, out: &mut Vec<u8>) {
+        for r in self.queue.allocs.lock().expect("lock").drain(..) {
+            proto::put_frame(out, FRAME_ALLOCATE, &[&r.encode()]);
+        }
         let mut q = self.queue.packets.lock().expect("lock");
         while out.len() < 60 << 10 {
             let Some(p) = q.pop_front() else { break };
