@@ -137,7 +137,7 @@ KEYS = {
     "admission": {"allowlist_file", "verify_url", "verify_timeout", "verify_fail"},
     "derpmap": {"region_id", "region_code", "region_name", "node_name", "ipv4", "ipv6",
                 "derp_port", "stun_port"},
-    "limits": {"max_connections", "handshake_timeout", "write_timeout", "keepalive_interval",
+    "limits": {"max_connections", "handshake_timeout", "write_timeout", "frame_timeout", "keepalive_interval",
                "queue_depth", "queue_bytes", "mesh_queue_bytes", "watcher_backlog", "shutdown_timeout", "client_rate_limit", "client_rate_burst",
                "accept_rate", "accept_burst", "max_connections_per_ip"},
 }

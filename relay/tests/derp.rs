@@ -730,3 +730,104 @@ async fn eof_without_close_notify_is_a_clean_close_and_mid_frame_is_an_error() {
     eventually("a cut frame is an error", || closed("read_error") == 1.0).await;
     assert_eq!(closed("client_closed"), 1.0);
 }
+
+/// Issue 16: a slowloris past the handshake. A client that completed its handshake and then
+/// drips a frame a few bytes at a time is cut once the frame has not been whole for
+/// `frame_timeout` (counted as `frame_timeout`), while honest clients keep exchanging packets;
+/// a client that is only idle between frames stays.
+#[tokio::test]
+async fn a_frame_dripped_slower_than_the_frame_timeout_closes_only_that_connection() {
+    let relay = relay_plain(ferry_relay::server::Limits {
+        frame_timeout: Duration::from_millis(800),
+        ..test_limits()
+    })
+    .await;
+    let m = relay.metrics();
+    let a = ts_connect(&relay).await;
+    let b = ts_connect(&relay).await;
+    let mut idle = RawClient::connect(&relay).await;
+    let mut drip = RawClient::connect(&relay).await;
+    // A SendPacket frame of 32 + 100 bytes, sent 4 bytes every 100 ms (13 s in all).
+    let mut frame = Vec::new();
+    proto::put_frame(
+        &mut frame,
+        ft::SEND_PACKET,
+        &[a.key().as_bytes(), &[7u8; 100]],
+    );
+    let dripper = tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        for chunk in frame.chunks(4) {
+            if drip.io.write_all(chunk).await.is_err() {
+                return (start.elapsed(), true);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Written whole (the relay never cut it): wait for a close that should not come.
+        let closed = tokio::time::timeout(Duration::from_secs(2), drip.expect_closed())
+            .await
+            .is_ok();
+        (start.elapsed(), closed)
+    });
+    for i in 0..5 {
+        ping_pong(&a, &b, &format!("while dripping {i}")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (took, closed) = tokio::time::timeout(T * 2, dripper).await.unwrap().unwrap();
+    assert!(closed, "the dripping client was never cut ({took:?})");
+    assert!(took < Duration::from_secs(5), "cut only after {took:?}");
+    eventually("the close counted as frame_timeout", || {
+        m.sample(
+            "ferry_relay_connections_closed_total",
+            "reason=\"frame_timeout\"",
+        ) == 1.0
+    })
+    .await;
+    // The idle client (no partial frame) is still connected and works.
+    idle.send(a.key(), b"still here").await;
+    let (src, d) = a.recv().await;
+    assert_eq!((src, &d[..]), (idle.key(), &b"still here"[..]));
+    ping_pong(&a, &b, "after").await;
+}
+
+/// The frame timeout is per frame: a client that streams frames for much longer than it, with
+/// every read ending in the middle of the next frame, is not cut.
+#[tokio::test]
+async fn a_steady_stream_split_across_reads_outlives_the_frame_timeout() {
+    let relay = relay_plain(ferry_relay::server::Limits {
+        frame_timeout: Duration::from_millis(300),
+        ..test_limits()
+    })
+    .await;
+    let m = relay.metrics();
+    let mut rx = RawClient::connect(&relay).await;
+    let mut tx = RawClient::connect(&relay).await;
+    let mut stream = Vec::new();
+    for i in 0..60u8 {
+        proto::put_frame(
+            &mut stream,
+            ft::SEND_PACKET,
+            &[rx.key().as_bytes(), &[i; 200]],
+        );
+    }
+    // 1.5 frames per write, 25 ms apart: 1.5 s in all, five frame timeouts.
+    let per_write = (5 + 32 + 200) * 3 / 2;
+    let writer = tokio::spawn(async move {
+        for chunk in stream.chunks(per_write) {
+            tx.io.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        tx
+    });
+    for i in 0..60u8 {
+        let (_, d) = rx.recv().await;
+        assert_eq!(d, vec![i; 200], "packet {i}");
+    }
+    let _tx = writer.await.unwrap();
+    assert_eq!(
+        m.sample(
+            "ferry_relay_connections_closed_total",
+            "reason=\"frame_timeout\""
+        ),
+        0.0
+    );
+}

@@ -336,14 +336,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
         last: Instant::now(),
     };
     let mut read_chunk = IDLE_CHUNK;
+    // When the first bytes of a frame not yet whole arrived (pushed back by the time the rate
+    // limit held reads back): the frame must be whole `frame_timeout` after it.
+    let mut frame_started: Option<tokio::time::Instant> = None;
     let why = 'conn: loop {
         // Everything already buffered, then one read. Counters are added once per read.
         let (mut pkts, mut bytes, mut mesh_pkts) = (0u64, 0u64, 0u64);
         // A bad frame ends the connection, but only after the packets before it in this read
         // are counted: they were queued for their receivers.
+        let mut whole_frames = false;
         let bad = loop {
             let f = match dec.decode(&mut rbuf) {
-                Ok(Some(f)) => f,
+                Ok(Some(f)) => {
+                    whole_frames = true;
+                    f
+                }
                 Ok(None) => break None,
                 Err(e) => {
                     debug!(error = %e, "protocol error");
@@ -468,9 +475,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         rbuf.reserve(dec.bytes_needed(&rbuf).max(read_chunk));
         let room = rbuf.capacity() - rbuf.len();
+        // A frame completed: what is left (if anything) is the start of the next one.
+        if rbuf.is_empty() || whole_frames {
+            frame_started = None;
+        }
+        if !rbuf.is_empty() && frame_started.is_none() {
+            frame_started = Some(tokio::time::Instant::now());
+        }
+        let frame_deadline = frame_started.map(|t| t + shared.limits.frame_timeout);
         tokio::select! {
             biased;
             _ = me.cancel.cancelled() => break me.close_reason().unwrap_or(CloseReason::Shutdown),
+            _ = sleep_until_some(frame_deadline) => {
+                debug!(buffered = rbuf.len(), "a frame not whole within frame_timeout; closing");
+                break CloseReason::FrameTimeout;
+            }
             res = r.read_buf(&mut rbuf) => match res {
                 // End of stream at a frame boundary is a client leaving, with or without a
                 // TLS close_notify (Go clients close TCP without one: rustls reports that as
@@ -494,6 +513,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         let wait = b.take(n as u64, Instant::now());
                         if !wait.is_zero() {
                             m.rate_limit_delay.record(wait.as_secs_f64());
+                            // Our own hold-back does not count against the client's frame.
+                            if let Some(t) = &mut frame_started {
+                                *t += wait;
+                            }
                             tokio::select! {
                                 biased;
                                 _ = me.cancel.cancelled() => break me.close_reason().unwrap_or(CloseReason::Shutdown),
@@ -607,5 +630,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let _ = tokio::time::timeout(write_timeout, w.shutdown()).await;
             return Some(CloseReason::Shutdown);
         }
+    }
+}
+
+/// Completes at `at`; never, with `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }

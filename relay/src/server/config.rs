@@ -18,6 +18,12 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// A write that makes no progress for this long closes the connection (derper: 2 s).
     pub write_timeout: Duration,
+    /// A frame whose first bytes arrived must be whole within this (time the client's
+    /// receive rate limit held reads back not counted); else the connection is closed
+    /// (`frame_timeout`): a client dripping frames a byte at a time after its handshake (a
+    /// slowloris past the handshake timeout) holds a buffer and a connection. Idle time between
+    /// frames is not limited (clients idle for minutes between packets).
+    pub frame_timeout: Duration,
     /// Between requests on a kept-alive plain HTTP connection.
     pub http_idle_timeout: Duration,
     /// KeepAlive frame interval (derper: 60 s) ...
@@ -63,6 +69,7 @@ impl Default for Limits {
             max_connections: 100_000,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(2),
+            frame_timeout: Duration::from_secs(30),
             http_idle_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(60),
             keepalive_jitter: Duration::from_secs(5),
@@ -356,6 +363,11 @@ impl Limits {
                 "every write would time out",
             ),
             (
+                self.frame_timeout,
+                "limits.frame_timeout",
+                "every frame would time out before its last byte",
+            ),
+            (
                 self.http_idle_timeout,
                 "limits.http_idle_timeout",
                 "every HTTP connection would time out before its first request",
@@ -440,8 +452,9 @@ mod tests {
     #[test]
     fn zero_counts_and_durations_are_refused_by_name() {
         type Edit = fn(&mut Limits);
-        let cases: [(&str, Edit); 7] = [
+        let cases: [(&str, Edit); 8] = [
             ("limits.max_connections", |l| l.max_connections = 0),
+            ("limits.frame_timeout", |l| l.frame_timeout = Duration::ZERO),
             ("limits.queue_depth", |l| l.queue_depth = 0),
             ("limits.handshake_timeout", |l| {
                 l.handshake_timeout = Duration::ZERO

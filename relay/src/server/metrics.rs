@@ -58,6 +58,7 @@ reasons!(CloseReason {
     ClosedByMesh => "closed_by_mesh",
     Shutdown => "shutdown",
     WatcherOverflow => "watcher_overflow",
+    FrameTimeout => "frame_timeout",
 });
 
 reasons!(AdmissionResult {

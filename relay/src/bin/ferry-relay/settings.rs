@@ -348,6 +348,11 @@ layered! {
         #[serde(with = "humantime_serde")]
         pub write_timeout: Option<Duration>,
 
+        /// A frame begun must be whole within this (slowloris past the handshake).
+        #[arg(skip)]
+        #[serde(with = "humantime_serde")]
+        pub frame_timeout: Option<Duration>,
+
         /// KeepAlive interval.
         #[arg(skip)]
         #[serde(with = "humantime_serde")]
