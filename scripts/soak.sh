@@ -13,6 +13,9 @@
 #
 # Everything listens on 127.0.0.1. The relay runs on core 0 and the load on core 1 (taskset).
 # Outputs go to OUT (default /tmp/ferry-scale). NO_BUILD=1 skips the release build.
+# EXTRA_LIMITS: more [limits] lines for the relay (e.g. the abuse mitigations:
+# EXTRA_LIMITS=$'accept_rate = 200\naccept_burst = 200\nclient_rate_limit = 16777216');
+# ATTACKS_ONLY: a regex of the abuse run's attack names to run (default: all).
 set -euo pipefail
 MODE=${1:-soak}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,6 +51,7 @@ dir = "$OUT"
 enabled = false
 [limits]
 keepalive_interval = "$1"
+${EXTRA_LIMITS:-}
 EOF
     taskset -c 0 "$RELAY" --config "$OUT/relay.toml" >"$OUT/relay-$MODE.log" 2>&1 &
     RELAY_PID=$!
@@ -86,7 +90,9 @@ EOF
 }
 
 honest() { # $1: output name; 100 pairs, echo, 2,000 packets/s, 20 s measured
-    taskset -c 1 "$LT" derp "$URL" --insecure --clients 200 --echo --rate 2000 --size 200 \
+    # --connect-retries: honest clients retry like real ones when the relay sheds an attack at
+    # accept (EXTRA_LIMITS accept_rate); without it, any refused connect ends the run.
+    taskset -c 1 "$LT" derp "$URL" --insecure --clients 200 --echo --rate 2000 --size 200 --connect-retries 20 \
         --warmup 2s --duration 20s --no-progress --server-pid "$RELAY_PID" --json >"$OUT/$1.json"
     python3 - "$OUT/$1.json" <<'EOF'
 import json, sys
@@ -111,6 +117,7 @@ abuse)
     )
     for a in "${ATTACKS[@]}"; do
         name=${a%%|*}; args=${a#*|}
+        [[ $name =~ ${ATTACKS_ONLY:-.} ]] || continue
         echo "== $name: $args"
         honest "before-$name"
         metrics >"$OUT/m0-$name.txt"

@@ -452,6 +452,12 @@ pub struct DerpArgs {
     /// Receivers send every packet back: round-trip latency at the sender.
     #[arg(long)]
     pub echo: bool,
+
+    /// Retry a failed connect up to N times, 100 ms doubling to 2 s apart (+0-50 % jitter), as
+    /// a real client does; 0 (default): the first failure ends the run. For measuring honest
+    /// clients while the relay sheds an attack at accept (`accept_rate`).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub connect_retries: u32,
 }
 
 /// `connect` mode.

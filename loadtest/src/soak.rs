@@ -325,6 +325,7 @@ pub async fn run(a: &SoakArgs) -> Result<SoakReport> {
         window: None,
         window_timeout: Duration::from_millis(200),
         echo: true,
+        connect_retries: 0,
     };
     let mut pairs = tokio::spawn(async move { crate::derp::run(&derp_args).await });
 

@@ -175,3 +175,47 @@ async fn tls_options_are_checked_before_any_traffic() {
     .await;
     assert!(!ok && stderr.contains("alternatives"), "{stderr}");
 }
+
+/// `--connect-retries`: against a relay that sheds connects at accept (`accept_rate` 5/s,
+/// burst 1), 6 clients cannot all connect at once; without retries the run fails at the first
+/// refusal, with them every client gets in (as real clients retry) and the run completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_retries_get_every_client_past_an_accept_rate_limit() {
+    let limits = Limits {
+        accept_rate: 5.0,
+        accept_burst: 1,
+        ..Limits::default()
+    };
+    let relay = relay(false, false, limits).await;
+    let url = relay.url();
+    let args = |retries: &'static str| {
+        vec![
+            "derp",
+            "",
+            "--clients",
+            "6",
+            "--size",
+            "100",
+            "--rate",
+            "100",
+            "--warmup",
+            "0s",
+            "--duration",
+            "1s",
+            "--connect-retries",
+            retries,
+        ]
+    };
+    let mut no_retry = args("0");
+    no_retry[1] = &url;
+    let (ok, _, stderr) = loadtest(&no_retry).await;
+    assert!(!ok && stderr.contains("connected so far"), "{stderr}");
+    let mut with_retry = args("20");
+    with_retry[1] = &url;
+    let (ok, _, stderr) = loadtest(&with_retry).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("connects failed and were retried"),
+        "{stderr}"
+    );
+}

@@ -262,15 +262,30 @@ fn bad_data(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
 }
 
-/// Opens `n` DERP connections, `CONNECT_CONCURRENCY` at a time.
-pub async fn connect_all(target: &Arc<Target>, n: usize) -> Result<Vec<DerpConn>> {
+/// Opens `n` DERP connections, `CONNECT_CONCURRENCY` at a time; each failed connect is tried
+/// again up to `retries` times (jittered backoff, 100 ms doubling to 2 s).
+pub async fn connect_all(target: &Arc<Target>, n: usize, retries: u32) -> Result<Vec<DerpConn>> {
     let sem = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let mut set = JoinSet::new();
+    let retried = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for i in 0..n {
-        let (t, sem) = (Arc::clone(target), Arc::clone(&sem));
+        let (t, sem, retried) = (Arc::clone(target), Arc::clone(&sem), Arc::clone(&retried));
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("never closed");
-            (i, t.connect().await)
+            let mut attempt = 0u32;
+            loop {
+                match t.connect().await {
+                    Err(_) if attempt < retries => {
+                        let base = Duration::from_millis(100)
+                            .saturating_mul(1 << attempt.min(5))
+                            .min(Duration::from_secs(2));
+                        attempt += 1;
+                        retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(base + base.mul_f64(rand::random::<f64>() * 0.5)).await;
+                    }
+                    r => return (i, r),
+                }
+            }
         });
     }
     let mut conns: Vec<Option<DerpConn>> = (0..n).map(|_| None).collect();
@@ -289,6 +304,10 @@ pub async fn connect_all(target: &Arc<Target>, n: usize) -> Result<Vec<DerpConn>
                 )));
             }
         }
+    }
+    let retried = retried.load(std::sync::atomic::Ordering::Relaxed);
+    if retried > 0 {
+        eprintln!("ferry-loadtest: {retried} connects failed and were retried");
     }
     Ok(conns.into_iter().map(|c| c.expect("all joined")).collect())
 }
@@ -357,7 +376,7 @@ pub async fn run(a: &DerpArgs) -> Result<Report> {
     }
     let cpu_start = crate::procfs::own_cpu_seconds();
 
-    let conns = connect_all(&target, a.clients).await?;
+    let conns = connect_all(&target, a.clients, a.connect_retries).await?;
     let keys: Vec<PublicKey> = conns.iter().map(|c| c.key()).collect();
     let roles = roles(a.clients, a.topology);
     let n_senders = roles
