@@ -150,6 +150,11 @@ impl BindMsg {
 
     /// The whole datagram from `ours` (its public key in the envelope) to `theirs`.
     pub fn seal(&self, ours: &SecretKey, theirs: &PublicKey) -> Vec<u8> {
+        self.seal_with(&ours.public(), &derp::SharedBox::new(ours, theirs))
+    }
+
+    /// [`BindMsg::seal`] with the box precomputed (`ours_public` goes in the envelope).
+    pub fn seal_with(&self, ours_public: &PublicKey, b: &derp::SharedBox) -> Vec<u8> {
         let mut out = Vec::with_capacity(BIND_DATAGRAM_LEN);
         out.extend_from_slice(
             &Geneve {
@@ -160,8 +165,8 @@ impl BindMsg {
             .encode(),
         );
         out.extend_from_slice(&DISCO_MAGIC);
-        out.extend_from_slice(ours.public().as_bytes());
-        out.extend_from_slice(&derp::seal(ours, theirs, &self.plaintext()));
+        out.extend_from_slice(ours_public.as_bytes());
+        out.extend_from_slice(&derp::seal_with(b, &self.plaintext()));
         out
     }
 
@@ -183,12 +188,25 @@ impl BindMsg {
         theirs: &PublicKey,
         datagram: &[u8],
     ) -> Result<BindMsg, BindError> {
+        if BindMsg::sender(datagram) != Some(*theirs) {
+            return Err(BindError::NotControl);
+        }
+        BindMsg::open_with(&derp::SharedBox::new(ours, theirs), theirs, datagram)
+    }
+
+    /// [`BindMsg::open`] with the box precomputed (no X25519 per datagram: a relay opens
+    /// whatever anyone sends it for a session, so this is the cheap path).
+    pub fn open_with(
+        b: &derp::SharedBox,
+        theirs: &PublicKey,
+        datagram: &[u8],
+    ) -> Result<BindMsg, BindError> {
         let g = Geneve::parse(datagram).ok_or(BindError::NotControl)?;
         if BindMsg::sender(datagram) != Some(*theirs) {
             return Err(BindError::NotControl);
         }
         let sealed = &datagram[GENEVE_LEN + DISCO_MAGIC.len() + KEY_LEN..];
-        let pt = derp::open(ours, theirs, sealed).map_err(|_| BindError::BoxOpen)?;
+        let pt = derp::open_with(b, sealed).map_err(|_| BindError::BoxOpen)?;
         let kind = match pt.first() {
             Some(&T_BIND) => BindKind::Bind,
             Some(&T_CHALLENGE) => BindKind::Challenge,

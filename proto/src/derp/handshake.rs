@@ -155,9 +155,34 @@ impl ServerInfo {
     }
 }
 
+/// A box between two keys with the X25519 step done once ([`seal_with`], [`open_with`]): for a
+/// side that seals or opens many messages between the same two keys (the UDP relay's sessions).
+pub struct SharedBox(SalsaBox);
+
+impl SharedBox {
+    /// The box between `ours` and `theirs`.
+    pub fn new(ours: &SecretKey, theirs: &PublicKey) -> SharedBox {
+        SharedBox(SalsaBox::new(
+            &crypto_box::PublicKey::from(theirs.0),
+            ours.inner(),
+        ))
+    }
+}
+
+impl std::fmt::Debug for SharedBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedBox(..)")
+    }
+}
+
 /// Seals `plaintext` from `ours` to `theirs`: returns nonce (24) + tag (16) + ciphertext.
 pub fn seal(ours: &SecretKey, theirs: &PublicKey, plaintext: &[u8]) -> Vec<u8> {
-    let b = SalsaBox::new(&crypto_box::PublicKey::from(theirs.0), ours.inner());
+    seal_with(&SharedBox::new(ours, theirs), plaintext)
+}
+
+/// [`seal`] with a precomputed box.
+pub fn seal_with(b: &SharedBox, plaintext: &[u8]) -> Vec<u8> {
+    let b = &b.0;
     let nonce = SalsaBox::generate_nonce(&mut rand::rngs::OsRng);
     let ct = b
         .encrypt(&nonce, plaintext)
@@ -173,7 +198,15 @@ pub fn open(ours: &SecretKey, theirs: &PublicKey, sealed: &[u8]) -> Result<Vec<u
     if sealed.len() < NONCE_LEN + 16 {
         return Err(ProtoError::BoxOpen);
     }
-    let b = SalsaBox::new(&crypto_box::PublicKey::from(theirs.0), ours.inner());
+    open_with(&SharedBox::new(ours, theirs), sealed)
+}
+
+/// [`open`] with a precomputed box.
+pub fn open_with(b: &SharedBox, sealed: &[u8]) -> Result<Vec<u8>, ProtoError> {
+    if sealed.len() < NONCE_LEN + 16 {
+        return Err(ProtoError::BoxOpen);
+    }
+    let b = &b.0;
     let nonce = crypto_box::Nonce::from_slice(&sealed[..NONCE_LEN]);
     b.decrypt(nonce, &sealed[NONCE_LEN..])
         .map_err(|_| ProtoError::BoxOpen)

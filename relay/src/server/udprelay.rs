@@ -150,6 +150,10 @@ pub enum Outcome {
 #[derive(Debug)]
 struct Session {
     keys: [PublicKey; 2],
+    /// The box between the server key and each side's key, made once at allocation: opening a
+    /// control datagram then costs no X25519 (anyone may send them, naming a session's public
+    /// keys and its guessable VNI).
+    boxes: [ferry_proto::derp::SharedBox; 2],
     requester: PublicKey,
     allocated: Instant,
     /// Generation of the handshake in progress per side (0: none).
@@ -258,10 +262,15 @@ impl Sessions {
         }
         let vni = self.free_vni();
         self.lamport += 1;
+        let boxes = [
+            ferry_proto::derp::SharedBox::new(&self.server, &keys[0]),
+            ferry_proto::derp::SharedBox::new(&self.server, &keys[1]),
+        ];
         self.by_vni.insert(
             vni,
             Session {
                 keys,
+                boxes,
                 requester,
                 allocated: now,
                 in_progress: [0; 2],
@@ -363,7 +372,7 @@ impl Sessions {
             return Outcome::Drop(Drop::BadControl);
         };
         let other = s.keys[1 - side];
-        let Ok(m) = BindMsg::open(&self.server, &sender, datagram) else {
+        let Ok(m) = BindMsg::open_with(&s.boxes[side], &sender, datagram) else {
             return Outcome::Drop(Drop::BadControl);
         };
         if m.remote_key != other || m.generation == 0 {
@@ -377,7 +386,7 @@ impl Sessions {
                     challenge: mac(&self.secrets[0], &m, from),
                     ..m
                 };
-                Outcome::Reply(reply.seal(&self.server, &sender))
+                Outcome::Reply(reply.seal_with(&self.server.public(), &s.boxes[side]))
             }
             BindKind::Answer => {
                 if s.in_progress[side] != m.generation {
