@@ -141,6 +141,21 @@ pub fn choose_home(latency: &BTreeMap<u32, Duration>, previous: Option<u32>) -> 
     Some(best)
 }
 
+/// The latencies of the regions that may be home (not `Avoid`, not `NoMeasureNoHome`).
+pub fn home_latencies(
+    map: &RelayMap,
+    latency: &BTreeMap<u32, Duration>,
+) -> BTreeMap<u32, Duration> {
+    latency
+        .iter()
+        .filter(|(id, _)| {
+            map.region(**id)
+                .is_some_and(|r| !r.avoid && !r.no_measure_no_home)
+        })
+        .map(|(i, d)| (*i, *d))
+        .collect()
+}
+
 /// Runs one netcheck from `sockets` against every region of `map`.
 pub async fn run(
     map: &RelayMap,

@@ -379,6 +379,9 @@ impl RelayClient {
         if data.len() > proto::MAX_PACKET_SIZE {
             return Err(RelayError::TooBig(data.len()));
         }
+        if self.task.is_finished() {
+            return Err(RelayError::Closed);
+        }
         let dropped = self
             .queue
             .packets
@@ -401,6 +404,14 @@ impl RelayClient {
         keys: [PublicKey; 2],
     ) -> Result<UdpRelayEndpoint, RelayError> {
         let id = self.queue.next_id.fetch_add(1, Ordering::Relaxed) as u32;
+        // Whatever ends this call (answer, timeout, the caller dropping it) forgets the id; a
+        // request still queued then is not sent (`take_queued`).
+        struct Forget<'a>(&'a SendQueue, u32);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.pending.lock().expect("lock").remove(&self.1);
+            }
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut pending = self.queue.pending.lock().expect("lock");
@@ -411,6 +422,7 @@ impl RelayClient {
             }
             pending.insert(id, tx);
         }
+        let _forget = Forget(&self.queue, id);
         self.queue
             .allocs
             .lock()
@@ -418,7 +430,6 @@ impl RelayClient {
             .push(AllocRequest { id, keys });
         self.queue.ready.notify_one();
         let r = tokio::time::timeout(ALLOCATE_TIMEOUT, rx).await;
-        self.queue.pending.lock().expect("lock").remove(&id);
         match r {
             Ok(Ok(Ok(ep))) => Ok(ep),
             Ok(Ok(Err(why))) => Err(RelayError::UdpRelay(format!("refused: {why}"))),
@@ -902,8 +913,13 @@ impl Supervisor {
     /// Frames queued allocation requests and packets into `out`, oldest first, up to ~60 KiB
     /// (one write).
     fn take_queued(&mut self, out: &mut Vec<u8>) {
-        for r in self.queue.allocs.lock().expect("lock").drain(..) {
-            proto::put_frame(out, FRAME_ALLOCATE, &[&r.encode()]);
+        let allocs: Vec<AllocRequest> = self.queue.allocs.lock().expect("lock").drain(..).collect();
+        if !allocs.is_empty() {
+            let pending = self.queue.pending.lock().expect("lock");
+            // Only requests someone still waits for.
+            for r in allocs.iter().filter(|r| pending.contains_key(&r.id)) {
+                proto::put_frame(out, FRAME_ALLOCATE, &[&r.encode()]);
+            }
         }
         let mut q = self.queue.packets.lock().expect("lock");
         while out.len() < 60 << 10 {

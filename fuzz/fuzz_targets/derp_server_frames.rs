@@ -34,13 +34,18 @@ fn check(f: RawFrame) {
             return;
         }
         ServerFrame::Ping(d) => derp::put_frame(&mut out, ft::PING, &[d]),
-        // A refusal's reason is read lossily (UTF-8); a grant re-encodes exactly.
+        // A refusal's reason is read lossily (UTF-8); a grant ignores bytes after its last whole
+        // address, so it re-encodes to a prefix of what was read, and reads back the same.
         ServerFrame::UdpRelayEndpoint(r) => {
             if let Err(why) = &r.result {
                 assert_eq!(*why, String::from_utf8_lossy(&raw.payload[5..]));
                 return;
             }
-            derp::put_frame(&mut out, ferry_proto::udprelay::FRAME_ENDPOINT, &[&r.encode()])
+            let again = r.encode();
+            assert!(raw.payload.starts_with(&again), "{r:?} is not what was read");
+            let back = ferry_proto::udprelay::AllocResponse::parse(&again).expect("re-parses");
+            assert_eq!(&back, r);
+            return;
         }
         ServerFrame::Other(t) => {
             assert_eq!(*t, raw.frame_type);

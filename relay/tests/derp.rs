@@ -747,7 +747,7 @@ async fn a_frame_dripped_slower_than_the_frame_timeout_closes_only_that_connecti
     let b = ts_connect(&relay).await;
     let mut idle = RawClient::connect(&relay).await;
     let mut drip = RawClient::connect(&relay).await;
-    // A SendPacket frame of 32 + 100 bytes, sent 4 bytes every 100 ms (13 s in all).
+    // A SendPacket frame of 32 + 100 bytes, sent 4 bytes every 100 ms (3.5 s in all).
     let mut frame = Vec::new();
     proto::put_frame(
         &mut frame,

@@ -101,6 +101,10 @@ async fn two_clients_allocate_over_derp_bind_and_exchange_datagrams() {
     // A pair with the same key twice is refused, with a reason.
     let why = allocate(&mut a, 9, [ak, ak]).await.unwrap_err();
     assert!(why.contains("two distinct"), "{why}");
+    // Only for itself and a peer: not for two other nodes.
+    let other = SecretKey::generate().public();
+    let why = allocate(&mut a, 10, [bk, other]).await.unwrap_err();
+    assert!(why.contains("only for itself"), "{why}");
 
     let ua = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let ub = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -148,6 +152,13 @@ async fn two_clients_allocate_over_derp_bind_and_exchange_datagrams() {
         m.sample(
             "ferry_relay_udp_relay_allocations_total",
             "result=\"refused_bad_pair\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sample(
+            "ferry_relay_udp_relay_allocations_total",
+            "result=\"refused_not_member\""
         ),
         1.0
     );

@@ -54,22 +54,30 @@ pub(super) const PUNCH_TTL: u32 = 2;
 const PUNCH_IP_OPTIONS: [u8; 8] = [68, 8, 9, ((16 - PUNCH_TTL) as u8) << 4, 0, 0, 0, 0];
 
 /// Puts `sock` in hole-punching mode ([`PUNCH_TTL`] and [`PUNCH_IP_OPTIONS`]) or back to
-/// normal (`ttl` and no options). IPv4 sockets only.
+/// normal (`ttl` and no options). IPv4 sockets only. The TTL is set whatever happens to the
+/// options: a kernel (or sandbox) that refuses IP options still punches with TTL 2 alone, and a
+/// socket always gets its TTL back. Errors: the TTL's; an options failure is logged.
 fn punch_mode(sock: &tokio::net::UdpSocket, on: bool, ttl: u32) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let opts: &[u8] = if on { &PUNCH_IP_OPTIONS } else { &[] };
-    // SAFETY: a valid socket fd and a buffer of the length given.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_OPTIONS,
-            opts.as_ptr().cast(),
-            opts.len() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
+    if sock.local_addr().is_ok_and(|a| a.is_ipv4()) {
+        let opts: &[u8] = if on { &PUNCH_IP_OPTIONS } else { &[] };
+        // SAFETY: a valid socket fd and a buffer of the length given.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                opts.as_ptr().cast(),
+                opts.len() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            debug!(
+                on,
+                "cannot set the punch's IP options: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
     sock.set_ttl(if on { PUNCH_TTL } else { ttl })
 }
@@ -253,7 +261,13 @@ impl Actor {
             Cmd::SetPeerRegion(peer, region) => self.relays.set_peer_region(peer, region),
             Cmd::RelayUp(region, r) => self.relays.on_relay_up(region, r),
             Cmd::Netcheck(report) => {
-                let new_home = report.preferred_region;
+                // A forced home stays; otherwise the best region, with hysteresis against the
+                // current home (the bind-time report was measured before there was one).
+                let homes = netcheck::home_latencies(&self.cfg.relay_map, &report.region_latency);
+                let new_home = match self.cfg.home_region {
+                    Some(_) => None,
+                    None => netcheck::choose_home(&homes, Some(self.relays.home())),
+                };
                 *self.shared.report.lock().expect("lock") = Some(report);
                 if let Some(h) = new_home.filter(|h| *h != self.relays.home()) {
                     self.relays.change_home(h);

@@ -29,7 +29,7 @@ pub(super) const BIRTHDAY_PROBES: usize = 1024;
 pub(super) const BIRTHDAY_ROUNDS: usize = 2;
 /// Probes per second (a round of 1024 takes about 2 s; about 120 kB/s of disco pings).
 pub(super) const BIRTHDAY_RATE: u64 = 500;
-/// The hard side keeps unused birthday sockets this long (the probes follow within ~2 s of
+/// The hard side keeps unused birthday sockets this long (the probes follow within ~4 s of
 /// its CallMeMaybe; Linux keeps an unanswered UDP mapping for 30 s).
 pub(super) const BIRTHDAY_HOLD: Duration = Duration::from_secs(10);
 /// Fewer free descriptors than this for the sockets: no birthday session.
@@ -156,7 +156,8 @@ impl Birthday {
     }
 
     /// Easy side: starts pinging random ports of the hard peer's public IPv4 addresses
-    /// ([`BIRTHDAY_PROBES`] at [`BIRTHDAY_RATE`], see [`Birthday::spray_step`]). At most once
+    /// ([`BIRTHDAY_PROBES`] × [`BIRTHDAY_ROUNDS`] at [`BIRTHDAY_RATE`], see
+    /// [`Birthday::spray_step`]). At most once
     /// per 0.8 × `probe_interval` per peer and in all, one spray at a time, and only if the
     /// peer is `eligible` (active or with a session). Returns whether it started.
     pub(super) fn start_spray(

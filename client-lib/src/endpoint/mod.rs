@@ -279,6 +279,8 @@ pub struct Endpoint {
     events: broadcast::Sender<PathEvent>,
     sockets: Arc<Sockets>,
     task: tokio::task::JoinHandle<()>,
+    /// The bind-time netcheck, if it outlived `bind` (see there).
+    netcheck: Option<tokio::task::AbortHandle>,
 }
 
 #[derive(Debug, Default)]
@@ -314,6 +316,9 @@ pub struct EndpointStats {
 impl Drop for Endpoint {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(n) = &self.netcheck {
+            n.abort();
+        }
     }
 }
 
@@ -355,12 +360,23 @@ impl Endpoint {
             Ok(r) => (Some(r.expect("netcheck panicked")), None),
             Err(_) => (None, Some(netcheck)),
         };
+        // The answers so far, of regions that may be home (never an `Avoid` one).
+        let so_far = netcheck::home_latencies(&cfg.relay_map, &so_far.borrow());
         let partial = Report {
-            region_latency: so_far.borrow().clone(),
+            preferred_region: netcheck::choose_home(&so_far, None),
+            region_latency: so_far,
             ..Report::default()
         };
-        let (home, home_events) =
-            relays::connect_home(&cfg, report.as_ref().unwrap_or(&partial)).await?;
+        let connected = relays::connect_home(&cfg, report.as_ref().unwrap_or(&partial)).await;
+        let (home, home_events) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(n) = &pending {
+                    n.abort();
+                }
+                return Err(e);
+            }
+        };
         let home_id = home.region();
         info!(region = home_id, "home relay connected");
         let shared = Arc::new(SharedState::default());
@@ -390,14 +406,18 @@ impl Endpoint {
             udp_tx,
         });
         let task = tokio::spawn(actor.run(cmd_rx, relay_rx, udp_rx));
-        if let Some(netcheck) = pending {
+        // The late report goes to the actor (it may move the home, with hysteresis, unless the
+        // home is forced); dropping the endpoint stops netcheck (it holds the sockets).
+        let netcheck = pending.map(|netcheck| {
+            let abort = netcheck.abort_handle();
             let tx = cmd_tx.clone();
             tokio::spawn(async move {
                 if let Ok(r) = netcheck.await {
                     let _ = tx.send(Cmd::Netcheck(r)).await;
                 }
             });
-        }
+            abort
+        });
         Ok(Endpoint {
             public,
             cmd: cmd_tx,
@@ -406,6 +426,7 @@ impl Endpoint {
             events: ev_tx,
             sockets,
             task,
+            netcheck,
         })
     }
 

@@ -257,6 +257,8 @@ impl RelaySet {
                     .lock()
                     .expect("lock")
                     .insert(region, client.status());
+                // Home may have moved while it connected (either way).
+                client.note_preferred(region == self.home);
                 let mut dropped = 0;
                 for p in waiting.drain() {
                     dropped += client.send(p.dst, p.data).unwrap_or(0);

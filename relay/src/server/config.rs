@@ -172,6 +172,9 @@ impl UdpRelayConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// More UDP relay sessions than session ids.
+    #[error("udp_relay.max_sessions is {0}: at most 16777215 sessions (24-bit ids) can exist")]
+    UdpRelaySessions(usize),
     /// A count or a duration that must not be zero is zero.
     #[error("{field} is 0: {why}")]
     Zero {
@@ -238,6 +241,7 @@ impl ConfigError {
             ConfigError::VerifyUrl { .. } => "admission.verify_url",
             ConfigError::NoStunAddress => "stun.udp_addrs",
             ConfigError::Rfc5780Wildcard(_) => "stun.rfc5780.primary",
+            ConfigError::UdpRelaySessions(_) => "udp_relay.max_sessions",
         }
     }
 }
@@ -255,6 +259,9 @@ impl Config {
                     "udp_relay.max_sessions",
                     "no session could ever be allocated",
                 ));
+            }
+            if u.limits.total > ferry_proto::udprelay::MAX_VNI as usize {
+                return Err(ConfigError::UdpRelaySessions(u.limits.total));
             }
             if u.limits.per_client == 0 {
                 return Err(zero(

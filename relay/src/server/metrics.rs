@@ -84,6 +84,7 @@ reasons!(UdpRelayAlloc {
     RefusedTotal => "refused_total",
     RefusedPerClient => "refused_per_client",
     RefusedBadPair => "refused_bad_pair",
+    RefusedNotMember => "refused_not_member",
 });
 
 /// The UDP relay path's metrics (issue 15).

@@ -72,6 +72,9 @@ pub enum AllocError {
     /// The two keys are the same, or one is the relay's own server key.
     #[error("a UDP relay session needs two distinct client keys, neither the relay's")]
     BadPair,
+    /// The requester is not one of the two sides.
+    #[error("a node may allocate UDP relay sessions only for itself and a peer")]
+    NotMember,
 }
 
 /// A granted session: what the requester needs to bind and to tell its peer.
@@ -241,15 +244,25 @@ impl Sessions {
         if a == b || a == me || b == me {
             return Err(AllocError::BadPair);
         }
+        // ferry clients use their node key as their disco key: a node allocates only for itself
+        // (so nobody can take a pair's session, or its bind window, from under it).
+        if requester != a && requester != b {
+            return Err(AllocError::NotMember);
+        }
         let keys = if a.as_bytes() <= b.as_bytes() {
             [a, b]
         } else {
             [b, a]
         };
         if let Some(vni) = self.by_pair.get(&keys).copied() {
-            let s = &self.by_vni[&vni];
+            let s = self.by_vni.get_mut(&vni).expect("by_pair and by_vni agree");
             if !s.expired(now) {
-                return Ok(self.allocation(vni, s.keys, s.lamport));
+                // Asked again before both bound (a retry, or the peer): a full bind window.
+                if !s.open() {
+                    s.allocated = now;
+                }
+                let (k, l) = (s.keys, s.lamport);
+                return Ok(self.allocation(vni, k, l));
             }
             self.remove(vni);
         }

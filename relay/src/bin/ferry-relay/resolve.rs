@@ -240,7 +240,7 @@ fn tls_config(s: &Settings, host: String, key_file: Option<&Path>) -> Result<Tls
     })
 }
 
-/// The UDP relay: on by default (0.0.0.0:3480; in --dev beside the first STUN address, on an
+/// The UDP relay: on by default ([::]:3480, dual-stack; in --dev beside the first STUN address, on an
 /// ephemeral port, so that dev relays and tests never collide), `off` turns it off.
 fn udp_relay_config(s: &Settings) -> Option<UdpRelayConfig> {
     let u = &s.udp_relay;
@@ -255,7 +255,9 @@ fn udp_relay_config(s: &Settings) -> Option<UdpRelayConfig> {
                 .map_or([127, 0, 0, 1].into(), |a| a.ip());
             SocketAddr::new(ip, 0)
         }
-        None => "0.0.0.0:3480".parse().expect("literal"),
+        // One dual-stack socket (not one per family: a session's two sides may differ in family,
+        // and a datagram is forwarded from the socket it came in on).
+        None => "[::]:3480".parse().expect("literal"),
     };
     let defaults = ferry_relay::server::udprelay::Limits::default();
     Some(UdpRelayConfig {
@@ -435,7 +437,7 @@ const SETTINGS: &[Setting] = &[
     at("admission.verify_timeout", Some("verify_timeout"), Some("admission"), "verify_timeout",
         "is 0: give the verify URL a bound such as \"2s\""),
     at("udp_relay.max_sessions", None, Some("udp_relay"), "max_sessions",
-        "must be at least 1 (default 100000), or turn the UDP relay off with listen = \"off\" (--udp-relay-listen off)"),
+        "must be 1 to 16777215 (default 100000), or turn the UDP relay off with listen = \"off\" (--udp-relay-listen off)"),
     at("udp_relay.max_sessions_per_client", None, Some("udp_relay"), "max_sessions_per_client",
         "must be at least 1 (default 16)"),
     at("stun.udp_addrs", Some("stun_listen"), Some("stun"), "listen",
@@ -502,7 +504,7 @@ mod tests {
     fn the_udp_relay_is_on_by_default_ephemeral_in_dev_and_can_be_turned_off() {
         let udp = |args: &[&str], file: &str| resolve(args, file).unwrap().view().udp_relay.clone();
         let prod = udp(&["--hostname", "r.example"], "").unwrap();
-        assert_eq!(prod.listen, "0.0.0.0:3480".parse().unwrap());
+        assert_eq!(prod.listen, "[::]:3480".parse().unwrap());
         assert!(prod.advertise.is_empty());
         assert_eq!(
             prod.limits,

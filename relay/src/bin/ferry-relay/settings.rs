@@ -309,7 +309,7 @@ layered! {
     #[serde(default, deny_unknown_fields)]
     pub(crate) struct UdpRelaySettings {
         /// UDP relay path for clients that cannot go direct (Geneve, Tailscale's peer-relay
-        /// format; sessions are allocated over DERP), or `off` [default: 0.0.0.0:3480; --dev:
+        /// format; sessions are allocated over DERP), or `off` [default: [::]:3480; --dev:
         /// the first STUN address's IP, port 0 (clients learn the port when they allocate)].
         #[arg(id = "udp_relay_listen", long = "udp-relay-listen", env = "FERRY_UDP_RELAY_LISTEN", value_name = "ADDR|off")]
         pub listen: Option<Listen>,

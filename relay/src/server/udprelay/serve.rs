@@ -58,6 +58,7 @@ impl UdpRelay {
                     super::AllocError::Total(_) => UdpRelayAlloc::RefusedTotal,
                     super::AllocError::PerClient(_) => UdpRelayAlloc::RefusedPerClient,
                     super::AllocError::BadPair => UdpRelayAlloc::RefusedBadPair,
+                    super::AllocError::NotMember => UdpRelayAlloc::RefusedNotMember,
                 });
                 debug!(requester = %requester.short(), "UDP relay allocation refused: {e}");
                 Err(e.to_string())

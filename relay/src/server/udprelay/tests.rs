@@ -113,11 +113,18 @@ fn both_sides_bind_then_data_goes_unchanged_between_them_only() {
     let mut sorted = [ca.key.public(), cb.key.public()];
     sorted.sort_by(|x, y| x.as_bytes().cmp(y.as_bytes()));
     assert_eq!(a.keys, sorted);
-    // The same pair (either order, any requester) gets the same session.
+    // The same pair (either order, either side asking) gets the same session, and asking
+    // again before both bound restarts the bind window.
+    let t1 = t0 + Duration::from_secs(20);
     let again = s
-        .allocate(cb.key.public(), cb.key.public(), ca.key.public(), t0)
+        .allocate(cb.key.public(), cb.key.public(), ca.key.public(), t1)
         .unwrap();
     assert_eq!((again.vni, again.lamport), (a.vni, a.lamport));
+    assert_eq!(
+        s.expire(t0 + BIND_LIFETIME + S),
+        0,
+        "the window restarted at t1"
+    );
     assert_eq!(s.counts(), (1, 0));
 
     // A binds; data before B has bound goes nowhere.
@@ -347,23 +354,26 @@ fn allocations_are_capped_per_requester_and_in_total() {
     );
     let r = SecretKey::generate().public();
     let k = || SecretKey::generate().public();
-    s.allocate(r, k(), k(), t0).unwrap();
-    s.allocate(r, k(), k(), t0).unwrap();
-    assert_eq!(s.allocate(r, k(), k(), t0), Err(AllocError::PerClient(2)));
+    s.allocate(r, r, k(), t0).unwrap();
+    s.allocate(r, k(), r, t0).unwrap();
+    assert_eq!(s.allocate(r, r, k(), t0), Err(AllocError::PerClient(2)));
     for _ in 0..3 {
-        s.allocate(k(), k(), k(), t0).unwrap();
+        let x = k();
+        s.allocate(x, x, k(), t0).unwrap();
     }
-    assert_eq!(s.allocate(k(), k(), k(), t0), Err(AllocError::Total(5)));
     let x = k();
-    assert_eq!(s.allocate(k(), x, x, t0), Err(AllocError::BadPair));
+    assert_eq!(s.allocate(x, x, k(), t0), Err(AllocError::Total(5)));
+    assert_eq!(s.allocate(x, x, x, t0), Err(AllocError::BadPair));
     assert_eq!(
-        s.allocate(k(), x, s.server_key(), t0),
+        s.allocate(x, x, s.server_key(), t0),
         Err(AllocError::BadPair)
     );
+    // Only for itself: a third node cannot allocate (or hold open) a pair's session.
+    assert_eq!(s.allocate(k(), x, k(), t0), Err(AllocError::NotMember));
     // Expired sessions free their places (30 s unbound).
     assert_eq!(s.expire(t0 + BIND_LIFETIME), 0);
     assert_eq!(s.expire(t0 + BIND_LIFETIME + S), 5);
-    s.allocate(r, k(), k(), t0 + BIND_LIFETIME + S).unwrap();
+    s.allocate(r, r, k(), t0 + BIND_LIFETIME + S).unwrap();
 }
 
 #[test]
