@@ -53,6 +53,76 @@ pub(super) const PUNCH_TTL: u32 = 2;
 /// behaviour); one that drops optioned packets makes no mapping (see the docs).
 const PUNCH_IP_OPTIONS: [u8; 8] = [68, 8, 9, ((16 - PUNCH_TTL) as u8) << 4, 0, 0, 0, 0];
 
+/// One punch datagram from `sock` to `addr` with [`PUNCH_TTL`] and [`PUNCH_IP_OPTIONS`] as
+/// per-packet ancillary data (`IP_TTL`, `IP_RETOPTS`: Linux 4.6 and later), so the socket's own
+/// TTL and options never change: a STUN request netcheck sends from the same socket at the same
+/// moment is not caught by the punch's limits.
+fn sendmsg_punch(
+    sock: &tokio::net::UdpSocket,
+    addr: std::net::SocketAddrV4,
+    pkt: &[u8],
+) -> std::io::Result<()> {
+    use std::mem::{size_of, zeroed};
+    use std::os::fd::AsRawFd;
+    // SAFETY: sockaddr_in is plain old data; all-zero is valid.
+    let mut sin: libc::sockaddr_in = unsafe { zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_port = addr.port().to_be();
+    sin.sin_addr.s_addr = u32::from(*addr.ip()).to_be();
+    let mut iov = libc::iovec {
+        iov_base: pkt.as_ptr() as *mut libc::c_void,
+        iov_len: pkt.len(),
+    };
+    let ttl: libc::c_int = PUNCH_TTL as libc::c_int;
+    // u64s: aligned for cmsghdr.
+    let mut cbuf = [0u64; 16];
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe {
+        libc::CMSG_SPACE(size_of::<libc::c_int>() as u32)
+            + libc::CMSG_SPACE(PUNCH_IP_OPTIONS.len() as u32)
+    } as usize;
+    debug_assert!(space <= size_of::<[u64; 16]>());
+    // SAFETY: msghdr is plain old data.
+    let mut msg: libc::msghdr = unsafe { zeroed() };
+    msg.msg_name = (&mut sin as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer is `space` bytes, aligned, and holds exactly the two messages
+    // CMSG_SPACE was computed for; CMSG_FIRSTHDR/NXTHDR stay inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::IPPROTO_IP;
+        (*c).cmsg_type = libc::IP_TTL;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+        std::ptr::copy_nonoverlapping(
+            (&ttl as *const libc::c_int).cast::<u8>(),
+            libc::CMSG_DATA(c),
+            size_of::<libc::c_int>(),
+        );
+        let c = libc::CMSG_NXTHDR(&msg, c);
+        (*c).cmsg_level = libc::IPPROTO_IP;
+        (*c).cmsg_type = libc::IP_RETOPTS;
+        (*c).cmsg_len = libc::CMSG_LEN(PUNCH_IP_OPTIONS.len() as u32) as _;
+        std::ptr::copy_nonoverlapping(
+            PUNCH_IP_OPTIONS.as_ptr(),
+            libc::CMSG_DATA(c),
+            PUNCH_IP_OPTIONS.len(),
+        );
+    }
+    sock.try_io(tokio::io::Interest::WRITABLE, || {
+        // SAFETY: every pointer in `msg` refers to a live local of this function.
+        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    })
+}
+
 /// Puts `sock` in hole-punching mode ([`PUNCH_TTL`] and [`PUNCH_IP_OPTIONS`]) or back to
 /// normal (`ttl` and no options). IPv4 sockets only. The TTL is set whatever happens to the
 /// options: a kernel (or sandbox) that refuses IP options still punches with TTL 2 alone, and a
@@ -413,6 +483,27 @@ impl Actor {
             node_key: self.me,
         };
         let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        if self.shared.blackhole_direct.load(Ordering::Relaxed) {
+            return;
+        }
+        if let SocketAddr::V4(v4) = addr {
+            let sent = loop {
+                if let Err(e) = sock.writable().await {
+                    break Err(e);
+                }
+                match sendmsg_punch(&sock, v4, &pkt) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => break r,
+                }
+            };
+            match sent {
+                Ok(()) => return,
+                Err(e) => {
+                    debug!(%addr, "per-packet punch options refused ({e}); setting them on the socket")
+                }
+            }
+        }
+        // Older kernels: the socket's TTL and options for this one send.
         let old = sock.ttl().unwrap_or(64);
         match punch_mode(&sock, true, old) {
             Ok(()) => self.send_direct(udp::MAIN, addr, &pkt).await,
