@@ -339,6 +339,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
     // When the first bytes of a frame not yet whole arrived (pushed back by the time the rate
     // limit held reads back): the frame must be whole `frame_timeout` after it.
     let mut frame_started: Option<tokio::time::Instant> = None;
+    // One timer for the connection, moved only when the deadline changes (not re-armed on every
+    // read of a stream whose reads end mid-frame).
+    let frame_timer = tokio::time::sleep(shared.limits.frame_timeout);
+    tokio::pin!(frame_timer);
+    let mut armed: Option<tokio::time::Instant> = None;
     let why = 'conn: loop {
         // Everything already buffered, then one read. Counters are added once per read.
         let (mut pkts, mut bytes, mut mesh_pkts) = (0u64, 0u64, 0u64);
@@ -483,10 +488,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
             frame_started = Some(tokio::time::Instant::now());
         }
         let frame_deadline = frame_started.map(|t| t + shared.limits.frame_timeout);
+        if let Some(d) = frame_deadline.filter(|d| armed != Some(*d)) {
+            frame_timer.as_mut().reset(d);
+        }
+        armed = frame_deadline;
         tokio::select! {
             biased;
             _ = me.cancel.cancelled() => break me.close_reason().unwrap_or(CloseReason::Shutdown),
-            _ = sleep_until_some(frame_deadline) => {
+            () = &mut frame_timer, if frame_deadline.is_some() => {
                 debug!(buffered = rbuf.len(), "a frame not whole within frame_timeout; closing");
                 break CloseReason::FrameTimeout;
             }
@@ -630,13 +639,5 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let _ = tokio::time::timeout(write_timeout, w.shutdown()).await;
             return Some(CloseReason::Shutdown);
         }
-    }
-}
-
-/// Completes at `at`; never, with `None`.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
