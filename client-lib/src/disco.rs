@@ -11,7 +11,14 @@
 //! Pong:        type 0x02, txid (12) | observed source: IPv6 or v4-mapped address (16) | port u16
 //! CallMeMaybe: type 0x03, version 0: N × (address (16) | port u16)
 //!                         version 1 (ferry): flags u8 | N × (address (16) | port u16)
+//! CallMeMaybeVia: type 0x07, version 0: relay server key (32) | client key 0 (32) |
+//!                 client key 1 (32) | Lamport id u64 | VNI u32 | bind lifetime ns u64 |
+//!                 idle lifetime ns u64 | N ≥ 1 × (address (16) | port u16)
 //! ```
+//!
+//! CallMeMaybeVia (issue 15, Tailscale's layout byte for byte) travels only via DERP: "a UDP
+//! relay session for the two of us is at these addresses; bind to it and ping me through it"
+//! (see [`crate::udprelay`]). Its client keys must be the sender's and the receiver's.
 //!
 //! CallMeMaybe version 1 is ferry's extension, two flags: bit 0 (*hard NAT*) says the sender's
 //! NAT maps each destination to a different port (from netcheck), which starts birthday
@@ -41,6 +48,9 @@ pub type TxId = [u8; 12];
 const T_PING: u8 = 0x01;
 const T_PONG: u8 = 0x02;
 const T_CALL_ME_MAYBE: u8 = 0x03;
+const T_CALL_ME_MAYBE_VIA: u8 = 0x07;
+/// CallMeMaybeVia's fixed part: three keys, Lamport id, VNI, two lifetimes.
+const VIA_FIXED: usize = 3 * KEY_LEN + 8 + 4 + 8 + 8;
 const VERSION: u8 = 0;
 /// CallMeMaybe with a flags byte.
 const CMM_VERSION: u8 = 1;
@@ -78,6 +88,8 @@ pub enum Message {
         /// The sender has punched towards the receiver's endpoints it knows: ping it now.
         punched: bool,
     },
+    /// A UDP relay session for the sender and the receiver (only via DERP).
+    CallMeMaybeVia(ferry_proto::udprelay::Endpoint),
 }
 
 /// Why a datagram is not an acceptable disco message.
@@ -170,6 +182,19 @@ pub fn seal_padded(ours: &SecretKey, theirs: &PublicKey, msg: &Message, min_len:
                 put_addr(&mut pt, e);
             }
         }
+        Message::CallMeMaybeVia(e) => {
+            pt.extend_from_slice(&[T_CALL_ME_MAYBE_VIA, VERSION]);
+            pt.extend_from_slice(e.server_key.as_bytes());
+            pt.extend_from_slice(e.keys[0].as_bytes());
+            pt.extend_from_slice(e.keys[1].as_bytes());
+            pt.extend_from_slice(&e.lamport.to_be_bytes());
+            pt.extend_from_slice(&e.vni.to_be_bytes());
+            pt.extend_from_slice(&(e.bind_lifetime.as_nanos() as u64).to_be_bytes());
+            pt.extend_from_slice(&(e.idle_lifetime.as_nanos() as u64).to_be_bytes());
+            for a in e.addrs.iter().take(MAX_ENDPOINTS) {
+                put_addr(&mut pt, a);
+            }
+        }
     }
     let overhead = HEADER_LEN + NONCE_LEN + 16;
     let want = min_len.min(MAX_PADDED).saturating_sub(overhead);
@@ -255,6 +280,32 @@ fn parse(pt: &[u8]) -> Result<Message, DiscoError> {
                 punched: flags & CMM_PUNCHED != 0,
             })
         }
+        T_CALL_ME_MAYBE_VIA => {
+            // Tailscale: at least one address, whole addresses only.
+            if body.len() < VIA_FIXED + ADDR_LEN || (body.len() - VIA_FIXED) % ADDR_LEN != 0 {
+                return Err(DiscoError::Malformed {
+                    kind: "call-me-maybe-via",
+                    why: format!(
+                        "payload of {} bytes, need {VIA_FIXED} + N × {ADDR_LEN} (N ≥ 1)",
+                        body.len()
+                    ),
+                });
+            }
+            let key = |o: usize| PublicKey::from_slice(&body[o..o + KEY_LEN]).expect("len");
+            let u64_at = |o: usize| u64::from_be_bytes(body[o..o + 8].try_into().expect("len"));
+            let o = 3 * KEY_LEN;
+            let addrs: Vec<SocketAddr> = body[VIA_FIXED..].chunks(ADDR_LEN).map(get_addr).collect();
+            Ok(Message::CallMeMaybeVia(ferry_proto::udprelay::Endpoint {
+                server_key: key(0),
+                keys: [key(KEY_LEN), key(2 * KEY_LEN)],
+                lamport: u64_at(o),
+                vni: u32::from_be_bytes(body[o + 8..o + 12].try_into().expect("len")),
+                bind_lifetime: std::time::Duration::from_nanos(u64_at(o + 12)),
+                idle_lifetime: std::time::Duration::from_nanos(u64_at(o + 20)),
+                port: addrs[0].port(),
+                addrs,
+            }))
+        }
         t => Err(DiscoError::UnknownType(t, ver)),
     }
 }
@@ -319,6 +370,7 @@ mod tests {
                 hard_nat: false,
                 punched: false,
             },
+            Message::CallMeMaybeVia(via_endpoint(&a, &b)),
         ];
         for m in msgs {
             let pkt = seal(&a, &b.public(), &m);
@@ -329,6 +381,61 @@ mod tests {
             let (from, got) = open(&b, &pkt, Some(&a.public())).unwrap();
             assert_eq!(from, a.public());
             assert_eq!(got, m);
+        }
+    }
+
+    fn via_endpoint(a: &SecretKey, b: &SecretKey) -> ferry_proto::udprelay::Endpoint {
+        ferry_proto::udprelay::Endpoint {
+            server_key: SecretKey::generate().public(),
+            keys: [a.public(), b.public()],
+            lamport: 0x0102_0304_0506_0708,
+            vni: 0x00AB_CDEF,
+            bind_lifetime: std::time::Duration::from_secs(30),
+            idle_lifetime: std::time::Duration::from_secs(300),
+            port: 3480,
+            addrs: vec![
+                "192.0.2.1:3480".parse().unwrap(),
+                "[2001:db8::1]:3480".parse().unwrap(),
+            ],
+        }
+    }
+
+    #[test]
+    fn call_me_maybe_via_is_tailscales_layout() {
+        let (a, b) = keys();
+        let e = via_endpoint(&a, &b);
+        let pkt = seal(&a, &b.public(), &Message::CallMeMaybeVia(e.clone()));
+        let pt = proto::open(&b, &a.public(), &pkt[HEADER_LEN..]).unwrap();
+        // tailscale.com/disco: type 7, version 0, UDPRelayEndpoint.encode.
+        let mut want = vec![0x07, 0];
+        want.extend_from_slice(e.server_key.as_bytes());
+        want.extend_from_slice(a.public().as_bytes());
+        want.extend_from_slice(b.public().as_bytes());
+        want.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        want.extend_from_slice(&[0, 0xAB, 0xCD, 0xEF]);
+        want.extend_from_slice(&30_000_000_000u64.to_be_bytes());
+        want.extend_from_slice(&300_000_000_000u64.to_be_bytes());
+        want.extend_from_slice(&[
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 192, 0, 2, 1, 0x0D, 0x98,
+        ]);
+        want.extend_from_slice(&[
+            0x20, 0x01, 0x0D, 0xB8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0x0D, 0x98,
+        ]);
+        assert_eq!(pt, want);
+        // No address, or a partial one: refused, as Tailscale does.
+        for cut in [18, 5] {
+            let bad = &want[..want.len() - 18 - cut];
+            let sealed = [&pkt[..HEADER_LEN], &proto::seal(&a, &b.public(), bad)].concat();
+            assert!(
+                matches!(
+                    open(&b, &sealed, None),
+                    Err(DiscoError::Malformed {
+                        kind: "call-me-maybe-via",
+                        ..
+                    })
+                ),
+                "cut {cut}"
+            );
         }
     }
 

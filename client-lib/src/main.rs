@@ -97,7 +97,7 @@ enum Command {
     },
     /// Ping a peer end to end through the relay; or, with --listen, answer pings.
     #[command(
-        after_help = "Examples:\n  ferry ping --listen --key-file b.key --relay-map derpmap.json\n  ferry ping nodekey:3f2a... --key-file a.key --relay-map derpmap.json --count 5\n\nThe peer must run an Endpoint (e.g. `ferry ping --listen`); it answers by itself.\nEach path change is printed as `path to <peer>: direct <addr>|relay <region> (after <s> s)`."
+        after_help = "Examples:\n  ferry ping --listen --key-file b.key --relay-map derpmap.json\n  ferry ping nodekey:3f2a... --key-file a.key --relay-map derpmap.json --count 5\n\nThe peer must run an Endpoint (e.g. `ferry ping --listen`); it answers by itself.\nEach path change is printed as `path to <peer>: direct <addr>|udp-relay <region>|relay <region> (after <s> s)`."
     )]
     Ping {
         /// The peer's public key (`nodekey:<hex>` or 64 hex characters).
@@ -145,12 +145,13 @@ Examples:
 
 Both sides run the same command with each other's public key (`ferry pubkey --key-file b.key`).
 Each datagram that arrives on --listen is sent to the peer as one end-to-end encrypted packet
-(direct UDP once disco finds a path, else via the relay); datagrams over 65,477 bytes (what
+(direct UDP once disco finds a path, else through a UDP relay session if the relay offers one,
+else via the relay's DERP connection); datagrams over 65,477 bytes (what
 one encrypted packet carries on a direct IPv4 path) are dropped with a warning, never
 truncated. Datagrams from the peer leave the --listen socket towards --forward, or, without
 --forward, towards the last local address that sent a datagram to --listen. Packets from
 other nodes are ignored. No retransmission, no ordering: it is UDP. Prints `tunnel ready: ...` once connected, each path change as
-`path to <peer>: direct <addr>|relay <region> (after <s> s)`, and a summary on SIGINT/SIGTERM.";
+`path to <peer>: direct <addr>|udp-relay <region>|relay <region> (after <s> s)`, and a summary on SIGINT/SIGTERM.";
 
 #[derive(Args, Debug)]
 struct TunnelArgs {
@@ -191,6 +192,11 @@ struct RelayArgs {
     /// Relay transport: auto (DERP upgrade, WebSocket if refused), derp, or websocket.
     #[arg(long, default_value = "auto", value_parser = ["auto", "derp", "websocket"])]
     transport: String,
+    /// Never use a UDP relay session: peers without a direct path stay on DERP (over TCP).
+    /// By default a pair that cannot go direct asks the relay for one (if the relay offers it:
+    /// `ferry-relay --udp-relay-listen`), and its path shows as `udp-relay <region>`.
+    #[arg(long)]
+    no_udp_relay: bool,
 }
 
 impl RelayArgs {
@@ -226,6 +232,7 @@ impl RelayArgs {
         let mut cfg = EndpointConfig::new(secret, map);
         cfg.tls = self.tls()?;
         cfg.transport = self.transport();
+        cfg.direct.udp_relay = !self.no_udp_relay;
         Ok(Endpoint::bind(cfg).await?)
     }
 }

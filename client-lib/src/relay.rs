@@ -19,6 +19,7 @@
 //! falls back to DERP over WebSocket (`Sec-WebSocket-Protocol: derp`) and stays on it. The
 //! protocol itself is `ferry_proto::derp`, shared with the relay.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -399,44 +400,52 @@ impl RelayClient {
     /// frame `0xF0`, over this authenticated connection). `Err` with the relay's reason if it
     /// refuses, [`RelayError::UdpRelay`] if it does not answer within [`ALLOCATE_TIMEOUT`] (a
     /// relay without the UDP relay, such as derper, skips the frame) or too many are pending.
-    pub async fn allocate_udp_relay(
+    ///
+    /// The answer's addresses are never empty: a relay that advertises none serves the session
+    /// at the IP this connection reached. The future owns what it needs (no borrow of `self`),
+    /// so it can be spawned.
+    pub fn allocate_udp_relay(
         &self,
         keys: [PublicKey; 2],
-    ) -> Result<UdpRelayEndpoint, RelayError> {
-        let id = self.queue.next_id.fetch_add(1, Ordering::Relaxed) as u32;
-        // Whatever ends this call (answer, timeout, the caller dropping it) forgets the id; a
-        // request still queued then is not sent (`take_queued`).
-        struct Forget<'a>(&'a SendQueue, u32);
-        impl Drop for Forget<'_> {
-            fn drop(&mut self) {
-                self.0.pending.lock().expect("lock").remove(&self.1);
+    ) -> impl std::future::Future<Output = Result<UdpRelayEndpoint, RelayError>> + Send + 'static
+    {
+        let queue = Arc::clone(&self.queue);
+        async move {
+            let id = queue.next_id.fetch_add(1, Ordering::Relaxed) as u32;
+            // Whatever ends this call (answer, timeout, the caller dropping it) forgets the id;
+            // a request still queued then is not sent (`take_queued`).
+            struct Forget(Arc<SendQueue>, u32);
+            impl Drop for Forget {
+                fn drop(&mut self) {
+                    self.0.pending.lock().expect("lock").remove(&self.1);
+                }
             }
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        {
-            let mut pending = self.queue.pending.lock().expect("lock");
-            if pending.len() >= MAX_PENDING_ALLOCS {
-                return Err(RelayError::UdpRelay(format!(
-                    "{MAX_PENDING_ALLOCS} allocations already pending"
-                )));
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            {
+                let mut pending = queue.pending.lock().expect("lock");
+                if pending.len() >= MAX_PENDING_ALLOCS {
+                    return Err(RelayError::UdpRelay(format!(
+                        "{MAX_PENDING_ALLOCS} allocations already pending"
+                    )));
+                }
+                pending.insert(id, tx);
             }
-            pending.insert(id, tx);
-        }
-        let _forget = Forget(&self.queue, id);
-        self.queue
-            .allocs
-            .lock()
-            .expect("lock")
-            .push(AllocRequest { id, keys });
-        self.queue.ready.notify_one();
-        let r = tokio::time::timeout(ALLOCATE_TIMEOUT, rx).await;
-        match r {
-            Ok(Ok(Ok(ep))) => Ok(ep),
-            Ok(Ok(Err(why))) => Err(RelayError::UdpRelay(format!("refused: {why}"))),
-            Ok(Err(_)) => Err(RelayError::Closed),
-            Err(_) => Err(RelayError::UdpRelay(format!(
-                "no answer within {ALLOCATE_TIMEOUT:?} (does this relay run the UDP relay?)"
-            ))),
+            let _forget = Forget(Arc::clone(&queue), id);
+            queue
+                .allocs
+                .lock()
+                .expect("lock")
+                .push(AllocRequest { id, keys });
+            queue.ready.notify_one();
+            let r = tokio::time::timeout(ALLOCATE_TIMEOUT, rx).await;
+            match r {
+                Ok(Ok(Ok(ep))) => Ok(ep),
+                Ok(Ok(Err(why))) => Err(RelayError::UdpRelay(format!("refused: {why}"))),
+                Ok(Err(_)) => Err(RelayError::Closed),
+                Err(_) => Err(RelayError::UdpRelay(format!(
+                    "no answer within {ALLOCATE_TIMEOUT:?} (does this relay run the UDP relay?)"
+                ))),
+            }
         }
     }
 
@@ -512,6 +521,9 @@ struct Conn {
     buf: BytesMut,
     server_key: PublicKey,
     websocket: bool,
+    /// The TCP address connected to (UDP relay sessions without advertised addresses are at
+    /// its IP).
+    remote: SocketAddr,
 }
 
 /// Dials `node`: DERP upgrade, or WebSocket when `*ws` (set when the upgrade is refused).
@@ -602,7 +614,7 @@ async fn dial_once(
         );
         (Reader::Io(r), Writer::Io(w), Upgrade::Http(up))
     };
-    let conn = handshake(reader, writer, upgrade, secret, websocket)
+    let conn = handshake(reader, writer, upgrade, secret, websocket, addr)
         .await
         .map_err(|e| match e {
             HandshakeFailure::Protocol(HandshakeError::Refused(r)) => RelayError::Refused {
@@ -661,6 +673,7 @@ async fn handshake(
     upgrade: Upgrade,
     secret: &SecretKey,
     websocket: bool,
+    remote: SocketAddr,
 ) -> Result<Conn, HandshakeFailure> {
     let info = ClientInfo {
         version: proto::PROTOCOL_VERSION,
@@ -700,6 +713,7 @@ async fn handshake(
         buf,
         server_key: est.server_key,
         websocket,
+        remote,
     })
 }
 
@@ -849,7 +863,14 @@ impl Supervisor {
                         continue;
                     }
                     ServerFrame::Health(h) => RelayEvent::Health(h),
-                    ServerFrame::UdpRelayEndpoint(r) => {
+                    ServerFrame::UdpRelayEndpoint(mut r) => {
+                        // A relay that advertises no address serves the session at the IP
+                        // this connection reached: the caller always gets addresses.
+                        if let Ok(ep) = &mut r.result {
+                            if ep.addrs.is_empty() {
+                                ep.addrs.push(SocketAddr::new(conn.remote.ip(), ep.port));
+                            }
+                        }
                         let tx = self.queue.pending.lock().expect("lock").remove(&r.id);
                         if let Some(tx) = tx {
                             let _ = tx.send(r.result);

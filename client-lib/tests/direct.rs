@@ -23,6 +23,7 @@ fn direct_config(map: ferry_client::RelayMap) -> EndpointConfig {
         heartbeat: Duration::from_millis(250),
         probe_interval: Duration::from_millis(500),
         active_timeout: Duration::from_secs(60),
+        udp_relay: true,
     };
     c
 }

@@ -33,6 +33,7 @@ fn config(map: ferry_client::RelayMap, home: u32, direct: bool) -> EndpointConfi
         heartbeat: Duration::from_millis(250),
         probe_interval: Duration::from_millis(500),
         active_timeout: Duration::from_secs(60),
+        udp_relay: true,
     };
     c
 }

@@ -1,6 +1,6 @@
 //! The disco message parser (client-lib): arbitrary datagrams, and arbitrary plaintext sealed
 //! properly (so the parser behind the box is reached). Oracle: what opens re-seals and re-opens
-//! to the same message (a CallMeMaybe cut to the MAX_ENDPOINTS we send).
+//! to the same message (a CallMeMaybe's or CallMeMaybeVia's addresses cut to the MAX_ENDPOINTS we send).
 #![no_main]
 use ferry_client::disco;
 use ferry_fuzz::{key, MaybeSealed};
@@ -21,8 +21,12 @@ fuzz_target!(|input: MaybeSealed<'_>| {
             // We read CallMeMaybes of any length (Tailscale's carry up to the MTU) but send at
             // most MAX_ENDPOINTS (documented, tested in disco.rs).
             let mut want = msg;
-            if let disco::Message::CallMeMaybe { endpoints, .. } = &mut want {
-                endpoints.truncate(disco::MAX_ENDPOINTS);
+            match &mut want {
+                disco::Message::CallMeMaybe { endpoints, .. } => {
+                    endpoints.truncate(disco::MAX_ENDPOINTS)
+                }
+                disco::Message::CallMeMaybeVia(e) => e.addrs.truncate(disco::MAX_ENDPOINTS),
+                _ => {}
             }
             assert_eq!(want, msg2);
         }

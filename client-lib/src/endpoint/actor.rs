@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::addrbook::AddrBook;
 use super::birthday::{Birthday, Gate};
 use super::pacer::Pacer;
-use super::path::{Action, Env, PathChoice, PeerPath, ACK_TIMEOUT_MIN};
+use super::path::{Action, Env, PathChoice, PeerPath, ACK_TIMEOUT_MIN, VIA_UDP_RELAY};
 use super::relays::RelaySet;
 use super::sockets::{birthday_socket_budget, BirthdaySockets};
 use super::{
@@ -33,6 +33,22 @@ use crate::e2e::{self, Sessions};
 use crate::netcheck;
 use crate::relay::RelayEvent;
 use crate::udp::{self, Datagram, Sockets};
+use crate::udprelay::{self, BindState, Binding, PROTO_FERRY_E2E};
+use ferry_proto::udprelay::{Endpoint as UdpRelayEndpoint, GENEVE_LEN, PROTO_DISCO};
+
+/// A Bind unanswered this long is sent again; an Answer whose path is still unproven (no pong
+/// through the session) this long after it went out is followed by a new handshake.
+const REBIND_AFTER: Duration = Duration::from_millis(500);
+
+/// A UDP relay session with one peer (issue 15): the bind handshake and the framing
+/// ([`Binding`]); the path rules are the peer's [`PeerPath`]'s.
+struct UdpRelaySession {
+    binding: Binding,
+    /// The region whose relay serves it (for [`Path::UdpRelay`]).
+    region: u32,
+    /// When the last Bind or Answer went out.
+    last_sent: Instant,
+}
 
 /// How often [`Actor::prune`] runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
@@ -176,6 +192,9 @@ pub(super) struct Actor {
     extra: BirthdaySockets,
     /// Pending [`super::Endpoint::ping`]s by id.
     pings: HashMap<u64, (Instant, oneshot::Sender<PingReply>)>,
+    /// UDP relay sessions by peer, and the peer by (relay address, VNI).
+    udp_relays: HashMap<PublicKey, UdpRelaySession>,
+    udp_relay_index: HashMap<(SocketAddr, u32), PublicKey>,
     recv_tx: mpsc::Sender<(PublicKey, Bytes)>,
     events: broadcast::Sender<PathEvent>,
     shared: Arc<SharedState>,
@@ -208,6 +227,8 @@ impl Actor {
             birthday: Birthday::new(p.cfg.direct.probe_interval),
             extra: BirthdaySockets::new(p.udp_tx),
             pings: HashMap::new(),
+            udp_relays: HashMap::new(),
+            udp_relay_index: HashMap::new(),
             recv_tx: p.recv_tx,
             events: p.events,
             shared: p.shared,
@@ -292,6 +313,7 @@ impl Actor {
         Env {
             me_hard: self.my_nat_hard(),
             has_session: self.sessions.has_session(peer),
+            udp_relay_first: self.me < *peer,
         }
     }
 
@@ -329,6 +351,22 @@ impl Actor {
                 }
             }
             Cmd::SetPeerRegion(peer, region) => self.relays.set_peer_region(peer, region),
+            Cmd::UdpRelay {
+                peer,
+                region,
+                result,
+            } => match result {
+                Ok(ep) => {
+                    // Tell the peer (via DERP, end to end), then bind our side.
+                    let msg = Message::CallMeMaybeVia(ep.clone());
+                    let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+                    self.relays.send(peer, pkt.into());
+                    self.start_udp_relay(peer, region, ep, now).await;
+                }
+                Err(e) => {
+                    info!(peer = %peer.short(), region, "no UDP relay session: {e}; the peer stays on DERP")
+                }
+            },
             Cmd::RelayUp(region, r) => self.relays.on_relay_up(region, r),
             Cmd::Netcheck(report) => {
                 // A forced home stays; otherwise the best region, with hysteresis against the
@@ -377,11 +415,22 @@ impl Actor {
                     let region = self.relays.region_for(&peer);
                     self.set_path(peer, Path::Relay(region));
                 }
+                Action::SetPath(PathChoice::UdpRelay) => {
+                    if let Some(s) = self.udp_relays.get(&peer) {
+                        let region = s.region;
+                        self.set_path(peer, Path::UdpRelay(region));
+                    }
+                }
                 Action::LeaveDirect(addr) => {
                     if self.paths.get(&peer) == Some(&Path::Direct(addr)) {
                         let region = self.relays.region_for(&peer);
                         self.set_path(peer, Path::Relay(region));
                     }
+                }
+                Action::SendDirect { addr, via, pkt } if via == VIA_UDP_RELAY => {
+                    let _ = addr;
+                    self.send_udp_relay(peer, PROTO_FERRY_E2E, &pkt).await;
+                    self.shared.sent_udp_relay.fetch_add(1, Ordering::Relaxed);
                 }
                 Action::SendDirect { addr, via, pkt } => {
                     self.send_direct(via, addr, &pkt).await;
@@ -406,13 +455,13 @@ impl Actor {
                         node_key: self.me,
                     };
                     let pkt = disco::seal_padded(&self.cfg.secret_key, &peer, &msg, pad);
-                    self.send_direct(via, addr, &pkt).await;
+                    self.send_disco_on(peer, via, addr, &pkt).await;
                 }
                 Action::Punch { addr } => self.punch(peer, addr).await,
                 Action::Pong { addr, via, txid } => {
                     let msg = Message::Pong { txid, src: addr };
                     let pong = disco::seal(&self.cfg.secret_key, &peer, &msg);
-                    self.send_direct(via, addr, &pong).await;
+                    self.send_disco_on(peer, via, addr, &pong).await;
                 }
                 Action::CallMeMaybe { punched } => self.send_call_me_maybe(peer, punched).await,
                 Action::OpenBirthday {
@@ -432,6 +481,8 @@ impl Actor {
                 }
                 Action::MapAddr { addr } => self.addrs.map_addr(addr, peer, now),
                 Action::Observed { addr } => self.addrs.observe(addr, now),
+                Action::AllocateUdpRelay => self.allocate_udp_relay(peer),
+                Action::DropUdpRelay => self.drop_udp_relay(&peer),
             }
         }
     }
@@ -469,6 +520,178 @@ impl Actor {
         };
         if let Err(e) = sock.send_to(pkt, addr).await {
             debug!(%addr, "direct send failed: {e}");
+        }
+    }
+
+    /// A disco message to `addr` from socket `via`, or through the peer's UDP relay session.
+    async fn send_disco_on(&self, peer: PublicKey, via: u32, addr: SocketAddr, pkt: &[u8]) {
+        if via == VIA_UDP_RELAY {
+            self.send_udp_relay(peer, PROTO_DISCO, pkt).await;
+        } else {
+            self.send_direct(via, addr, pkt).await;
+        }
+    }
+
+    /// `pkt` framed for the peer's UDP relay session, to the relay from the main socket. Not
+    /// subject to the direct-path test hook (it is not the direct path).
+    async fn send_udp_relay(&self, peer: PublicKey, protocol: u16, pkt: &[u8]) {
+        let Some(s) = self.udp_relays.get(&peer) else {
+            return;
+        };
+        let relay = s.binding.relay();
+        let d = s.binding.wrap(protocol, pkt);
+        self.send_raw(relay, &d).await;
+    }
+
+    /// A datagram to `addr` from the main socket of its family.
+    async fn send_raw(&self, addr: SocketAddr, d: &[u8]) {
+        if let Some(sock) = self.sockets.for_addr(&addr) {
+            if let Err(e) = sock.send_to(d, addr).await {
+                debug!(%addr, "UDP relay send failed: {e}");
+            }
+        }
+    }
+
+    /// Asks the home relay for a UDP relay session with `peer` (in the background; the answer
+    /// comes back as [`Cmd::UdpRelay`]).
+    fn allocate_udp_relay(&mut self, peer: PublicKey) {
+        let region = self.relays.home();
+        let Some(fut) = self.relays.allocate_udp_relay(region, [self.me, peer]) else {
+            return;
+        };
+        let tx = self.cmd_tx.clone();
+        tokio::spawn(async move {
+            let result = fut.await;
+            let _ = tx
+                .send(Cmd::UdpRelay {
+                    peer,
+                    region,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    /// Sets up the UDP relay session `ep` with `peer` (ours, or the peer's CallMeMaybeVia):
+    /// sends our Bind and tells the peer's machine. The same session again changes nothing.
+    async fn start_udp_relay(
+        &mut self,
+        peer: PublicKey,
+        region: u32,
+        ep: UdpRelayEndpoint,
+        now: Instant,
+    ) {
+        if !(ep.keys.contains(&self.me) && ep.keys.contains(&peer)) || peer == self.me {
+            debug!(peer = %peer.short(), "UDP relay session for another pair; ignored");
+            return;
+        }
+        // An address our sockets can reach (IPv4 first: that socket always exists).
+        let Some(relay) = ep
+            .addrs
+            .iter()
+            .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+            .min_by_key(|a| a.is_ipv6())
+            .copied()
+            .filter(|a| self.sockets.for_addr(a).is_some())
+        else {
+            debug!(peer = %peer.short(), addrs = ?ep.addrs, "UDP relay session with no usable address");
+            return;
+        };
+        let vni = ep.vni;
+        if self
+            .udp_relays
+            .get(&peer)
+            .is_some_and(|s| s.binding.vni() == vni && s.binding.relay() == relay)
+        {
+            return;
+        }
+        self.drop_udp_relay(&peer);
+        let mut binding = Binding::new(self.cfg.secret_key.clone(), ep, relay, peer);
+        let bind = binding.bind();
+        self.send_raw(relay, &bind).await;
+        info!(peer = %peer.short(), region, %relay, vni, "UDP relay session: binding");
+        self.udp_relays.insert(
+            peer,
+            UdpRelaySession {
+                binding,
+                region,
+                last_sent: now,
+            },
+        );
+        self.udp_relay_index.insert((relay, vni), peer);
+        let actions = self.peer_mut(peer).on_udp_relay(now, relay, true);
+        self.execute(peer, actions, now).await;
+    }
+
+    fn drop_udp_relay(&mut self, peer: &PublicKey) {
+        if let Some(s) = self.udp_relays.remove(peer) {
+            self.udp_relay_index
+                .remove(&(s.binding.relay(), s.binding.vni()));
+        }
+    }
+
+    /// Binds again where the handshake stalls (a lost Bind, Challenge or Answer), until the
+    /// path is proven or given up.
+    async fn rebind_udp_relays(&mut self, now: Instant) {
+        let mut out = Vec::new();
+        for (peer, s) in &mut self.udp_relays {
+            let proven = self.peers.get(peer).is_some_and(|pp| pp.udp_relay_proven());
+            if proven || now.saturating_duration_since(s.last_sent) < REBIND_AFTER {
+                continue;
+            }
+            // Binding: the same Bind again; Answered but no pong yet: a new handshake.
+            let wait = if s.binding.state() == BindState::Answered {
+                REBIND_AFTER * 2
+            } else {
+                REBIND_AFTER
+            };
+            if now.saturating_duration_since(s.last_sent) >= wait {
+                s.last_sent = now;
+                out.push((s.binding.relay(), s.binding.bind()));
+            }
+        }
+        for (relay, d) in out {
+            self.send_raw(relay, &d).await;
+        }
+    }
+
+    /// A Geneve datagram on the main socket: a UDP relay session's Challenge, or a packet the
+    /// peer sent through it.
+    async fn on_geneve(&mut self, d: Datagram) {
+        let Some((h, _)) = udprelay::unwrap(&d.data) else {
+            return;
+        };
+        let Some(&peer) = self.udp_relay_index.get(&(d.from, h.vni)) else {
+            debug!(from = %d.from, vni = h.vni, "Geneve datagram of no UDP relay session");
+            return;
+        };
+        let now = Instant::now();
+        if h.control {
+            let Some(s) = self.udp_relays.get_mut(&peer) else {
+                return;
+            };
+            if let Some(answer) = s.binding.on_datagram(d.from, &d.data) {
+                s.last_sent = now;
+                self.send_raw(d.from, &answer).await;
+                // Bound (the relay does not confirm): prove the path with a ping through it.
+                let ping = self.peer_mut(peer).ping(now, d.from, VIA_UDP_RELAY);
+                self.execute(peer, vec![ping], now).await;
+            }
+            return;
+        }
+        let payload = d.data.slice(GENEVE_LEN..);
+        match h.protocol {
+            PROTO_DISCO => {
+                self.on_disco(&payload, Some(d.from), VIA_UDP_RELAY, Some(peer), None)
+                    .await
+            }
+            PROTO_FERRY_E2E => {
+                let region = self.udp_relays.get(&peer).map_or(0, |s| s.region);
+                self.on_e2e(peer, payload, Path::UdpRelay(region)).await;
+            }
+            p => {
+                debug!(peer = %peer.short(), protocol = p, "UDP relay datagram of an unknown protocol")
+            }
         }
     }
 
@@ -622,6 +845,7 @@ impl Actor {
             .map(|(p, _)| *p)
             .collect();
         for p in idle {
+            self.drop_udp_relay(&p);
             self.peers.remove(&p);
             self.birthday.forget(&p);
             self.paths.remove(&p);
@@ -641,6 +865,7 @@ impl Actor {
             let env = Env {
                 me_hard,
                 has_session: self.sessions.has_session(peer),
+                udp_relay_first: self.me < *peer,
             };
             let actions = pp.tick(now, &env);
             if !actions.is_empty() {
@@ -652,16 +877,20 @@ impl Actor {
         }
         self.spray_step(now).await;
         self.close_unused_sockets(now);
+        self.rebind_udp_relays(now).await;
     }
 
-    /// A disco message, from UDP (`from`, on socket `via`) or the relay (`from` = None,
-    /// `relay_src` = the relay's source key, which must be the sealer).
+    /// A disco message, from UDP (`from`, on socket `via`), through a UDP relay session
+    /// (`from` = the relay, `via` = [`VIA_UDP_RELAY`], `relay_src` = the session's peer, which
+    /// must be the sealer) or via DERP (`from` = None, `relay_src` = the relay's source key,
+    /// which must be the sealer; `region` = the relay's region).
     async fn on_disco(
         &mut self,
         data: &[u8],
         from: Option<SocketAddr>,
         via: u32,
         relay_src: Option<PublicKey>,
+        region: Option<u32>,
     ) {
         if !self.cfg.direct.enabled {
             return;
@@ -689,7 +918,7 @@ impl Actor {
                 },
                 Some(src),
             ) => {
-                if via != udp::MAIN && !self.extra.contains(via) {
+                if via != udp::MAIN && via != VIA_UDP_RELAY && !self.extra.contains(via) {
                     debug!(%src, "pong on a birthday socket closed meanwhile; ignored");
                     return;
                 }
@@ -710,6 +939,20 @@ impl Actor {
                 self.peer_mut(peer)
                     .on_call_me_maybe(now, endpoints, hard_nat, punched, &env)
             }
+            (Message::CallMeMaybeVia(ep), None) => {
+                if !self.cfg.direct.udp_relay {
+                    return;
+                }
+                // The session's region: the relay whose server key it names, if we are
+                // connected to it; else the region the message came through.
+                let region = self
+                    .relays
+                    .region_of_server(&ep.server_key)
+                    .or(region)
+                    .unwrap_or_else(|| self.relays.home());
+                self.start_udp_relay(peer, region, ep, now).await;
+                return;
+            }
             (m, _) => {
                 debug!(?from, "disco {m:?} on an unexpected path; ignored");
                 return;
@@ -719,11 +962,16 @@ impl Actor {
     }
 
     async fn on_udp(&mut self, d: Datagram) {
+        if d.via == udp::MAIN && udprelay::is_geneve(&d.data) {
+            self.on_geneve(d).await;
+            return;
+        }
         if self.shared.blackhole_direct.load(Ordering::Relaxed) {
             return;
         }
         if disco::is_disco(&d.data) {
-            self.on_disco(&d.data, Some(d.from), d.via, None).await;
+            self.on_disco(&d.data, Some(d.from), d.via, None, None)
+                .await;
         } else if e2e::is_e2e(&d.data) {
             // By the session index in the packet, not by the source address (which anyone
             // can spoof); initiations by the address a disco message proved (a spoof makes
@@ -807,7 +1055,8 @@ impl Actor {
         match ev {
             RelayEvent::Packet { src, data } => {
                 if disco::is_disco(&data) {
-                    self.on_disco(&data, None, udp::MAIN, Some(src)).await;
+                    self.on_disco(&data, None, udp::MAIN, Some(src), Some(region))
+                        .await;
                 } else if e2e::is_e2e(&data) {
                     self.on_e2e(src, data, Path::Relay(region)).await;
                 } else {

@@ -155,6 +155,9 @@ pub struct DirectOptions {
     /// A peer is active (heartbeats, probes) this long after the last data to or from it
     /// (Tailscale: 45 s).
     pub active_timeout: Duration,
+    /// Use a UDP relay session (issue 15) while there is no direct path, where the relay offers
+    /// it (`false`: DERP only).
+    pub udp_relay: bool,
 }
 
 impl Default for DirectOptions {
@@ -165,6 +168,7 @@ impl Default for DirectOptions {
             heartbeat: Duration::from_secs(2),
             probe_interval: Duration::from_secs(5),
             active_timeout: Duration::from_secs(45),
+            udp_relay: true,
         }
     }
 }
@@ -195,6 +199,9 @@ pub enum Path {
     Relay(u32),
     /// Straight over UDP to this address of the peer.
     Direct(SocketAddr),
+    /// Over UDP through a UDP relay session at this region's relay (issue 15): for peers that
+    /// cannot reach each other directly; still end-to-end encrypted.
+    UdpRelay(u32),
 }
 
 impl std::fmt::Display for Path {
@@ -202,6 +209,7 @@ impl std::fmt::Display for Path {
         match self {
             Path::Relay(r) => write!(f, "relay {r}"),
             Path::Direct(a) => write!(f, "direct {a}"),
+            Path::UdpRelay(r) => write!(f, "udp-relay {r}"),
         }
     }
 }
@@ -267,6 +275,12 @@ enum Cmd {
     SetPeerRegion(PublicKey, u32),
     RelayUp(u32, Result<RelayClient, RelayError>),
     Netcheck(Report),
+    /// A UDP relay allocation for `peer` at `region` came back.
+    UdpRelay {
+        peer: PublicKey,
+        region: u32,
+        result: Result<ferry_proto::udprelay::Endpoint, RelayError>,
+    },
 }
 
 /// A node on the ferry network. See the module docs.
@@ -293,6 +307,7 @@ struct SharedState {
     blackhole_direct: AtomicBool,
     sent_direct: AtomicU64,
     sent_relay: AtomicU64,
+    sent_udp_relay: AtomicU64,
     resent_via_relay: AtomicU64,
     relay_dropped: AtomicU64,
 }
@@ -304,6 +319,8 @@ pub struct EndpointStats {
     pub sent_direct: u64,
     /// Sent via a relay (including packets that went on both paths).
     pub sent_relay: u64,
+    /// Sent through a UDP relay session ([`Path::UdpRelay`]).
+    pub sent_udp_relay: u64,
     /// Sent direct, left unacknowledged when the direct path went quiet, and sent again via
     /// the relay (the peer drops the copies that did arrive).
     pub resent_via_relay: u64,
@@ -517,6 +534,7 @@ impl Endpoint {
         EndpointStats {
             sent_direct: s.sent_direct.load(Ordering::Relaxed),
             sent_relay: s.sent_relay.load(Ordering::Relaxed),
+            sent_udp_relay: s.sent_udp_relay.load(Ordering::Relaxed),
             resent_via_relay: s.resent_via_relay.load(Ordering::Relaxed),
             relay_dropped: s.relay_dropped.load(Ordering::Relaxed),
         }

@@ -72,6 +72,29 @@ pub(super) const TOO_BIG_RETRY: Duration = Duration::from_secs(30);
 /// [`disco::MAX_ENDPOINTS`] full-TTL pings per peer this often in answer to punched ones.
 pub(super) const RESPONSE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The socket id of the UDP relay path ([`Action::SendDirect`], [`Action::Ping`],
+/// [`Action::Pong`] with this `via` go through the peer's UDP relay session, Geneve-framed, from
+/// the main socket; the address is the relay's). Birthday socket ids never reach it.
+pub(super) const VIA_UDP_RELAY: u32 = u32::MAX;
+/// The allocating side asks for a UDP relay session once the peer has had no direct path for
+/// this long while probing (at once when both NATs are hard: punching cannot work there).
+/// Direct probing goes on; the session is only used while there is no direct path.
+pub(super) const UDP_RELAY_AFTER: Duration = Duration::from_secs(1);
+/// The other side asks only this much later (the allocator's relay may lack the UDP relay, as
+/// derper does); both asking the same relay get the same session.
+pub(super) const UDP_RELAY_AFTER_OTHER: Duration = Duration::from_secs(6);
+/// While the UDP relay path is unproven, a ping through it from the peer (which is bound, then)
+/// is answered with a ping of ours (at most one per this interval), whatever pings we sent
+/// before: those may have reached the relay before the peer had bound (forwarded nowhere).
+/// Each ping-back draws a pong that proves the path, so the exchange ends after one round trip.
+pub(super) const UDP_RELAY_PING_BACK: Duration = Duration::from_millis(10);
+/// At most one allocation per peer this often.
+pub(super) const UDP_RELAY_RETRY: Duration = Duration::from_secs(10);
+/// A UDP relay path with no pong for this long (since it was set up, or since its last pong)
+/// is given up (the relay restarted, the session expired, our NAT mapping changed); a new
+/// allocation may follow.
+pub(super) const UDP_RELAY_GIVE_UP: Duration = Duration::from_secs(15);
+
 /// Node-wide facts a peer's rules depend on, passed per call (read-only).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Env {
@@ -79,6 +102,8 @@ pub(super) struct Env {
     pub(super) me_hard: bool,
     /// The peer has proven its key in a Noise handshake (birthday spray gate).
     pub(super) has_session: bool,
+    /// We are the side that asks for a UDP relay session first (the lower node key).
+    pub(super) udp_relay_first: bool,
 }
 
 /// The path data to the peer goes on, as the machine sees it (the actor maps `Relay` to the
@@ -89,6 +114,8 @@ pub(super) enum PathChoice {
     Direct(SocketAddr),
     /// Via the peer's relay.
     Relay,
+    /// Through the peer's UDP relay session.
+    UdpRelay,
 }
 
 /// What the actor does for the machine, in the order given.
@@ -176,6 +203,28 @@ pub(super) enum Action {
         /// Our address as seen.
         addr: SocketAddr,
     },
+    /// Ask our home relay for a UDP relay session with the peer (then tell the peer with a
+    /// CallMeMaybeVia, bind, and ping through it).
+    AllocateUdpRelay,
+    /// The UDP relay path was given up: forget its session.
+    DropUdpRelay,
+}
+
+/// The peer's UDP relay path, as the machine sees it (the session itself is the actor's).
+#[derive(Debug, Clone, Copy)]
+struct UdpRelaySlot {
+    /// The relay's UDP address.
+    addr: SocketAddr,
+    /// When the session was set up here.
+    since: Instant,
+    /// The last pong through it.
+    pong: Option<Instant>,
+    /// The last ping through it.
+    last_ping: Option<Instant>,
+    /// The last ping through it in answer to the peer's ([`UDP_RELAY_PING_BACK`]).
+    last_ping_back: Option<Instant>,
+    /// The published path is this one (to move it back to DERP when it goes stale).
+    carried: bool,
 }
 
 /// A disco ping in flight.
@@ -235,6 +284,16 @@ pub(super) struct PeerPath {
     suspect: bool,
     /// Latest direct round trip.
     rtt: Option<Duration>,
+    /// The path the packets in `unacked` went on (direct address and socket, or the UDP relay
+    /// path): only a pong from it acknowledges them, and when data moves to another path they
+    /// are resent via DERP.
+    unacked_path: Option<(SocketAddr, u32)>,
+    /// The UDP relay path (issue 15), if a session is set up.
+    udp_relay: Option<UdpRelaySlot>,
+    /// When we last asked for a UDP relay session.
+    last_alloc: Option<Instant>,
+    /// Since when the (active) peer has had no direct path.
+    no_direct_since: Option<Instant>,
     /// The largest packet kept since the last ping on the direct path: the next ack ping is
     /// padded to it, so a path that loses large datagrams (dropped IP fragments) loses the
     /// ping too, and the packets are resent instead of acknowledged.
@@ -275,6 +334,10 @@ impl PeerPath {
             big_since_ping: 0,
             awaiting_pad: 0,
             too_big: None,
+            unacked_path: None,
+            udp_relay: None,
+            last_alloc: None,
+            no_direct_since: None,
         }
     }
 
@@ -288,6 +351,29 @@ impl PeerPath {
         (age < self.cfg.trust).then_some((addr, self.best_via, age > self.cfg.heartbeat * 2))
     }
 
+    /// The UDP relay path, if it has had a pong within `trust` (and the relay's address).
+    fn udp_relay_fresh(&self, now: Instant) -> Option<SocketAddr> {
+        let r = self.udp_relay?;
+        recent(r.pong, self.cfg.trust, now).then_some(r.addr)
+    }
+
+    /// The path data goes on: the fresh direct path, else the fresh UDP relay path (with
+    /// [`VIA_UDP_RELAY`]), with whether to send via DERP too (the pong is older than two
+    /// heartbeats). `None`: DERP only.
+    pub(super) fn current(&self, now: Instant) -> Option<(SocketAddr, u32, bool)> {
+        if let Some(d) = self.direct(now) {
+            return Some(d);
+        }
+        let r = self.udp_relay?;
+        let age = now.saturating_duration_since(r.pong?);
+        (age < self.cfg.trust).then_some((r.addr, VIA_UDP_RELAY, age > self.cfg.heartbeat * 2))
+    }
+
+    /// Whether the UDP relay path has been proven (a pong through it) and not given up.
+    pub(super) fn udp_relay_proven(&self) -> bool {
+        self.udp_relay.is_some_and(|r| r.pong.is_some())
+    }
+
     /// The socket of the direct path, if there is one (fresh or not yet expired).
     pub(super) fn best_via(&self) -> Option<u32> {
         self.best.map(|_| self.best_via)
@@ -297,6 +383,7 @@ impl PeerPath {
     /// no probe for [`PEER_IDLE`] (the actor also checks its pacer and the spray).
     pub(super) fn is_idle(&self, now: Instant) -> bool {
         self.best.is_none()
+            && self.udp_relay.is_none()
             && self.pings.is_empty()
             && self.unacked.is_empty()
             && !recent(self.last_active, PEER_IDLE, now)
@@ -309,6 +396,27 @@ impl PeerPath {
 
     fn is_best(&self, addr: SocketAddr, via: u32) -> bool {
         self.best.is_some_and(|(b, _)| b == addr) && self.best_via == via
+    }
+
+    /// Whether `addr` from `via` is the path data goes on now (the direct path, even stale
+    /// until it expires; or the UDP relay path while there is no direct one).
+    fn is_data_path(&self, addr: SocketAddr, via: u32, now: Instant) -> bool {
+        if via == VIA_UDP_RELAY {
+            self.best.is_none() && self.udp_relay_fresh(now) == Some(addr)
+        } else {
+            self.is_best(addr, via)
+        }
+    }
+
+    /// Data goes on `path` from now on: what is kept for a resend went on another path, so it
+    /// goes again via DERP, and that path's ack state is over.
+    fn enter_path(&mut self, path: (SocketAddr, u32), out: &mut Vec<Action>) {
+        if self.unacked_path != Some(path) {
+            self.resend_unacked(out);
+            self.suspect = false;
+            self.too_big = None;
+            self.unacked_path = Some(path);
+        }
     }
 
     /// Whether a ping to `addr` from `via` went out within [`PING_AGAIN_AFTER`] (pings stay
@@ -365,9 +473,15 @@ impl PeerPath {
     /// Sends an E2E packet on the current path (see the module docs of [`super`], 5.).
     pub(super) fn on_send(&mut self, now: Instant, pkt: Bytes, env: &Env) -> Vec<Action> {
         let mut out = Vec::new();
-        match self.direct(now) {
+        match self.current(now) {
             Some((addr, via, stale)) => {
-                out.push(Action::SetPath(PathChoice::Direct(addr)));
+                self.enter_path((addr, via), &mut out);
+                if via == VIA_UDP_RELAY {
+                    self.mark_carried();
+                    out.push(Action::SetPath(PathChoice::UdpRelay));
+                } else {
+                    out.push(Action::SetPath(PathChoice::Direct(addr)));
+                }
                 out.push(Action::SendDirect {
                     addr,
                     via,
@@ -391,9 +505,16 @@ impl PeerPath {
                 out.push(Action::SetPath(PathChoice::Relay));
                 out.push(Action::SendRelay { pkt });
                 self.maybe_probe(now, env, &mut out);
+                self.maybe_udp_relay(now, env, &mut out);
             }
         }
         out
+    }
+
+    fn mark_carried(&mut self) {
+        if let Some(r) = &mut self.udp_relay {
+            r.carried = true;
+        }
     }
 
     /// A handshake completed and released the packets queued meanwhile: more than
@@ -402,7 +523,7 @@ impl PeerPath {
     /// of 50 packets about 1 run in 4 before this, 0 in 30 after); otherwise each is sent.
     pub(super) fn on_flush(&mut self, now: Instant, pkts: Vec<Bytes>, env: &Env) -> Vec<Action> {
         let mut out = Vec::new();
-        if pkts.len() > RESEND_BURST && self.direct(now).is_none() {
+        if pkts.len() > RESEND_BURST && self.current(now).is_none() {
             out.push(Action::SetPath(PathChoice::Relay));
             out.push(Action::QueuePaced {
                 pkts,
@@ -425,6 +546,32 @@ impl PeerPath {
         via: u32,
         txid: TxId,
     ) -> Vec<Action> {
+        if via == VIA_UDP_RELAY {
+            // Through the peer's UDP relay session (the actor matched it): answer the same
+            // way, and ping back while the path is unproven. The relay's address is not the
+            // peer's: no address book entry, no candidate.
+            if self.udp_relay.is_none_or(|r| r.addr != src) {
+                return Vec::new();
+            }
+            let mut out = vec![Action::Pong {
+                addr: src,
+                via,
+                txid,
+            }];
+            // The peer is bound (its ping came through): ours may be too now, so ping back
+            // at once rather than at the next retry.
+            if self.udp_relay_fresh(now).is_none()
+                && self
+                    .udp_relay
+                    .is_some_and(|r| !recent(r.last_ping_back, UDP_RELAY_PING_BACK, now))
+            {
+                if let Some(r) = &mut self.udp_relay {
+                    r.last_ping_back = Some(now);
+                }
+                out.push(self.ping(now, src, via));
+            }
+            return out;
+        }
         let mut out = vec![
             Action::MapAddr { addr: src },
             Action::Pong {
@@ -462,6 +609,11 @@ impl PeerPath {
             debug!(%src, pinged = %sent.addr, "pong from another address or socket than pinged; ignored");
             return out;
         }
+        if via == VIA_UDP_RELAY {
+            self.on_udp_relay_pong(now, src, sent, &mut out);
+            return out;
+        }
+        self.no_direct_since = None;
         let keep_other = !self.is_best(src, via)
             && self
                 .best
@@ -480,7 +632,9 @@ impl PeerPath {
             if !moved {
                 // Everything sent direct before the ping has crossed (one path keeps its
                 // order). (If the path moved, what is kept went to the old address: resent
-                // below.)
+                // below. If data went through the UDP relay until now, `enter_path` resends
+                // that.)
+                self.enter_path((src, via), &mut out);
                 self.ack(sent.mark);
             }
             if self.awaiting.is_none_or(|w| sent.at >= w) {
@@ -491,6 +645,7 @@ impl PeerPath {
         if moved {
             // Packets still unacknowledged went to the old address.
             self.resend_unacked(&mut out);
+            self.unacked_path = Some((src, via));
         }
         out.push(Action::MapAddr { addr: src });
         if !observed.ip().is_unspecified() && observed.port() != 0 {
@@ -499,6 +654,66 @@ impl PeerPath {
         if !keep_other {
             out.push(Action::SetPath(PathChoice::Direct(src)));
         }
+        out
+    }
+
+    /// A pong through the UDP relay session: the path is proven (again); while there is no
+    /// direct path it carries data (acknowledging what it carried, like a direct pong).
+    fn on_udp_relay_pong(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        sent: PingSent,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(r) = self.udp_relay.as_mut() else {
+            return;
+        };
+        if r.addr != src {
+            return;
+        }
+        if r.pong.is_none() {
+            info!(peer = %self.peer.short(), relay = %src, "UDP relay path up");
+        }
+        r.pong = Some(now);
+        if self.best.is_some() {
+            return; // kept warm; a direct path carries the data
+        }
+        self.enter_path((src, VIA_UDP_RELAY), out);
+        self.ack(sent.mark);
+        self.rtt = Some(now.saturating_duration_since(sent.at));
+        if self.awaiting.is_none_or(|w| sent.at >= w) {
+            self.awaiting = None;
+            self.suspect = false;
+        }
+        self.mark_carried();
+        out.push(Action::SetPath(PathChoice::UdpRelay));
+    }
+
+    /// The actor set up a UDP relay session with the peer at the relay's `addr` (ours, or the
+    /// peer's from a CallMeMaybeVia); `new_session`: not the one we had. Its path is proven by
+    /// the first pong through it (the actor pings once its side is bound).
+    pub(super) fn on_udp_relay(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        new_session: bool,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        if !new_session && self.udp_relay.is_some_and(|r| r.addr == addr) {
+            return out;
+        }
+        if self.udp_relay.is_some_and(|r| r.carried) && self.best.is_none() {
+            out.push(Action::SetPath(PathChoice::Relay));
+        }
+        self.udp_relay = Some(UdpRelaySlot {
+            addr,
+            since: now,
+            pong: None,
+            last_ping: None,
+            last_ping_back: None,
+            carried: false,
+        });
         out
     }
 
@@ -594,6 +809,12 @@ impl PeerPath {
         self.pings
             .retain(|_, p| now.saturating_duration_since(p.at) < d.trust);
         let active = self.is_active(now);
+        if !self.unacked.is_empty()
+            && self.current(now).map(|(a, v, _)| (a, v)) != self.unacked_path
+        {
+            // The path they went on no longer carries data (the UDP relay path went stale).
+            self.resend_unacked(&mut out);
+        }
         match self.best {
             Some((addr, pong)) if now.saturating_duration_since(pong) >= d.trust => {
                 self.best = None;
@@ -601,8 +822,14 @@ impl PeerPath {
                 info!(peer = %self.peer.short(), %addr, "direct path expired (no fresh pong); relay");
                 self.resend_unacked(&mut out);
                 out.push(Action::LeaveDirect(addr));
+                if self.udp_relay_fresh(now).is_some() {
+                    // Back to the UDP relay path (kept warm by heartbeats).
+                    self.mark_carried();
+                    out.push(Action::SetPath(PathChoice::UdpRelay));
+                }
                 if active {
                     self.maybe_probe(now, env, &mut out);
+                    self.maybe_udp_relay(now, env, &mut out);
                 }
             }
             Some((addr, _)) if self.awaiting.is_some() => {
@@ -617,10 +844,86 @@ impl PeerPath {
                     out.push(self.ping(now, addr, self.best_via));
                 }
             }
-            None if active => self.maybe_probe(now, env, &mut out),
+            None if active => {
+                self.maybe_probe(now, env, &mut out);
+                self.maybe_udp_relay(now, env, &mut out);
+            }
             None => {}
         }
+        self.tick_udp_relay(now, &mut out);
         out
+    }
+
+    /// The UDP relay path's timers: give up a path without pongs, leave it when it goes
+    /// stale, ack pings while it carries data, otherwise pings (every [`PING_AGAIN_AFTER`]
+    /// until proven, then every heartbeat, while the peer is active).
+    fn tick_udp_relay(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Some(r) = self.udp_relay else {
+            return;
+        };
+        let last = r.pong.unwrap_or(r.since);
+        if now.saturating_duration_since(last) >= UDP_RELAY_GIVE_UP {
+            info!(peer = %self.peer.short(), relay = %r.addr, proven = r.pong.is_some(),
+                "UDP relay path given up (no pong for {UDP_RELAY_GIVE_UP:?})");
+            self.udp_relay = None;
+            if r.carried && self.best.is_none() {
+                out.push(Action::SetPath(PathChoice::Relay));
+            }
+            out.push(Action::DropUdpRelay);
+            return;
+        }
+        let fresh = recent(r.pong, self.cfg.trust, now);
+        if r.carried && !fresh {
+            if let Some(slot) = &mut self.udp_relay {
+                slot.carried = false;
+            }
+            if self.best.is_none() {
+                out.push(Action::SetPath(PathChoice::Relay));
+            }
+        }
+        if self.best.is_none() && fresh && (self.awaiting.is_some() || !self.unacked.is_empty()) {
+            self.check_acks(now, r.addr, VIA_UDP_RELAY, out);
+            return;
+        }
+        if !self.is_active(now) {
+            return;
+        }
+        let every = if fresh {
+            self.cfg.heartbeat
+        } else {
+            PING_AGAIN_AFTER
+        };
+        if !recent(r.last_ping, every, now) {
+            let p = self.ping(now, r.addr, VIA_UDP_RELAY);
+            out.push(p);
+        }
+    }
+
+    /// No direct path: ask for a UDP relay session when it is time (module docs of
+    /// [`super`]; [`UDP_RELAY_AFTER`]).
+    fn maybe_udp_relay(&mut self, now: Instant, env: &Env, out: &mut Vec<Action>) {
+        if !self.cfg.enabled
+            || !self.cfg.udp_relay
+            || self.is_self
+            || self.udp_relay.is_some()
+            || self.direct(now).is_some()
+            || recent(self.last_alloc, UDP_RELAY_RETRY, now)
+        {
+            return;
+        }
+        // Called while the peer is active without a direct path: since when.
+        let since = *self.no_direct_since.get_or_insert(now);
+        let waited = now.saturating_duration_since(since);
+        let due = if env.udp_relay_first {
+            waited >= UDP_RELAY_AFTER || (env.me_hard && self.peer_hard == Some(true))
+        } else {
+            waited >= UDP_RELAY_AFTER_OTHER
+        };
+        if due {
+            debug!(peer = %self.peer.short(), ?waited, "no direct path: asking for a UDP relay session");
+            self.last_alloc = Some(now);
+            out.push(Action::AllocateUdpRelay);
+        }
     }
 
     /// Pings the peer at `addr` from socket `via` (tracked: its pong is matched). A ping to
@@ -637,8 +940,13 @@ impl PeerPath {
                 mark,
             },
         );
+        if via == VIA_UDP_RELAY {
+            if let Some(r) = &mut self.udp_relay {
+                r.last_ping = Some(now);
+            }
+        }
         let mut pad = 0;
-        if self.is_best(addr, via) {
+        if self.is_data_path(addr, via, now) {
             pad = std::mem::take(&mut self.big_since_ping);
             if self.awaiting.is_none() {
                 self.awaiting = Some(now);

@@ -146,6 +146,27 @@ impl RelaySet {
         self.peer_region.get(peer).copied().unwrap_or(self.home)
     }
 
+    /// A UDP relay allocation on `region`'s connected relay (`None`: not connected).
+    pub(super) fn allocate_udp_relay(
+        &self,
+        region: u32,
+        keys: [PublicKey; 2],
+    ) -> Option<
+        impl std::future::Future<Output = Result<ferry_proto::udprelay::Endpoint, RelayError>>
+            + Send
+            + 'static,
+    > {
+        self.relays.get(&region).map(|c| c.allocate_udp_relay(keys))
+    }
+
+    /// The connected region whose relay has this server key.
+    pub(super) fn region_of_server(&self, key: &PublicKey) -> Option<u32> {
+        self.relays
+            .iter()
+            .find(|(_, c)| c.server_key() == *key)
+            .map(|(r, _)| *r)
+    }
+
     /// Reach `peer` through `region` from now on.
     pub(super) fn set_peer_region(&mut self, peer: PublicKey, region: u32) {
         self.peer_region.insert(peer, region);
