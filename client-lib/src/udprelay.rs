@@ -7,7 +7,7 @@
 //! [`unwrap`]). The relay sees session ids and ciphertext only: what ferry sends inside is its
 //! end-to-end encrypted packets and disco messages.
 //!
-//! Not yet used by [`crate::Endpoint`] (the path kind `Path::UdpRelay` is the next step).
+//! [`crate::Endpoint`] uses it for its `Path::UdpRelay` (module docs of [`crate::endpoint`], 6.).
 
 use std::net::SocketAddr;
 

@@ -131,9 +131,11 @@ fn natlab_easy_easy_direct_every_time() {
     let mut failures = Vec::new();
     for i in 0..n {
         let t = trial(&lab, i, limit, 1, 2);
+        // Issue 15: a working direct path is never passed over for the UDP relay.
+        let udp_relay = t.lines.iter().any(|l| l.contains(": udp-relay "));
         match t.to_direct {
-            Some(s) => times.push(s),
-            None => failures.push((i, t.lines)),
+            Some(s) if !udp_relay => times.push(s),
+            _ => failures.push((i, t.lines)),
         }
     }
     let ok = times.len();
@@ -249,15 +251,16 @@ fn natlab_neighbouring_easy_nats_go_direct() {
     );
 }
 
-/// One relay-only trial: home `listen_home` listens, home `ping_home` sends `PINGS` pings
-/// (`INTERVAL` s apart). Returns `Err(why)` if a path went direct, the first reply was not
-/// `seq=1` via the relay, or a ping went unanswered; `Ok(first reply line)` otherwise.
+/// One trial of a pair that cannot go direct: home `listen_home` listens, home `ping_home`
+/// sends `PINGS` pings (`INTERVAL` s apart). Returns `Err(why)` if a path went direct, the
+/// first reply was not `seq=1` via the relay (DERP), or a ping went unanswered; otherwise
+/// `Ok(pongs that came through the UDP relay)` (issue 15: later pongs may).
 fn relay_trial(
     lab: &Lab,
     tag: &str,
     ping_home: usize,
     listen_home: usize,
-) -> Result<String, String> {
+) -> Result<usize, String> {
     const PINGS: u32 = 8;
     let (bkey, bpub) = keygen(lab.dir.path(), &format!("{tag}.key"));
     let mut b = listener(lab, listen_home, &bkey)?;
@@ -286,21 +289,27 @@ fn relay_trial(
         ));
     }
     let pongs = lines.iter().filter(|l| l.starts_with("pong from ")).count();
-    let via_relay = lines
+    let via_derp = lines
         .iter()
         .filter(|l| l.contains(" via relay 900: "))
         .count();
-    if pongs != PINGS as usize || via_relay != pongs {
+    let via_udp_relay = lines
+        .iter()
+        .filter(|l| l.contains(" via udp-relay 900: "))
+        .count();
+    if pongs != PINGS as usize || via_derp + via_udp_relay != pongs {
         return Err(format!(
-            "{pongs}/{PINGS} pongs, {via_relay} via relay ({summary}); {lines:?}"
+            "{pongs}/{PINGS} pongs, {via_derp} via DERP, {via_udp_relay} via the UDP relay ({summary}); {lines:?}"
         ));
     }
-    Ok(first)
+    Ok(via_udp_relay)
 }
 
 /// Acceptance 3: hard ↔ hard (both `MASQUERADE --random-fully`), and UDP blocked on one side
-/// (the other easy), stay on the relay in every trial, and the first ping is answered via the
-/// relay at once (no waiting for hole punching). UDP-blocked trials alternate which side pings.
+/// (the other easy), never go direct, and the first ping is answered via the relay (DERP) at
+/// once (no waiting for hole punching or a UDP relay session). Later pongs of hard ↔ hard may
+/// come through the UDP relay (issue 15); with UDP blocked none can. Trials alternate which
+/// side pings.
 #[test]
 fn natlab_hard_hard_and_udp_blocked_use_the_relay_at_once() {
     if !natlab::available("natlab_hard_hard_and_udp_blocked_use_the_relay_at_once") {
@@ -319,6 +328,9 @@ fn natlab_hard_hard_and_udp_blocked_use_the_relay_at_once() {
         for i in 0..n {
             let (pinger, listener) = pairs[i % 2];
             match relay_trial(&lab, &format!("r{pinger}{listener}-{i}"), pinger, listener) {
+                Ok(n) if n > 0 && case == "easy<->UDP-blocked" => failures.push(format!(
+                    "{case} trial {i}: {n} pongs through a UDP relay with UDP blocked"
+                )),
                 Ok(_) => ok += 1,
                 Err(why) => failures.push(format!("{case} trial {i}: {why}")),
             }
@@ -334,6 +346,75 @@ fn natlab_hard_hard_and_udp_blocked_use_the_relay_at_once() {
         failures.len(),
         failures[0]
     );
+}
+
+/// Issue 15, acceptance 1: pairs that cannot go direct — hard ↔ hard, and hard ↔ a home whose
+/// firewall lets UDP in only from the relay ([`Nat::InboundUdpBlocked`]) — are on the UDP relay
+/// path within 2 s of the first ping in ≥ 95 % of trials (its pongs then come through it), and
+/// never go direct. (Easy pairs going direct without it: `natlab_easy_easy_direct_every_time`
+/// checks no UDP relay path appears.) Trials alternate which side pings.
+#[test]
+fn natlab_pairs_that_cannot_go_direct_use_the_udp_relay_within_2s() {
+    if !natlab::available("natlab_pairs_that_cannot_go_direct_use_the_udp_relay_within_2s") {
+        return;
+    }
+    const LIMIT: f64 = 2.0;
+    let n = trials();
+    let lab = Lab::new(&[Nat::Hard, Nat::Hard, Nat::InboundUdpBlocked]);
+    let mut failures = Vec::new();
+    let mut report = Vec::new();
+    for (case, pairs) in [
+        ("hard<->hard", [(1, 2), (2, 1)]),
+        ("hard<->inbound-UDP-blocked", [(1, 3), (3, 1)]),
+    ] {
+        let mut times = Vec::new();
+        for i in 0..n {
+            let (from, to) = pairs[i % 2];
+            let (bkey, bpub) = keygen(lab.dir.path(), &format!("u{from}{to}-{i}.key"));
+            let mut b = listener(&lab, to, &bkey).unwrap_or_else(|e| panic!("{e}"));
+            let mut a = pinger(&lab, from, &bpub, 40, "0.1", &[]);
+            let line = a.wait_for(
+                &format!("path to {bpub}: udp-relay 900 "),
+                Duration::from_secs(10),
+            );
+            // Pongs then come through it.
+            let pong = line
+                .as_ref()
+                .and_then(|_| a.wait_for(" via udp-relay 900: ", Duration::from_secs(3)));
+            a.kill();
+            b.kill();
+            if let Some(l) = a.seen.iter().find(|l| l.contains(": direct ")) {
+                failures.push(format!("{case} trial {i}: went direct: {l}"));
+                continue;
+            }
+            let secs = line.as_ref().and_then(|(_, l)| {
+                l.rsplit_once("(after ")
+                    .and_then(|(_, r)| r.split_whitespace().next())
+                    .and_then(|s| s.parse::<f64>().ok())
+            });
+            match (secs, pong) {
+                (Some(s), Some(_)) if s <= LIMIT => times.push(s),
+                (s, p) => failures.push(format!(
+                    "{case} trial {i}: UDP relay path after {s:?} s, pong through it: {}; {:?}",
+                    p.is_some(),
+                    a.seen
+                )),
+            }
+        }
+        let ok = times.len();
+        println!(
+            "NAT lab {case}: {ok}/{n} trials on the UDP relay within {LIMIT} s (median {:.3} s, max {:.3} s)",
+            median(&mut times.clone()).unwrap_or_default(),
+            times.iter().copied().fold(0.0f64, f64::max),
+        );
+        report.push((case, ok, n));
+    }
+    for (case, ok, n) in &report {
+        assert!(
+            ok * 100 >= 95 * n,
+            "{case}: {ok}/{n} on the UDP relay within {LIMIT} s (goal 95 %); failures: {failures:?}"
+        );
+    }
 }
 
 /// Issue 14.4: a node whose UDP is blocked gets its first ping answered within 0.5 s of its
@@ -395,12 +476,19 @@ fn rule_packets(lab: &Lab, chain: &str, tag: &str) -> u64 {
 /// must see the canary in no packet, while control rules matching the listener's raw public
 /// key (in DERP frames to or from it) and the plaintext `Upgrade: DERP` of the clients' HTTP
 /// requests prove the rules see the relay's traffic and find plaintext in it.
+///
+/// Issue 15, acceptance 6: the pair moves to the UDP relay path after the first pings, so the
+/// later messages cross the relay as UDP relay datagrams; a control rule matching the Geneve
+/// header of ferry's end-to-end packets (protocol 0x7A1E at the start of the UDP payload)
+/// proves the rules saw those too; pongs that came through the UDP relay (as `ferry ping`
+/// reports each pong's arrival path) show the pinger's messages went that way too (its path
+/// event to `udp-relay` precedes them; each message goes out just before its ping).
 #[test]
 fn natlab_relay_sees_no_plaintext() {
     if !natlab::available("natlab_relay_sees_no_plaintext") {
         return;
     }
-    const PINGS: usize = 5;
+    const PINGS: usize = 10;
     let lab = Lab::new(&[Nat::Hard, Nat::Hard]);
     let canary = format!("ferry-canary-plaintext-{}-0123456789", std::process::id());
     let (bkey, bpub) = keygen(lab.dir.path(), "b.key");
@@ -432,6 +520,35 @@ fn natlab_relay_sees_no_plaintext() {
             .expect("counting rule");
         }
     }
+    // UDP relay datagrams carrying E2E packets: Geneve version 0, no options, protocol 0x7A1E,
+    // right after the IP (20 bytes) and UDP (8) headers.
+    for chain in ["INPUT", "OUTPUT"] {
+        Lab::exec(
+            &public,
+            &[
+                "iptables",
+                "-A",
+                chain,
+                "-p",
+                "udp",
+                "-m",
+                "string",
+                "--algo",
+                "bm",
+                "--from",
+                "28",
+                "--to",
+                "32",
+                "--hex-string",
+                "|00007a1e|",
+                "-m",
+                "comment",
+                "--comment",
+                "ferry-geneve",
+            ],
+        )
+        .expect("counting rule");
+    }
     // And the string match does see plaintext in this traffic: the clients' HTTP upgrade.
     Lab::exec(
         &public,
@@ -459,11 +576,15 @@ fn natlab_relay_sees_no_plaintext() {
     let pongs = a
         .seen
         .iter()
-        .filter(|l| l.starts_with("pong from ") && l.contains(" via relay 900: "))
+        .filter(|l| {
+            l.starts_with("pong from ")
+                && (l.contains(" via relay 900: ") || l.contains(" via udp-relay 900: "))
+        })
         .count();
-    assert_eq!(pongs, PINGS, "pongs via relay: {:?}", a.seen);
-    // Each message was sent before its ping's pong: all have arrived, via the relay.
-    let size = format!(": {} bytes via relay 900", canary.len());
+    assert_eq!(pongs, PINGS, "pongs via the relay: {:?}", a.seen);
+    // Each message was sent before its ping's pong: all have arrived, via the relay (DERP or
+    // the UDP relay).
+    let size = format!(": {} bytes via ", canary.len());
     for _ in 0..PINGS {
         assert!(
             b.wait_for(&size, Duration::from_secs(3)).is_some(),
@@ -473,6 +594,23 @@ fn natlab_relay_sees_no_plaintext() {
     }
     a.kill();
     b.kill();
+    let via_udp_relay = a
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("pong from ") && l.contains(" via udp-relay 900: "))
+        .count();
+    assert!(
+        via_udp_relay >= PINGS / 2,
+        "{via_udp_relay} of {PINGS} pongs came through the UDP relay: {:?}",
+        a.seen
+    );
+    assert!(
+        !b.seen
+            .iter()
+            .chain(&a.seen)
+            .any(|l| l.contains(" via direct")),
+        "hard <-> hard went direct"
+    );
     let http = rule_packets(&lab, "INPUT", "ferry-http");
     let mut report = vec![format!("HTTP upgrades {http}")];
     assert!(
@@ -489,10 +627,16 @@ fn natlab_relay_sees_no_plaintext() {
                 k > 0,
                 "control rule saw no relay frames in {chain}: {report:?}"
             );
+            let g = rule_packets(&lab, chain, "ferry-geneve");
+            report.push(format!("{chain}: UDP relay E2E datagrams {g}"));
+            assert!(
+                g > 0,
+                "control rule saw no UDP relay datagrams in {chain}: {report:?}"
+            );
         }
     }
     println!(
-        "NAT lab relay capture: {PINGS}/{PINGS} messages delivered via relay, plaintext in 0 packets ({})",
+        "NAT lab relay capture: {PINGS}/{PINGS} messages delivered via the relay ({via_udp_relay} pongs through the UDP relay), plaintext in 0 packets ({})",
         report.join("; ")
     );
 }

@@ -53,15 +53,29 @@
 //!    until a pong. Packets sent via the relay before a switch to direct arrive late but are
 //!    accepted (reordering within the 8,192-packet replay window). The acknowledgement proves
 //!    the path, not each packet: loss from congestion is the application's, as with any UDP.
-//! 6. The path per peer is `Path::Direct(addr)` or `Path::Relay(region)` (the path data is
-//!    sent on); each change is broadcast as a [`PathEvent`]. Netcheck runs again every
-//!    20–26 s and moves the home region (with hysteresis).
+//! 6. **UDP relay path** (issue 15; [udprelay](crate::udprelay)): an active peer without a
+//!    direct path for 1 s (at once when both NATs are hard) gets a
+//!    UDP relay session: the side with the lower node key asks its home relay for one over its
+//!    DERP connection (the other side asks only after 6 s, in case that relay has none, as
+//!    derper has not), tells the peer with a CallMeMaybeVia via DERP, and both bind their
+//!    main socket's address to it (Bind → Challenge → Answer). Disco pings through the session
+//!    prove it; then data goes that way — still end-to-end encrypted, Geneve-framed, from the
+//!    main socket — with the same acknowledgements and resends as a direct path. The order of
+//!    preference is direct > UDP relay > DERP: a direct pong takes the data off the UDP relay
+//!    path (its unacknowledged packets go again via DERP); when the direct path expires, data
+//!    goes back to the UDP relay path, which heartbeats keep warm meanwhile. A UDP relay path
+//!    with no pong for 15 s is given up (a relay restart, an expired session) and asked for
+//!    again at most every 10 s. Off with `DirectOptions::udp_relay = false`.
+//! 7. The path per peer is `Path::Direct(addr)`, `Path::UdpRelay(region)` or
+//!    `Path::Relay(region)` (the path data is sent on); each change is broadcast as a
+//!    [`PathEvent`]. Netcheck runs again every 20–26 s and moves the home region (with
+//!    hysteresis).
 //!
 //! Code layout (`endpoint/`):
 //!
 //! - `mod.rs` (this file): the public types and the [`Endpoint`] API; `bind` connects the
 //!   home relay and starts the actor.
-//! - `path.rs`: `PeerPath`, one peer's direct-path rules (points 4 and 5 above) as a sans-IO
+//! - `path.rs`: `PeerPath`, one peer's path rules (points 4 to 6 above) as a sans-IO
 //!   state machine: inputs `on_send`, `on_flush`, `on_ping`, `on_pong`, `on_call_me_maybe`,
 //!   `tick`, each with `now`, returning `Action`s. Its unit tests (`path/tests.rs`) run the
 //!   rules on a fake clock.

@@ -17,7 +17,8 @@
 //! home then reaches the other home's router in two hops.
 //!
 //! Routers NAT their LAN with `MASQUERADE` ([`Nat::Easy`]), `MASQUERADE --random-fully`
-//! ([`Nat::Hard`]), or drop the LAN's UDP ([`Nat::UdpBlocked`], also MASQUERADE for TCP).
+//! ([`Nat::Hard`]), or drop the LAN's UDP ([`Nat::UdpBlocked`], also MASQUERADE for TCP), or
+//! let UDP in from the relay's address only ([`Nat::InboundUdpBlocked`]).
 //! Namespaces are named `ferrylab-<pid>-<n>-<role>`; [`Lab`]'s `Drop` kills the lab's
 //! processes and deletes its namespaces (the veths go with them), also when a test panics.
 //! [`Lab::new`] first deletes `ferrylab-<pid>-*` namespaces whose process is gone.
@@ -55,6 +56,11 @@ pub enum Nat {
     Hard,
     /// MASQUERADE, and all UDP from the LAN dropped.
     UdpBlocked,
+    /// MASQUERADE (easy mapping), and every UDP datagram from the WAN dropped unless it comes
+    /// from the relay's address: a firewall that lets UDP in only from known servers, so no
+    /// peer's datagram gets in, solicited or not (a stateful "inbound blocked" firewall alone
+    /// is what Linux conntrack does already, and birthday probing gets through that).
+    InboundUdpBlocked,
 }
 
 /// The `ferry` CLI binary of this package.
@@ -385,6 +391,15 @@ impl Lab {
                 masq.push("--random-fully");
             }
             Self::exec(&router, &masq)?;
+            if *nat == Nat::InboundUdpBlocked {
+                Self::exec(
+                    &router,
+                    &[
+                        "iptables", "-A", "FORWARD", "-i", "wan", "-p", "udp", "!", "-s", RELAY_IP,
+                        "-j", "DROP",
+                    ],
+                )?;
+            }
             if *nat == Nat::UdpBlocked {
                 Self::exec(
                     &router,
