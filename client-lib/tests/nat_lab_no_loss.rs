@@ -1,7 +1,9 @@
 //! NAT lab acceptance test 4 (client issue): 10,000 numbered packets sent across a
 //! relay → direct → relay switch, the direct path cut by an iptables rule mid-stream, arrive
-//! exactly once. Two real `ferry tunnel` processes in two easy-NAT homes; the UDP programs at
-//! both ends are the test's own sockets, created inside the home namespaces. Needs root and
+//! exactly once. Issue 15, acceptance 2: the same through DERP → UDP relay → direct → cut →
+//! UDP relay (the cut then drops only UDP between the homes, not to the relay). Two real
+//! `ferry tunnel` processes in two easy-NAT homes; the UDP programs at both ends are the
+//! test's own sockets, created inside the home namespaces. Needs root and
 //! iptables (skips otherwise, fails under CI); see tests/natlab/mod.rs and
 //! docs/nat-traversal.md.
 //!
@@ -41,6 +43,63 @@ const RELAY_LIMIT: Duration = Duration::from_secs(15);
 const STALL: Duration = Duration::from_secs(5);
 /// The comment on the router rule that cuts the direct path (to delete exactly it).
 const CUT_TAG: &str = "ferry-no-loss-cut";
+/// The comment on the router rule that cuts only UDP between the homes (UDP to and from the
+/// relay passes: the UDP relay path).
+const PEER_CUT_TAG: &str = "ferry-no-loss-peer-cut";
+/// [`Mode::UdpRelay`]: sending pauses here until tunnel A reports the UDP relay path (the
+/// peer cut is in place from the start), then the peer cut goes.
+const UDP_RELAY_AT: u32 = 1_000;
+const UDP_RELAY_LIMIT: Duration = Duration::from_secs(10);
+
+/// Which fallback a transfer exercises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// relay → direct → cut (all UDP) → relay (DERP).
+    Relay,
+    /// DERP → UDP relay → direct → cut (UDP between the homes only) → UDP relay.
+    UdpRelay,
+}
+
+impl Mode {
+    /// The path kind after the cut, as `ferry tunnel` prints it.
+    fn fallback(self) -> &'static str {
+        match self {
+            Mode::Relay => "relay",
+            Mode::UdpRelay => "udp-relay",
+        }
+    }
+
+    /// The rule that cuts the direct path.
+    fn cut(self, op: &str) -> Vec<&str> {
+        match self {
+            Mode::Relay => cut_rule(op),
+            Mode::UdpRelay => peer_cut_rule(op),
+        }
+    }
+}
+
+/// The rule in router 1 that drops forwarded UDP except to and from the relay.
+fn peer_cut_rule(op: &str) -> Vec<&str> {
+    vec![
+        "iptables",
+        op,
+        "FORWARD",
+        "-p",
+        "udp",
+        "!",
+        "-s",
+        natlab::RELAY_IP,
+        "!",
+        "-d",
+        natlab::RELAY_IP,
+        "-m",
+        "comment",
+        "--comment",
+        PEER_CUT_TAG,
+        "-j",
+        "DROP",
+    ]
+}
 
 fn trials() -> usize {
     natlab::trials_or(1)
@@ -65,6 +124,7 @@ fn cut_rule(op: &str) -> Vec<&str> {
 fn uncut(lab: &Lab) {
     let r1 = lab.ns("r1");
     while Lab::exec(&r1, &cut_rule("-D")).is_ok() {}
+    while Lab::exec(&r1, &peer_cut_rule("-D")).is_ok() {}
 }
 
 /// `Udp: RcvbufErrors` of a namespace (`/proc/net/snmp` is per namespace): datagrams the
@@ -154,20 +214,22 @@ fn stop(t: &mut Proc) -> String {
         .unwrap_or_else(|| "(no summary line)".into())
 }
 
-/// Tunnel A's path, from its `path to <peer>: …` lines.
+/// Tunnel A's path, from its `path to <peer>: <kind> …` lines.
 struct PathWatch {
     peer: String,
-    direct: bool,
+    /// The path kind: `relay`, `udp-relay` or `direct`.
+    kind: String,
     /// Each change: when it was read, packets sent by then, the line.
     changes: Vec<(Instant, u32, String)>,
 }
 
 impl PathWatch {
     fn take(&mut self, t: &mut Proc, line: String, sent: u32) {
-        let direct = line.starts_with(&format!("path to {}: direct ", self.peer));
-        let relay = line.starts_with(&format!("path to {}: relay ", self.peer));
-        if direct || relay {
-            self.direct = direct;
+        let kind = line
+            .strip_prefix(&format!("path to {}: ", self.peer))
+            .and_then(|r| r.split(' ').next());
+        if let Some(k @ ("direct" | "relay" | "udp-relay")) = kind {
+            self.kind = k.to_string();
             self.changes.push((Instant::now(), sent, line.clone()));
         }
         t.seen.push(line);
@@ -180,11 +242,11 @@ impl PathWatch {
         }
     }
 
-    /// Waits until the path is direct (`want`) or not, at most `limit`.
-    fn wait(&mut self, t: &mut Proc, want: bool, limit: Duration, sent: u32) -> bool {
+    /// Waits until the path is of kind `want`, at most `limit`.
+    fn wait(&mut self, t: &mut Proc, want: &str, limit: Duration, sent: u32) -> bool {
         let deadline = Instant::now() + limit;
         self.poll(t, sent);
-        while self.direct != want {
+        while self.kind != want {
             let left = deadline.saturating_duration_since(Instant::now());
             let Ok((_, line)) = t.lines.recv_timeout(left) else {
                 return false;
@@ -275,7 +337,12 @@ fn start_tunnels(lab: &Lab, tag: &str) -> Result<Tunnels, String> {
     })
 }
 
-fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
+fn trial(lab: &Lab, i: usize, mode: Mode) -> Result<Trial, String> {
+    let r1 = lab.ns("r1");
+    if mode == Mode::UdpRelay {
+        // No direct path at first: the pair goes DERP → UDP relay.
+        Lab::exec(&r1, &peer_cut_rule("-I")).map_err(|e| format!("peer cut rule: {e}"))?;
+    }
     let Tunnels {
         mut a,
         mut b,
@@ -296,7 +363,12 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
         )
     };
     let (h1, h2) = (lab.home(1), lab.home(2));
-    let rcvbuf_before = [rcvbuf_errors(&h1), rcvbuf_errors(&h2)];
+    let public = lab.ns("pub");
+    let rcvbuf_before = [
+        rcvbuf_errors(&h1),
+        rcvbuf_errors(&h2),
+        rcvbuf_errors(&public),
+    ];
 
     // B-app: counts every number (distinct ones on `received`), checks each datagram.
     let received = Arc::new(AtomicU32::new(0));
@@ -335,10 +407,9 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
 
     let mut watch = PathWatch {
         peer: bpub.clone(),
-        direct: false,
+        kind: String::new(),
         changes: Vec::new(),
     };
-    let r1 = lab.ns("r1");
     let mut cutter: Option<std::thread::JoinHandle<(Result<String, String>, Instant)>> = None;
     // Packets sent and not yet received when the cut rule was found in place.
     let mut in_flight_at_cut: Option<u32> = None;
@@ -375,9 +446,21 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
         if in_flight_at_cut.is_none() && cutter.as_ref().is_some_and(|c| c.is_finished()) {
             in_flight_at_cut = Some(i.saturating_sub(received.load(Ordering::Acquire)));
         }
+        if i == UDP_RELAY_AT && mode == Mode::UdpRelay {
+            if !watch.wait(&mut a, "udp-relay", UDP_RELAY_LIMIT, i) {
+                result = Err(format!(
+                    "tunnel A did not report the UDP relay path within {UDP_RELAY_LIMIT:?} of \
+                     packet {i}; its stdout: {:?}",
+                    a.seen
+                ));
+                break 'send;
+            }
+            // The direct path may open now.
+            uncut(lab);
+        }
         if i == DIRECT_AT {
             at_direct_pause = t0.elapsed();
-            if !watch.wait(&mut a, true, DIRECT_LIMIT, i) {
+            if !watch.wait(&mut a, "direct", DIRECT_LIMIT, i) {
                 result = Err(format!(
                     "tunnel A did not report the direct path within {DIRECT_LIMIT:?} of packet \
                      {i}; its stdout: {:?}",
@@ -389,7 +472,7 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
         }
         if i == CUT_AT {
             at_cut = t0.elapsed();
-            if !watch.direct {
+            if watch.kind != "direct" {
                 result = Err(format!(
                     "the direct path was not in use at packet {i}: {:?}",
                     watch.changes
@@ -399,15 +482,16 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
             // In a thread of its own: sending goes on while `ip netns exec iptables` runs.
             let r1 = r1.clone();
             cutter = Some(std::thread::spawn(move || {
-                (Lab::exec(&r1, &cut_rule("-I")), Instant::now())
+                (Lab::exec(&r1, &mode.cut("-I")), Instant::now())
             }));
         }
         if i == RELAY_AT {
             at_relay_pause = t0.elapsed();
-            if !watch.wait(&mut a, false, RELAY_LIMIT, i) {
+            if !watch.wait(&mut a, mode.fallback(), RELAY_LIMIT, i) {
                 result = Err(format!(
-                    "tunnel A did not report the relay path within {RELAY_LIMIT:?} of packet \
+                    "tunnel A did not report the {} path within {RELAY_LIMIT:?} of packet \
                      {i}; path changes: {:?}",
+                    mode.fallback(),
                     watch.changes
                 ));
                 break 'send;
@@ -444,6 +528,7 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
     let rcvbuf = [
         rcvbuf_errors(&h1) - rcvbuf_before[0],
         rcvbuf_errors(&h2) - rcvbuf_before[1],
+        rcvbuf_errors(&public) - rcvbuf_before[2],
     ];
     // Read after the transfer only: the test's own request must not change the relay's timing
     // during it.
@@ -467,7 +552,7 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
             "{} of {N} packets missing (e.g. {:?}), {} received more than once (e.g. \
              (number, times) {:?}), {} foreign or mangled datagrams (e.g. {:?}); window \
              stalls (at packet, written off): {stalls:?}; socket buffer overflows (RcvbufErrors \
-             in home 1, home 2): {rcvbuf:?}; the relay's drop counters (since the lab \
+             in home 1, home 2, the relay's namespace): {rcvbuf:?}; the relay's drop counters (since the lab \
              started): {relay_drops:?}; path changes: {:?}; summaries: {summaries:?}",
             missing.len(),
             &missing[..missing.len().min(10)],
@@ -487,13 +572,14 @@ fn trial(lab: &Lab, i: usize) -> Result<Trial, String> {
         .iter()
         .find(|(_, _, l)| l.contains(": direct "))
         .map_or(0, |(_, n, _)| *n);
+    let fallback = format!(": {} ", mode.fallback());
     let relay_seen = watch
         .changes
         .iter()
         .rev()
-        .find(|(_, _, l)| l.contains(": relay "))
+        .find(|(_, _, l)| l.contains(&fallback))
         .map(|(t, _, _)| *t)
-        .ok_or("no relay path line")?;
+        .ok_or("no fallback path line")?;
     Ok(Trial {
         at_direct_pause,
         direct,
@@ -518,13 +604,31 @@ fn natlab_ten_thousand_packets_relay_direct_cut_relay_exactly_once() {
     if !natlab::available(name) {
         return;
     }
+    transfers(Mode::Relay);
+}
+
+/// Issue 15, acceptance 2: 10,000 numbered packets through `ferry tunnel` between two easy-NAT
+/// homes while the path goes DERP → UDP relay (router 1 drops UDP between the homes from the
+/// start) → direct (the rule goes) → cut (the rule again, mid-stream) → UDP relay: every
+/// number arrives exactly once.
+#[test]
+fn natlab_ten_thousand_packets_derp_udp_relay_direct_cut_udp_relay_exactly_once() {
+    let name = "natlab_ten_thousand_packets_derp_udp_relay_direct_cut_udp_relay_exactly_once";
+    if !natlab::available(name) {
+        return;
+    }
+    transfers(Mode::UdpRelay);
+}
+
+/// `NATLAB_TRIALS` transfers in `mode` (see [`trial`]), each reported; all must pass.
+fn transfers(mode: Mode) {
     let n = trials();
     let lab = Lab::new(&[Nat::Easy, Nat::Easy]);
     let names = lab.namespaces();
     let mut ok = Vec::new();
     let mut failures = Vec::new();
     for i in 0..n {
-        match trial(&lab, i) {
+        match trial(&lab, i, mode) {
             Ok(t) => {
                 let s = |d: Duration| d.as_secs_f64();
                 println!(
@@ -558,11 +662,16 @@ fn natlab_ten_thousand_packets_relay_direct_cut_relay_exactly_once() {
     }
     let max = |f: fn(&Trial) -> f64| ok.iter().map(f).fold(0.0, f64::max);
     println!(
-        "NAT lab no loss (easy<->easy, tunnel, relay->direct->cut->relay): {}/{n} transfers of \
-         {N} packets exactly once; total max {:.2} s; relay reported after the cut max {:.3} s; \
+        "NAT lab no loss (easy<->easy, tunnel, {}): {}/{n} transfers of \
+         {N} packets exactly once; total max {:.2} s; {} reported after the cut max {:.3} s; \
          resent via the relay {}..{}",
+        match mode {
+            Mode::Relay => "relay->direct->cut->relay",
+            Mode::UdpRelay => "DERP->udp-relay->direct->cut->udp-relay",
+        },
         ok.len(),
         max(|t| t.done.as_secs_f64()),
+        mode.fallback(),
         max(|t| t.relay_after_cut.as_secs_f64()),
         ok.iter().map(|t| t.resent).min().unwrap_or(0),
         ok.iter().map(|t| t.resent).max().unwrap_or(0),

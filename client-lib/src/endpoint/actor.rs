@@ -536,6 +536,7 @@ impl Actor {
     /// subject to the direct-path test hook (it is not the direct path).
     async fn send_udp_relay(&self, peer: PublicKey, protocol: u16, pkt: &[u8]) {
         let Some(s) = self.udp_relays.get(&peer) else {
+            warn!(peer = %peer.short(), "no UDP relay session for a packet on its path; dropped");
             return;
         };
         let relay = s.binding.relay();

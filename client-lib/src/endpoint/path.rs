@@ -821,11 +821,12 @@ impl PeerPath {
                 self.suspect = false;
                 info!(peer = %self.peer.short(), %addr, "direct path expired (no fresh pong); relay");
                 self.resend_unacked(&mut out);
-                out.push(Action::LeaveDirect(addr));
                 if self.udp_relay_fresh(now).is_some() {
                     // Back to the UDP relay path (kept warm by heartbeats).
                     self.mark_carried();
                     out.push(Action::SetPath(PathChoice::UdpRelay));
+                } else {
+                    out.push(Action::LeaveDirect(addr));
                 }
                 if active {
                     self.maybe_probe(now, env, &mut out);

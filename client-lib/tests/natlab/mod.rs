@@ -634,7 +634,10 @@ impl Lab {
         )?;
         Ok(body
             .lines()
-            .filter(|l| l.starts_with("ferry_relay_packets_dropped_total"))
+            .filter(|l| {
+                l.starts_with("ferry_relay_packets_dropped_total")
+                    || l.starts_with("ferry_relay_udp_relay_dropped_total")
+            })
             .filter(|l| !l.ends_with(" 0"))
             .map(|l| {
                 l.trim_start_matches("ferry_relay_packets_dropped_total")

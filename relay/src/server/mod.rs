@@ -210,13 +210,11 @@ impl Server {
         };
         let udp_relay = match &config.udp_relay {
             Some(u) => {
-                let sock = tokio::net::UdpSocket::bind(u.listen)
-                    .await
-                    .map_err(|source| SpawnError::Bind {
-                        addr: u.listen,
-                        what: "UDP relay",
-                        source,
-                    })?;
+                let sock = udprelay::bind_socket(u.listen).map_err(|source| SpawnError::Bind {
+                    addr: u.listen,
+                    what: "UDP relay",
+                    source,
+                })?;
                 let port = sock.local_addr().map_or(u.listen.port(), |a| a.port());
                 let relay = Arc::new(udprelay::UdpRelay {
                     sessions: parking_lot::Mutex::new(udprelay::Sessions::new(

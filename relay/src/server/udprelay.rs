@@ -447,7 +447,7 @@ fn verify(secret: &[u8; 32], m: &BindMsg, from: SocketAddr) -> bool {
 }
 
 mod serve;
-pub(crate) use serve::{serve, sweeper, UdpRelay};
+pub(crate) use serve::{bind_socket, serve, sweeper, UdpRelay};
 
 #[cfg(test)]
 mod tests;
