@@ -11,6 +11,7 @@
 //! - [`stun`]: STUN Binding requests over UDP, pipelined, with latency and loss.
 //! - [`soak`]: a long run with churn and traffic, the relay's RSS/fds/tasks/queues sampled.
 //! - [`abuse`]: hostile clients at scale (stalled handshakes, drips, garbage frames).
+//! - [`udprelay`]: a UDP relay's forwarding capacity (issue 15).
 //! - [`stats`]: slopes, keepalive lateness, Prometheus scrapes.
 //! - [`report`], [`svg`]: the JSON report (schema in `report.schema.json`), the text summary and
 //!   the chart.
@@ -28,6 +29,7 @@ pub mod stats;
 pub mod stun;
 pub mod svg;
 pub mod target;
+pub mod udprelay;
 
 pub use cli::{Cli, Command};
 pub use report::Report;
@@ -36,8 +38,10 @@ pub use report::Report;
 /// their own: [`soak::run`], [`abuse::run`].
 pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
     match &cli.command {
-        Command::Soak(_) | Command::Abuse(_) => {
-            anyhow::bail!("soak and abuse have their own results: call soak::run or abuse::run")
+        Command::Soak(_) | Command::Abuse(_) | Command::UdpRelay(_) => {
+            anyhow::bail!(
+                "soak, abuse and udp-relay have their own results: call soak::run, abuse::run or udprelay::run"
+            )
         }
         Command::Derp(a) => derp::run(a).await,
         Command::Connect(a) => conns::run_connect(a).await,

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // soak and abuse print results of their own.
+    // soak, abuse and udp-relay print results of their own.
     let own = match &cli.command {
         Command::Soak(a) => Some(
             rt.block_on(ferry_loadtest::soak::run(a))
@@ -29,6 +29,13 @@ fn main() -> ExitCode {
             rt.block_on(ferry_loadtest::abuse::run(a))
                 .map(|r| (a.json, r.to_json(), r.summary())),
         ),
+        Command::UdpRelay(a) => Some(rt.block_on(ferry_loadtest::udprelay::run(a)).map(|r| {
+            (
+                a.run.json,
+                serde_json::to_string_pretty(&r).expect("serializable"),
+                r.summary(),
+            )
+        })),
         _ => None,
     };
     if let Some(r) = own {

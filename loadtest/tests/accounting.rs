@@ -245,3 +245,67 @@ async fn stun_requests_are_answered_or_counted_lost() {
     assert_eq!(s.invalid, 0);
     assert_eq!(r.latency.stun.as_ref().unwrap().count, s.answers_in_window);
 }
+
+/// `udp-relay` mode against an in-process relay with the UDP relay on: every datagram the
+/// generator counts as delivered was forwarded by the relay (its own counter, which also
+/// holds the setup probes and the warm-up), none lost in a closed loop below the buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_relay_datagrams_delivered_are_datagrams_the_relay_forwarded() {
+    use ferry_relay::server::UdpRelayConfig;
+    let relay = Relay(
+        ferry_relay::testing::Options::plain()
+            .start_with(|c| {
+                c.udp_relay = Some(UdpRelayConfig::new("127.0.0.1:0".parse().unwrap()));
+            })
+            .await,
+    );
+    let url = relay.url();
+    let argv = [
+        "ferry-loadtest",
+        "udp-relay",
+        &url,
+        "--pairs",
+        "2",
+        "--size",
+        "300",
+        "--window",
+        "8",
+        "--warmup",
+        "100ms",
+        "--duration",
+        "500ms",
+    ];
+    let cli = <ferry_loadtest::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+    let ferry_loadtest::Command::UdpRelay(a) = &cli.command else {
+        unreachable!()
+    };
+    let r = ferry_loadtest::udprelay::run(a)
+        .await
+        .expect("the run succeeds");
+    assert!(r.delivered > 100, "{}", r.summary());
+    assert_eq!(r.lost, 0, "{}", r.summary());
+    let forwarded = relay.counter("ferry_relay_udp_relay_forwarded_packets_total");
+    assert!(
+        forwarded >= r.delivered,
+        "the relay forwarded {forwarded}, the generator received {}",
+        r.delivered
+    );
+    // Datagrams in flight when the window opens are delivered in it but were sent before:
+    // at most a window per direction (2 pairs, 2 directions, 8 each).
+    assert!(r.delivered <= r.sent + 4 * 8, "{}", r.summary());
+}
+
+/// Against a relay without a UDP relay the mode fails at once with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_relay_mode_says_when_the_relay_has_none() {
+    let relay = relay(false, false, Limits::default()).await;
+    let url = relay.url();
+    let argv = ["ferry-loadtest", "udp-relay", &url, "--pairs", "1"];
+    let cli = <ferry_loadtest::Cli as clap::Parser>::try_parse_from(argv).unwrap();
+    let ferry_loadtest::Command::UdpRelay(a) = &cli.command else {
+        unreachable!()
+    };
+    let e = ferry_loadtest::udprelay::run(a).await.unwrap_err();
+    let text = format!("{e:#}");
+    assert!(text.contains("does the relay run a UDP relay"), "{text}");
+}
