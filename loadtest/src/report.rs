@@ -112,7 +112,9 @@ pub struct Packets {
     pub delivered_per_second: f64,
     /// Payload bytes delivered per second (packet size × delivered/s).
     pub delivered_bytes_per_second: f64,
-    /// PeerGone frames received (a destination that was not connected).
+    /// PeerGone frames received until the measured window ended (a destination that was not
+    /// connected; once the run is over the clients close, and those that follow are not
+    /// counted).
     pub peer_gone: u64,
     /// Whether every receiver saw its end marker, so `lost` is exact.
     pub drain_complete: bool,

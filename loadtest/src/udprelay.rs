@@ -435,8 +435,10 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
                 }
             }
         }
+        let mut busy = false;
         for f in flows.iter_mut() {
             let n = recv_batch(&socks[f.to].sock, &mut rx) as u64;
+            busy |= n > 0;
             if n > 0 {
                 f.inflight = f.inflight.saturating_sub(n);
                 f.last_progress = now;
@@ -451,6 +453,10 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
         }
         if b.rate > 0 {
             std::thread::sleep(Duration::from_micros(200));
+        } else if !busy {
+            // Nothing came back: give the core away for a moment rather than spin (the
+            // relay may share it).
+            std::thread::sleep(Duration::from_micros(20));
         }
     }
     let (s0, c0) = cpu0.unwrap_or((0.0, 0.0));

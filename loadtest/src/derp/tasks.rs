@@ -225,7 +225,9 @@ impl Reader {
                     ServerFrame::Pong(_) => {
                         let _ = self.pong.try_send(());
                     }
-                    ServerFrame::PeerGone { .. } => st.peer_gone += 1,
+                    // Until the run ends: once it has, the other clients close (a fan-in
+                    // receiver may close while a sender still reads, which is no departure).
+                    ServerFrame::PeerGone { .. } if now < self.clock.stop_at => st.peer_gone += 1,
                     _ => {}
                 }
             }
