@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Turns the JSON reports of bench/run.sh into docs/benchmarks.md and its SVG charts.
 
-    python3 bench/report.py OUT_DIR DOCS_DIR
+    python3 bench/report.py OUT_DIR DOCS_DIR [NAME]
+
+NAME (default benchmarks.md) is the file written in DOCS_DIR: a run of some scenarios only
+(SCENARIOS=9 bench/run.sh) goes to a report of its own (REPORT_NAME=...), so the full report
+is only ever written from a full run.
 
 OUT_DIR holds machine.txt, rate3.txt and s1/ .. s6/ with one ferry-loadtest (or iroh-load)
 JSON report per server and round. Medians over rounds are reported; every round is listed too.
@@ -14,6 +18,7 @@ import sys
 from glob import glob
 
 OUT, DOCS = sys.argv[1], sys.argv[2]
+REPORT_NAME = sys.argv[3] if len(sys.argv) > 3 else "benchmarks.md"
 NAMES = {"ferry": "ferry-relay", "derper": "derper", "iroh": "iroh-relay", "coturn": "coturn"}
 COLORS = {"ferry": "#1f77b4", "derper": "#d62728", "iroh": "#2ca02c", "coturn": "#9467bd"}
 
@@ -156,9 +161,17 @@ date = m.get("date", "?")[:10]
 knobs = dict(kv.split("=", 1) for kv in m.get("rounds", "").split() if "=" in kv)
 doc = []
 w = doc.append
-w("# ferry benchmarks\n")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPORT_NAME == "benchmarks.md":
+    w("# ferry benchmarks\n")
+else:
+    ran = sorted(d[1:] for d in os.listdir(OUT) if d.startswith("s") and d[1:].isdigit())
+    w(f"# ferry benchmarks: scenario{'s' if len(ran) > 1 else ''} {', '.join(ran)} only\n")
+    w("A run of some scenarios (`SCENARIOS=... bench/run.sh`); the full report, from a full run on its "
+      "own machine, is [benchmarks.md](benchmarks.md). Same-run ratios only: absolute figures move 2–3× "
+      "between machines.\n")
 w(f"Every figure here comes from one run of `bench/run.sh` on **{m.get('date','?')}** (UTC), on the "
-  "machine below; raw JSON reports were in `target/bench/`. The report is written by "
+  f"machine below; raw JSON reports were in `{os.path.relpath(OUT, ROOT)}/`. The report is written by "
   "`bench/report.py` from those files; nothing is typed in by hand. Medians over rounds; every "
   "round is listed under each scenario.\n")
 w("## Machine and versions\n")
@@ -498,6 +511,80 @@ if wg:
           "whole core (the *relay cores* column): the two userspace WireGuard nodes, sharing one core, set the pace.")
     w("")
 
+s9 = {}
+for f in sorted(glob(os.path.join(OUT, "s9", "*-r*.json"))):
+    name = os.path.basename(f).rsplit("-r", 1)[0]  # ferry-1200, ferry-rate-64, coturn-1200
+    s9.setdefault(name, []).append(json.load(open(f)))
+if s9:
+    w("## 9. UDP relay capacity: ferry's UDP relay vs coturn's TURN relay\n")
+    w("ferry: `ferry-loadtest udp-relay URL --pairs 8 --size S --window 64` (sessions allocated over TLS DERP "
+      "connections, then Geneve-framed datagrams of S bytes, header included, through the relay in both "
+      "directions of each pair, closed loop, `sendmmsg`/`recvmmsg` on one thread), and the same at coturn's "
+      "forwarding rate (`--rate`, open loop). coturn: `turnserver` (no auth) as a TURN relay, driven by "
+      f"`turnutils_uclient -c -m {knobs.get('turn_clients', '200')} -l S -z 1` through `turnutils_peer` (an "
+      "echo): each message crosses the relay twice, so forwarded = sent + echoed; its S is the payload "
+      "(TURN's ChannelData adds 4 bytes). uclient paces itself (one message per client per millisecond), so "
+      "coturn's row is its load, not its ceiling. Server CPU is utime+stime from /proc over the run; both "
+      "servers pinned to CPU 0, the load generators to CPU 1.\n")
+    w("| server | datagram | load | rounds | forwarded/s | server cores | of it in the kernel | forwarded per server CPU-second | lost |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for size in ("1200", "64"):
+        for key, label in ((f"ferry-{size}", "closed loop"), (f"ferry-rate-{size}", "at coturn's rate"), (f"coturn-{size}", "uclient")):
+            rs = s9.get(key)
+            if not rs:
+                continue
+            srv = "coturn" if key.startswith("coturn") else "ferry"
+            kern = [r["server"]["system_seconds"] / r["server"]["cpu_seconds"] for r in rs
+                    if r["server"].get("system_seconds") is not None and r["server"]["cpu_seconds"]]
+            w(f"| {NAMES[srv]} | {size} B | {label} | {len(rs)} | {fmt(med(rs, 'delivered_per_second'))} | "
+              f"{fmt(med(rs, 'server', 'cores'), 2)} | {fmt(100 * statistics.median(kern)) + ' %' if kern else '—'} | "
+              f"{fmt(med(rs, 'server', 'per_cpu_second'))} | {sum(r.get('lost', 0) for r in rs)} |")
+    w("")
+    for size in ("1200", "64"):
+        c = s9.get(f"coturn-{size}")
+        if not c:
+            continue
+        cb = med(c, "server", "per_cpu_second")
+        for key, label in ((f"ferry-{size}", "at full load"), (f"ferry-rate-{size}", "at coturn's rate")):
+            if s9.get(key):
+                a = med(s9[key], "server", "per_cpu_second")
+                w(f"- {size} B, ferry {label} / coturn: forwarded per server CPU-second {ratio(a, cb)}")
+        a = med(s9.get(f"ferry-rate-{size}") or s9.get(f"ferry-{size}") or [], "server", "per_cpu_second")
+        if a and cb:
+            goals.append((f"scenario 9: UDP relay ≥ 3× coturn per server CPU-second ({size} B, same load)",
+                          f"{a/cb:.2f}× ({fmt(a)} vs {fmt(cb)})", "met" if a / cb >= 3 else "not met"))
+    bar_chart(os.path.join(DOCS, "bench-udp-relay.svg"), f"UDP relay: datagrams forwarded per server CPU-second (median, {date})",
+              [(f"{size} B", {srv: med(s9.get(f"{'ferry-rate' if srv == 'ferry' else 'coturn'}-{size}") or [], "server", "per_cpu_second") or 0
+                              for srv in ("ferry", "coturn")}) for size in ("1200", "64")], "datagrams")
+    w("\n![udp relay](bench-udp-relay.svg)\n")
+
+s10 = [json.load(open(f)) for f in sorted(glob(os.path.join(OUT, "s10", "r*.json")))]
+if s10:
+    r0 = s10[0]
+    w("## 10. UDP relay vs DERP under random loss\n")
+    w(f"`client-lib/tests/nat_lab_loss_bench.rs`: the NAT lab (network namespaces) with two hard-NAT homes, so "
+      f"there is no direct path; router 1 drops {r0['loss_percent']} % of what it forwards at random, both ways "
+      "(`iptables -m statistic`: this kernel has no `netem`, so no delay is added and the lab's round trip "
+      "stays under a millisecond). Two `ferry tunnel`s, once on the UDP relay (the default) and once with "
+      "`--no-udp-relay` (DERP over TCP). Ping stream: a 100-byte datagram every 10 ms for "
+      f"{r0['ping_seconds']:.0f} s, echoed by the far application. Bulk: 1,200-byte datagrams at "
+      f"{r0['bulk_mbps']} MB/s for {r0['bulk_seconds']:.0f} s, counted at the far end. Medians over rounds.\n")
+    w("| path | rounds | pings answered | RTT p50 | RTT p99 | RTT max | bulk offered | goodput |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, label in (("udp_relay", "UDP relay"), ("derp", "DERP (`--no-udp-relay`)")):
+        rs = [r[key] for r in s10]
+        w(f"| {label} | {len(rs)} | {fmt(med(rs, 'replies'))}/{fmt(med(rs, 'pings'))} | {fmt(med(rs, 'rtt_p50_ms'), 2)} ms | "
+          f"{fmt(med(rs, 'rtt_p99_ms'), 2)} ms | {fmt(med(rs, 'rtt_max_ms'), 1)} ms | "
+          f"{fmt((med(rs, 'bulk_offered_bytes_per_s') or 0) / 1e6, 2)} MB/s | {fmt((med(rs, 'bulk_goodput_bytes_per_s') or 0) / 1e6, 2)} MB/s |")
+    u, d = [r["udp_relay"] for r in s10], [r["derp"] for r in s10]
+    p99 = (med(u, "rtt_p99_ms") or 0) / (med(d, "rtt_p99_ms") or 1)
+    gp = (med(u, "bulk_goodput_bytes_per_s") or 0) / (med(d, "bulk_goodput_bytes_per_s") or 1)
+    w(f"\n- UDP relay / DERP: RTT p99 **{p99:.2f}×**, goodput **{gp:.2f}×**. Lost pings are the UDP relay's "
+      "price (a lost datagram stays lost, as with any UDP path); DERP's TCP retransmits them, and they "
+      "arrive late instead: that is its p99.\n")
+    goals.append((f"scenario 10: UDP relay RTT p99 ≤ 0.5× DERP's under {r0['loss_percent']} % loss", f"{p99:.2f}×", "met" if p99 <= 0.5 else "not met"))
+    goals.append((f"scenario 10: UDP relay goodput ≥ DERP's under {r0['loss_percent']} % loss", f"{gp:.2f}×", "met" if gp >= 1 else "not met"))
+
 
 def reading():
     w("## Reading these numbers\n")
@@ -566,21 +653,23 @@ if s1 or s2 or s7:
     reading()
 
 if goals:
-    summary = ["## Goals of issue 5, as measured\n", "| goal | measured | |", "| --- | --- | --- |"]
+    summary = ["## Goals, as measured\n", "| goal | measured | |", "| --- | --- | --- |"]
     summary += [f"| {g} | {v} | {ok} |" for g, v, ok in goals]
     summary.append("\nGoals not met are reported as measured; see \"Reading these numbers\" below, the profiles after it "
                    "(\"Where the time goes\") and the STUN appendix for what bounds each part.\n")
     # After the "How it was run" section.
     idx = next(i for i, l in enumerate(doc) if l.startswith("## 1.") or l.startswith("## 2.") or l.startswith("## 3.")
-               or l.startswith("## 4.") or l.startswith("## 5.") or l.startswith("## 6.") or l.startswith("## 7."))
+               or l.startswith("## 4.") or l.startswith("## 5.") or l.startswith("## 6.") or l.startswith("## 7.")
+               or l.startswith("## 8.") or l.startswith("## 9."))
     doc[idx:idx] = summary
 
-notes = os.path.join(os.path.dirname(__file__), "notes.md")
-if os.path.exists(notes):
-    w(open(notes).read())
-appendix = os.path.join(os.path.dirname(__file__), "stun-only-2026-11-24.md")
-if os.path.exists(appendix):
-    w(open(appendix).read())
+if REPORT_NAME == "benchmarks.md":
+    notes = os.path.join(os.path.dirname(__file__), "notes.md")
+    if os.path.exists(notes):
+        w(open(notes).read())
+    appendix = os.path.join(os.path.dirname(__file__), "stun-only-2026-11-24.md")
+    if os.path.exists(appendix):
+        w(open(appendix).read())
 
-open(os.path.join(DOCS, "benchmarks.md"), "w").write("\n".join(doc) + "\n")
-print(f"wrote {os.path.join(DOCS, 'benchmarks.md')}")
+open(os.path.join(DOCS, REPORT_NAME), "w").write("\n".join(doc) + "\n")
+print(f"wrote {os.path.join(DOCS, REPORT_NAME)}")

@@ -5,7 +5,7 @@
 #
 #   bench/run.sh                      # everything, 3 rounds per scenario
 #   ROUNDS=5 RUN_SECONDS=10 bench/run.sh
-#   SCENARIOS="1 2" SKIP_IROH=1 bench/run.sh   # a subset
+#   SCENARIOS="1 2" SKIP_IROH=1 bench/run.sh   # a subset: written to docs/benchmarks-s1-2.md
 #   WINDOW=32 bench/run.sh            # another closed-loop window for scenarios 1 and 2
 #
 # Scenarios (see docs/benchmarks.md for what each measures):
@@ -21,6 +21,14 @@
 #      metrics listener after each run)
 #   8  real WireGuard: two stock tailscaled under Headscale send WG_MIB MiB (default 200)
 #      through ferry and through derper in turn (bench/wireguard.py; root: network namespace)
+#   9  UDP relay capacity (issue 15): ferry's UDP relay (ferry-loadtest udp-relay: 8 pairs,
+#      closed loop) and coturn's TURN relay (turnutils_uclient, 200 clients, through
+#      turnutils_peer), 1200- and 64-byte datagrams: datagrams forwarded per server CPU-second;
+#      ferry again at coturn's rate (open loop) for the same load
+#  10  UDP relay vs DERP under random loss (issue 15): two ferry tunnels between hard-NAT homes
+#      in the NAT lab, LOSS_PERCENT (1) % dropped at random by one router, both ways: a ping
+#      stream's round trips and a bulk stream's goodput (client-lib/tests/nat_lab_loss_bench.rs;
+#      root: network namespaces)
 #
 # Every server runs over TLS with the same certificate (a throw-away CA and a leaf for
 # localhost/127.0.0.1), fresh for every scenario, pinned to CPU 0 (PIN=0: no pinning); the load
@@ -38,8 +46,18 @@ IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 IDLE_HOLD=${IDLE_HOLD:-5}
 PIN=${PIN:-1}
 SKIP_IROH=${SKIP_IROH:-0}
-SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7 8"}
+SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7 8 9 10"}
+# Scenario 9: coturn's load, per round and size: TURN_CLIENTS clients x TURN_MSGS messages, each
+# client one every millisecond (turnutils_uclient -z 1; it paces itself, so this is its load).
+TURN_CLIENTS=${TURN_CLIENTS:-200}
+TURN_MSGS=${TURN_MSGS:-2000}
 WG_MIB=${WG_MIB:-200}
+# The report's file in docs/: a run of some scenarios only must not replace the full report.
+if [ -z "${REPORT_NAME:-}" ]; then
+    if [ "$SCENARIOS" = "1 2 3 4 5 6 7 8 9 10" ]; then REPORT_NAME=benchmarks.md; else
+        REPORT_NAME=benchmarks-s$(echo "$SCENARIOS" | tr -s ' ' '-').md
+    fi
+fi
 # Closed-loop window for scenarios 1 and 2: at most the 32-packet receive queue of ferry and
 # derper, so no relay has to drop in pairs; 16 leaves room for the end marker and control
 # frames and keeps 8 x 16 = 128 packets in flight.
@@ -98,10 +116,10 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # Servers.
-FERRY_PORT=18443 FERRY_METRICS=19090 FERRY_STUN=13478
+FERRY_PORT=18443 FERRY_METRICS=19090 FERRY_STUN=13478 FERRY_UDP_RELAY=13480
 DERPER_PORT=28443 DERPER_STUN=23478
 IROH_PORT=38443 IROH_HTTP=38080
-COTURN_PORT=43478
+COTURN_PORT=43478 TURN_PORT=43479 TURN_PEER_PORT=43480
 
 pin_server=()
 pin_load=()
@@ -133,17 +151,19 @@ port_free() { # port_free tcp|udp PORT
 
 start() { # start NAME
     case $1 in
-    ferry) port_free tcp "$FERRY_PORT"; port_free udp "$FERRY_STUN" ;;
+    ferry) port_free tcp "$FERRY_PORT"; port_free udp "$FERRY_STUN"; port_free udp "$FERRY_UDP_RELAY" ;;
     derper) port_free tcp "$DERPER_PORT"; port_free udp "$DERPER_STUN" ;;
     iroh) port_free tcp "$IROH_PORT"; port_free tcp "$IROH_HTTP" ;;
     coturn) port_free udp "$COTURN_PORT" ;;
+    turn) port_free udp "$TURN_PORT"; port_free udp "$TURN_PEER_PORT" ;;
     esac
     case $1 in
     ferry)
         rm -f "$RUN/ferry.key"
         "${pin_server[@]}" "$FERRY" --hostname localhost --listen "127.0.0.1:$FERRY_PORT" \
             --http-listen off --metrics-listen "127.0.0.1:$FERRY_METRICS" \
-            --stun-listen "127.0.0.1:$FERRY_STUN" --key-file "$RUN/ferry.key" \
+            --stun-listen "127.0.0.1:$FERRY_STUN" --udp-relay-listen "127.0.0.1:$FERRY_UDP_RELAY" \
+            --key-file "$RUN/ferry.key" \
             --cert-mode manual --cert-file "$CERTS/localhost.crt" --cert-key-file "$CERTS/localhost.key" \
             --log-level warn >"$RUN/ferry.log" 2>&1 &
         PIDS[ferry]=$!
@@ -182,7 +202,65 @@ EOF
         PIDS[coturn]=$!
         sleep 1
         ;;
+    turn)
+        # coturn as a TURN relay (no auth, loopback peers allowed), and the UDP echo peer its
+        # clients send to (on the load generator's CPU).
+        "${pin_server[@]}" turnserver -n --no-auth -L 127.0.0.1 -p "$TURN_PORT" --no-tls --no-dtls \
+            --no-cli -m 1 --relay-ip 127.0.0.1 --allow-loopback-peers --min-port 50000 \
+            --max-port 50999 >"$RUN/turn.log" 2>&1 &
+        PIDS[turn]=$!
+        "${pin_load[@]}" turnutils_peer -L 127.0.0.1 -p "$TURN_PEER_PORT" >"$RUN/turn-peer.log" 2>&1 &
+        PIDS[turn_peer]=$!
+        sleep 1
+        ;;
     esac
+}
+
+# Scenario 9, coturn: one turnutils_uclient run; JSON like ferry-loadtest udp-relay's to FILE.
+# Each echoed message crosses the TURN relay twice (client -> peer, peer -> client): forwarded =
+# messages sent + echoes received. Server CPU is utime+stime over the run (allocations
+# included: a few hundred, next to hundreds of thousands of datagrams).
+turn_run() { # turn_run SIZE FILE
+    local size=$1 file=$2 pid=${PIDS[turn]}
+    local c0 t0 c1 t1 s0 s1
+    c0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    s0=$(awk '{print $15}' "/proc/$pid/stat")
+    t0=$(date +%s.%N)
+    "${pin_load[@]}" turnutils_uclient -c -e 127.0.0.1 -r "$TURN_PEER_PORT" -n "$TURN_MSGS" \
+        -m "$TURN_CLIENTS" -l "$size" -z 1 -p "$TURN_PORT" 127.0.0.1 >"$RUN/uclient.log" 2>&1 || true
+    c1=$(awk '{print $14+$15}' "/proc/$pid/stat")
+    s1=$(awk '{print $15}' "/proc/$pid/stat")
+    t1=$(date +%s.%N)
+    python3 - "$RUN/uclient.log" "$file" "$size" "$c0" "$c1" "$t0" "$t1" "$(getconf CLK_TCK)" "$s0" "$s1" <<'EOF'
+import json, re, sys
+log, out, size, c0, c1, t0, t1, hz, s0, s1 = sys.argv[1:]
+m = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", open(log).read())
+if not m:
+    sys.exit(f"turnutils_uclient printed no totals; see {log}")
+sent, recv = map(int, m[-1])
+cpu = (int(c1) - int(c0)) / int(hz)
+secs = float(t1) - float(t0)
+fwd = sent + recv
+r = {"server_name": "coturn", "size": int(size), "sent": sent, "delivered": recv, "forwarded": fwd,
+     "seconds": secs, "delivered_per_second": fwd / secs, "lost": sent - recv,
+     "server": {"cpu_seconds": cpu, "system_seconds": (int(s1) - int(s0)) / int(hz), "cores": cpu / secs,
+                "per_cpu_second": fwd / cpu if cpu else 0}}
+json.dump(r, open(out, "w"))
+print(f"    coturn  {size} B: {fwd / secs:,.0f} forwarded/s, {r['server']['per_cpu_second']:,.0f} per server CPU-s, "
+      f"server cores {cpu / secs:.2f}, lost {sent - recv:,}/{sent:,}", file=sys.stderr)
+EOF
+}
+
+# Scenario 9, ferry: one ferry-loadtest udp-relay run to FILE; extra args follow.
+udp_relay_run() { # udp_relay_run FILE ARGS...
+    local file=$1
+    shift
+    "${pin_load[@]}" "$LT" udp-relay "https://127.0.0.1:$FERRY_PORT/derp" --ca-file "$CERTS/ca.crt" \
+        --tls-name localhost --server-pid "${PIDS[ferry]}" --json --no-progress "$@" >"$file"
+    python3 -c "
+import json,sys
+r=json.load(open('$file'))
+print(f\"    ferry   {r['size']} B{' at '+format(r['rate'],',')+'/s' if r['rate'] else ''}: {r['delivered_per_second']:,.0f} forwarded/s, {r['server']['per_cpu_second']:,.0f} per server CPU-s, server cores {r['server']['cores']:.2f}, lost {r['lost']}\", file=sys.stderr)"
 }
 
 stop_all() {
@@ -295,7 +373,7 @@ T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
     echo "loadavg_before=$(cut -d' ' -f1-3 /proc/loadavg)"
     echo "cpu_stat_before=$(head -1 /proc/stat)"
     echo "pinned=${pin_server[*]:-no} / ${pin_load[*]:-no}"
-    echo "rounds=$ROUNDS run_seconds=$RUN_SECONDS warmup=$WARMUP idle_clients=$IDLE_CLIENTS window=$WINDOW"
+    echo "rounds=$ROUNDS run_seconds=$RUN_SECONDS warmup=$WARMUP idle_clients=$IDLE_CLIENTS window=$WINDOW turn_clients=$TURN_CLIENTS turn_msgs=$TURN_MSGS"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 
@@ -360,6 +438,41 @@ for kind in ('ts','plain'):
            rm -f "$OUT"/s8/*.json
            python3 bench/wireguard.py "$OUT" "$ROUNDS" "$WG_MIB" $([ "$PIN" = 1 ] && echo --pin)
        fi ;;
+    9) log "scenario 9: UDP relay capacity, ferry vs coturn (TURN), 1200 and 64 bytes"
+       mkdir -p "$OUT/s9"
+       rm -f "$OUT/s9"/*.json
+       for round in $(seq "$ROUNDS"); do
+           for size in 1200 64; do
+               log "scenario 9, $size bytes, round $round"
+               start ferry; start turn
+               for s in $(order "$round" ferry coturn); do
+                   case $s in
+                   ferry) udp_relay_run "$OUT/s9/ferry-$size-r$round.json" --pairs 8 --size "$size" \
+                       --window 64 "${T[@]}" ;;
+                   coturn) turn_run "$size" "$OUT/s9/coturn-$size-r$round.json" ;;
+                   esac
+               done
+               # ferry at coturn's forwarding rate: the same load, per CPU-second.
+               rate=$(python3 -c "import json; print(int(json.load(open('$OUT/s9/coturn-$size-r$round.json'))['delivered_per_second']))")
+               udp_relay_run "$OUT/s9/ferry-rate-$size-r$round.json" --pairs 8 --size "$size" \
+                   --rate "$rate" "${T[@]}"
+               stop_all
+           done
+       done ;;
+    10) if [ "$(id -u)" != 0 ]; then
+           log "scenario 10 skipped: it needs root (the NAT lab's network namespaces)"
+       else
+           log "scenario 10: UDP relay vs DERP under ${LOSS_PERCENT:-1} % random loss (NAT lab, ferry tunnel)"
+           mkdir -p "$OUT/s10"
+           rm -f "$OUT/s10"/*.json
+           nice -n 19 cargo build --release -p ferry-relay -p ferry-client
+           for round in $(seq "$ROUNDS"); do
+               log "scenario 10, round $round"
+               LOSS_BENCH_JSON="$OUT/s10/r$round.json" cargo test --release -p ferry-client \
+                   --test nat_lab_loss_bench -- --ignored --nocapture 2>&1 |
+                   grep -E '^(udp-relay|derp|UDP relay /)' | cut -c1-220 >&2
+           done
+       fi ;;
     *) echo "unknown scenario $n" >&2; exit 2 ;;
     esac
 done
@@ -371,6 +484,6 @@ done
     echo "date_end=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >>"$OUT/machine.txt"
 
-log "writing docs/benchmarks.md"
-python3 bench/report.py "$OUT" docs
-log "done: docs/benchmarks.md, docs/bench-*.svg; raw JSON in $OUT"
+log "writing docs/$REPORT_NAME"
+python3 bench/report.py "$OUT" docs "$REPORT_NAME"
+log "done: docs/$REPORT_NAME, docs/bench-*.svg; raw JSON in $OUT"

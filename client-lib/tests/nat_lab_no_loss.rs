@@ -11,13 +11,12 @@
 
 mod natlab;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use natlab::{keygen, netns_list, tail, udp_socket_in, Lab, Nat, Proc};
+use natlab::{netns_list, start_tunnels, stop_tunnel, tail, Lab, Nat, Proc, Tunnels};
 
 /// Packets per transfer.
 const N: u32 = 10_000;
@@ -178,42 +177,6 @@ fn resent_via_relay(log: &Path) -> u64 {
         .sum()
 }
 
-/// Waits for a tunnel's ready line; returns its `--listen` address.
-fn ready(t: &mut Proc, name: &str, log: &Path) -> Result<SocketAddr, String> {
-    let Some((_, l)) = t.wait_for("tunnel ready: ", Duration::from_secs(15)) else {
-        return Err(format!(
-            "tunnel {name} not ready: {:?}\n--- its log (tail):\n{}",
-            t.seen,
-            tail(log, 30)
-        ));
-    };
-    l.strip_prefix("tunnel ready: udp ")
-        .and_then(|r| r.split(' ').next())
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| format!("tunnel {name}: no address in {l:?}"))
-}
-
-/// SIGTERM, then the rest of stdout until the process exits; returns the summary line.
-fn stop(t: &mut Proc) -> String {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &t.child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Ok((_, l)) = t
-        .lines
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-    {
-        t.seen.push(l);
-    }
-    t.kill();
-    t.seen
-        .iter()
-        .rev()
-        .find(|l| l.starts_with("tunnel summary: "))
-        .cloned()
-        .unwrap_or_else(|| "(no summary line)".into())
-}
-
 /// Tunnel A's path, from its `path to <peer>: <kind> …` lines.
 struct PathWatch {
     peer: String,
@@ -278,65 +241,6 @@ struct Trial {
     resent: u64,
 }
 
-/// One transfer: fresh keys and tunnels, 10,000 packets A-app → tunnel A → tunnel B → B-app.
-/// Two tunnels, A in home 1 and B in home 2 (B forwarding to B-app), with the test's two
-/// applications (UDP sockets inside the homes) and the tunnels' debug logs.
-struct Tunnels {
-    a: Proc,
-    b: Proc,
-    /// Tunnel A's and B's `--listen` addresses.
-    a_addr: SocketAddr,
-    b_addr: SocketAddr,
-    a_app: std::net::UdpSocket,
-    b_app: std::net::UdpSocket,
-    alog: std::path::PathBuf,
-    blog: std::path::PathBuf,
-    bpub: String,
-}
-
-/// Starts [`Tunnels`] with fresh keys named after `tag`; waits for both ready lines.
-fn start_tunnels(lab: &Lab, tag: &str) -> Result<Tunnels, String> {
-    let map = lab.map_file.to_str().expect("utf-8 path").to_string();
-    let (akey, apub) = keygen(lab.dir.path(), &format!("a{tag}.key"));
-    let (bkey, bpub) = keygen(lab.dir.path(), &format!("b{tag}.key"));
-    let alog = lab.dir.path().join(format!("a{tag}.log"));
-    let blog = lab.dir.path().join(format!("b{tag}.log"));
-    let a_app = udp_socket_in(&lab.home(1));
-    let b_app = udp_socket_in(&lab.home(2));
-    let b_app_addr = b_app.local_addr().expect("local addr").to_string();
-    let (akey, bkey) = (
-        akey.to_str().expect("utf-8 path").to_string(),
-        bkey.to_str().expect("utf-8 path").to_string(),
-    );
-    let listen = ["--listen", "127.0.0.1:0", "--relay-map", &map];
-    let mut b_args = vec![
-        "tunnel",
-        &apub,
-        "--forward",
-        &b_app_addr,
-        "--key-file",
-        &bkey,
-    ];
-    b_args.extend_from_slice(&listen);
-    let mut b = lab.ferry_logged(2, &blog, &b_args);
-    let mut a_args = vec!["tunnel", &bpub, "--key-file", &akey];
-    a_args.extend_from_slice(&listen);
-    let mut a = lab.ferry_logged(1, &alog, &a_args);
-    let a_addr = ready(&mut a, "A", &alog)?;
-    let b_addr = ready(&mut b, "B", &blog)?;
-    Ok(Tunnels {
-        a,
-        b,
-        a_addr,
-        b_addr,
-        a_app,
-        b_app,
-        alog,
-        blog,
-        bpub,
-    })
-}
-
 fn trial(lab: &Lab, i: usize, mode: Mode) -> Result<Trial, String> {
     let r1 = lab.ns("r1");
     if mode == Mode::UdpRelay {
@@ -353,7 +257,7 @@ fn trial(lab: &Lab, i: usize, mode: Mode) -> Result<Trial, String> {
         alog,
         blog,
         bpub,
-    } = start_tunnels(lab, &i.to_string())?;
+    } = start_tunnels(lab, &i.to_string(), &[])?;
     let logs = |why: String| {
         format!(
             "{why}{}\n--- tunnel A's log (tail):\n{}\n--- tunnel B's log (tail):\n{}",
@@ -534,7 +438,7 @@ fn trial(lab: &Lab, i: usize, mode: Mode) -> Result<Trial, String> {
     // during it.
     let relay_drops = lab.relay_drops();
     watch.poll(&mut a, N);
-    let summaries = [stop(&mut a), stop(&mut b)];
+    let summaries = [stop_tunnel(&mut a), stop_tunnel(&mut b)];
     println!("trial {i}: tunnel A: {}", summaries[0]);
     println!("trial {i}: tunnel B: {}", summaries[1]);
     uncut(lab);
@@ -720,7 +624,7 @@ fn natlab_large_datagrams_survive_a_path_that_loses_them() {
         alog,
         bpub,
         ..
-    } = start_tunnels(&lab, "large").unwrap_or_else(|e| panic!("{e}"));
+    } = start_tunnels(&lab, "large", &[]).unwrap_or_else(|e| panic!("{e}"));
     // Small warm-up datagrams (traffic starts disco), until the direct path is up (small
     // pings cross); then the big datagrams.
     for _ in 0..3 {
@@ -768,8 +672,8 @@ fn natlab_large_datagrams_survive_a_path_that_loses_them() {
     }
     let elapsed = started.elapsed();
     let resent = resent_via_relay(&alog);
-    let summary = stop(&mut a);
-    stop(&mut b);
+    let summary = stop_tunnel(&mut a);
+    stop_tunnel(&mut b);
     let _ = frag("-D");
     let dup: Vec<usize> = (0..COUNT as usize).filter(|i| seen[*i] > 1).collect();
     let missing: Vec<usize> = (0..COUNT as usize).filter(|i| seen[*i] == 0).collect();

@@ -4,6 +4,11 @@ use std::io;
 
 /// CPU time (user + system) of process `pid`, in seconds, from /proc/PID/stat.
 pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
+    cpu_split(pid).map(|(u, s)| u + s)
+}
+
+/// CPU time of process `pid` in user and in system (kernel) mode, in seconds.
+pub fn cpu_split(pid: u32) -> io::Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the ")" closing the command name: state is field 3, utime 14, stime 15.
     let rest = stat
@@ -21,7 +26,7 @@ pub fn cpu_seconds(pid: u32) -> io::Result<f64> {
     let (utime, stime) = (field(11)?, field(12)?);
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((utime + stime) / ticks)
+    Ok((utime / ticks, stime / ticks))
 }
 
 /// A `kB` field of /proc/PID/status (`VmRSS`, `VmHWM`), in bytes.

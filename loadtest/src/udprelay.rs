@@ -76,6 +76,8 @@ pub struct Server {
     pub pid: u32,
     /// utime + stime over the measured window.
     pub cpu_seconds: f64,
+    /// Of which in the kernel (stime): the sockets' work, not the relay's code.
+    pub system_seconds: f64,
     /// cpu_seconds / seconds.
     pub cores: f64,
     /// Datagrams forwarded (delivered) per server CPU-second.
@@ -102,8 +104,10 @@ impl UdpRelayReport {
         );
         if let Some(v) = &self.server {
             s += &format!(
-                "  server: {:.2} cores, {:.0} datagrams forwarded per server CPU-second\n",
-                v.cores, v.per_cpu_second
+                "  server: {:.2} cores ({:.0} % in the kernel), {:.0} datagrams forwarded per server CPU-second\n",
+                v.cores,
+                100.0 * v.system_seconds / v.cpu_seconds.max(1e-9),
+                v.per_cpu_second
             );
         }
         s
@@ -182,9 +186,10 @@ pub async fn run(a: &UdpRelayArgs) -> Result<UdpRelayReport> {
         delivered: r.delivered,
         delivered_per_second: r.delivered as f64 / seconds,
         lost: r.lost,
-        server: r.server_cpu.map(|(pid, cpu)| Server {
+        server: r.server_cpu.map(|(pid, cpu, sys)| Server {
             pid,
             cpu_seconds: cpu,
+            system_seconds: sys,
             cores: cpu / seconds,
             per_cpu_second: if cpu > 0.0 {
                 r.delivered as f64 / cpu
@@ -355,7 +360,8 @@ struct Totals {
     sent: u64,
     delivered: u64,
     lost: u64,
-    server_cpu: Option<(u32, f64)>,
+    /// pid, CPU seconds, of which system.
+    server_cpu: Option<(u32, f64, f64)>,
     client_cpu: f64,
 }
 
@@ -388,7 +394,7 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
     let start = Instant::now();
     let measure_from = start + b.warmup;
     let stop_at = measure_from + b.duration;
-    let mut cpu0: Option<(f64, f64)> = None;
+    let mut cpu0: Option<((f64, f64), f64)> = None;
     let (mut sent, mut delivered, mut lost) = (0u64, 0u64, 0u64);
     let mut seq = 0u64;
     // Open loop: datagrams due so far, per flow.
@@ -399,8 +405,8 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
         let now = Instant::now();
         if cpu0.is_none() && now >= measure_from {
             let server = match b.server_pid {
-                Some(p) => procfs::cpu_seconds(p)?,
-                None => 0.0,
+                Some(p) => procfs::cpu_split(p)?,
+                None => (0.0, 0.0),
             };
             cpu0 = Some((server, procfs::own_cpu_seconds()));
             sent = 0;
@@ -459,9 +465,12 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
             std::thread::sleep(Duration::from_micros(20));
         }
     }
-    let (s0, c0) = cpu0.unwrap_or((0.0, 0.0));
+    let ((u0, s0), c0) = cpu0.unwrap_or(((0.0, 0.0), 0.0));
     let server_cpu = match b.server_pid {
-        Some(p) => Some((p, procfs::cpu_seconds(p)? - s0)),
+        Some(p) => {
+            let (u1, s1) = procfs::cpu_split(p)?;
+            Some((p, (u1 - u0) + (s1 - s0), s1 - s0))
+        }
         None => None,
     };
     Ok(Totals {

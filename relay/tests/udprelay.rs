@@ -196,3 +196,185 @@ async fn without_the_udp_relay_an_allocation_is_skipped() {
     let (src, d) = timeout(T, b.recv()).await.unwrap();
     assert_eq!((src, &d[..]), (a.key(), &b"still here"[..]));
 }
+
+/// Issue 15, acceptance 5 at the relay as a whole: with an allowlist, a stranger that pipelines
+/// an allocation right behind its ClientInfo (before the relay has decided) is closed without
+/// an answer and gets no session; the listed pair allocates and binds, and while a flood of
+/// junk hits the UDP relay port (garbage, the session's VNI from a stranger's address, Binds
+/// sealed by nobody the relay knows), every one of the pair's 2,000 datagrams arrives, and the
+/// junk is dropped and counted, never answered with more bytes than it had.
+#[tokio::test]
+async fn strangers_cannot_allocate_and_a_flood_leaves_an_honest_session_whole() {
+    use ferry_relay::proto::{self, frame_type as ft, ClientInfo};
+    use ferry_relay::server::AdmissionConfig;
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ka, kb) = (SecretKey::generate(), SecretKey::generate());
+    let list = dir.path().join("keys.txt");
+    std::fs::write(
+        &list,
+        format!(
+            "nodekey:{}\nnodekey:{}\n",
+            ka.public().to_hex(),
+            kb.public().to_hex()
+        ),
+    )
+    .unwrap();
+    let relay = Options::plain()
+        .start_with(|c| {
+            c.udp_relay = Some(UdpRelayConfig::new("127.0.0.1:0".parse().unwrap()));
+            c.admission = Some(AdmissionConfig {
+                allowlist_file: Some(list.clone()),
+                ..Default::default()
+            });
+        })
+        .await;
+    let uaddr = relay.udp_relay_addr().unwrap();
+    let m = relay.metrics();
+
+    // The stranger: ServerKey, then ClientInfo and an allocation in one write.
+    let stranger = SecretKey::generate();
+    let mut s = RawClient::from_parts(upgrade(&relay).await, stranger, PublicKey([0; 32]));
+    let f = s.frame().await.expect("ServerKey");
+    assert_eq!(f.frame_type, ft::SERVER_KEY);
+    s.server_key = proto::parse_server_key(&f.payload).unwrap();
+    let info = proto::client_info_payload(
+        &s.secret,
+        &s.server_key,
+        &ClientInfo {
+            version: 2,
+            ..Default::default()
+        },
+    );
+    let mut out = Vec::new();
+    proto::put_frame(&mut out, ft::CLIENT_INFO, &[&info]);
+    let req = AllocRequest {
+        id: 1,
+        keys: [s.key(), ka.public()],
+    };
+    proto::put_frame(&mut out, FRAME_ALLOCATE, &[&req.encode()]);
+    s.io.write_all(&out).await.unwrap();
+    s.io.flush().await.unwrap();
+    while let Some(f) = timeout(T, s.frame()).await.expect("closed in time") {
+        assert_ne!(
+            f.frame_type,
+            ferry_proto::udprelay::FRAME_ENDPOINT,
+            "a stranger got an allocation answer"
+        );
+    }
+    let allocations = |result: &str| {
+        m.sample(
+            "ferry_relay_udp_relay_allocations_total",
+            &format!("result=\"{result}\""),
+        )
+    };
+    assert_eq!(allocations("granted"), 0.0);
+
+    // The listed pair.
+    let mut a = RawClient::handshake_with(upgrade(&relay).await, ka.clone()).await;
+    let b = RawClient::handshake_with(upgrade(&relay).await, kb.clone()).await;
+    let ep = allocate(&mut a, 2, [ka.public(), kb.public()])
+        .await
+        .expect("granted");
+    assert_eq!(allocations("granted"), 1.0);
+    let (ua, ub) = (
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    );
+    bind(&ua, uaddr, &a.secret, &ep, kb.public()).await;
+    bind(&ub, uaddr, &b.secret, &ep, ka.public()).await;
+    eventually("both bound", || {
+        m.sample("ferry_relay_udp_relay_binds_total", "") == 2.0
+    })
+    .await;
+
+    // The flood, from its own socket, in bursts.
+    let junk = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let junk_addr = junk.local_addr().unwrap();
+    let nobody = SecretKey::generate();
+    let flood = tokio::spawn(async move {
+        let bogus_bind = BindMsg {
+            kind: BindKind::Bind,
+            vni: ep.vni,
+            generation: 9,
+            remote_key: nobody.public(),
+            challenge: [0; 32],
+        }
+        .seal(&nobody, &SecretKey::generate().public());
+        let mut sent = 0u64;
+        for burst in 0..100u32 {
+            for i in 0..100u32 {
+                let d = match i % 3 {
+                    0 => vec![(burst ^ i) as u8; 1 + (i as usize * 7) % 1400],
+                    1 => data(ep.vni, b"not from a bound address"),
+                    _ => bogus_bind.clone(),
+                };
+                junk.send_to(&d, uaddr).await.unwrap();
+                sent += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        (junk, sent)
+    });
+    // Meanwhile A sends B 2,000 numbered datagrams, at most 64 unanswered.
+    const N: u32 = 2000;
+    let mut got = vec![false; N as usize];
+    let mut buf = vec![0u8; 2048];
+    let (mut next, mut received) = (0u32, 0u32);
+    while received < N {
+        while next < N && next - received < 64 {
+            ua.send_to(&data(ep.vni, &next.to_be_bytes()), uaddr)
+                .await
+                .unwrap();
+            next += 1;
+        }
+        let (n, src) = timeout(T, ub.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("B stalled at {received} of {N}"))
+            .unwrap();
+        assert_eq!(src, uaddr);
+        let i = u32::from_be_bytes(buf[n - 4..n].try_into().unwrap());
+        assert!(!got[i as usize], "datagram {i} twice");
+        got[i as usize] = true;
+        received += 1;
+    }
+    let (junk, sent) = flood.await.unwrap();
+    // Nothing came back to the flooder: no answer to garbage, to a stranger's data, or to a
+    // Bind sealed to another server key.
+    let mut one = [0u8; 2048];
+    assert!(
+        timeout(
+            std::time::Duration::from_millis(200),
+            junk.recv_from(&mut one)
+        )
+        .await
+        .is_err(),
+        "the relay answered the flood ({junk_addr})"
+    );
+    eventually("the flood counted", || {
+        let dropped: f64 = [
+            "short",
+            "unknown_session",
+            "bad_control",
+            "bad_challenge",
+            "not_bound",
+            "unknown_source",
+        ]
+        .iter()
+        .map(|r| {
+            m.sample(
+                "ferry_relay_udp_relay_dropped_total",
+                &format!("reason=\"{r}\""),
+            )
+        })
+        .sum();
+        dropped >= sent as f64
+    })
+    .await;
+    assert_eq!(
+        m.sample("ferry_relay_udp_relay_forwarded_packets_total", ""),
+        N as f64,
+        "only the pair's datagrams were forwarded"
+    );
+}

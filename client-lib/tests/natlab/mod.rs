@@ -30,6 +30,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -779,4 +780,103 @@ impl Drop for NetNs {
         }
         let _ = ip(&["netns", "del", &self.name]);
     }
+}
+
+// ----- two `ferry tunnel`s (tests/nat_lab_no_loss.rs, tests/nat_lab_loss_bench.rs) -----
+
+/// Waits for a tunnel's ready line; returns its `--listen` address.
+pub fn tunnel_ready(t: &mut Proc, name: &str, log: &Path) -> Result<SocketAddr, String> {
+    let Some((_, l)) = t.wait_for("tunnel ready: ", Duration::from_secs(15)) else {
+        return Err(format!(
+            "tunnel {name} not ready: {:?}\n--- its log (tail):\n{}",
+            t.seen,
+            tail(log, 30)
+        ));
+    };
+    l.strip_prefix("tunnel ready: udp ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("tunnel {name}: no address in {l:?}"))
+}
+
+/// SIGTERM, then the rest of stdout until the process exits; returns the summary line.
+pub fn stop_tunnel(t: &mut Proc) -> String {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &t.child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Ok((_, l)) = t
+        .lines
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        t.seen.push(l);
+    }
+    t.kill();
+    t.seen
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("tunnel summary: "))
+        .cloned()
+        .unwrap_or_else(|| "(no summary line)".into())
+}
+
+/// Two `ferry tunnel`s, A in home 1 and B in home 2 (B forwarding to B-app), with the test's two
+/// applications (UDP sockets inside the homes) and the tunnels' debug logs.
+pub struct Tunnels {
+    pub a: Proc,
+    pub b: Proc,
+    /// Tunnel A's and B's `--listen` addresses.
+    pub a_addr: SocketAddr,
+    pub b_addr: SocketAddr,
+    pub a_app: std::net::UdpSocket,
+    pub b_app: std::net::UdpSocket,
+    pub alog: std::path::PathBuf,
+    pub blog: std::path::PathBuf,
+    pub bpub: String,
+}
+
+/// Starts [`Tunnels`] with fresh keys named after `tag` (A in home 1, B in home 2), both with
+/// the `extra` arguments; waits for both ready lines.
+pub fn start_tunnels(lab: &Lab, tag: &str, extra: &[&str]) -> Result<Tunnels, String> {
+    let map = lab.map_file.to_str().expect("utf-8 path").to_string();
+    let (akey, apub) = keygen(lab.dir.path(), &format!("a{tag}.key"));
+    let (bkey, bpub) = keygen(lab.dir.path(), &format!("b{tag}.key"));
+    let alog = lab.dir.path().join(format!("a{tag}.log"));
+    let blog = lab.dir.path().join(format!("b{tag}.log"));
+    let a_app = udp_socket_in(&lab.home(1));
+    let b_app = udp_socket_in(&lab.home(2));
+    let b_app_addr = b_app.local_addr().expect("local addr").to_string();
+    let (akey, bkey) = (
+        akey.to_str().expect("utf-8 path").to_string(),
+        bkey.to_str().expect("utf-8 path").to_string(),
+    );
+    let listen = ["--listen", "127.0.0.1:0", "--relay-map", &map];
+    let mut b_args = vec![
+        "tunnel",
+        &apub,
+        "--forward",
+        &b_app_addr,
+        "--key-file",
+        &bkey,
+    ];
+    b_args.extend_from_slice(&listen);
+    b_args.extend_from_slice(extra);
+    let mut b = lab.ferry_logged(2, &blog, &b_args);
+    let mut a_args = vec!["tunnel", &bpub, "--key-file", &akey];
+    a_args.extend_from_slice(&listen);
+    a_args.extend_from_slice(extra);
+    let mut a = lab.ferry_logged(1, &alog, &a_args);
+    let a_addr = tunnel_ready(&mut a, "A", &alog)?;
+    let b_addr = tunnel_ready(&mut b, "B", &blog)?;
+    Ok(Tunnels {
+        a,
+        b,
+        a_addr,
+        b_addr,
+        a_app,
+        b_app,
+        alog,
+        blog,
+        bpub,
+    })
 }
