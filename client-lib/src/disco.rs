@@ -282,7 +282,9 @@ fn parse(pt: &[u8]) -> Result<Message, DiscoError> {
         }
         T_CALL_ME_MAYBE_VIA => {
             // Tailscale: at least one address, whole addresses only.
-            if body.len() < VIA_FIXED + ADDR_LEN || (body.len() - VIA_FIXED) % ADDR_LEN != 0 {
+            if body.len() < VIA_FIXED + ADDR_LEN
+                || !(body.len() - VIA_FIXED).is_multiple_of(ADDR_LEN)
+            {
                 return Err(DiscoError::Malformed {
                     kind: "call-me-maybe-via",
                     why: format!(
