@@ -19,6 +19,9 @@ from glob import glob
 
 OUT, DOCS = sys.argv[1], sys.argv[2]
 REPORT_NAME = sys.argv[3] if len(sys.argv) > 3 else "benchmarks.md"
+# Chart files: bench-*.svg for the full report; a partial report's carry its name, so that it
+# never overwrites the full report's charts.
+CHART = "bench-" if REPORT_NAME == "benchmarks.md" else REPORT_NAME[: -len(".md")] + "-"
 NAMES = {"ferry": "ferry-relay", "derper": "derper", "iroh": "iroh-relay", "coturn": "coturn"}
 COLORS = {"ferry": "#1f77b4", "derper": "#d62728", "iroh": "#2ca02c", "coturn": "#9467bd"}
 
@@ -349,8 +352,8 @@ def overload():
     for sz, by in result.items():
         groups.append((f"{sz} B: goodput/s", {s: med(by[s], "packets", "delivered_per_second") for s in by}))
         groups.append((f"{sz} B: per server CPU-s", {s: med(by[s], "server", "per_cpu_second") for s in by}))
-    bar_chart(os.path.join(DOCS, "bench-overload.svg"), f"Goodput under overload, 8 pairs flooding (median of rounds, {date})", groups, "packets")
-    w("![overload](bench-overload.svg)\n")
+    bar_chart(os.path.join(DOCS, CHART + "overload.svg"), f"Goodput under overload, 8 pairs flooding (median of rounds, {date})", groups, "packets")
+    w(f"![overload]({CHART}overload.svg)\n")
     return result
 
 
@@ -362,8 +365,8 @@ for n, by in ((1, s1), (2, s2)):
         groups.append((f"{'1200' if n == 1 else '64'} B: packets/s", {s: med(by[s], "packets", "delivered_per_second") for s in by}))
         groups.append((f"{'1200' if n == 1 else '64'} B: per server CPU-s", {s: med(by[s], "server", "per_cpu_second") for s in by}))
 if groups:
-    bar_chart(os.path.join(DOCS, "bench-throughput.svg"), f"Relay capacity, 8 pairs, closed loop, window {knobs.get('window', '?')} (median of rounds, {date})", groups, "packets")
-    w("![throughput](bench-throughput.svg)\n")
+    bar_chart(os.path.join(DOCS, CHART + "throughput.svg"), f"Relay capacity, 8 pairs, closed loop, window {knobs.get('window', '?')} (median of rounds, {date})", groups, "packets")
+    w(f"![throughput]({CHART}throughput.svg)\n")
 
 by = runs(3)
 if by:
@@ -399,8 +402,8 @@ if by:
         if rs:
             series[s] = rs[len(rs) // 2]["latency"]["round_trip"]["percentiles"]
     if series:
-        curve_chart(os.path.join(DOCS, "bench-latency.svg"), f"Round-trip latency by percentile at {2*int(rate):,} relayed packets/s (median round, {date})", series)
-        w("\n![latency](bench-latency.svg)\n")
+        curve_chart(os.path.join(DOCS, CHART + "latency.svg"), f"Round-trip latency by percentile at {2*int(rate):,} relayed packets/s (median round, {date})", series)
+        w(f"\n![latency]({CHART}latency.svg)\n")
 
 by = runs(4)
 if by:
@@ -425,9 +428,9 @@ if by:
         d = med(by["derper"], "idle", "server_rss_per_connection_bytes") if "derper" in by else None
         goals.append(("scenario 4: ≤ 16 KiB per idle TLS client", (f"{a/1024:.1f} KiB" if a else "—") + (f" (derper {d/1024:.1f} KiB)" if d else ""),
                       "met" if a and a <= 16 * 1024 else "not met"))
-    bar_chart(os.path.join(DOCS, "bench-idle.svg"), f"Server RSS per idle TLS connection, KiB (median, {date})",
+    bar_chart(os.path.join(DOCS, CHART + "idle.svg"), f"Server RSS per idle TLS connection, KiB (median, {date})",
               [("KiB per connection", {s: (med(by[s], "idle", "server_rss_per_connection_bytes") or 0) / 1024 for s in by})], "KiB")
-    w("\n![idle](bench-idle.svg)\n")
+    w(f"\n![idle]({CHART}idle.svg)\n")
 
 by = runs(5)
 if by:
@@ -447,10 +450,10 @@ if by:
         if f and peer in by:
             w(f"- ferry / {NAMES[peer]}: handshakes/s {ratio(med(f,'handshakes','per_second'), med(by[peer],'handshakes','per_second'))}, "
               f"per server CPU-second {ratio(med(f,'server','per_cpu_second'), med(by[peer],'server','per_cpu_second'))}")
-    bar_chart(os.path.join(DOCS, "bench-connect.svg"), f"Connect storm (median, {date})",
+    bar_chart(os.path.join(DOCS, CHART + "connect.svg"), f"Connect storm (median, {date})",
               [("handshakes/s", {s: med(by[s], "handshakes", "per_second") for s in by}),
                ("per server CPU-second", {s: med(by[s], "server", "per_cpu_second") for s in by})], "handshakes")
-    w("\n![connect](bench-connect.svg)\n")
+    w(f"\n![connect]({CHART}connect.svg)\n")
 
 ts, plain = runs(6, "-ts"), runs(6, "-plain")
 if ts or plain:
@@ -478,8 +481,8 @@ if ts or plain:
                     goals.append((f"scenario 6: STUN ≥ 5× coturn per server CPU-second ({kind} requests)",
                                   f"{a/b:.2f}× ({fmt(a)} vs {fmt(b)} answers per server CPU-second)", "met" if a / b >= 5 else "not met"))
     groups = [(f"{k}: per server CPU-s", {s: med(by[s], "server", "per_cpu_second") for s in by}) for k, by in (("Tailscale-style", ts), ("plain", plain)) if by]
-    bar_chart(os.path.join(DOCS, "bench-stun.svg"), f"STUN answers per server CPU-second (median, {date})", groups, "answers")
-    w("\n![stun](bench-stun.svg)\n")
+    bar_chart(os.path.join(DOCS, CHART + "stun.svg"), f"STUN answers per server CPU-second (median, {date})", groups, "answers")
+    w(f"\n![stun]({CHART}stun.svg)\n")
 
 s7 = overload()
 
@@ -553,10 +556,10 @@ if s9:
         if a and cb:
             goals.append((f"scenario 9: UDP relay ≥ 3× coturn per server CPU-second ({size} B, same load)",
                           f"{a/cb:.2f}× ({fmt(a)} vs {fmt(cb)})", "met" if a / cb >= 3 else "not met"))
-    bar_chart(os.path.join(DOCS, "bench-udp-relay.svg"), f"UDP relay: datagrams forwarded per server CPU-second (median, {date})",
+    bar_chart(os.path.join(DOCS, CHART + "udp-relay.svg"), f"UDP relay: datagrams forwarded per server CPU-second (median, {date})",
               [(f"{size} B", {srv: med(s9.get(f"{'ferry-rate' if srv == 'ferry' else 'coturn'}-{size}") or [], "server", "per_cpu_second") or 0
                               for srv in ("ferry", "coturn")}) for size in ("1200", "64")], "datagrams")
-    w("\n![udp relay](bench-udp-relay.svg)\n")
+    w(f"\n![udp relay]({CHART}udp-relay.svg)\n")
 
 s10 = [json.load(open(f)) for f in sorted(glob(os.path.join(OUT, "s10", "r*.json")))]
 if s10:
