@@ -831,3 +831,61 @@ async fn a_steady_stream_split_across_reads_outlives_the_frame_timeout() {
         0.0
     );
 }
+
+/// Issue 17: the relay picks the AEAD, not the client. A rustls client (ferry's own) offers
+/// AES-256-GCM first; the relay answers with AES-128-GCM on a CPU with AES instructions
+/// (ChaCha20-Poly1305 without them), and a client that offers only AES-256-GCM still gets it.
+#[cfg(target_arch = "x86_64")]
+#[tokio::test]
+async fn the_relay_chooses_the_cheapest_aead_the_client_offers() {
+    use std::sync::Arc;
+    let relay = Options::tls().start().await;
+    let der = relay.server.cert_der().expect("a TLS relay");
+    let suites_of = |only: Option<rustls::SupportedCipherSuite>| {
+        let mut provider = rustls::crypto::ring::default_provider();
+        if let Some(s) = only {
+            provider.cipher_suites = vec![s];
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der.clone()))
+            .unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let offered: Vec<_> = rustls::crypto::ring::default_provider()
+        .cipher_suites
+        .iter()
+        .map(|s| s.suite())
+        .collect();
+    assert_eq!(
+        offered[0],
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "rustls offers AES-256 first (else this test proves nothing)"
+    );
+    let aes = std::arch::is_x86_feature_detected!("aes")
+        && std::arch::is_x86_feature_detected!("pclmulqdq");
+    let want = if aes {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    } else {
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+    };
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tcp = TcpStream::connect(relay.addr()).await.unwrap();
+    let tls = suites_of(None).connect(name.clone(), tcp).await.unwrap();
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(want)
+    );
+    let only256 = rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384;
+    let tcp = TcpStream::connect(relay.addr()).await.unwrap();
+    let tls = suites_of(Some(only256)).connect(name, tcp).await.unwrap();
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+    );
+}
