@@ -16,6 +16,8 @@
 # EXTRA_LIMITS: more [limits] lines for the relay (e.g. the abuse mitigations:
 # EXTRA_LIMITS=$'accept_rate = 200\naccept_burst = 200\nclient_rate_limit = 16777216');
 # ATTACKS_ONLY: a regex of the abuse run's attack names to run (default: all).
+# ABUSE_SOURCE=N: the abuser connects from 127.0.0.N alone (honest clients use .1-.32), so a
+# per-IP limit (EXTRA_LIMITS max_connections_per_ip) applies to it and not to them.
 set -euo pipefail
 MODE=${1:-soak}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -104,6 +106,8 @@ EOF
 
 case $MODE in
 abuse)
+    SRC=""
+    [ -n "${ABUSE_SOURCE:-}" ] && SRC="--source-first $ABUSE_SOURCE --source-ips 1"
     start_relay 60s
     # name | abuse arguments ("garbage" loops 1 GiB clients for the honest run's length)
     ATTACKS=(
@@ -126,13 +130,13 @@ abuse)
             ( end=$((SECONDS + 24)); i=0
               while ((SECONDS < end)); do
                   # shellcheck disable=SC2086
-                  nice -n 5 taskset -c 1 "$LT" abuse "$URL" --insecure $args --json >"$OUT/$name-$i.json"; i=$((i + 1))
+                  nice -n 5 taskset -c 1 "$LT" abuse "$URL" --insecure $args $SRC --json >"$OUT/$name-$i.json"; i=$((i + 1))
               done ) &
             ABUSE=$!
             sleep 1
         else
             # shellcheck disable=SC2086
-            nice -n 5 taskset -c 1 "$LT" abuse "$URL" --insecure $args --duration 50s --json >"$OUT/$name.json" &
+            nice -n 5 taskset -c 1 "$LT" abuse "$URL" --insecure $args $SRC --duration 50s --json >"$OUT/$name.json" &
             ABUSE=$!
             sleep 8 # all open (and, for stalls, the first handshake timeouts) before measuring
         fi

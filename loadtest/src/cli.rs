@@ -401,6 +401,12 @@ pub struct TargetArgs {
     /// loopback (more source addresses, more ephemeral ports). 1 disables.
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub source_ips: u8,
+
+    /// With --source-ips on loopback: the first address is 127.0.0.N (so two runs can use
+    /// disjoint sources, e.g. an abuser on 127.0.0.200 beside honest clients on .1-.32, to
+    /// exercise a per-IP limit).
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub source_first: u8,
 }
 
 /// What every run shares: timing, the server to watch, and the outputs.

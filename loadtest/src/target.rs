@@ -287,10 +287,19 @@ impl Target {
             }
             None
         };
+        let first = args.source_first;
+        if u16::from(first) + u16::from(args.source_ips.max(1)) - 1 > 254 {
+            return Err(TargetError::BadUrl(format!(
+                "--source-first {first} with --source-ips {} runs past 127.0.0.254",
+                args.source_ips
+            )));
+        }
         let sources = match addr.ip() {
-            IpAddr::V4(v4) if v4.is_loopback() && args.source_ips > 1 => (1..=args.source_ips)
-                .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
-                .collect(),
+            IpAddr::V4(v4) if v4.is_loopback() && (args.source_ips > 1 || first > 1) => {
+                (0..args.source_ips.max(1))
+                    .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, first + i)))
+                    .collect()
+            }
             _ => Vec::new(),
         };
         let host_header = if u.host.contains(':') {
