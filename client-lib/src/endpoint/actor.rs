@@ -427,8 +427,7 @@ impl Actor {
                         self.set_path(peer, Path::Relay(region));
                     }
                 }
-                Action::SendDirect { addr, via, pkt } if via == VIA_UDP_RELAY => {
-                    let _ = addr;
+                Action::SendDirect { via, pkt, .. } if via == VIA_UDP_RELAY => {
                     self.send_udp_relay(peer, PROTO_FERRY_E2E, &pkt).await;
                     self.shared.sent_udp_relay.fetch_add(1, Ordering::Relaxed);
                 }

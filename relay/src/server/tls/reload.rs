@@ -124,6 +124,27 @@ pub(crate) fn has_aes_instructions() -> bool {
     }
 }
 
+/// Manual mode: re-reads the certificate files whenever their contents change (cert-manager
+/// and the kubelet update mounted Secrets in place), until `cancel`. A pair that does not parse
+/// or does not match keeps the old certificate in service; the next change is tried again.
+pub(crate) async fn watch_manual(
+    cert: Arc<ReloadableCert>,
+    paths: Vec<PathBuf>,
+    interval: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    // Taken now, after the load at start: a change in between is at worst one reload late
+    // (the SIGHUP path still works).
+    let initial = crate::server::watch::Fingerprint::of(&paths);
+    crate::server::watch::poll_files(paths, initial, interval, cancel, move || {
+        match cert.reload() {
+            Ok(()) => tracing::info!("certificate files changed: certificate reloaded"),
+            Err(e) => tracing::error!(error = %crate::error_chain(&e), "certificate files changed but cannot be used; still serving the previous certificate"),
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod suite_tests {
     use super::*;
@@ -161,25 +182,4 @@ mod suite_tests {
             all
         );
     }
-}
-
-/// Manual mode: re-reads the certificate files whenever their contents change (cert-manager
-/// and the kubelet update mounted Secrets in place), until `cancel`. A pair that does not parse
-/// or does not match keeps the old certificate in service; the next change is tried again.
-pub(crate) async fn watch_manual(
-    cert: Arc<ReloadableCert>,
-    paths: Vec<PathBuf>,
-    interval: std::time::Duration,
-    cancel: tokio_util::sync::CancellationToken,
-) {
-    // Taken now, after the load at start: a change in between is at worst one reload late
-    // (the SIGHUP path still works).
-    let initial = crate::server::watch::Fingerprint::of(&paths);
-    crate::server::watch::poll_files(paths, initial, interval, cancel, move || {
-        match cert.reload() {
-            Ok(()) => tracing::info!("certificate files changed: certificate reloaded"),
-            Err(e) => tracing::error!(error = %crate::error_chain(&e), "certificate files changed but cannot be used; still serving the previous certificate"),
-        }
-    })
-    .await;
 }
