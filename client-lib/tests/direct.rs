@@ -6,9 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ferry_client::{DirectOptions, Endpoint, EndpointConfig, Path, PathEvent, PublicKey};
+use ferry_client::{DirectOptions, Endpoint, EndpointConfig, Path};
 use ferry_relay::server::Server;
-use tokio::sync::broadcast;
 use tokio::time::timeout;
 
 const FORWARDED: &str = "ferry_relay_packets_forwarded_total";
@@ -26,26 +25,6 @@ fn direct_config(map: ferry_client::RelayMap) -> EndpointConfig {
         udp_relay: true,
     };
     c
-}
-
-/// Waits for a path event for `peer` whose new path matches.
-async fn wait_path(
-    events: &mut broadcast::Receiver<PathEvent>,
-    peer: PublicKey,
-    want: impl Fn(&Path) -> bool,
-    what: &str,
-) -> Path {
-    timeout(T, async {
-        loop {
-            match events.recv().await {
-                Ok(ev) if ev.peer == peer && want(&ev.new) => return ev.new,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("path events closed: {e}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no path event: {what}"))
 }
 
 fn is_direct(p: &Path) -> bool {

@@ -104,8 +104,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_client::{DirectOptions, Endpoint, EndpointConfig, Path, PathEvent, PublicKey};
-use tokio::sync::broadcast;
+use ferry_client::{DirectOptions, Endpoint, EndpointConfig, Path};
 
 /// Loopback endpoints with direct paths and the UDP relay on, short timers (as tests/direct.rs).
 fn udp_relay_config(map: ferry_client::RelayMap) -> EndpointConfig {
@@ -119,25 +118,6 @@ fn udp_relay_config(map: ferry_client::RelayMap) -> EndpointConfig {
         udp_relay: true,
     };
     c
-}
-
-async fn wait_path(
-    events: &mut broadcast::Receiver<PathEvent>,
-    peer: PublicKey,
-    want: impl Fn(&Path) -> bool,
-    what: &str,
-) -> Path {
-    timeout(T, async {
-        loop {
-            match events.recv().await {
-                Ok(ev) if ev.peer == peer && want(&ev.new) => return ev.new,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("path events closed: {e}"),
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no path event: {what}"))
 }
 
 fn udp_relay_relay() -> Options {

@@ -101,3 +101,23 @@ pub fn ep_config(map: RelayMap) -> ferry_client::EndpointConfig {
     c.direct.enabled = false;
     c
 }
+
+/// Waits for a path event for `peer` whose new path matches.
+pub async fn wait_path(
+    events: &mut tokio::sync::broadcast::Receiver<ferry_client::PathEvent>,
+    peer: ferry_client::PublicKey,
+    want: impl Fn(&ferry_client::Path) -> bool,
+    what: &str,
+) -> ferry_client::Path {
+    tokio::time::timeout(T, async {
+        loop {
+            match events.recv().await {
+                Ok(ev) if ev.peer == peer && want(&ev.new) => return ev.new,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("path events closed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no path event: {what}"))
+}
