@@ -6,6 +6,8 @@
 #   scripts/fuzz.sh --ci                 every target for 8 s (FUZZ_CI_SECONDS; scripts/test.sh)
 #   scripts/fuzz.sh stun_handler 2e6     one target, N runs
 #   FUZZ_SANITIZER=none scripts/fuzz.sh  without AddressSanitizer (about 2x faster; no leak check)
+#   FUZZ_FORK=2 scripts/fuzz.sh e2e 1e7  libFuzzer's fork mode: 2 processes share the corpus and
+#                                        the run count (one per core for the long runs)
 #
 # cargo-fuzz needs libFuzzer's nightly-only rustc flags: RUSTC_BOOTSTRAP=1 lets the stable
 # toolchain accept them (tried here with rustc 1.95; the ASan runtime ships with it).
@@ -16,6 +18,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
 export RUSTC_BOOTSTRAP=1
+# Constant-time curve arithmetic without comparison tracing (the reason is in the wrapper).
+export RUSTC_WRAPPER="$PWD/../scripts/fuzz-rustc.sh"
 CARGO_FUZZ_VERSION=0.13.2
 SAN="${FUZZ_SANITIZER:-address}"
 
@@ -48,6 +52,7 @@ for t in $targets; do
         args=(-max_total_time="${FUZZ_CI_SECONDS:-8}")
     else
         args=(-runs="$runs")
+        [[ -n ${FUZZ_FORK:-} ]] && args+=(-fork="$FUZZ_FORK")
     fi
     log="artifacts/$t.log"
     mkdir -p artifacts
@@ -61,6 +66,10 @@ for t in $targets; do
         continue
     fi
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | awk '{s+=$1} END {print s+0}')
+    if [[ -n ${FUZZ_FORK:-} ]]; then
+        # Fork mode: the parent's status lines ("#N: cov: ...") count every child's executions.
+        execs=$(grep -oE '^#[0-9]+: cov' "$log" | tail -1 | tr -dc '0-9')
+    fi
     cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1)
     secs=$(( $(date +%s) - start ))
     printf '[fuzz] %-22s ok  %12s execs  %6ss  %s  (sanitizer %s)\n' "$t" "$execs" "$secs" "$cov" "$SAN" >&2
