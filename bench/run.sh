@@ -12,6 +12,8 @@
 #   1  1200-byte packets, 8 pairs, closed loop (--window $WINDOW): capacity, delivered
 #      packets/s and per server CPU-second, loss ~0
 #   2  64-byte packets, the same
+#      (1 and 2 also run ferry and derper in plain HTTP: what TLS costs each (PLAIN=0: not),
+#      and Hyper-DERP, plain HTTP only, when HYPERDERP=path/to/binary is given)
 #   3  round trips at a fixed rate (relay carries half of derper's scenario-1 capacity)
 #   4  10,000 idle TLS clients                   server RSS per client
 #   5  connect storm (32 dialers)               handshakes/s, per server CPU-second
@@ -118,6 +120,13 @@ fi
 # Servers.
 FERRY_PORT=18443 FERRY_METRICS=19090 FERRY_STUN=13478 FERRY_UDP_RELAY=13480
 DERPER_PORT=28443 DERPER_STUN=23478
+# Plain-HTTP rows of scenarios 1 and 2 (issue 17): what TLS costs each relay, and the peer that
+# runs only without TLS here (Hyper-DERP: kernel TLS only, and this kernel has none).
+FERRY_PLAIN_PORT=18340 FERRY_PLAIN_STUN=13479 FERRY_PLAIN_METRICS=19091
+DERPER_PLAIN_PORT=28340 DERPER_PLAIN_STUN=23479
+HYPERDERP_PORT=48340
+# HYPERDERP=path/to/hyper-derp adds it to scenarios 1 and 2 (scripts/hyperderp.sh builds it).
+HYPERDERP=${HYPERDERP:-}
 IROH_PORT=38443 IROH_HTTP=38080
 COTURN_PORT=43478 TURN_PORT=43479 TURN_PEER_PORT=43480
 
@@ -153,6 +162,9 @@ start() { # start NAME
     case $1 in
     ferry) port_free tcp "$FERRY_PORT"; port_free udp "$FERRY_STUN"; port_free udp "$FERRY_UDP_RELAY" ;;
     derper) port_free tcp "$DERPER_PORT"; port_free udp "$DERPER_STUN" ;;
+    ferryplain) port_free tcp "$FERRY_PLAIN_PORT"; port_free udp "$FERRY_PLAIN_STUN" ;;
+    derperplain) port_free tcp "$DERPER_PLAIN_PORT"; port_free udp "$DERPER_PLAIN_STUN" ;;
+    hyperderp) port_free tcp "$HYPERDERP_PORT" ;;
     iroh) port_free tcp "$IROH_PORT"; port_free tcp "$IROH_HTTP" ;;
     coturn) port_free udp "$COTURN_PORT" ;;
     turn) port_free udp "$TURN_PORT"; port_free udp "$TURN_PEER_PORT" ;;
@@ -177,6 +189,28 @@ start() { # start NAME
             -stun-port "$DERPER_STUN" >"$RUN/derper.log" 2>&1 &
         PIDS[derper]=$!
         wait_tcp "$DERPER_PORT"
+        ;;
+    ferryplain)
+        # The same relay in plain HTTP (--dev's mode: no TLS), on ports of its own.
+        "${pin_server[@]}" "$FERRY" --dev --listen "127.0.0.1:$FERRY_PLAIN_PORT" \
+            --metrics-listen "127.0.0.1:$FERRY_PLAIN_METRICS" --stun-listen "127.0.0.1:$FERRY_PLAIN_STUN" \
+            --udp-relay-listen off --log-level warn >"$RUN/ferryplain.log" 2>&1 &
+        PIDS[ferryplain]=$!
+        wait_tcp "$FERRY_PLAIN_PORT"
+        ;;
+    derperplain)
+        # derper serves TLS only on :443 or with -certmode manual; anything else is plain HTTP.
+        "${pin_server[@]}" derper -c "$RUN/derperplain.conf" -a "127.0.0.1:$DERPER_PLAIN_PORT" \
+            -certmode letsencrypt -hostname localhost -http-port -1 \
+            -stun-port "$DERPER_PLAIN_STUN" >"$RUN/derperplain.log" 2>&1 &
+        PIDS[derperplain]=$!
+        wait_tcp "$DERPER_PLAIN_PORT"
+        ;;
+    hyperderp)
+        "${pin_server[@]}" "$HYPERDERP" ${HYPERDERP_ARGS:-} --port "$HYPERDERP_PORT" \
+            >"$RUN/hyperderp.log" 2>&1 &
+        PIDS[hyperderp]=$!
+        wait_tcp "$HYPERDERP_PORT"
         ;;
     iroh)
         cat >"$RUN/iroh.toml" <<EOF
@@ -272,8 +306,15 @@ stop_all() {
 }
 trap stop_all EXIT
 
-relay_servers() {
-    if [ "$SKIP_IROH" = 1 ]; then echo "ferry derper"; else echo "ferry derper iroh"; fi
+relay_servers() { # relay_servers N: the relays of scenario N
+    local s="ferry derper"
+    [ "$SKIP_IROH" = 1 ] || s="$s iroh"
+    # Capacity scenarios: each relay also in plain HTTP, and Hyper-DERP (plain only) if built.
+    if [ "$1" = 1 ] || [ "$1" = 2 ]; then
+        [ "${PLAIN:-1}" = 1 ] && s="$s ferryplain derperplain"
+        [ -n "$HYPERDERP" ] && s="$s hyperderp"
+    fi
+    echo "$s"
 }
 
 order() { # order ROUND SERVERS... -> the servers, reversed on even rounds
@@ -293,6 +334,13 @@ relay_run() { # relay_run SERVER FILE MODE ARGS...
         [ "$server" = derper ] && port=$DERPER_PORT
         "${pin_load[@]}" "$LT" "$mode" "https://127.0.0.1:$port/derp" --ca-file "$CERTS/ca.crt" \
             --tls-name localhost --server-pid "$pid" --json --no-progress "$@" >"$file"
+        ;;
+    ferryplain | derperplain | hyperderp)
+        local port=$FERRY_PLAIN_PORT
+        [ "$server" = derperplain ] && port=$DERPER_PLAIN_PORT
+        [ "$server" = hyperderp ] && port=$HYPERDERP_PORT
+        "${pin_load[@]}" "$LT" "$mode" "http://127.0.0.1:$port/derp" \
+            --server-pid "$pid" --json --no-progress "$@" >"$file"
         ;;
     iroh)
         # iroh-load takes seconds as numbers and no --no-progress.
@@ -340,9 +388,9 @@ scenario_relay() { # scenario_relay N MODE ARGS...   (TAG=x: files SERVER-x-rR.j
     for round in $(seq "$ROUNDS"); do
         # Fresh servers every round: no state carried from one run to the next, and ferry's
         # drop counters cover exactly one run.
-        for s in $(relay_servers); do start "$s"; done
+        for s in $(relay_servers "$n"); do start "$s"; done
         log "scenario $n${tag}, round $round"
-        for s in $(order "$round" $(relay_servers)); do
+        for s in $(order "$round" $(relay_servers "$n")); do
             DROPS_FILE=${COUNT_DROPS:+$OUT/s$n/$s$tag-r$round.drops} \
                 relay_run "$s" "$OUT/s$n/$s$tag-r$round.json" "$@"
         done
@@ -378,6 +426,7 @@ T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
     echo "kernel=$(uname -r)"
     echo "rustc=$(rustc --version)"
     echo "derper=$(derper -version 2>&1 | head -1)"
+    echo "hyperderp=${HYPERDERP:+$(cat "$(dirname "$HYPERDERP")/VERSION" 2>/dev/null || echo "$HYPERDERP")}"
     echo "coturn=$(dpkg-query -W -f='${Version}' coturn 2>/dev/null || echo unknown)"
     echo "iroh=$( [ "$SKIP_IROH" = 1 ] && echo skipped || iroh-relay --version)"
     echo "ferry=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay stun || echo '+uncommitted')"
