@@ -24,9 +24,9 @@ REPORT_NAME = sys.argv[3] if len(sys.argv) > 3 else "benchmarks.md"
 CHART = "bench-" if REPORT_NAME == "benchmarks.md" else REPORT_NAME[: -len(".md")] + "-"
 NAMES = {"ferry": "ferry-relay", "derper": "derper", "iroh": "iroh-relay", "coturn": "coturn",
          "ferryplain": "ferry-relay (plain HTTP)", "derperplain": "derper (plain HTTP)",
-         "hyperderp": "Hyper-DERP (plain HTTP)"}
+         "hyperderp": "Hyper-DERP (plain HTTP)", "ferrygso": "ferry-relay (clients send UDP GSO)"}
 COLORS = {"ferry": "#1f77b4", "derper": "#d62728", "iroh": "#2ca02c", "coturn": "#9467bd",
-          "ferryplain": "#9ecae1", "derperplain": "#fc9272", "hyperderp": "#ff7f0e"}
+          "ferryplain": "#9ecae1", "derperplain": "#fc9272", "hyperderp": "#ff7f0e", "ferrygso": "#17becf"}
 # Report order; the plain-HTTP rows (scenarios 1 and 2, issue 17) after the TLS ones.
 SERVERS = ("ferry", "derper", "iroh", "coturn", "ferryplain", "derperplain", "hyperderp")
 
@@ -582,7 +582,11 @@ if s9:
     w("ferry: `ferry-loadtest udp-relay URL --pairs 8 --size S --window 64` (sessions allocated over TLS DERP "
       "connections, then Geneve-framed datagrams of S bytes, header included, through the relay in both "
       "directions of each pair, closed loop, `sendmmsg`/`recvmmsg` on one thread), and the same at coturn's "
-      "forwarding rate (`--rate`, open loop). coturn: `turnserver` (no auth) as a TURN relay, driven by "
+      "forwarding rate (`--rate`, open loop); each also with `--gso`: the clients send each burst as one UDP "
+      "GSO send (as WireGuard's and Tailscale's Linux clients do), which reaches the relay as one coalesced "
+      "read (UDP GRO) that it still checks datagram by datagram, and forwards as GSO sends; without `--gso` "
+      "the relay gets datagrams one by one, as coturn does, and still sends runs to one address as one GSO "
+      "send. coturn: `turnserver` (no auth) as a TURN relay, driven by "
       f"`turnutils_uclient -c -m {knobs.get('turn_clients', '200')} -l S -z 1` through `turnutils_peer` (an "
       "echo): each message crosses the relay twice, so forwarded = sent + echoed; its S is the payload "
       "(TURN's ChannelData adds 4 bytes). uclient paces itself (one message per client per millisecond), so "
@@ -591,7 +595,9 @@ if s9:
     w("| server | datagram | load | rounds | forwarded/s | server cores | of it in the kernel | forwarded per server CPU-second | lost |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in ("1200", "64"):
-        for key, label in ((f"ferry-{size}", "closed loop"), (f"ferry-rate-{size}", "at coturn's rate"), (f"coturn-{size}", "uclient")):
+        for key, label in ((f"ferry-{size}", "closed loop"), (f"ferry-rate-{size}", "at coturn's rate"),
+                           (f"ferrygso-{size}", "closed loop, clients send GSO"),
+                           (f"ferrygso-rate-{size}", "at coturn's rate, clients send GSO"), (f"coturn-{size}", "uclient")):
             rs = s9.get(key)
             if not rs:
                 continue
@@ -607,7 +613,9 @@ if s9:
         if not c:
             continue
         cb = med(c, "server", "per_cpu_second")
-        for key, label in ((f"ferry-{size}", "at full load"), (f"ferry-rate-{size}", "at coturn's rate")):
+        for key, label in ((f"ferry-{size}", "at full load"), (f"ferry-rate-{size}", "at coturn's rate"),
+                           (f"ferrygso-{size}", "at full load, clients send GSO"),
+                           (f"ferrygso-rate-{size}", "at coturn's rate, clients send GSO")):
             if s9.get(key):
                 a = med(s9[key], "server", "per_cpu_second")
                 w(f"- {size} B, ferry {label} / coturn: forwarded per server CPU-second {ratio(a, cb)}")
@@ -615,9 +623,15 @@ if s9:
         if a and cb:
             goals.append((f"scenario 9: UDP relay ≥ 3× coturn per server CPU-second ({size} B, same load)",
                           f"{a/cb:.2f}× ({fmt(a)} vs {fmt(cb)})", "met" if a / cb >= 3 else "not met"))
+        g = med(s9.get(f"ferrygso-rate-{size}") or [], "server", "per_cpu_second")
+        if g and cb:
+            goals.append((f"scenario 9: the same, ferry's clients sending UDP GSO bursts ({size} B, same load; "
+                          "coturn's load generator cannot)",
+                          f"{g/cb:.2f}× ({fmt(g)} vs {fmt(cb)})", "met" if g / cb >= 3 else "not met"))
     bar_chart(os.path.join(DOCS, CHART + "udp-relay.svg"), f"UDP relay: datagrams forwarded per server CPU-second (median, {date})",
-              [(f"{size} B", {srv: med(s9.get(f"{'ferry-rate' if srv == 'ferry' else 'coturn'}-{size}") or [], "server", "per_cpu_second") or 0
-                              for srv in ("ferry", "coturn")}) for size in ("1200", "64")], "datagrams")
+              [(f"{size} B", {srv: med(s9.get(f"{ {'ferry': 'ferry-rate', 'ferrygso': 'ferrygso-rate'}.get(srv, srv)}-{size}") or [],
+                                       "server", "per_cpu_second") or 0
+                              for srv in ("ferry", "ferrygso", "coturn")}) for size in ("1200", "64")], "datagrams")
     w(f"\n![udp relay]({CHART}udp-relay.svg)\n")
 
 s10 = [json.load(open(f)) for f in sorted(glob(os.path.join(OUT, "s10", "r*.json")))]

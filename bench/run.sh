@@ -26,7 +26,8 @@
 #   9  UDP relay capacity (issue 15): ferry's UDP relay (ferry-loadtest udp-relay: 8 pairs,
 #      closed loop) and coturn's TURN relay (turnutils_uclient, 200 clients, through
 #      turnutils_peer), 1200- and 64-byte datagrams: datagrams forwarded per server CPU-second;
-#      ferry again at coturn's rate (open loop) for the same load
+#      ferry again at coturn's rate (open loop) for the same load; each ferry run also with
+#      the clients sending UDP GSO bursts (--gso), which the relay receives coalesced (GRO)
 #  10  UDP relay vs DERP under random loss (issue 15): two ferry tunnels between hard-NAT homes
 #      in the NAT lab, LOSS_PERCENT (1) % dropped at random by one router, both ways: a ping
 #      stream's round trips and a bulk stream's goodput (client-lib/tests/nat_lab_loss_bench.rs;
@@ -125,7 +126,9 @@ DERPER_PORT=28443 DERPER_STUN=23478
 FERRY_PLAIN_PORT=18340 FERRY_PLAIN_STUN=13479 FERRY_PLAIN_METRICS=19091
 DERPER_PLAIN_PORT=28340 DERPER_PLAIN_STUN=23479
 HYPERDERP_PORT=48340
-# HYPERDERP=path/to/hyper-derp adds it to scenarios 1 and 2 (scripts/hyperderp.sh builds it).
+# HYPERDERP=path/to/hyper-derp adds it to scenarios 1 and 2. It is built by hand out of tree: no
+# build recipe for it is kept here (the project commits no code of a fetched peer, nor a script
+# that builds one); docs/benchmarks.md says how the measured binary was made.
 HYPERDERP=${HYPERDERP:-}
 IROH_PORT=38443 IROH_HTTP=38080
 COTURN_PORT=43478 TURN_PORT=43479 TURN_PEER_PORT=43480
@@ -509,7 +512,11 @@ for kind in ('ts','plain'):
                for s in $(order "$round" ferry coturn); do
                    case $s in
                    ferry) udp_relay_run "$OUT/s9/ferry-$size-r$round.json" --pairs 8 --size "$size" \
-                       --window 64 "${T[@]}" ;;
+                       --window 64 "${T[@]}"
+                       # The same with the clients sending bursts as UDP GSO (WireGuard's and
+                       # Tailscale's Linux clients do): the relay gets them coalesced (GRO).
+                       udp_relay_run "$OUT/s9/ferrygso-$size-r$round.json" --pairs 8 --size "$size" \
+                       --window 64 --gso "${T[@]}" ;;
                    coturn) turn_run "$size" "$OUT/s9/coturn-$size-r$round.json" ;;
                    esac
                done
@@ -517,6 +524,8 @@ for kind in ('ts','plain'):
                rate=$(python3 -c "import json; print(int(json.load(open('$OUT/s9/coturn-$size-r$round.json'))['delivered_per_second']))")
                udp_relay_run "$OUT/s9/ferry-rate-$size-r$round.json" --pairs 8 --size "$size" \
                    --rate "$rate" "${T[@]}"
+               udp_relay_run "$OUT/s9/ferrygso-rate-$size-r$round.json" --pairs 8 --size "$size" \
+                   --rate "$rate" --gso "${T[@]}"
                stop_all
            done
        done ;;

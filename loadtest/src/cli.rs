@@ -118,6 +118,12 @@ pub struct UdpRelayArgs {
     /// A direction that receives nothing for this long writes its window off as lost.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     pub loss_timeout: Duration,
+
+    /// Send each burst of a direction as one UDP GSO send and receive with UDP GRO (Linux), as
+    /// WireGuard's and Tailscale's Linux clients do: the relay then gets runs of one flow's
+    /// datagrams as one. Without it, bursts go out with sendmmsg, datagram by datagram.
+    #[arg(long)]
+    pub gso: bool,
 }
 
 const SOAK_HELP: &str = "\

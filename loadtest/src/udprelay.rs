@@ -52,6 +52,8 @@ pub struct UdpRelayReport {
     pub window: u64,
     /// Open-loop rate asked for (datagrams/s in all; 0: closed loop).
     pub rate: u64,
+    /// Bursts sent with UDP GSO and received with GRO (`--gso`).
+    pub gso: bool,
     /// The measured window.
     pub seconds: f64,
     /// Datagrams sent in the measured window (those in flight when it opens are delivered in
@@ -95,7 +97,7 @@ impl UdpRelayReport {
                 format!("window {} per direction", self.window)
             } else {
                 format!("{} datagrams/s", self.rate)
-            },
+            } + if self.gso { ", GSO/GRO" } else { "" },
             self.delivered,
             self.seconds,
             self.delivered_per_second,
@@ -169,8 +171,9 @@ pub async fn run(a: &UdpRelayArgs) -> Result<UdpRelayReport> {
         warmup: a.run.warmup,
         duration: a.run.duration,
         server_pid: a.run.server_pid,
+        gso: a.gso,
     };
-    let (pairs, size, window, rate) = (a.pairs, a.size, a.window, a.rate);
+    let (pairs, size, window, rate, gso) = (a.pairs, a.size, a.window, a.rate, a.gso);
     let r = tokio::task::spawn_blocking(move || blast(sides, &settings))
         .await
         .context("the sending thread")??;
@@ -178,6 +181,7 @@ pub async fn run(a: &UdpRelayArgs) -> Result<UdpRelayReport> {
     let seconds = a.run.duration.as_secs_f64();
     Ok(UdpRelayReport {
         pairs,
+        gso,
         size,
         window: if rate > 0 { 0 } else { window },
         rate,
@@ -354,6 +358,7 @@ struct Blast {
     warmup: Duration,
     duration: Duration,
     server_pid: Option<u32>,
+    gso: bool,
 }
 
 struct Totals {
@@ -375,6 +380,17 @@ struct Flow {
 
 fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
     let socks: Vec<&Side> = sides.iter().flat_map(|(a, b)| [a, b]).collect();
+    // With GSO, one send carries a burst (at most 64 datagrams and 64 KiB); each entry read may
+    // hold a run of datagrams (GRO), so the receive buffer has room for a full one per entry.
+    let burst = if b.gso {
+        for s in &socks {
+            enable_gso(&s.sock, b.size)?;
+        }
+        BATCH.min(GSO_MAX_BYTES / b.size).max(1)
+    } else {
+        BATCH
+    };
+    let stride = if b.gso { 65_536 } else { 2048 };
     // Flow 2p: A -> B of pair p; 2p + 1: B -> A. Socket i receives flow i ^ 1.
     let now = Instant::now();
     let mut flows: Vec<Flow> = (0..socks.len())
@@ -390,7 +406,7 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
         .iter()
         .map(|s| frame(s.vni, 0, b.size).repeat(BATCH))
         .collect();
-    let mut rx = vec![0u8; BATCH * 2048];
+    let mut rx = vec![0u8; BATCH * stride];
     let start = Instant::now();
     let measure_from = start + b.warmup;
     let stop_at = measure_from + b.duration;
@@ -423,7 +439,8 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
                 owed[i] as usize
             } else {
                 b.window.saturating_sub(f.inflight) as usize
-            };
+            }
+            .min(burst);
             if want > 0 {
                 let n = send_batch(
                     &socks[f.from].sock,
@@ -431,6 +448,7 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
                     b.size,
                     want,
                     &mut seq,
+                    b.gso,
                 );
                 f.inflight += n as u64;
                 if cpu0.is_some() {
@@ -443,7 +461,7 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
         }
         let mut busy = false;
         for f in flows.iter_mut() {
-            let n = recv_batch(&socks[f.to].sock, &mut rx) as u64;
+            let n = recv_batch(&socks[f.to].sock, &mut rx, stride, b.size) as u64;
             busy |= n > 0;
             if n > 0 {
                 f.inflight = f.inflight.saturating_sub(n);
@@ -482,13 +500,69 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
     })
 }
 
+/// Most bytes in one GSO send (a UDP datagram's payload limit, less room for IPv6).
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// `UDP_SEGMENT` (every send larger than `size` is cut into `size`-byte datagrams by the
+/// kernel) and `UDP_GRO` on `s`.
+fn enable_gso(s: &UdpSocket, size: usize) -> Result<()> {
+    for (opt, v, what) in [
+        (
+            libc::UDP_SEGMENT,
+            size as libc::c_int,
+            "UDP_SEGMENT (GSO, Linux 4.18+)",
+        ),
+        (libc::UDP_GRO, 1, "UDP_GRO (Linux 5.0+)"),
+    ] {
+        // SAFETY: a valid fd and a c_int option of the stated size.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            bail!(
+                "--gso: this kernel refused {what}: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Sends up to `n` (≤ [`BATCH`]) of the `size`-byte datagrams in `buf` on a connected socket,
-/// each with the next sequence number (no allocation). Returns how many went.
-fn send_batch(sock: &UdpSocket, buf: &mut [u8], size: usize, n: usize, seq: &mut u64) -> usize {
+/// each with the next sequence number (no allocation): with `gso`, as one send that the
+/// kernel cuts into datagrams, else with sendmmsg. Returns how many went.
+fn send_batch(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    size: usize,
+    n: usize,
+    seq: &mut u64,
+    gso: bool,
+) -> usize {
     let n = n.min(BATCH);
     for k in 0..n {
         let o = k * size + GENEVE_LEN;
         buf[o..o + 8].copy_from_slice(&(*seq + k as u64).to_be_bytes());
+    }
+    if gso {
+        // SAFETY: n * size bytes of `buf` (BATCH * size long), live for the call.
+        let r = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                buf.as_ptr().cast(),
+                n * size,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let sent = if r > 0 { n } else { 0 };
+        *seq += sent as u64;
+        return sent;
     }
     // SAFETY: plain old data; zero is valid.
     let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
@@ -515,16 +589,17 @@ fn send_batch(sock: &UdpSocket, buf: &mut [u8], size: usize, n: usize, seq: &mut
     sent
 }
 
-/// Reads what is there (at most [`BATCH`]); returns how many datagrams.
-fn recv_batch(sock: &UdpSocket, rx: &mut [u8]) -> usize {
+/// Reads what is there (at most [`BATCH`] entries of `stride` bytes); returns how many
+/// datagrams of `size` bytes (an entry holds several when the kernel coalesced them: GRO).
+fn recv_batch(sock: &UdpSocket, rx: &mut [u8], stride: usize, size: usize) -> usize {
     // SAFETY: plain old data; zero is valid.
     let mut iov: [libc::iovec; BATCH] = unsafe { zeroed() };
     let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
     let base = rx.as_mut_ptr();
     for k in 0..BATCH {
-        // SAFETY: inside `rx` (BATCH * 2048 bytes).
-        iov[k].iov_base = unsafe { base.add(k * 2048) }.cast();
-        iov[k].iov_len = 2048;
+        // SAFETY: inside `rx` (BATCH * stride bytes).
+        iov[k].iov_base = unsafe { base.add(k * stride) }.cast();
+        iov[k].iov_len = stride;
         hdrs[k].msg_hdr.msg_iov = &mut iov[k];
         hdrs[k].msg_hdr.msg_iovlen = 1;
     }
@@ -538,7 +613,10 @@ fn recv_batch(sock: &UdpSocket, rx: &mut [u8]) -> usize {
             std::ptr::null_mut(),
         )
     };
-    r.max(0) as usize
+    hdrs.iter()
+        .take(r.max(0) as usize)
+        .map(|h| (h.msg_len as usize).div_ceil(size).max(1))
+        .sum()
 }
 
 #[cfg(test)]

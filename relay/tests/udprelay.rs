@@ -168,6 +168,104 @@ async fn two_clients_allocate_over_derp_bind_and_exchange_datagrams() {
     assert_eq!(&buf[n - 5..n], b"again");
 }
 
+/// `UDP_SEGMENT` on `sock`: every send larger than `size` goes out as `size`-byte datagrams
+/// (UDP GSO), as WireGuard's Linux clients send bursts.
+fn gso(sock: &UdpSocket, size: usize) {
+    use std::os::fd::AsRawFd;
+    let v = size as libc::c_int;
+    // SAFETY: a live socket and a c_int option of the stated size.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "UDP_SEGMENT (Linux 4.18+)");
+}
+
+/// A burst sent as one GSO send reaches the relay as one coalesced read (GRO): the relay still
+/// decides datagram by datagram. The session's datagrams go out unchanged and in order (as
+/// one GSO send again), one with another session's VNI in the middle of the burst is dropped
+/// and counted, and the same burst from a stranger is dropped whole.
+#[tokio::test]
+async fn a_gso_burst_is_checked_datagram_by_datagram_and_forwarded_unchanged() {
+    let relay = Options::plain()
+        .start_with(|c| {
+            c.udp_relay = Some(UdpRelayConfig::new("127.0.0.1:0".parse().unwrap()));
+        })
+        .await;
+    let uaddr = relay.udp_relay_addr().unwrap();
+    let m = relay.metrics();
+    let mut a = RawClient::connect(&relay).await;
+    let b = RawClient::connect(&relay).await;
+    let keys = [a.key(), b.key()];
+    let ep = allocate(&mut a, 1, keys).await.unwrap();
+    let (ua, ub) = (
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    );
+    bind(&ua, uaddr, &a.secret, &ep, b.key()).await;
+    bind(&ub, uaddr, &b.secret, &ep, a.key()).await;
+    eventually("both bound", || {
+        m.sample("ferry_relay_udp_relay_binds_total", "") == 2.0
+    })
+    .await;
+
+    // 40 datagrams of 300 bytes, the 21st with a VNI no session has.
+    const N: usize = 40;
+    const SIZE: usize = 300;
+    let burst: Vec<Vec<u8>> = (0..N)
+        .map(|i| {
+            let vni = if i == 20 { ep.vni ^ 0x80_0000 } else { ep.vni };
+            let mut d = data(vni, &[i as u8; SIZE - 8]);
+            d[8..16].copy_from_slice(&(i as u64).to_be_bytes());
+            d
+        })
+        .collect();
+    gso(&ua, SIZE);
+    ua.send_to(&burst.concat(), uaddr).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    for (i, want) in burst.iter().enumerate().filter(|(i, _)| *i != 20) {
+        let (n, src) = timeout(T, ub.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!((&buf[..n], src), (&want[..], uaddr), "datagram {i}");
+    }
+    eventually("the foreign datagram dropped", || {
+        m.sample(
+            "ferry_relay_udp_relay_dropped_total",
+            "reason=\"unknown_session\"",
+        ) == 1.0
+    })
+    .await;
+    assert_eq!(
+        m.sample("ferry_relay_udp_relay_forwarded_packets_total", ""),
+        (N - 1) as f64
+    );
+
+    // The same burst from a stranger's socket: every datagram dropped, nothing answered.
+    let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    gso(&stranger, SIZE);
+    stranger.send_to(&burst.concat(), uaddr).await.unwrap();
+    eventually("the stranger's burst dropped", || {
+        m.sample(
+            "ferry_relay_udp_relay_dropped_total",
+            "reason=\"unknown_source\"",
+        ) == (N - 1) as f64
+    })
+    .await;
+    assert_eq!(
+        m.sample("ferry_relay_udp_relay_forwarded_packets_total", ""),
+        (N - 1) as f64
+    );
+    // Nothing else reached B, and the stranger got nothing back.
+    ua.send_to(&data(ep.vni, b"last"), uaddr).await.unwrap();
+    let (n, _) = timeout(T, ub.recv_from(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[n - 4..n], b"last");
+    assert!(stranger.try_recv_from(&mut buf).is_err());
+}
+
 /// With the UDP relay off, the allocation frame is skipped like any unknown frame (as derper
 /// does): no answer, the connection stays up.
 #[tokio::test]

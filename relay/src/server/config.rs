@@ -154,6 +154,10 @@ pub struct UdpRelayConfig {
     pub advertise: Vec<SocketAddr>,
     /// Caps on sessions.
     pub limits: crate::server::udprelay::Limits,
+    /// UDP GRO on receive and GSO on send (Linux): runs of datagrams of one flow cross the
+    /// kernel as one; the datagrams on the wire are the same. Default on; off only if a
+    /// kernel or device misbehaves with it (a refused GSO send turns it off by itself).
+    pub gso: bool,
 }
 
 impl UdpRelayConfig {
@@ -163,6 +167,7 @@ impl UdpRelayConfig {
             listen,
             advertise: Vec::new(),
             limits: crate::server::udprelay::Limits::default(),
+            gso: true,
         }
     }
 }

@@ -224,6 +224,7 @@ impl Server {
                     port,
                     advertise: u.advertise.clone(),
                     metrics: metrics.udp_relay.clone(),
+                    gso: u.gso,
                 });
                 Some((relay, sock))
             }

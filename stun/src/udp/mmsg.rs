@@ -14,7 +14,20 @@ pub use super::UDP_BATCH;
 /// A raw source/destination address as the kernel gave it.
 pub type RawAddr = (libc::sockaddr_storage, libc::socklen_t);
 
-/// Receive side: `n` datagrams of at most `stride` bytes each.
+/// The most a UDP datagram (and so a GRO or GSO batch) can carry.
+pub const MAX_UDP_PAYLOAD: usize = 65_535;
+
+/// The most segments one GSO send carries here: the kernel's `UDP_MAX_SEGMENTS` (64 before
+/// Linux 6.3, 128 since), so 64 is safe everywhere.
+pub const MAX_GSO_SEGMENTS: usize = 64;
+
+/// Room for one `cmsghdr` with a small integer (`CMSG_SPACE(4)` is 24 bytes on 64-bit Linux),
+/// 8-byte aligned as `cmsghdr` needs.
+type Cmsg = [u64; 4];
+
+/// Receive side: `n` datagrams of at most `stride` bytes each. With
+/// [`RecvBatch::enable_gro`], one entry can hold several datagrams of the same flow that the
+/// kernel coalesced (UDP GRO): [`RecvBatch::segment_size`] says where to cut it.
 pub struct RecvBatch {
     bufs: Vec<u8>,
     stride: usize,
@@ -22,6 +35,9 @@ pub struct RecvBatch {
     truncated: Vec<bool>,
     addrs: Vec<libc::sockaddr_storage>,
     addr_lens: Vec<libc::socklen_t>,
+    /// With GRO: a control buffer and the segment size per entry.
+    ctrl: Vec<Cmsg>,
+    segs: Vec<usize>,
     n: usize,
 }
 
@@ -36,11 +52,26 @@ impl RecvBatch {
             // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
             addrs: vec![unsafe { zeroed() }; batch],
             addr_lens: vec![0; batch],
+            ctrl: Vec::new(),
+            segs: Vec::new(),
             n: 0,
         }
     }
 
-    /// One `recvmmsg(MSG_DONTWAIT)`; returns the number of datagrams read.
+    /// Asks the kernel to coalesce datagrams of one flow into one entry (`UDP_GRO`, Linux
+    /// 5.0+). Needs a stride of [`MAX_UDP_PAYLOAD`] (a coalesced entry can be that large).
+    /// Returns whether GRO is on; without it every entry is one datagram, as before.
+    pub fn enable_gro(&mut self, fd: RawFd) -> bool {
+        if self.stride < MAX_UDP_PAYLOAD || !set_int_opt(fd, libc::SOL_UDP, libc::UDP_GRO, 1) {
+            return false;
+        }
+        let batch = self.lens.len();
+        self.ctrl = vec![[0; 4]; batch];
+        self.segs = vec![0; batch];
+        true
+    }
+
+    /// One `recvmmsg(MSG_DONTWAIT)`; returns the number of entries read.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         let batch = self.lens.len();
         // SAFETY: iovec and mmsghdr are plain old data; zero is valid (null pointers, 0 lengths).
@@ -59,6 +90,10 @@ impl RecvBatch {
             h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut iov[i];
             h.msg_iovlen = 1;
+            if let Some(c) = self.ctrl.get_mut(i) {
+                h.msg_control = c.as_mut_ptr().cast();
+                h.msg_controllen = size_of::<Cmsg>() as _;
+            }
         }
         // SAFETY: every header points at live, correctly sized buffers owned by `self` or by
         // this stack frame, which outlive the call; `batch` <= the arrays' length.
@@ -80,9 +115,23 @@ impl RecvBatch {
             self.lens[i] = h.msg_len as usize;
             self.truncated[i] = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             self.addr_lens[i] = h.msg_hdr.msg_namelen;
+            if let Some(seg) = self.segs.get_mut(i) {
+                // SAFETY: the header's control pointer and length are the kernel's answer
+                // about our own buffer `ctrl[i]`, which is live.
+                *seg = unsafe { gro_segment_size(&h.msg_hdr) }.unwrap_or(0);
+            }
         }
         self.n = n;
         Ok(n)
+    }
+
+    /// The size of each datagram coalesced into entry `i` (the last may be shorter): the
+    /// entry's length when it is one datagram.
+    pub fn segment_size(&self, i: usize) -> usize {
+        match self.segs.get(i) {
+            Some(&s) if s > 0 => s,
+            _ => self.lens.get(i).copied().unwrap_or(0),
+        }
     }
 
     /// Datagram `i` and its source; `None` if it was truncated or has no IP source.
@@ -192,6 +241,238 @@ impl SendBatch {
         }
         Ok(r as usize)
     }
+}
+
+/// Send side for forwarding: datagrams kept back to back in one buffer, and consecutive ones
+/// to the same address of the same size kept as one message that the kernel cuts into
+/// datagrams again (UDP GSO, `UDP_SEGMENT`, Linux 4.18+). One pass through the kernel's UDP
+/// and IP layers then carries up to [`MAX_GSO_SEGMENTS`] datagrams. What goes out on the wire
+/// is the same datagrams in the same order.
+///
+/// If the kernel refuses a segmented message (a device without checksum offload answers
+/// `EIO`), GSO is turned off for good and that message goes out datagram by datagram.
+pub struct GsoSendBatch {
+    buf: Vec<u8>,
+    used: usize,
+    msgs: Vec<GsoMsg>,
+    cap: usize,
+    gso: bool,
+}
+
+struct GsoMsg {
+    start: usize,
+    len: usize,
+    /// Segment size: every datagram of the message has it, except a shorter last one. Zero:
+    /// one datagram that nothing is appended to.
+    seg: usize,
+    to: SocketAddr,
+    raw: RawAddr,
+}
+
+impl GsoSendBatch {
+    /// Up to `batch` messages (≤ [`UDP_BATCH`]) and `bytes` of datagrams; `gso` whether to
+    /// coalesce at all.
+    pub fn new(batch: usize, bytes: usize, gso: bool) -> GsoSendBatch {
+        assert!(batch <= UDP_BATCH && bytes >= MAX_UDP_PAYLOAD);
+        GsoSendBatch {
+            buf: vec![0; bytes],
+            used: 0,
+            msgs: Vec::with_capacity(batch),
+            cap: batch,
+            gso,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.used = 0;
+        self.msgs.clear();
+    }
+
+    /// Whether GSO is (still) on.
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Messages kept (a message is one datagram, or several with GSO).
+    pub fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Datagrams kept.
+    pub fn datagrams(&self) -> usize {
+        self.msgs
+            .iter()
+            .map(|m| {
+                if m.seg == 0 {
+                    1
+                } else {
+                    m.len.div_ceil(m.seg).max(1)
+                }
+            })
+            .sum()
+    }
+
+    /// Whether a datagram of `len` bytes surely fits (as a message of its own).
+    pub fn has_room(&self, len: usize) -> bool {
+        self.msgs.len() < self.cap && self.used + len <= self.buf.len()
+    }
+
+    /// Keeps datagram `d` for `to`: appended to the last message when GSO can carry both
+    /// (same address, same size, and the last message has no short datagram yet), else as a
+    /// new message. Returns false, keeping nothing, when there is no room.
+    pub fn push(&mut self, d: &[u8], to: SocketAddr) -> bool {
+        if self.gso && !d.is_empty() {
+            if let Some(m) = self.msgs.last_mut() {
+                if m.to == to
+                    && m.seg > 0
+                    && d.len() <= m.seg
+                    && m.len % m.seg == 0
+                    && m.len / m.seg < MAX_GSO_SEGMENTS
+                    && m.len + d.len() <= MAX_UDP_PAYLOAD - 8 - 40
+                    && self.used + d.len() <= self.buf.len()
+                {
+                    self.buf[self.used..self.used + d.len()].copy_from_slice(d);
+                    self.used += d.len();
+                    m.len += d.len();
+                    return true;
+                }
+            }
+        }
+        self.push_new(d, to, if self.gso { d.len() } else { 0 })
+    }
+
+    /// Keeps datagram `d` for `to` as a message of its own that nothing is appended to
+    /// (a reply, say). Returns false, keeping nothing, when there is no room.
+    pub fn push_alone(&mut self, d: &[u8], to: SocketAddr) -> bool {
+        self.push_new(d, to, 0)
+    }
+
+    fn push_new(&mut self, d: &[u8], to: SocketAddr, seg: usize) -> bool {
+        if !self.has_room(d.len()) {
+            return false;
+        }
+        self.buf[self.used..self.used + d.len()].copy_from_slice(d);
+        self.msgs.push(GsoMsg {
+            start: self.used,
+            len: d.len(),
+            seg,
+            to,
+            raw: from_std(to),
+        });
+        self.used += d.len();
+        true
+    }
+
+    /// One `sendmmsg` of the messages `from..len()`; returns how many messages went. A
+    /// segmented message the kernel refuses goes out datagram by datagram, with GSO off
+    /// from then on (counted as sent: what could not go is lost as any UDP send can be).
+    pub fn send(&mut self, fd: RawFd, from: usize) -> io::Result<usize> {
+        let count = self.msgs.len().saturating_sub(from).min(UDP_BATCH);
+        if count == 0 {
+            return Ok(0);
+        }
+        // SAFETY: plain old data; zero is valid.
+        let mut iov: [libc::iovec; UDP_BATCH] = unsafe { zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; UDP_BATCH] = unsafe { zeroed() };
+        let mut ctrl: [Cmsg; UDP_BATCH] = [[0; 4]; UDP_BATCH];
+        let base = self.buf.as_mut_ptr();
+        for k in 0..count {
+            let m = &mut self.msgs[from + k];
+            // SAFETY: start + len <= used <= buf.len().
+            iov[k].iov_base = unsafe { base.add(m.start) }.cast();
+            iov[k].iov_len = m.len;
+            let h = &mut hdrs[k].msg_hdr;
+            h.msg_name = (&mut m.raw.0 as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = m.raw.1;
+            h.msg_iov = &mut iov[k];
+            h.msg_iovlen = 1;
+            if m.seg > 0 && m.len > m.seg {
+                h.msg_control = ctrl[k].as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE is a pure computation.
+                h.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
+                // SAFETY: the control buffer is 32 bytes, CMSG_SPACE(2) is 24: the header
+                // and its data are inside it.
+                unsafe {
+                    let c = libc::CMSG_FIRSTHDR(h);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                    ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), m.seg as u16);
+                }
+            }
+        }
+        // SAFETY: the headers point at live buffers of the stated lengths (in `self` and this
+        // frame) that outlive the call; `count` <= the arrays' length.
+        let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), count as _, 0) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        let m = &self.msgs[from];
+        let refused = matches!(
+            e.raw_os_error(),
+            Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+        );
+        if !(refused && m.seg > 0 && m.len > m.seg) {
+            return Err(e);
+        }
+        self.gso = false;
+        let (start, len, seg, raw) = (m.start, m.len, m.seg, m.raw);
+        for off in (0..len).step_by(seg) {
+            let d = &self.buf[start + off..start + (off + seg).min(len)];
+            // SAFETY: a live buffer and address for the call.
+            unsafe {
+                libc::sendto(
+                    fd,
+                    d.as_ptr().cast(),
+                    d.len(),
+                    libc::MSG_DONTWAIT,
+                    (&raw.0 as *const libc::sockaddr_storage).cast(),
+                    raw.1,
+                )
+            };
+        }
+        Ok(1)
+    }
+}
+
+/// `setsockopt` of an `int` option; whether the kernel took it.
+fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> bool {
+    // SAFETY: a pointer to a live int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
+
+/// The `UDP_GRO` segment size in a received message's control data, if any.
+///
+/// # Safety
+/// `h.msg_control`/`h.msg_controllen` must describe a live buffer the kernel filled.
+unsafe fn gro_segment_size(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: the caller's promise; CMSG_* walk only inside msg_control..+msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                let v = ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok().filter(|&v| v > 0);
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
 }
 
 /// A std socket address as the kernel takes it.
@@ -314,6 +595,99 @@ mod tests {
         let mut rx = RecvBatch::new(4, 32);
         assert_eq!(rx.recv(server.as_raw_fd()).unwrap(), 1);
         assert!(rx.get(0).is_none());
+    }
+
+    /// Cuts every entry of `rx` at its segment size: the datagrams as sent.
+    fn datagrams(rx: &RecvBatch, n: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let (d, _) = rx.get(i).unwrap();
+            out.extend(d.chunks(rx.segment_size(i)).map(<[u8]>::to_vec));
+        }
+        out
+    }
+
+    /// Reads until `want` datagrams came (blocking on a peek between batches); also returns
+    /// how many entries they came in.
+    fn read_all(
+        sock: &std::net::UdpSocket,
+        rx: &mut RecvBatch,
+        want: usize,
+    ) -> (Vec<Vec<u8>>, usize) {
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let (mut got, mut entries) = (Vec::new(), 0);
+        while got.len() < want {
+            let mut peek = [0u8; 1];
+            sock.peek_from(&mut peek).unwrap();
+            let n = rx.recv(sock.as_raw_fd()).unwrap();
+            got.extend(datagrams(rx, n));
+            entries += n;
+        }
+        (got, entries)
+    }
+
+    /// What the relay does with a burst: ten datagrams of 100 bytes and a short one to one
+    /// address become one GSO message; a GRO reader gets them as one entry and cuts them
+    /// back; a plain reader gets the eleven datagrams one by one. Either way: the same bytes,
+    /// the same order.
+    #[test]
+    fn a_gso_burst_arrives_as_the_same_datagrams_with_or_without_gro() {
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sent: Vec<Vec<u8>> = (0..11u8)
+            .map(|i| vec![i; if i == 10 { 40 } else { 100 }])
+            .collect();
+        for gro in [true, false] {
+            let dst = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut rx = RecvBatch::new(8, MAX_UDP_PAYLOAD);
+            if gro {
+                assert!(rx.enable_gro(dst.as_raw_fd()), "UDP_GRO needs Linux 5.0+");
+            }
+            let mut tx = GsoSendBatch::new(8, MAX_UDP_PAYLOAD, true);
+            for d in &sent {
+                assert!(tx.push(d, dst.local_addr().unwrap()));
+            }
+            assert_eq!((tx.len(), tx.datagrams()), (1, 11), "one message of 11");
+            assert_eq!(tx.send(sender.as_raw_fd(), 0).unwrap(), 1);
+            assert!(tx.gso(), "the kernel took the GSO send");
+            let (got, entries) = read_all(&dst, &mut rx, 11);
+            assert_eq!(got, sent, "gro {gro}");
+            assert_eq!(entries, if gro { 1 } else { 11 }, "gro {gro}");
+        }
+    }
+
+    /// Only runs of one size to one address are coalesced, a short datagram ends a run, a
+    /// reply stays alone, and without GSO every datagram is a message of its own.
+    #[test]
+    fn gso_coalesces_only_same_size_runs_to_one_address() {
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2000".parse().unwrap();
+        let mut tx = GsoSendBatch::new(8, MAX_UDP_PAYLOAD, true);
+        for (len, to) in [(100, a), (100, a), (50, a), (100, a), (100, b), (120, b)] {
+            assert!(tx.push(&vec![0; len], to));
+        }
+        // [100 100 50] to a, [100] to a, [100] to b, [120] to b (larger than the run's size).
+        assert_eq!((tx.len(), tx.datagrams()), (4, 6));
+        assert!(tx.push_alone(&[1; 100], b));
+        assert!(tx.push(&[2; 100], b));
+        assert_eq!((tx.len(), tx.datagrams()), (6, 8), "nothing joins a reply");
+        // At most MAX_GSO_SEGMENTS per message.
+        tx.clear();
+        for _ in 0..MAX_GSO_SEGMENTS + 1 {
+            assert!(tx.push(&[0; 8], a));
+        }
+        assert_eq!((tx.len(), tx.datagrams()), (2, MAX_GSO_SEGMENTS + 1));
+        let mut plain = GsoSendBatch::new(8, MAX_UDP_PAYLOAD, false);
+        for _ in 0..3 {
+            assert!(plain.push(&[0; 100], a));
+        }
+        assert_eq!((plain.len(), plain.datagrams()), (3, 3));
+        // Full: no more messages than the batch holds, nothing kept past it.
+        for _ in 0..5 {
+            assert!(plain.push(&[0; 100], a));
+        }
+        assert!(!plain.push(&[0; 100], a));
+        assert_eq!(plain.len(), 8);
     }
 
     #[test]

@@ -267,6 +267,7 @@ fn udp_relay_config(s: &Settings) -> Option<UdpRelayConfig> {
             total: u.max_sessions.unwrap_or(defaults.total),
             per_client: u.max_sessions_per_client.unwrap_or(defaults.per_client),
         },
+        gso: u.gso.unwrap_or(true),
     })
 }
 

@@ -326,6 +326,11 @@ layered! {
         /// Most UDP relay sessions one node may hold (default 16).
         #[arg(skip)]
         pub max_sessions_per_client: Option<usize>,
+
+        /// UDP GRO/GSO on the UDP relay socket (default true): runs of datagrams of one flow
+        /// cross the kernel as one (Linux); `false` if a kernel or NIC misbehaves with it.
+        #[arg(skip)]
+        pub gso: Option<bool>,
     }
 }
 

@@ -13,7 +13,7 @@ use ferry_proto::PublicKey;
 use parking_lot::Mutex;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use super::{Outcome, Sessions};
 
@@ -71,6 +71,8 @@ pub(crate) struct UdpRelay {
     pub(crate) port: u16,
     pub(crate) advertise: Vec<SocketAddr>,
     pub(crate) metrics: UdpRelayMetrics,
+    /// GRO on receive, GSO on send ([`crate::server::UdpRelayConfig::gso`]).
+    pub(crate) gso: bool,
 }
 
 impl UdpRelay {
@@ -147,15 +149,18 @@ async fn run(relay: &UdpRelay, sock: &UdpSocket) -> std::io::Result<()> {
     use std::io::ErrorKind;
     use std::os::fd::AsRawFd;
 
-    use ferry_stun::mmsg::{RecvBatch, SendBatch};
+    use ferry_stun::mmsg::{GsoSendBatch, RecvBatch, UDP_BATCH};
     use tokio::io::Interest;
 
     const BATCH: usize = 32;
     let fd = sock.as_raw_fd();
+    // 32 entries of up to 64 KiB each way (4 MiB per socket): with GRO, an entry is a run of
+    // datagrams of one flow; the send side keeps what a full receive batch can forward.
     let mut rx = RecvBatch::new(BATCH, MAX_DATAGRAM);
-    let mut tx = SendBatch::new(BATCH, MAX_DATAGRAM);
+    let gro = relay.gso && rx.enable_gro(fd);
+    let mut tx = GsoSendBatch::new(UDP_BATCH, BATCH * MAX_DATAGRAM, relay.gso);
     let m = &relay.metrics;
-    info!(addr = ?sock.local_addr().ok(), "UDP relay listening");
+    info!(addr = ?sock.local_addr().ok(), gro, gso = relay.gso, "UDP relay listening");
     loop {
         sock.readable().await?;
         let n = match sock.try_io(Interest::READABLE, || rx.recv(fd)) {
@@ -167,44 +172,67 @@ async fn run(relay: &UdpRelay, sock: &UdpSocket) -> std::io::Result<()> {
                 continue;
             }
         };
-        tx.clear();
-        let (mut fwd_pkts, mut fwd_bytes) = (0u64, 0u64);
-        {
-            let now = Instant::now();
-            let mut sessions = relay.sessions.lock();
-            for i in 0..n {
-                let Some((d, from)) = rx.get(i) else {
-                    m.dropped(super::Drop::Short);
-                    continue;
-                };
-                match sessions.handle(from, d, now) {
-                    Outcome::Forward(to) => {
-                        tx.next_buf()[..d.len()].copy_from_slice(d);
-                        tx.commit_to(d.len(), to);
-                        fwd_pkts += 1;
-                        fwd_bytes += d.len() as u64;
+        // Entry i from byte `off`: the next datagram to decide. The send batch usually takes
+        // the whole receive batch; when it is full (many destinations), it is sent and the
+        // rest decided after.
+        let (mut i, mut off) = (0, 0);
+        while i < n {
+            tx.clear();
+            let (mut fwd_pkts, mut fwd_bytes) = (0u64, 0u64);
+            {
+                let now = Instant::now();
+                let mut sessions = relay.sessions.lock();
+                'fill: while i < n {
+                    let Some((buf, from)) = rx.get(i) else {
+                        m.dropped(super::Drop::Short);
+                        i += 1;
+                        continue;
+                    };
+                    let seg = rx.segment_size(i).max(1);
+                    loop {
+                        let end = (off + seg).min(buf.len());
+                        let d = &buf[off..end];
+                        if !tx.has_room(d.len()) && !tx.is_empty() {
+                            break 'fill;
+                        }
+                        match sessions.handle(from, d, now) {
+                            Outcome::Forward(to) => {
+                                tx.push(d, to);
+                                fwd_pkts += 1;
+                                fwd_bytes += d.len() as u64;
+                            }
+                            Outcome::Reply(r) => {
+                                tx.push_alone(&r, from);
+                                m.challenges.increment(1);
+                            }
+                            Outcome::Bound => m.binds.increment(1),
+                            Outcome::Drop(why) => m.dropped(why),
+                        }
+                        off = end;
+                        if off >= buf.len() {
+                            break;
+                        }
                     }
-                    Outcome::Reply(r) => {
-                        tx.next_buf()[..r.len()].copy_from_slice(&r);
-                        tx.commit_to(r.len(), from);
-                        m.challenges.increment(1);
-                    }
-                    Outcome::Bound => m.binds.increment(1),
-                    Outcome::Drop(why) => m.dropped(why),
+                    i += 1;
+                    off = 0;
                 }
             }
-        }
-        m.forwarded_packets.increment(fwd_pkts);
-        m.forwarded_bytes.increment(fwd_bytes);
-        let mut sent = 0;
-        while sent < tx.len() {
-            match sock.try_io(Interest::WRITABLE, || tx.send(fd, sent)) {
-                Ok(k) => sent += k.max(1),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => sock.writable().await?,
-                Err(e) => {
-                    debug!(error = %e, "sendmmsg failed for one datagram");
-                    m.send_errors.increment(1);
-                    sent += 1;
+            m.forwarded_packets.increment(fwd_pkts);
+            m.forwarded_bytes.increment(fwd_bytes);
+            let mut sent = 0;
+            while sent < tx.len() {
+                let had_gso = tx.gso();
+                match sock.try_io(Interest::WRITABLE, || tx.send(fd, sent)) {
+                    Ok(k) => sent += k.max(1),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => sock.writable().await?,
+                    Err(e) => {
+                        debug!(error = %e, "sendmmsg failed for one message");
+                        m.send_errors.increment(1);
+                        sent += 1;
+                    }
+                }
+                if had_gso && !tx.gso() {
+                    warn!("the kernel refused a UDP GSO send; sending datagram by datagram from now on");
                 }
             }
         }
