@@ -125,7 +125,8 @@ DERPER_PORT=28443 DERPER_STUN=23478
 # runs only without TLS here (Hyper-DERP: kernel TLS only, and this kernel has none).
 FERRY_PLAIN_PORT=18340 FERRY_PLAIN_STUN=13479 FERRY_PLAIN_METRICS=19091
 DERPER_PLAIN_PORT=28340 DERPER_PLAIN_STUN=23479
-HYPERDERP_PORT=48340
+# Below the ephemeral range (32768-60999 here), so no outgoing connection can hold it in TIME-WAIT.
+HYPERDERP_PORT=29340
 # HYPERDERP=path/to/hyper-derp adds it to scenarios 1 and 2. It is built by hand out of tree: no
 # build recipe for it is kept here (the project commits no code of a fetched peer, nor a script
 # that builds one); docs/benchmarks.md says how the measured binary was made.
@@ -210,10 +211,19 @@ start() { # start NAME
         wait_tcp "$DERPER_PLAIN_PORT"
         ;;
     hyperderp)
-        "${pin_server[@]}" "$HYPERDERP" ${HYPERDERP_ARGS:-} --port "$HYPERDERP_PORT" \
-            >"$RUN/hyperderp.log" 2>&1 &
+        # One io_uring worker (the server is pinned to one core, as the others are). It binds
+        # 0.0.0.0 with no option to change that: the shim makes it loopback, and it is stopped
+        # if it listens anywhere else anyway.
+        cc -shared -fPIC -O2 -o "$RUN/loopback-bind.so" "$ROOT/bench/loopback-bind.c" -ldl
+        LD_PRELOAD="$RUN/loopback-bind.so" "${pin_server[@]}" "$HYPERDERP" --port "$HYPERDERP_PORT" \
+            --workers 1 ${HYPERDERP_ARGS:-} >"$RUN/hyperderp.log" 2>&1 &
         PIDS[hyperderp]=$!
         wait_tcp "$HYPERDERP_PORT"
+        if ss -Htlnp | grep "pid=${PIDS[hyperderp]}," | awk '{print $4}' | grep -qv '^127\.0\.0\.1:'; then
+            ss -Htlnp | grep "pid=${PIDS[hyperderp]}," >&2
+            echo "Hyper-DERP listens beyond loopback; stopped" >&2
+            exit 1
+        fi
         ;;
     iroh)
         cat >"$RUN/iroh.toml" <<EOF
@@ -429,7 +439,8 @@ T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
     echo "kernel=$(uname -r)"
     echo "rustc=$(rustc --version)"
     echo "derper=$(derper -version 2>&1 | head -1)"
-    echo "hyperderp=${HYPERDERP:+$(cat "$(dirname "$HYPERDERP")/VERSION" 2>/dev/null || echo "$HYPERDERP")}"
+    # A VERSION file beside the binary or one directory up (commit, date, compiler) names it.
+    echo "hyperderp=${HYPERDERP:+$(cat "$(dirname "$HYPERDERP")/VERSION" "$(dirname "$HYPERDERP")/../VERSION" 2>/dev/null | head -1 | grep . || echo "$HYPERDERP")}"
     echo "coturn=$(dpkg-query -W -f='${Version}' coturn 2>/dev/null || echo unknown)"
     echo "iroh=$( [ "$SKIP_IROH" = 1 ] && echo skipped || iroh-relay --version)"
     echo "ferry=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay stun || echo '+uncommitted')"
