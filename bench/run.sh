@@ -269,12 +269,18 @@ EOF
 # included: a few hundred, next to hundreds of thousands of datagrams).
 turn_run() { # turn_run SIZE FILE
     local size=$1 file=$2 pid=${PIDS[turn]}
-    local c0 t0 c1 t1 s0 s1
-    c0=$(awk '{print $14+$15}' "/proc/$pid/stat")
-    s0=$(awk '{print $15}' "/proc/$pid/stat")
-    t0=$(date +%s.%N)
-    "${pin_load[@]}" turnutils_uclient -c -e 127.0.0.1 -r "$TURN_PEER_PORT" -n "$TURN_MSGS" \
-        -m "$TURN_CLIENTS" -l "$size" -z 1 -p "$TURN_PORT" 127.0.0.1 >"$RUN/uclient.log" 2>&1 || true
+    local c0 t0 c1 t1 s0 s1 attempt
+    # uclient sometimes fails its channel binds at start ("You cannot use the same channel
+    # number with different peer", seen once in 12 runs) and prints no totals: run it again.
+    for attempt in 1 2 3; do
+        c0=$(awk '{print $14+$15}' "/proc/$pid/stat")
+        s0=$(awk '{print $15}' "/proc/$pid/stat")
+        t0=$(date +%s.%N)
+        "${pin_load[@]}" turnutils_uclient -c -e 127.0.0.1 -r "$TURN_PEER_PORT" -n "$TURN_MSGS" \
+            -m "$TURN_CLIENTS" -l "$size" -z 1 -p "$TURN_PORT" 127.0.0.1 >"$RUN/uclient.log" 2>&1 || true
+        grep -q 'tot_send_msgs=' "$RUN/uclient.log" && break
+        log "turnutils_uclient printed no totals (attempt $attempt): $(grep -m1 -i error "$RUN/uclient.log")"
+    done
     c1=$(awk '{print $14+$15}' "/proc/$pid/stat")
     s1=$(awk '{print $15}' "/proc/$pid/stat")
     t1=$(date +%s.%N)

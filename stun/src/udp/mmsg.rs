@@ -21,6 +21,11 @@ pub const MAX_UDP_PAYLOAD: usize = 65_535;
 /// Linux 6.3, 128 since), so 64 is safe everywhere.
 pub const MAX_GSO_SEGMENTS: usize = 64;
 
+/// The largest datagram coalesced into a GSO send: what fits a 1,500-byte MTU under IPv6 and
+/// UDP headers. The kernel refuses (`EINVAL`) a GSO send whose segments exceed the path MTU,
+/// where the same datagram sent alone would be fragmented; larger datagrams go alone.
+pub const MAX_GSO_SEGMENT: usize = 1500 - 40 - 8;
+
 /// Room for one `cmsghdr` with a small integer (`CMSG_SPACE(4)` is 24 bytes on 64-bit Linux),
 /// 8-byte aligned as `cmsghdr` needs.
 type Cmsg = [u64; 4];
@@ -249,8 +254,9 @@ impl SendBatch {
 /// and IP layers then carries up to [`MAX_GSO_SEGMENTS`] datagrams. What goes out on the wire
 /// is the same datagrams in the same order.
 ///
-/// If the kernel refuses a segmented message (a device without checksum offload answers
-/// `EIO`), GSO is turned off for good and that message goes out datagram by datagram.
+/// If the kernel refuses a segmented message, it goes out datagram by datagram; when the
+/// refusal is `EIO` (a device without checksum offload, or IPsec on the route), GSO is turned
+/// off for good.
 pub struct GsoSendBatch {
     buf: Vec<u8>,
     used: usize,
@@ -342,7 +348,12 @@ impl GsoSendBatch {
                 }
             }
         }
-        self.push_new(d, to, if self.gso { d.len() } else { 0 })
+        let seg = if self.gso && d.len() <= MAX_GSO_SEGMENT {
+            d.len()
+        } else {
+            0
+        };
+        self.push_new(d, to, seg)
     }
 
     /// Keeps datagram `d` for `to` as a message of its own that nothing is appended to
@@ -368,8 +379,8 @@ impl GsoSendBatch {
     }
 
     /// One `sendmmsg` of the messages `from..len()`; returns how many messages went. A
-    /// segmented message the kernel refuses goes out datagram by datagram, with GSO off
-    /// from then on (counted as sent: what could not go is lost as any UDP send can be).
+    /// segmented message the kernel refuses goes out datagram by datagram (counted as sent:
+    /// what could not go is lost as any UDP send can be), and after `EIO` GSO is off.
     pub fn send(&mut self, fd: RawFd, from: usize) -> io::Result<usize> {
         let count = self.msgs.len().saturating_sub(from).min(UDP_BATCH);
         if count == 0 {
@@ -421,7 +432,9 @@ impl GsoSendBatch {
         if !(refused && m.seg > 0 && m.len > m.seg) {
             return Err(e);
         }
-        self.gso = false;
+        if e.raw_os_error() == Some(libc::EIO) {
+            self.gso = false;
+        }
         let (start, len, seg, raw) = (m.start, m.len, m.seg, m.raw);
         for off in (0..len).step_by(seg) {
             let d = &self.buf[start + off..start + (off + seg).min(len)];
@@ -656,6 +669,39 @@ mod tests {
         }
     }
 
+    /// A GSO send the kernel refuses still delivers every datagram, one by one: here the
+    /// sending socket has UDP checksums off (`SO_NO_CHECK`), with which the kernel refuses
+    /// every GSO send (`EINVAL`, as for segments larger than the path MTU). GSO stays on: only
+    /// `EIO` (no checksum offload) turns it off.
+    #[test]
+    fn a_refused_gso_send_goes_out_datagram_by_datagram() {
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(set_int_opt(
+            sender.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            1
+        ));
+        let dst = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The premise: this kernel refuses a GSO send on such a socket.
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(set_int_opt(probe.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1));
+        assert!(set_int_opt(probe.as_raw_fd(), libc::SOL_UDP, libc::UDP_SEGMENT, 200));
+        let e = probe.send_to(&[0; 1000], dst.local_addr().unwrap()).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        let sent: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 200]).collect();
+        let mut tx = GsoSendBatch::new(8, MAX_UDP_PAYLOAD, true);
+        for d in &sent {
+            assert!(tx.push(d, dst.local_addr().unwrap()));
+        }
+        assert_eq!(tx.len(), 1);
+        assert_eq!(tx.send(sender.as_raw_fd(), 0).unwrap(), 1);
+        let mut rx = RecvBatch::new(8, 2048);
+        let (got, entries) = read_all(&dst, &mut rx, 5);
+        assert_eq!((got, entries), (sent, 5));
+        assert!(tx.gso(), "EINVAL leaves GSO on");
+    }
+
     /// Only runs of one size to one address are coalesced, a short datagram ends a run, a
     /// reply stays alone, and without GSO every datagram is a message of its own.
     #[test]
@@ -671,6 +717,10 @@ mod tests {
         assert!(tx.push_alone(&[1; 100], b));
         assert!(tx.push(&[2; 100], b));
         assert_eq!((tx.len(), tx.datagrams()), (6, 8), "nothing joins a reply");
+        // Larger than a 1,500-byte MTU allows in one segment: alone.
+        assert!(tx.push(&[3; MAX_GSO_SEGMENT + 1], b));
+        assert!(tx.push(&[3; MAX_GSO_SEGMENT + 1], b));
+        assert_eq!((tx.len(), tx.datagrams()), (8, 10));
         // At most MAX_GSO_SEGMENTS per message.
         tx.clear();
         for _ in 0..MAX_GSO_SEGMENTS + 1 {
