@@ -70,6 +70,8 @@ IROH_VERSION=1.4.1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/target/bench}
+# Absolute: scenario 10's test writes its JSON from the package's directory.
+case $OUT in /*) ;; *) OUT=$ROOT/$OUT ;; esac
 export PATH="$ROOT/.tools/bin:$PATH"
 mkdir -p "$OUT"
 log() { printf '\n[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
