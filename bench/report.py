@@ -190,6 +190,7 @@ w("| | |\n| --- | --- |")
 for k, label in [("nproc", "CPUs"), ("cpu", "CPU model"), ("kernel", "kernel"), ("rustc", "Rust"),
                  ("ferry", "ferry (git HEAD)"), ("ferry_relay_commit", "last commit to relay/ or stun/ (the code measured)"), ("derper", "Tailscale derper (`derper -version`)"),
                  ("iroh", "iroh-relay"), ("coturn", "coturn (Debian)"),
+                 ("hyperderp", "Hyper-DERP (built out of tree; plain HTTP, `--workers 1`)"),
                  ("loadavg_before", "load average before the run"), ("loadavg_after", "load average after the run"),
                  ("other_cpu", "CPU time of niced processes (other builds) during the run"),
                  ("pinned", "CPU pinning (servers / load generator)"),
@@ -200,6 +201,8 @@ for k, label in [("nproc", "CPUs"), ("cpu", "CPU model"), ("kernel", "kernel"), 
                  ("aead_aes_256_gcm_16384", "AES-256-GCM, 16 KiB records, bytes/s"),
                  ("aead_chacha20_poly1305_1237", "ChaCha20-Poly1305, 1,237-byte records, bytes/s"),
                  ("rounds", "rounds and durations")]:
+    if k == "hyperderp" and not m.get(k):
+        continue  # not asked for (HYPERDERP unset)
     w(f"| {label} | {esc(m.get(k, '?'))} |")
 w("")
 w("## How it was run\n")
@@ -214,6 +217,12 @@ w("taskset -c 0 target/release/ferry-relay --hostname localhost --listen 127.0.0
 w("taskset -c 0 derper -a 127.0.0.1:28443 -certmode manual -certdir DIR -hostname localhost -http-port -1 -stun-port 23478")
 w("taskset -c 0 iroh-relay --config-path iroh.toml   # https 127.0.0.1:38443, manual cert, no QUIC, no metrics")
 w("taskset -c 0 turnserver -n --no-auth -S -L 127.0.0.1 -p 43478 --no-tls --no-dtls --no-cli --no-rfc5780 -m 1")
+if glob(os.path.join(OUT, "s1", "*plain*")) or glob(os.path.join(OUT, "s2", "*plain*")):
+    w("# plain HTTP rows (scenarios 1 and 2): TLS's cost per relay, and the peer that has no TLS here")
+    w("taskset -c 0 target/release/ferry-relay --dev --listen 127.0.0.1:18340 ... --udp-relay-listen off")
+    w("taskset -c 0 derper -a 127.0.0.1:28340 -certmode letsencrypt -hostname localhost -http-port -1   # not :443: plain HTTP")
+if m.get("hyperderp"):
+    w("LD_PRELOAD=loopback-bind.so taskset -c 0 hyper-derp --port 29340 --workers 1   # binds 0.0.0.0; the shim (bench/loopback-bind.c) makes it 127.0.0.1")
 w("```\n")
 w("The load generator runs on the other core: `ferry-loadtest` (this repository, `loadtest/`) for "
   "ferry, derper, coturn, and `bench/iroh-load` (the iroh-relay crate's own client) for iroh-relay, "

@@ -448,7 +448,12 @@ T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
     echo "rustc=$(rustc --version)"
     echo "derper=$(derper -version 2>&1 | head -1)"
     # A VERSION file beside the binary or one directory up (commit, date, compiler) names it.
-    echo "hyperderp=${HYPERDERP:+$(cat "$(dirname "$HYPERDERP")/VERSION" "$(dirname "$HYPERDERP")/../VERSION" 2>/dev/null | head -1 | grep . || echo "$HYPERDERP")}"
+    hd_version=
+    if [ -n "$HYPERDERP" ]; then
+        hd_version=$( (cat "$(dirname "$HYPERDERP")/VERSION" "$(dirname "$HYPERDERP")/../VERSION" 2>/dev/null || true) | head -1)
+        hd_version=${hd_version:-$HYPERDERP}
+    fi
+    echo "hyperderp=$hd_version"
     echo "coturn=$(dpkg-query -W -f='${Version}' coturn 2>/dev/null || echo unknown)"
     echo "iroh=$( [ "$SKIP_IROH" = 1 ] && echo skipped || iroh-relay --version)"
     echo "ferry=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- relay stun || echo '+uncommitted')"
