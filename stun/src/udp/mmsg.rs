@@ -685,9 +685,21 @@ mod tests {
         let dst = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         // The premise: this kernel refuses a GSO send on such a socket.
         let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        assert!(set_int_opt(probe.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1));
-        assert!(set_int_opt(probe.as_raw_fd(), libc::SOL_UDP, libc::UDP_SEGMENT, 200));
-        let e = probe.send_to(&[0; 1000], dst.local_addr().unwrap()).unwrap_err();
+        assert!(set_int_opt(
+            probe.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            1
+        ));
+        assert!(set_int_opt(
+            probe.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            200
+        ));
+        let e = probe
+            .send_to(&[0; 1000], dst.local_addr().unwrap())
+            .unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
         let sent: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 200]).collect();
         let mut tx = GsoSendBatch::new(8, MAX_UDP_PAYLOAD, true);
