@@ -251,6 +251,17 @@ async fn stun_requests_are_answered_or_counted_lost() {
 /// holds the setup probes and the warm-up), none lost in a closed loop below the buffers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_relay_datagrams_delivered_are_datagrams_the_relay_forwarded() {
+    udp_relay_accounting(false).await;
+}
+
+/// The same with `--gso`: bursts sent as GSO and read with GRO are counted datagram by
+/// datagram on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_relay_gso_datagrams_delivered_are_datagrams_the_relay_forwarded() {
+    udp_relay_accounting(true).await;
+}
+
+async fn udp_relay_accounting(gso: bool) {
     use ferry_relay::server::UdpRelayConfig;
     let relay = Relay(
         ferry_relay::testing::Options::plain()
@@ -275,6 +286,7 @@ async fn udp_relay_datagrams_delivered_are_datagrams_the_relay_forwarded() {
         "--duration",
         "500ms",
     ];
+    let argv: Vec<&str> = argv.into_iter().chain(gso.then_some("--gso")).collect();
     let cli = <ferry_loadtest::Cli as clap::Parser>::try_parse_from(argv).unwrap();
     let ferry_loadtest::Command::UdpRelay(a) = &cli.command else {
         unreachable!()
@@ -284,6 +296,7 @@ async fn udp_relay_datagrams_delivered_are_datagrams_the_relay_forwarded() {
         .expect("the run succeeds");
     assert!(r.delivered > 100, "{}", r.summary());
     assert_eq!(r.lost, 0, "{}", r.summary());
+    assert_eq!(r.gso, gso);
     let forwarded = relay.counter("ferry_relay_udp_relay_forwarded_packets_total");
     assert!(
         forwarded >= r.delivered,
