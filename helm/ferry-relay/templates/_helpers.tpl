@@ -176,7 +176,7 @@ key_file = "/etc/ferry/tls/tls.key"
 listen = {{ printf "0.0.0.0:%d" (int $v.udpRelayPort) | toJson }}
 max_sessions = {{ int $v.relay.udpRelay.maxSessions }}
 max_sessions_per_client = {{ int $v.relay.udpRelay.maxSessionsPerClient }}
-gso = {{ ne $v.relay.udpRelay.gso false }}
+gso = {{ $v.relay.udpRelay.gso }}
 {{- with $v.relay.udpRelay.advertise }}
 advertise = {{ toJson . }}
 {{- end }}
