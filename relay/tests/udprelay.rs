@@ -172,18 +172,15 @@ async fn two_clients_allocate_over_derp_bind_and_exchange_datagrams() {
 /// (UDP GSO), as WireGuard's Linux clients send bursts.
 fn gso(sock: &UdpSocket, size: usize) {
     use std::os::fd::AsRawFd;
-    let v = size as libc::c_int;
-    // SAFETY: a live socket and a c_int option of the stated size.
-    let r = unsafe {
-        libc::setsockopt(
+    assert!(
+        ferry_stun::mmsg::set_int_opt(
             sock.as_raw_fd(),
             libc::SOL_UDP,
             libc::UDP_SEGMENT,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "UDP_SEGMENT (Linux 4.18+)");
+            size as libc::c_int
+        ),
+        "UDP_SEGMENT (Linux 4.18+)"
+    );
 }
 
 /// A burst sent as one GSO send reaches the relay as one coalesced read (GRO): the relay still

@@ -455,7 +455,7 @@ impl GsoSendBatch {
 }
 
 /// `setsockopt` of an `int` option; whether the kernel took it.
-fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> bool {
+pub fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> bool {
     // SAFETY: a pointer to a live int and its size.
     let r = unsafe {
         libc::setsockopt(
