@@ -131,7 +131,7 @@ KEYS = {
     "": {"listen", "hostname", "key_file", "http_listen", "metrics_listen", "log_format",
          "log_level", "tls", "stun", "udp_relay", "mesh", "admission", "limits", "derpmap"},
     "udp_relay": {"listen", "advertise", "max_sessions", "max_sessions_per_client", "gso"},
-    "tls": {"mode", "cert_file", "key_file", "dir", "acme_email", "acme_directory", "acme_ca_file"},
+    "tls": {"mode", "cert_file", "key_file", "dir", "acme_email", "acme_directory", "acme_ca_file", "record_layer"},
     "stun": {"enabled", "listen", "tcp", "software", "rfc5780_alternate"},
     "mesh": {"key_file", "peers", "dns", "dns_port", "dns_interval", "tls_name", "ca_file"},
     "admission": {"allowlist_file", "verify_url", "verify_timeout", "verify_fail"},

@@ -9,7 +9,7 @@ use common::*;
 use ferry_relay::proto::{
     self, frame_type as ft, ClientInfo, PeerGoneReason, SecretKey, ServerFrame,
 };
-use ferry_relay::server::{Config, Server, TlsConfig};
+use ferry_relay::server::{Config, Server, TlsConfig, TlsRecords};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -43,6 +43,43 @@ async fn ts_derp_clients_exchange_packets_over_tls_and_survivor_gets_peer_gone()
     let c = ts_connect(&relay).await;
     ping_pong(&b, &c, "after a left").await;
     assert_ne!(a_key, c.key());
+}
+
+/// Both TLS record layers (the relay's own, the default, and tokio-rustls behind the switch)
+/// carry Tailscale's own client's packets, small and the largest, and end with a drain that
+/// reaches the clients.
+#[tokio::test]
+async fn both_tls_record_layers_relay_tailscales_client_and_drain() {
+    for layer in [TlsRecords::Ferry, TlsRecords::Rustls] {
+        let relay = Options::tls()
+            .limits(test_limits())
+            .start_with(|c| c.tls_records = layer)
+            .await;
+        let a = ts_connect(&relay).await;
+        let b = ts_connect(&relay).await;
+        for i in 0..10 {
+            ping_pong(&a, &b, &format!("{layer:?} round {i}")).await;
+        }
+        let big = vec![0x5A; 65504];
+        b.send(a.key(), &big).await;
+        assert_eq!(a.recv().await, (b.key(), big), "{layer:?}");
+        drop((a, b));
+        // At a drain the relay ends the stream with close_notify: a clean end of file for the
+        // client's TLS (without it, rustls reports UnexpectedEof).
+        let (mut io, _) = RawClient::connect(&relay).await.into_parts();
+        eventually("clients gone", || relay.server.client_count() == 1).await;
+        let shutdown = tokio::spawn(relay.shutdown());
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest)
+            .await
+            .unwrap_or_else(|e| panic!("{layer:?}: {e}"));
+        drop(io);
+        assert_eq!(
+            shutdown.await.unwrap(),
+            0,
+            "{layer:?}: connections closed hard"
+        );
+    }
 }
 
 #[tokio::test]

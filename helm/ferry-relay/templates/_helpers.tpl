@@ -170,6 +170,7 @@ mode = "manual"
 cert_file = "/etc/ferry/tls/tls.crt"
 key_file = "/etc/ferry/tls/tls.key"
 {{- end }}
+record_layer = {{ $v.tls.recordLayer | default "ferry" | toJson }}
 
 [udp_relay]
 {{- if $v.relay.udpRelay.enabled }}

@@ -90,6 +90,18 @@ impl Default for Limits {
     }
 }
 
+/// Who seals and opens TLS records once the handshake is done (issue 17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsRecords {
+    /// ferry's own record layer (`server::tls::records`): rustls does the handshake and the key
+    /// schedule, ring's AEADs seal and open in place in the connection's buffers. The default.
+    #[default]
+    Ferry,
+    /// tokio-rustls for the whole connection (the relay before issue 17; kept as a switch and
+    /// as the benchmark's side-by-side).
+    Rustls,
+}
+
 /// Everything [`Server::spawn`] needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -97,6 +109,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Certificate source; `None` serves plain HTTP (development only).
     pub tls: Option<TlsConfig>,
+    /// Who seals and opens TLS records after the handshake.
+    pub tls_records: TlsRecords,
     /// Port-80 listener: captive-portal check (`/generate_204`) and redirects to HTTPS.
     pub http_listen: Option<SocketAddr>,
     /// Prometheus listener (`/metrics`).
@@ -128,6 +142,7 @@ impl Config {
         Config {
             listen: "127.0.0.1:0".parse().expect("literal"),
             tls: None,
+            tls_records: TlsRecords::default(),
             http_listen: None,
             metrics_listen: None,
             stun: None,

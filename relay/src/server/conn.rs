@@ -15,8 +15,9 @@ use tracing::debug;
 use super::http::{self, HttpError, Request, Response};
 use super::metrics::HandshakeFailure;
 use super::tls::acme::CHALLENGE_PREFIX;
+use super::tls::records;
 use super::ws::WsIo;
-use super::{client, Shared};
+use super::{client, Shared, TlsRecords};
 
 /// Which listener a connection came in on; each serves a different set of routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +175,24 @@ pub(crate) async fn handle_tcp(
         (Some(acceptor), Listener::Derp) => {
             let deadline =
                 tokio::time::Instant::from_std(accepted + shared.limits.handshake_timeout);
+            if shared.tls_records == TlsRecords::Ferry {
+                let config = std::sync::Arc::clone(acceptor.config());
+                match tokio::time::timeout_at(deadline, Box::pin(records::accept(tcp, config)))
+                    .await
+                {
+                    // Boxed, as below.
+                    Ok(Ok(tls)) => serve(Box::new(tls), remote, accepted, listener, shared).await,
+                    Ok(Err(e)) => {
+                        shared.metrics.handshake_failed(HandshakeFailure::Tls);
+                        debug!(%remote, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        shared.metrics.handshake_failed(HandshakeFailure::Tls);
+                        debug!(%remote, "TLS handshake timed out");
+                    }
+                }
+                return;
+            }
             match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
                 // Boxed: the TLS state is large, and a stream inline here would size the
                 // connection's task for it twice over.

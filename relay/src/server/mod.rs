@@ -33,7 +33,7 @@ use tracing::{info, warn, Instrument};
 pub use self::admission::{
     AdmissionConfig, AdmissionError, AllowlistLineError, VerifyFail, VerifyUrlError,
 };
-pub use self::config::{Config, ConfigError, Limits, UdpRelayConfig};
+pub use self::config::{Config, ConfigError, Limits, TlsRecords, UdpRelayConfig};
 pub use self::mesh::{MeshConfig, MeshDns, MeshTls, PeerAddrError};
 pub use self::metrics::RelayMetrics;
 use self::tls::acme;
@@ -80,6 +80,8 @@ pub(crate) struct Shared {
     pub(crate) registry: registry::Registry,
     pub(crate) metrics: RelayMetrics,
     pub(crate) tls_acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// Who seals and opens records after the TLS handshake.
+    pub(crate) tls_records: TlsRecords,
     /// HTTP-01 challenges the port-80 listener answers (ACME mode).
     pub(crate) acme_challenges: Arc<acme::Challenges>,
     ready: AtomicBool,
@@ -242,6 +244,7 @@ impl Server {
             registry: registry::Registry::new(watcher_backlog),
             metrics,
             tls_acceptor,
+            tls_records: config.tls_records,
             acme_challenges: Arc::default(),
             udp_relay: udp_relay.as_ref().map(|(r, _)| Arc::clone(r)),
             ready: AtomicBool::new(false),

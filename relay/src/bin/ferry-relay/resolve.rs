@@ -16,12 +16,12 @@ use anyhow::{bail, Result};
 use ferry_relay::proto::SecretKey;
 use ferry_relay::server::{
     AcmeConfig, AdmissionConfig, Config, ConfigError, Limits, MeshConfig, MeshDns, MeshTls,
-    Rfc5780Config, StunConfig, TlsConfig, UdpRelayConfig, LETS_ENCRYPT_DIRECTORY,
+    Rfc5780Config, StunConfig, TlsConfig, TlsRecords, UdpRelayConfig, LETS_ENCRYPT_DIRECTORY,
 };
 
 use crate::cli::flag_and_env;
 use crate::file::{ConfigFile, FileError};
-use crate::settings::{CertMode, DerpmapSettings, Layer, Listen, LogFormat, Settings};
+use crate::settings::{CertMode, DerpmapSettings, Layer, Listen, LogFormat, RecordLayer, Settings};
 
 /// Where the server key lives unless `--key-file` says otherwise.
 pub(crate) const DEFAULT_KEY_PATH: &str = "/var/lib/ferry/relay.key";
@@ -100,6 +100,10 @@ impl Sources {
         let config = Config {
             listen,
             tls,
+            tls_records: match s.tls.record_layer.unwrap_or_default() {
+                RecordLayer::Ferry => TlsRecords::Ferry,
+                RecordLayer::Rustls => TlsRecords::Rustls,
+            },
             http_listen: s
                 .http_listen
                 .unwrap_or(if dev {

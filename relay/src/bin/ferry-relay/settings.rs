@@ -112,6 +112,17 @@ pub(crate) enum CertMode {
     Acme,
 }
 
+/// Who seals and opens TLS records after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RecordLayer {
+    /// The relay's own record layer (rustls does the handshake and the key schedule).
+    #[default]
+    Ferry,
+    /// tokio-rustls for the whole connection.
+    Rustls,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "lowercase")]
@@ -230,6 +241,12 @@ layered! {
         /// ACME mode: PEM CA certificate to trust for the ACME server itself (private CA, pebble).
         #[arg(long, env = "FERRY_ACME_CA_FILE", value_name = "FILE")]
         pub acme_ca_file: Option<PathBuf>,
+
+        /// Who seals and opens TLS records once the handshake is done: `ferry` (the relay's own
+        /// record layer: fewer copies and system calls per packet) or `rustls` (tokio-rustls for
+        /// the whole connection, as before) [default: ferry].
+        #[arg(id = "tls_record_layer", long = "tls-record-layer", env = "FERRY_TLS_RECORD_LAYER", value_name = "LAYER", value_enum)]
+        pub record_layer: Option<RecordLayer>,
     }
 }
 

@@ -9,6 +9,7 @@ mod client;
 mod config;
 mod error;
 mod files;
+pub(crate) mod records;
 mod reload;
 
 use rustls::sign::CertifiedKey;

@@ -79,6 +79,8 @@ impl ReloadableCert {
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         // Our order of suites, not the client's (see `preferred_suites`).
         cfg.ignore_client_order = true;
+        // The relay's own record layer (`records`) takes the secrets after the handshake.
+        cfg.enable_secret_extraction = true;
         Arc::new(cfg)
     }
 }
