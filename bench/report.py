@@ -23,12 +23,13 @@ REPORT_NAME = sys.argv[3] if len(sys.argv) > 3 else "benchmarks.md"
 # never overwrites the full report's charts.
 CHART = "bench-" if REPORT_NAME == "benchmarks.md" else REPORT_NAME[: -len(".md")] + "-"
 NAMES = {"ferry": "ferry-relay", "derper": "derper", "iroh": "iroh-relay", "coturn": "coturn",
-         "ferryplain": "ferry-relay (plain HTTP)", "derperplain": "derper (plain HTTP)",
+         "ferryplain": "ferry-relay (plain HTTP)", "ferryrustls": "ferry-relay (TLS, tokio-rustls records)", "derperplain": "derper (plain HTTP)",
          "hyperderp": "Hyper-DERP (plain HTTP)", "ferrygso": "ferry-relay (clients send UDP GSO)"}
 COLORS = {"ferry": "#1f77b4", "derper": "#d62728", "iroh": "#2ca02c", "coturn": "#9467bd",
-          "ferryplain": "#9ecae1", "derperplain": "#fc9272", "hyperderp": "#ff7f0e", "ferrygso": "#17becf"}
+          "ferryplain": "#9ecae1", "derperplain": "#fc9272", "hyperderp": "#ff7f0e", "ferrygso": "#17becf",
+          "ferryrustls": "#6baed6"}
 # Report order; the plain-HTTP rows (scenarios 1 and 2, issue 17) after the TLS ones.
-SERVERS = ("ferry", "derper", "iroh", "coturn", "ferryplain", "derperplain", "hyperderp")
+SERVERS = ("ferry", "ferryrustls", "derper", "iroh", "coturn", "ferryplain", "derperplain", "hyperderp")
 
 
 def machine():
@@ -261,6 +262,11 @@ def ratio_goal(n, by, what):
     # Issue 17: what TLS costs (each relay against itself in plain HTTP), and ferry against
     # Hyper-DERP, which runs in plain HTTP only here (kernel TLS only; this kernel has none).
     cpu = {s: med(by[s], "server", "per_cpu_second") for s in by}
+    if cpu.get("ferry") and cpu.get("ferryrustls"):
+        w(f"- {NAMES['ferry']} (its own TLS record layer) / {NAMES['ferryrustls']}: per server CPU-second "
+          f"{ratio(cpu['ferry'], cpu['ferryrustls'])}")
+    if cpu.get("ferryrustls") and cpu.get("ferryplain"):
+        w(f"- {NAMES['ferryrustls']} / plain HTTP: per server CPU-second {ratio(cpu['ferryrustls'], cpu['ferryplain'])}")
     for tls, plain in (("ferry", "ferryplain"), ("derper", "derperplain")):
         if cpu.get(tls) and cpu.get(plain):
             w(f"- {NAMES[tls]} TLS / plain HTTP: per server CPU-second {ratio(cpu[tls], cpu[plain])}")

@@ -126,6 +126,8 @@ DERPER_PORT=28443 DERPER_STUN=23478
 # Plain-HTTP rows of scenarios 1 and 2 (issue 17): what TLS costs each relay, and the peer that
 # runs only without TLS here (Hyper-DERP: kernel TLS only, and this kernel has none).
 FERRY_PLAIN_PORT=18340 FERRY_PLAIN_STUN=13479 FERRY_PLAIN_METRICS=19091
+# ferry with tokio-rustls records (--tls-record-layer rustls): the record layer's same-run baseline.
+FERRY_RUSTLS_PORT=18444 FERRY_RUSTLS_METRICS=19092
 DERPER_PLAIN_PORT=28340 DERPER_PLAIN_STUN=23479
 # Below the ephemeral range (32768-60999 here), so no outgoing connection can hold it in TIME-WAIT.
 HYPERDERP_PORT=29340
@@ -169,6 +171,7 @@ start() { # start NAME
     ferry) port_free tcp "$FERRY_PORT"; port_free udp "$FERRY_STUN"; port_free udp "$FERRY_UDP_RELAY" ;;
     derper) port_free tcp "$DERPER_PORT"; port_free udp "$DERPER_STUN" ;;
     ferryplain) port_free tcp "$FERRY_PLAIN_PORT"; port_free udp "$FERRY_PLAIN_STUN" ;;
+    ferryrustls) port_free tcp "$FERRY_RUSTLS_PORT" ;;
     derperplain) port_free tcp "$DERPER_PLAIN_PORT"; port_free udp "$DERPER_PLAIN_STUN" ;;
     hyperderp) port_free tcp "$HYPERDERP_PORT" ;;
     iroh) port_free tcp "$IROH_PORT"; port_free tcp "$IROH_HTTP" ;;
@@ -195,6 +198,18 @@ start() { # start NAME
             -stun-port "$DERPER_STUN" >"$RUN/derper.log" 2>&1 &
         PIDS[derper]=$!
         wait_tcp "$DERPER_PORT"
+        ;;
+    ferryrustls)
+        # The same relay over TLS with tokio-rustls doing the records (the relay before its own
+        # record layer), on ports of its own and without STUN or the UDP relay.
+        rm -f "$RUN/ferryrustls.key"
+        "${pin_server[@]}" "$FERRY" --hostname localhost --listen "127.0.0.1:$FERRY_RUSTLS_PORT" \
+            --http-listen off --metrics-listen "127.0.0.1:$FERRY_RUSTLS_METRICS" --no-stun \
+            --udp-relay-listen off --key-file "$RUN/ferryrustls.key" --tls-record-layer rustls \
+            --cert-mode manual --cert-file "$CERTS/localhost.crt" --cert-key-file "$CERTS/localhost.key" \
+            --log-level warn >"$RUN/ferryrustls.log" 2>&1 &
+        PIDS[ferryrustls]=$!
+        wait_tcp "$FERRY_RUSTLS_PORT"
         ;;
     ferryplain)
         # The same relay in plain HTTP (--dev's mode: no TLS), on ports of its own.
@@ -332,6 +347,7 @@ relay_servers() { # relay_servers N: the relays of scenario N
     [ "$SKIP_IROH" = 1 ] || s="$s iroh"
     # Capacity scenarios: each relay also in plain HTTP, and Hyper-DERP (plain only) if built.
     if [ "$1" = 1 ] || [ "$1" = 2 ]; then
+        [ "${RUSTLS_ROW:-1}" = 1 ] && s="$s ferryrustls"
         [ "${PLAIN:-1}" = 1 ] && s="$s ferryplain derperplain"
         [ -n "$HYPERDERP" ] && s="$s hyperderp"
     fi
@@ -350,9 +366,10 @@ relay_run() { # relay_run SERVER FILE MODE ARGS...
     shift 3
     local pid=${PIDS[$server]}
     case $server in
-    ferry | derper)
+    ferry | derper | ferryrustls)
         local port=$FERRY_PORT
         [ "$server" = derper ] && port=$DERPER_PORT
+        [ "$server" = ferryrustls ] && port=$FERRY_RUSTLS_PORT
         "${pin_load[@]}" "$LT" "$mode" "https://127.0.0.1:$port/derp" --ca-file "$CERTS/ca.crt" \
             --tls-name localhost --server-pid "$pid" --json --no-progress "$@" >"$file"
         ;;
