@@ -202,12 +202,17 @@ pub(crate) async fn accept(
 ) -> io::Result<RecordIo> {
     let mut conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
     let mut inb = vec![0u8; 4 << 10];
-    let mut filled = 0usize;
+    // `inb[..fed]`: whole records given to rustls; `inb[fed..filled]`: read, not given yet.
+    // rustls gets one record at a time, so it never sees a record past the client's Finished:
+    // a KeyUpdate or close_notify in the same flight is the record layer's (rustls would take
+    // it, and its answer to a KeyUpdate would be lost at the hand-over).
+    let (mut fed, mut filled) = (0usize, 0usize);
     let mut out: Vec<u8> = Vec::new();
-    // Application data rustls opened during the handshake (after the client's Finished).
+    // Application data rustls opened during the handshake (none is expected: it never gets a
+    // record past the Finished; kept in case).
     let mut early: Vec<u8> = Vec::new();
     loop {
-        let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut inb[..filled]);
+        let UnbufferedStatus { mut discard, state } = conn.process_tls_records(&mut inb[..fed]);
         let state = match state {
             Ok(s) => s,
             Err(e) => {
@@ -216,7 +221,7 @@ pub(crate) async fn accept(
                 return Err(tls_err(e));
             }
         };
-        let mut need_read = false;
+        let mut need_record = false;
         let mut done = false;
         match state {
             ConnectionState::EncodeTlsData(mut e) => {
@@ -240,7 +245,7 @@ pub(crate) async fn accept(
                 out.clear();
                 t.done();
             }
-            ConnectionState::BlockedHandshake => need_read = true,
+            ConnectionState::BlockedHandshake => need_record = true,
             ConnectionState::ReadTraffic(mut r) => {
                 while let Some(rec) = r.next_record() {
                     let rec = rec.map_err(tls_err)?;
@@ -252,7 +257,7 @@ pub(crate) async fn accept(
             // the handshake is over only when it has.
             ConnectionState::WriteTraffic(_) => {
                 if conn.is_handshaking() {
-                    need_read = true;
+                    need_record = true;
                 } else {
                     done = true;
                 }
@@ -267,28 +272,43 @@ pub(crate) async fn accept(
         }
         inb.copy_within(discard..filled, 0);
         filled -= discard;
-        if !out.is_empty() && (need_read || done) {
+        fed -= discard;
+        if !out.is_empty() && (need_record || done) {
             tcp.write_all(&out).await?;
             out.clear();
         }
         if done {
+            if fed != 0 {
+                return Err(bad("TLS handshake ended inside a record"));
+            }
             break;
         }
-        if need_read {
-            if filled == inb.len() {
-                if inb.len() >= MAX_HANDSHAKE_BUF {
-                    return Err(bad("TLS handshake message too large"));
+        if need_record {
+            // The next whole record, read from the socket if it is not here yet.
+            loop {
+                let rest = &inb[fed..filled];
+                if rest.len() >= HEADER {
+                    let end = HEADER + usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+                    if rest.len() >= end {
+                        fed += end;
+                        break;
+                    }
                 }
-                inb.resize((inb.len() * 2).min(MAX_HANDSHAKE_BUF), 0);
+                if filled == inb.len() {
+                    if inb.len() >= MAX_HANDSHAKE_BUF {
+                        return Err(bad("TLS handshake message too large"));
+                    }
+                    inb.resize((inb.len() * 2).min(MAX_HANDSHAKE_BUF), 0);
+                }
+                let n = tcp.read(&mut inb[filled..]).await?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed during the TLS handshake",
+                    ));
+                }
+                filled += n;
             }
-            let n = tcp.read(&mut inb[filled..]).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "peer closed during the TLS handshake",
-                ));
-            }
-            filled += n;
         }
     }
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
@@ -1052,5 +1072,102 @@ mod tests {
         );
         assert_eq!(io.key_updates, (1, 0));
         assert!(io.tx_update_requested);
+    }
+
+    /// A rustls client driven by hand, so its Finished and what follows it leave in one write:
+    /// the relay then reads them in one go, during its handshake.
+    async fn first_flight(
+        then: impl FnOnce(&mut rustls::ClientConnection),
+    ) -> (
+        TcpStream,
+        rustls::ClientConnection,
+        tokio::task::JoinHandle<io::Result<RecordIo>>,
+    ) {
+        let (scfg, ccfg) = configs(cs::TLS13_AES_128_GCM_SHA256);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move { accept(l.accept().await.unwrap().0, scfg).await });
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(ccfg, name).unwrap();
+        let mut out = Vec::new();
+        client.write_tls(&mut out).unwrap();
+        tcp.write_all(&out).await.unwrap();
+        let mut buf = vec![0u8; 16 << 10];
+        while client.is_handshaking() {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the relay closed during the handshake");
+            client.read_tls(&mut &buf[..n]).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        then(&mut client);
+        out.clear();
+        while client.wants_write() {
+            client.write_tls(&mut out).unwrap();
+        }
+        tcp.write_all(&out).await.unwrap();
+        (tcp, client, server)
+    }
+
+    /// What the client reads (plaintext, until the relay's close_notify or `want` bytes).
+    async fn client_reads(
+        tcp: &mut TcpStream,
+        client: &mut rustls::ClientConnection,
+        want: usize,
+    ) -> Vec<u8> {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 << 10];
+        while got.len() < want {
+            let mut plain = [0u8; 4096];
+            match client.reader().read(&mut plain) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got.extend_from_slice(&plain[..n]);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("client read: {e}"),
+            }
+            let n = tcp.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            client.read_tls(&mut &buf[..n]).unwrap();
+            client
+                .process_new_packets()
+                .expect("the client opens what the relay sent");
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_key_update_in_the_clients_first_flight_is_answered() {
+        let (mut tcp, mut client, server) = first_flight(|c| {
+            c.refresh_traffic_keys().unwrap();
+            std::io::Write::write_all(&mut c.writer(), b"hello").unwrap();
+        })
+        .await;
+        let mut io = server.await.unwrap().unwrap();
+        let mut got = [0u8; 5];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        io.write_all(b"world").await.unwrap();
+        io.flush().await.unwrap();
+        assert_eq!(client_reads(&mut tcp, &mut client, 5).await, b"world");
+        assert_eq!(io.key_updates, (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_close_notify_in_the_clients_first_flight_ends_the_stream_after_its_data() {
+        let (_tcp, _client, server) = first_flight(|c| {
+            std::io::Write::write_all(&mut c.writer(), b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            c.send_close_notify();
+        })
+        .await;
+        let mut io = server.await.unwrap().expect("the handshake completes");
+        let mut got = Vec::new();
+        io.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
     }
 }
