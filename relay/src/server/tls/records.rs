@@ -25,7 +25,11 @@
 //!   1.2 connection is closed there instead (it has no key update).
 //! - close_notify ends the stream (a clean end of file); any other alert, a record that does
 //!   not open, an oversized record, an unexpected content type or handshake message ends the
-//!   connection with an error. user_canceled is skipped, as rustls does.
+//!   connection with an error. user_canceled is skipped, as rustls does. As in rustls, at
+//!   most 32 records in a row may carry no data (empty, KeyUpdate, user_canceled), and at most
+//!   4 warning alerts come over a connection: a flood of them is closed.
+//! - The handshake gets the client's records one at a time, so a KeyUpdate or close_notify that
+//!   came in the same flight as the client's Finished is left to this layer.
 //! - Shutdown sends close_notify, then half-closes TCP.
 
 use std::io;
@@ -61,10 +65,17 @@ const USER_CANCELED: u8 = 90;
 const BUSY_READ: usize = 32 << 10;
 /// Read size of a quiet connection (keepalives, pings); most of a relay's connections are.
 const IDLE_READ: usize = 1 << 10;
-/// Sealed bytes not yet sent beyond which a write waits for the socket.
-const WRITE_HIGH: usize = 256 << 10;
+/// Sealed bytes not yet sent beyond which a write waits for the socket (rustls' default
+/// send-buffer limit); one write takes at most this much too.
+const WRITE_HIGH: usize = 64 << 10;
 /// A send buffer larger than this is released once empty (idle connections stay small).
-const KEEP_WRITE: usize = 64 << 10;
+const KEEP_WRITE: usize = 16 << 10;
+/// Records in a row that carry no application data (empty ones, KeyUpdates, user_canceled)
+/// before the connection is closed: each costs an AEAD open (a KeyUpdate a key derivation)
+/// and yields the reader nothing. rustls' limits, which it applies to the same records.
+const MAX_QUIET_RECORDS: u8 = 32;
+/// Warning alerts (user_canceled) over a connection's life, as rustls allows.
+const MAX_WARNING_ALERTS: u8 = 4;
 /// The most handshake bytes the handshake may hold unprocessed (a ClientHello with large
 /// post-quantum key shares is a few KiB; rustls caps a handshake message at 64 KiB).
 const MAX_HANDSHAKE_BUF: usize = 80 << 10;
@@ -180,6 +191,11 @@ pub(crate) struct RecordIo {
     close_sent: bool,
     /// KeyUpdates taken from the peer and sent by us (logs and tests).
     key_updates: (u32, u32),
+    /// Records without application data in a row, and warning alerts so far.
+    quiet_records: u8,
+    warning_alerts: u8,
+    /// A read failed: every later read fails too (the stream is not resynchronised).
+    broken: bool,
 }
 
 impl std::fmt::Debug for RecordIo {
@@ -350,6 +366,9 @@ pub(crate) async fn accept(
         tx_update_requested: false,
         close_sent: false,
         key_updates: (0, 0),
+        quiet_records: 0,
+        warning_alerts: 0,
+        broken: false,
     })
 }
 
@@ -405,6 +424,12 @@ impl RecordIo {
                 }
                 if len < TAG + 1 {
                     return Err(bad("a TLS record too short to open"));
+                }
+                // The inner plaintext, padding included, is at most 2^14 + 1 bytes.
+                if len - TAG > MAX_PLAIN + 1 {
+                    return Err(bad(
+                        "record_overflow: more than 2^14 + 1 bytes of inner plaintext",
+                    ));
                 }
                 let nonce = Nonce::assume_unique_for_key(self.rx.nonce_bytes());
                 let body = &mut self.rbuf[start..end];
@@ -469,13 +494,26 @@ impl RecordIo {
                 "unexpected_message: a handshake message cut by another record",
             ));
         }
+        if inner == APPLICATION_DATA && to > from {
+            self.quiet_records = 0;
+        } else {
+            self.quiet_records += 1;
+            if self.quiet_records > MAX_QUIET_RECORDS {
+                return Err(bad(format!(
+                    "more than {MAX_QUIET_RECORDS} TLS records in a row without data"
+                )));
+            }
+        }
         match inner {
             APPLICATION_DATA => Ok(Opened::Data(from, to)),
             ALERT => {
                 let a = &self.rbuf[from..to];
                 match a {
                     [_, CLOSE_NOTIFY] => Ok(Opened::Closed),
-                    [_, USER_CANCELED] => Ok(Opened::Control),
+                    [_, USER_CANCELED] if self.warning_alerts < MAX_WARNING_ALERTS => {
+                        self.warning_alerts += 1;
+                        Ok(Opened::Control)
+                    }
                     [_, d] => Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
                         format!("the peer sent TLS alert {d}"),
@@ -629,7 +667,11 @@ fn seal_record(
             )
         }
     }
-    .map_err(|_| bad("TLS record sealing failed"))?;
+    .map_err(|_| {
+        // Nothing unsealed may stay in the send buffer.
+        w.truncate(start);
+        bad("TLS record sealing failed")
+    })?;
     w.extend_from_slice(tag.as_ref());
     dir.seq += 1;
     Ok(())
@@ -649,10 +691,15 @@ impl AsyncRead for RecordIo {
                 this.plain.0 += n;
                 return Poll::Ready(Ok(()));
             }
+            if this.broken {
+                return Poll::Ready(Err(bad("the TLS stream failed before")));
+            }
             if this.read_eof || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            let need = match this.open_next()? {
+            let opened = this.open_next();
+            this.broken = opened.is_err();
+            let need = match opened? {
                 Opened::Data(from, to) => {
                     this.plain = (from, to);
                     continue;
@@ -1059,6 +1106,28 @@ mod tests {
             assert!(got.is_empty(), "{what}");
             refused(end, what, invalid);
         }
+        // Records without data: 32 in a row are fine (then data), the 33rd is not; at most 4
+        // user_canceled warnings over the connection.
+        let mut quiet = vec![(APPLICATION_DATA, Vec::new()); MAX_QUIET_RECORDS as usize];
+        quiet.push((APPLICATION_DATA, b"data".to_vec()));
+        let (got, _, _) = authenticated(&quiet).await;
+        assert_eq!(got, b"data");
+        quiet.insert(0, (APPLICATION_DATA, Vec::new()));
+        let (got, end, _) = authenticated(&quiet).await;
+        assert!(got.is_empty());
+        refused(end, "33 empty records in a row", invalid);
+        let warnings = [
+            (ALERT, vec![1, USER_CANCELED]),
+            (APPLICATION_DATA, b"x".to_vec()),
+        ];
+        let five: Vec<_> = (0..5).flat_map(|_| warnings.clone()).collect();
+        let (got, end, _) = authenticated(&five).await;
+        assert_eq!(got, b"xxxx");
+        refused(
+            end,
+            "a fifth warning alert",
+            io::ErrorKind::ConnectionAborted,
+        );
         let (_, end, _) = authenticated(&[(ALERT, vec![2, 40])]).await;
         refused(end, "a fatal alert", io::ErrorKind::ConnectionAborted);
         // A KeyUpdate split across two records is legal: the receive key moves on, and the
