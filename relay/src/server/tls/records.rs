@@ -61,10 +61,15 @@ const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
 const USER_CANCELED: u8 = 90;
 
-/// Read size while the connection is busy (a read filled most of the last one).
-const BUSY_READ: usize = 32 << 10;
+/// Read size while the connection is busy (a read filled half its room or more): a whole
+/// 16 KiB record and then some.
+const BUSY_READ: usize = 20 << 10;
 /// Read size of a quiet connection (keepalives, pings); most of a relay's connections are.
 const IDLE_READ: usize = 1 << 10;
+/// Reads in a row smaller than `IDLE_READ` after which a connection counts as quiet and gives
+/// its big buffer back. Not one: a busy connection's reads vary in size, and a buffer that
+/// shrank and grew again at every short read was reallocated and zeroed at every read.
+const QUIET_READS: u8 = 8;
 /// Sealed bytes not yet sent beyond which a write waits for the socket (rustls' default
 /// send-buffer limit); one write takes at most this much too.
 const WRITE_HIGH: usize = 64 << 10;
@@ -178,8 +183,10 @@ pub(crate) struct RecordIo {
     filled: usize,
     /// Opened plaintext not yet handed out: `rbuf[plain.0..plain.1]`.
     plain: (usize, usize),
-    /// The last read filled most of its room: read big.
+    /// The last read filled half its room or more: read big.
     busy: bool,
+    /// Reads in a row smaller than `IDLE_READ`.
+    small_reads: u8,
     read_eof: bool,
     /// Post-handshake handshake bytes of a message split across records.
     hs: Vec<u8>,
@@ -359,6 +366,7 @@ pub(crate) async fn accept(
         filled,
         plain,
         busy: false,
+        small_reads: 0,
         read_eof: false,
         hs: Vec::new(),
         wbuf: Vec::new(),
@@ -720,7 +728,10 @@ impl AsyncRead for RecordIo {
             let want = need.max(if this.busy { BUSY_READ } else { IDLE_READ });
             if this.rbuf.len() < want {
                 this.rbuf.resize(want, 0);
-            } else if this.filled == 0 && !this.busy && this.rbuf.len() > 4 * IDLE_READ {
+            } else if this.filled == 0
+                && this.small_reads >= QUIET_READS
+                && this.rbuf.len() > IDLE_READ
+            {
                 // A quiet connection gives its big buffer back.
                 this.rbuf = vec![0; IDLE_READ];
             }
@@ -743,6 +754,11 @@ impl AsyncRead for RecordIo {
             this.filled += n;
             // A read that filled half its room or more: the sender is ahead, read big.
             this.busy = n * 2 >= room;
+            this.small_reads = if n < IDLE_READ {
+                this.small_reads.saturating_add(1)
+            } else {
+                0
+            };
         }
     }
 }
