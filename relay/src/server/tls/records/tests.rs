@@ -1,0 +1,445 @@
+//! The record layer against rustls' own client (tokio-rustls over real loopback TCP), for
+//! every suite and both versions the relay offers: what one side seals the other opens,
+//! byte for byte, across key updates in both directions, and hostile records end the
+//! connection with an error.
+use std::sync::Arc;
+
+use super::*;
+use rustls::crypto::ring::{cipher_suite as cs, default_provider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::SupportedCipherSuite;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::client::TlsStream;
+
+type Client = TlsStream<TcpStream>;
+
+fn configs(suite: SupportedCipherSuite) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert: CertificateDer<'static> = ck.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+    let version: &'static rustls::SupportedProtocolVersion = match suite {
+        SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+        SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
+    };
+    let provider = || {
+        let mut p = default_provider();
+        p.cipher_suites = vec![suite];
+        Arc::new(p)
+    };
+    let mut s = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    s.enable_secret_extraction = true;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // The hostile-record tests seal records of their own with the client's keys.
+    let mut c = c;
+    c.enable_secret_extraction = true;
+    (Arc::new(s), Arc::new(c))
+}
+
+async fn pair(suite: SupportedCipherSuite) -> (RecordIo, Client) {
+    let (scfg, ccfg) = configs(suite);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = tokio::spawn(async move { accept(l.accept().await.unwrap().0, scfg).await });
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let client = tokio_rustls::TlsConnector::from(ccfg)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let server = server.await.unwrap().unwrap();
+    let negotiated = client.get_ref().1.negotiated_cipher_suite().unwrap();
+    assert_eq!(negotiated.suite(), suite.suite());
+    (server, client)
+}
+
+/// Echoes until the client's close_notify, then closes with one of its own; returns the
+/// record layer for inspection.
+async fn echo(mut io: RecordIo) -> io::Result<RecordIo> {
+    let mut buf = vec![0u8; 5000];
+    loop {
+        let n = io.read(&mut buf).await?;
+        if n == 0 {
+            io.shutdown().await?;
+            return Ok(io);
+        }
+        io.write_all(&buf[..n]).await?;
+        io.flush().await?;
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Sends `sizes` one by one (refreshing the client's keys before the ones in
+/// `update_before`), reads every byte back and compares; then a clean close both ways.
+async fn round_trip(client: &mut Client, sizes: &[usize], update_before: &[usize]) {
+    for (i, &len) in sizes.iter().enumerate() {
+        if update_before.contains(&i) {
+            // KeyUpdate with update_requested: the relay must answer with its own.
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        let sent = pattern(len, i as u8);
+        client.write_all(&sent).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0u8; len];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(got == sent, "message {i} ({len} bytes) came back changed");
+    }
+}
+
+const ALL: [SupportedCipherSuite; 6] = [
+    cs::TLS13_AES_128_GCM_SHA256,
+    cs::TLS13_AES_256_GCM_SHA384,
+    cs::TLS13_CHACHA20_POLY1305_SHA256,
+    cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+];
+
+#[tokio::test]
+async fn every_suite_round_trips_every_size_and_closes_cleanly() {
+    for suite in ALL {
+        let (server, mut client) = pair(suite).await;
+        let server = tokio::spawn(echo(server));
+        // Records cut small and large, one byte past a full record, several records.
+        round_trip(&mut client, &[1, 100, 1237, 16384, 16385, 70_000, 3], &[]).await;
+        client.shutdown().await.unwrap();
+        // The relay's close_notify: a clean end of stream for the client, not an error.
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        let io = server.await.unwrap().unwrap();
+        assert_eq!(io.key_updates, (0, 0), "{:?}", suite.suite());
+    }
+}
+
+#[tokio::test]
+async fn a_key_update_the_client_asks_for_is_answered_and_both_keys_move_on() {
+    for suite in &ALL[..3] {
+        let (server, mut client) = pair(*suite).await;
+        let server = tokio::spawn(echo(server));
+        round_trip(&mut client, &[10, 20_000, 1237, 5, 40_000], &[1, 3]).await;
+        client.shutdown().await.unwrap();
+        let io = server.await.unwrap().unwrap();
+        // Two updates of the client's key, and two of ours in answer (the client read
+        // everything after them, so it took ours at the right record).
+        assert_eq!(io.key_updates, (2, 2), "{:?}", suite.suite());
+    }
+}
+
+#[tokio::test]
+async fn the_relay_updates_its_own_key_before_the_record_limit() {
+    let (mut server, mut client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+    server.set_tx_limit(3);
+    let server = tokio::spawn(echo(server));
+    // 30 echoes of 3 records each: a KeyUpdate of ours every 3 records.
+    let sizes = vec![40_000; 30];
+    round_trip(&mut client, &sizes, &[]).await;
+    client.shutdown().await.unwrap();
+    let io = server.await.unwrap().unwrap();
+    assert_eq!(io.key_updates.0, 0);
+    assert!(io.key_updates.1 >= 29, "{:?}", io.key_updates);
+}
+
+#[tokio::test]
+async fn a_tls12_connection_at_its_record_limit_is_closed() {
+    let (mut server, mut client) = pair(cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256).await;
+    // Two more records (the handshake's Finished already took sequence number 0).
+    server.set_tx_limit(server.tx.seq + 2);
+    server.write_all(&[1; 20_000]).await.unwrap();
+    let e = server.write_all(&[1; 10]).await.unwrap_err();
+    assert!(e.to_string().contains("record limit"), "{e}");
+    let mut got = vec![0u8; 20_000];
+    client.read_exact(&mut got).await.unwrap();
+}
+
+/// Writes `raw` under the client's TLS (straight onto its TCP) and returns what the
+/// relay's read gave.
+async fn relay_reads_after(suite: SupportedCipherSuite, raw: &[u8]) -> io::Result<usize> {
+    let (mut server, mut client) = pair(suite).await;
+    client.write_all(b"ok").await.unwrap();
+    client.flush().await.unwrap();
+    client.get_mut().0.write_all(raw).await.unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(server.read(&mut buf).await.unwrap(), 2);
+    server.read(&mut buf).await
+}
+
+#[tokio::test]
+async fn hostile_records_end_the_connection_with_an_error() {
+    for suite in [
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+    ] {
+        let cases: [(&str, Vec<u8>); 5] = [
+            ("garbage body", [&[23, 3, 3, 0, 40][..], &[7; 40]].concat()),
+            ("too short to open", vec![23, 3, 3, 0, 3, 1, 2, 3]),
+            ("oversized", vec![23, 3, 3, 0x41, 0x01]),
+            ("not TLS", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+            ("plaintext alert", vec![21, 3, 3, 0, 2, 2, 40]),
+        ];
+        for (what, raw) in cases {
+            let r = relay_reads_after(suite, &raw).await;
+            let e = r.expect_err(what);
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e}");
+        }
+    }
+    // A record cut off by the end of TCP is an error; the end at a record boundary
+    // without close_notify is UnexpectedEof, as tokio-rustls reports it.
+    let (mut server, client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+    let (mut tcp, _) = client.into_inner();
+    tcp.write_all(&[23, 3, 3, 0, 50, 1, 2]).await.unwrap();
+    // A FIN (the client's unread session tickets would make a close a reset).
+    tcp.shutdown().await.unwrap();
+    let e = server.read(&mut [0u8; 16]).await.unwrap_err();
+    assert!(e.to_string().contains("middle of a TLS record"), "{e}");
+    let (mut server, client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+    let (mut tcp, _) = client.into_inner();
+    tcp.shutdown().await.unwrap();
+    let e = server.read(&mut [0u8; 16]).await.unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+}
+
+/// Records sealed with the client's own keys (so they open) but with content a hostile
+/// client could send: returns the plaintext the relay read until its read failed or
+/// ended, that failure, and the record layer.
+async fn authenticated(records: &[(u8, Vec<u8>)]) -> (Vec<u8>, io::Result<()>, RecordIo) {
+    let (mut server, client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+    let (mut tcp, conn) = client.into_inner();
+    let secrets = conn.dangerous_extract_secrets().unwrap();
+    let (mut dir, _) = Direction::new(secrets.tx.1, secrets.tx.0).unwrap();
+    let mut raw = Vec::new();
+    for (typ, plain) in records {
+        seal_record(&mut dir, Format::Tls13, *typ, plain, &mut raw).unwrap();
+    }
+    tcp.write_all(&raw).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        match server.read(&mut buf).await {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    (got, end, server)
+}
+
+#[tokio::test]
+async fn hostile_but_authenticated_records_are_refused_or_skipped_as_rfc_8446_says() {
+    let refused = |end: io::Result<()>, what: &str, kind: io::ErrorKind| {
+        let e = end.expect_err(what);
+        assert_eq!(e.kind(), kind, "{what}: {e}");
+    };
+    // Padding after the inner type is stripped (typ 0 here: the padding's last zero).
+    let (got, end, _) =
+        authenticated(&[(0, [&b"hello"[..], &[APPLICATION_DATA], &[0; 10]].concat())]).await;
+    assert_eq!(got, b"hello");
+    refused(
+        end,
+        "end without close_notify",
+        io::ErrorKind::UnexpectedEof,
+    );
+    // user_canceled is skipped; the data after it arrives.
+    let (got, _, _) = authenticated(&[
+        (ALERT, vec![1, USER_CANCELED]),
+        (APPLICATION_DATA, b"after".to_vec()),
+    ])
+    .await;
+    assert_eq!(got, b"after");
+    // close_notify: a clean end.
+    let (got, end, _) = authenticated(&[
+        (APPLICATION_DATA, b"x".to_vec()),
+        (ALERT, vec![1, CLOSE_NOTIFY]),
+    ])
+    .await;
+    assert_eq!(got, b"x");
+    end.unwrap();
+    let invalid = io::ErrorKind::InvalidData;
+    for (what, records) in [
+        ("padding only", vec![(0, vec![0; 5])]),
+        ("unknown inner type", vec![(99, b"x".to_vec())]),
+        (
+            "a message after a KeyUpdate in its record",
+            vec![(
+                HANDSHAKE,
+                vec![KEY_UPDATE, 0, 0, 1, 0, KEY_UPDATE, 0, 0, 1, 0],
+            )],
+        ),
+        (
+            "NewSessionTicket from a client",
+            vec![(HANDSHAKE, vec![4, 0, 0, 1, 0])],
+        ),
+        (
+            "a malformed KeyUpdate",
+            vec![(HANDSHAKE, vec![KEY_UPDATE, 0, 0, 1, 7])],
+        ),
+        (
+            "more than 2^14 bytes of plaintext",
+            vec![(APPLICATION_DATA, vec![1; MAX_PLAIN + 1])],
+        ),
+        (
+            "a post-handshake message that never ends",
+            vec![(HANDSHAKE, [&[1, 0, 8, 0][..], &[0; 1000]].concat()); 2],
+        ),
+        (
+            "a handshake message cut by application data",
+            vec![
+                (HANDSHAKE, vec![KEY_UPDATE, 0]),
+                (APPLICATION_DATA, b"x".to_vec()),
+            ],
+        ),
+        ("a malformed alert", vec![(ALERT, vec![1])]),
+    ] {
+        let (got, end, _) = authenticated(&records).await;
+        assert!(got.is_empty(), "{what}");
+        refused(end, what, invalid);
+    }
+    // Records without data: 32 in a row are fine (then data), the 33rd is not; at most 4
+    // user_canceled warnings over the connection.
+    let mut quiet = vec![(APPLICATION_DATA, Vec::new()); MAX_QUIET_RECORDS as usize];
+    quiet.push((APPLICATION_DATA, b"data".to_vec()));
+    let (got, _, _) = authenticated(&quiet).await;
+    assert_eq!(got, b"data");
+    quiet.insert(0, (APPLICATION_DATA, Vec::new()));
+    let (got, end, _) = authenticated(&quiet).await;
+    assert!(got.is_empty());
+    refused(end, "33 empty records in a row", invalid);
+    let warnings = [
+        (ALERT, vec![1, USER_CANCELED]),
+        (APPLICATION_DATA, b"x".to_vec()),
+    ];
+    let five: Vec<_> = (0..5).flat_map(|_| warnings.clone()).collect();
+    let (got, end, _) = authenticated(&five).await;
+    assert_eq!(got, b"xxxx");
+    refused(
+        end,
+        "a fifth warning alert",
+        io::ErrorKind::ConnectionAborted,
+    );
+    let (_, end, _) = authenticated(&[(ALERT, vec![2, 40])]).await;
+    refused(end, "a fatal alert", io::ErrorKind::ConnectionAborted);
+    // A KeyUpdate split across two records is legal: the receive key moves on, and the
+    // relay owes the client one of its own (update_requested).
+    let (_, end, io) =
+        authenticated(&[(HANDSHAKE, vec![KEY_UPDATE, 0]), (HANDSHAKE, vec![0, 1, 1])]).await;
+    refused(
+        end,
+        "end without close_notify",
+        io::ErrorKind::UnexpectedEof,
+    );
+    assert_eq!(io.key_updates, (1, 0));
+    assert!(io.tx_update_requested);
+}
+
+/// A rustls client driven by hand, so its Finished and what follows it leave in one write:
+/// the relay then reads them in one go, during its handshake.
+async fn first_flight(
+    then: impl FnOnce(&mut rustls::ClientConnection),
+) -> (
+    TcpStream,
+    rustls::ClientConnection,
+    tokio::task::JoinHandle<io::Result<RecordIo>>,
+) {
+    let (scfg, ccfg) = configs(cs::TLS13_AES_128_GCM_SHA256);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = tokio::spawn(async move { accept(l.accept().await.unwrap().0, scfg).await });
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(ccfg, name).unwrap();
+    let mut out = Vec::new();
+    client.write_tls(&mut out).unwrap();
+    tcp.write_all(&out).await.unwrap();
+    let mut buf = vec![0u8; 16 << 10];
+    while client.is_handshaking() {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the relay closed during the handshake");
+        client.read_tls(&mut &buf[..n]).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    then(&mut client);
+    out.clear();
+    while client.wants_write() {
+        client.write_tls(&mut out).unwrap();
+    }
+    tcp.write_all(&out).await.unwrap();
+    (tcp, client, server)
+}
+
+/// What the client reads (plaintext, until the relay's close_notify or `want` bytes).
+async fn client_reads(
+    tcp: &mut TcpStream,
+    client: &mut rustls::ClientConnection,
+    want: usize,
+) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    while got.len() < want {
+        let mut plain = [0u8; 4096];
+        match client.reader().read(&mut plain) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&plain[..n]);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("client read: {e}"),
+        }
+        let n = tcp.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        client.read_tls(&mut &buf[..n]).unwrap();
+        client
+            .process_new_packets()
+            .expect("the client opens what the relay sent");
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_key_update_in_the_clients_first_flight_is_answered() {
+    let (mut tcp, mut client, server) = first_flight(|c| {
+        c.refresh_traffic_keys().unwrap();
+        std::io::Write::write_all(&mut c.writer(), b"hello").unwrap();
+    })
+    .await;
+    let mut io = server.await.unwrap().unwrap();
+    let mut got = [0u8; 5];
+    io.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello");
+    io.write_all(b"world").await.unwrap();
+    io.flush().await.unwrap();
+    assert_eq!(client_reads(&mut tcp, &mut client, 5).await, b"world");
+    assert_eq!(io.key_updates, (1, 1));
+}
+
+#[tokio::test]
+async fn a_close_notify_in_the_clients_first_flight_ends_the_stream_after_its_data() {
+    let (_tcp, _client, server) = first_flight(|c| {
+        std::io::Write::write_all(&mut c.writer(), b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        c.send_close_notify();
+    })
+    .await;
+    let mut io = server.await.unwrap().expect("the handshake completes");
+    let mut got = Vec::new();
+    io.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
+}
