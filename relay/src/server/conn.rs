@@ -175,39 +175,46 @@ pub(crate) async fn handle_tcp(
         (Some(acceptor), Listener::Derp) => {
             let deadline =
                 tokio::time::Instant::from_std(accepted + shared.limits.handshake_timeout);
-            if shared.tls_records == TlsRecords::Ferry {
-                let config = std::sync::Arc::clone(acceptor.config());
-                match tokio::time::timeout_at(deadline, Box::pin(records::accept(tcp, config)))
-                    .await
-                {
-                    // Boxed, as below.
-                    Ok(Ok(tls)) => serve(Box::new(tls), remote, accepted, listener, shared).await,
-                    Ok(Err(e)) => {
-                        shared.metrics.handshake_failed(HandshakeFailure::Tls);
-                        debug!(%remote, error = %e, "TLS handshake failed");
-                    }
-                    Err(_) => {
-                        shared.metrics.handshake_failed(HandshakeFailure::Tls);
-                        debug!(%remote, "TLS handshake timed out");
-                    }
+            match shared.tls_records {
+                TlsRecords::Ferry => {
+                    let config = Arc::clone(acceptor.config());
+                    let hs = records::accept(tcp, config);
+                    serve_tls(hs, deadline, remote, accepted, listener, shared).await
                 }
-                return;
-            }
-            match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
-                // Boxed: the TLS state is large, and a stream inline here would size the
-                // connection's task for it twice over.
-                Ok(Ok(tls)) => serve(Box::new(tls), remote, accepted, listener, shared).await,
-                Ok(Err(e)) => {
-                    shared.metrics.handshake_failed(HandshakeFailure::Tls);
-                    debug!(%remote, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    shared.metrics.handshake_failed(HandshakeFailure::Tls);
-                    debug!(%remote, "TLS handshake timed out");
+                TlsRecords::Rustls => {
+                    let hs = acceptor.accept(tcp);
+                    serve_tls(hs, deadline, remote, accepted, listener, shared).await
                 }
             }
         }
         _ => serve(tcp, remote, accepted, listener, shared).await,
+    }
+}
+
+/// Runs a TLS handshake within `deadline`, then serves the connection; a failed or late
+/// handshake is counted.
+async fn serve_tls<S>(
+    handshake: impl std::future::Future<Output = std::io::Result<S>>,
+    deadline: tokio::time::Instant,
+    remote: SocketAddr,
+    accepted: Instant,
+    listener: Listener,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
+        // Boxed: the TLS state is large, and a stream inline here would size the connection's
+        // task for it twice over.
+        Ok(Ok(tls)) => serve(Box::new(tls), remote, accepted, listener, shared).await,
+        Ok(Err(e)) => {
+            shared.metrics.handshake_failed(HandshakeFailure::Tls);
+            debug!(%remote, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed(HandshakeFailure::Tls);
+            debug!(%remote, "TLS handshake timed out");
+        }
     }
 }
 
