@@ -445,22 +445,29 @@ EOF
 
 T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
 
+# The machine's AEAD throughput on one core (openssl speed, EVP), at a relayed packet's TLS
+# record size (1,237 bytes: a 1,200-byte packet's DERP frame) and at 16 KiB records: the crypto
+# ceiling the relay scenarios are set against. Measured before the scenarios and again after
+# them (SUFFIX _after): on a shared host one reading moved 1.7x within an hour, and the report
+# takes the higher reading (the machine's capability) and shows both.
+aead_speeds() { # aead_speeds SUFFIX
+    for aead in aes-128-gcm aes-256-gcm chacha20-poly1305; do
+        for bytes in 1237 16384; do
+            v=$(taskset -c 0 openssl speed -evp "$aead" -bytes "$bytes" -seconds 2 2>/dev/null |
+                awk -v a="$aead" 'tolower($1) == a { v = $NF } END { sub(/k$/, "", v); print v * 1000 }')
+            echo "aead_${aead//-/_}_$bytes$1=$v"
+        done
+    done
+}
+
+
 {
     echo "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "nproc=$(nproc)"
     echo "cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
     # What the AEADs can use (issue 17): the ratios move with the CPU's crypto instructions.
     echo "cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -xE 'aes|vaes|pclmulqdq|vpclmulqdq|avx|avx2|avx512f|avx512vl|sha_ni' | tr '\n' ' ')"
-    # The machine's AEAD throughput on one core (openssl speed, EVP), at a relayed packet's TLS
-    # record size (1,237 bytes: a 1,200-byte packet's DERP frame) and at 16 KiB records: the
-    # crypto ceiling the relay scenarios are set against.
-    for aead in aes-128-gcm aes-256-gcm chacha20-poly1305; do
-        for bytes in 1237 16384; do
-            v=$(taskset -c 0 openssl speed -evp "$aead" -bytes "$bytes" -seconds 2 2>/dev/null |
-                awk -v a="$aead" 'tolower($1) == a { v = $NF } END { sub(/k$/, "", v); print v * 1000 }')
-            echo "aead_${aead//-/_}_$bytes=$v"
-        done
-    done
+    aead_speeds ""
     echo "kernel=$(uname -r)"
     echo "rustc=$(rustc --version)"
     echo "derper=$(derper -version 2>&1 | head -1)"
@@ -591,6 +598,7 @@ done
 # Whatever else ran meanwhile: niced processes (other builds) show in /proc/stat's nice column.
 {
     echo "loadavg_after=$(cut -d' ' -f1-3 /proc/loadavg)"
+    aead_speeds _after
     echo "cpu_stat_after=$(head -1 /proc/stat)"
     echo "date_end=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >>"$OUT/machine.txt"
