@@ -261,3 +261,113 @@ async fn without_a_udp_relay_on_the_relay_the_pair_stays_on_derp() {
     assert_eq!(a.path(&bk), Some(Path::Relay(900)));
     assert_eq!(a.stats().sent_udp_relay, 0);
 }
+
+/// The relay restarts while a pair talks over its UDP relay (off the happy path of issue 15):
+/// its sessions die with it. The pair must not stay on the dead session: once both are back on
+/// the restarted relay, packets flow again (over DERP at first), a new session is allocated and
+/// bound, and the pair is back on the UDP relay path.
+#[tokio::test]
+async fn after_a_relay_restart_the_pair_gets_a_new_udp_relay_session() {
+    let key = ferry_relay::proto::SecretKey::generate();
+    let udp = |c: &mut ferry_relay::server::Config| {
+        c.udp_relay = Some(UdpRelayConfig::new("127.0.0.1:0".parse().unwrap()));
+    };
+    let relay = udp_relay_relay().key(key.clone()).start_with(udp).await;
+    let addr = relay.addr();
+    let map = map_for(&relay);
+    let a = Endpoint::bind(udp_relay_config(map.clone())).await.unwrap();
+    let b = Endpoint::bind(udp_relay_config(map)).await.unwrap();
+    let (ak, bk) = (a.public_key(), b.public_key());
+    let mut ea = a.path_events();
+    a.set_direct_blackhole(true);
+    a.send(bk, b"first".to_vec()).await.unwrap();
+    assert_eq!(
+        &timeout(T, b.recv()).await.unwrap().unwrap().1[..],
+        b"first"
+    );
+    let udp_path = |p: &Path| matches!(p, Path::UdpRelay(_));
+    wait_path(&mut ea, bk, udp_path, "A on the UDP relay").await;
+    let (mut sa, mut sb) = (a.relay_status(900).unwrap(), b.relay_status(900).unwrap());
+
+    relay.shutdown().await;
+    let relay2 = udp_relay_relay()
+        .key(key)
+        .listen(addr)
+        .start_with(udp)
+        .await;
+    for s in [&mut sa, &mut sb] {
+        timeout(T, s.wait_for(|st| st.connected && st.generation >= 2))
+            .await
+            .expect("both reconnected to the restarted relay in time")
+            .unwrap();
+    }
+    // Numbered packets from A every 20 ms; B keeps reading (the highest number it has seen).
+    let t0 = Instant::now();
+    let sent = Arc::new(AtomicU32::new(0));
+    let sender = {
+        let sent = Arc::clone(&sent);
+        tokio::spawn(async move {
+            for i in 1u32..=5_000 {
+                if a.send(bk, i.to_be_bytes().to_vec()).await.is_err() {
+                    break;
+                }
+                sent.store(i, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            a
+        })
+    };
+    let seen = Arc::new(AtomicU32::new(0));
+    let receiver = {
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            while let Ok(Ok((from, d))) = timeout(T, b.recv()).await {
+                assert_eq!(from, ak);
+                let i = u32::from_be_bytes(d[..4].try_into().unwrap());
+                seen.fetch_max(i, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut events = Vec::new();
+    let back = timeout(T, async {
+        loop {
+            if let Ok(ev) = ea.recv().await {
+                events.push((t0.elapsed(), ev.new));
+                if ev.peer == bk && udp_path(&ev.new) {
+                    return ev.new;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("A not back on the UDP relay; path events: {events:?}"));
+    let took = t0.elapsed();
+    // 20 packets sent after the pair is back on the UDP relay reach B.
+    let k = sent.load(Ordering::Relaxed) + 20;
+    timeout(T, async {
+        while seen.load(Ordering::Relaxed) < k {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("packets sent on the new session arrive");
+    sender.abort();
+    receiver.abort();
+    let m = relay2.metrics();
+    let fwd = m.sample("ferry_relay_udp_relay_forwarded_packets_total", "");
+    eprintln!(
+        "back on {back:?} {took:?} after both reconnected (path events {events:?}); \
+         the new relay forwarded {fwd} over its UDP relay"
+    );
+    assert!(
+        fwd >= 20.0,
+        "the restarted relay forwarded {fwd} over its UDP relay"
+    );
+    // The dead session is not kept until it would time out (15 s without pongs): a reconnected
+    // relay's sessions are given up at once, and a new one is asked for when the rules allow
+    // (1 s for the side that asks first, 6 s for the other).
+    assert!(
+        took < Duration::from_secs(8),
+        "back on the UDP relay only {took:?} after both reconnected"
+    );
+}

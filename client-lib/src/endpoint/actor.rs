@@ -630,6 +630,28 @@ impl Actor {
         }
     }
 
+    /// A relay reconnected: the UDP relay sessions it served are given up (a restarted relay
+    /// has none of them any more), and new ones follow by the usual rules.
+    async fn on_relay_reconnected(&mut self, region: u32) {
+        let now = Instant::now();
+        let peers: Vec<PublicKey> = self
+            .udp_relays
+            .iter()
+            .filter(|(_, s)| s.region == region)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in peers {
+            let actions = match self.peers.get_mut(&peer) {
+                Some(pp) => pp.on_udp_relay_reconnected(),
+                None => {
+                    self.drop_udp_relay(&peer);
+                    continue;
+                }
+            };
+            self.execute(peer, actions, now).await;
+        }
+    }
+
     /// Binds again where the handshake stalls (a lost Bind, Challenge or Answer), until the
     /// path is proven or given up.
     async fn rebind_udp_relays(&mut self, now: Instant) {
@@ -1073,6 +1095,9 @@ impl Actor {
             }
             RelayEvent::Connected { generation, .. } => {
                 debug!(region, generation, "relay connected");
+                if generation > 1 {
+                    self.on_relay_reconnected(region).await;
+                }
             }
             RelayEvent::Disconnected { error, retry_in } => {
                 debug!(region, ?retry_in, "relay disconnected: {error}");

@@ -717,6 +717,26 @@ impl PeerPath {
         out
     }
 
+    /// The relay serving our UDP relay session with this peer has reconnected: if it
+    /// restarted, the session died with it, and nothing tells a session that outlived a mere
+    /// reconnection from one that did not. Give it up now (data back to DERP, the session
+    /// dropped) instead of after [`UDP_RELAY_GIVE_UP`] without pongs, and allow a new allocation
+    /// at once: the usual rules then bring a fresh session within seconds.
+    pub(super) fn on_udp_relay_reconnected(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        let Some(r) = self.udp_relay.take() else {
+            return out;
+        };
+        info!(peer = %self.peer.short(), relay = %r.addr,
+            "UDP relay path given up: its relay reconnected (a restart ends its sessions)");
+        if r.carried && self.best.is_none() {
+            out.push(Action::SetPath(PathChoice::Relay));
+        }
+        out.push(Action::DropUdpRelay);
+        self.last_alloc = None;
+        out
+    }
+
     /// A CallMeMaybe from the peer (via the relay): its endpoints, whether its NAT is hard,
     /// and whether it has just punched towards us.
     pub(super) fn on_call_me_maybe(
