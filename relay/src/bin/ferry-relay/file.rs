@@ -204,6 +204,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("self-signed") && e.contains("manual"), "{e}");
+        let e = parse("[tls]\nrecord_layer = \"openssl\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("line 2:") && e.contains("`ferry` or `rustls`"),
+            "{e}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("relay.toml");
         std::fs::write(&p, "[stun]\nenabled = \"yes\"\n").unwrap();

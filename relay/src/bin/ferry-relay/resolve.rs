@@ -569,6 +569,22 @@ mod tests {
     }
 
     #[test]
+    fn the_tls_record_layer_is_ferrys_unless_the_file_or_a_flag_says_rustls() {
+        let layer = |args: &[&str], file: &str| resolve(args, file).unwrap().view().tls_records;
+        let host = ["--hostname", "a.example"];
+        assert_eq!(layer(&host, ""), TlsRecords::Ferry);
+        assert_eq!(
+            layer(&host, "[tls]\nrecord_layer = \"rustls\"\n"),
+            TlsRecords::Rustls
+        );
+        let flag = ["--hostname", "a.example", "--tls-record-layer", "ferry"];
+        assert_eq!(
+            layer(&flag, "[tls]\nrecord_layer = \"rustls\"\n"),
+            TlsRecords::Ferry
+        );
+    }
+
+    #[test]
     fn log_filter_order_is_flag_rust_log_file() {
         let s = sources(&["--dev"], "log_level = \"warn\"\n");
         assert_eq!(s.logging(Some("debug".into())).1, "debug");
