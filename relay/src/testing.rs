@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::SecretKey;
+pub use crate::server::tls::ClientSealer;
 use crate::server::{cert_name_pin, Config, Limits, Server, SpawnError, StunConfig, TlsConfig};
 
 /// Limits for tests: handshakes and shutdowns bounded at 5 s, Restarting clients back within

@@ -10,6 +10,8 @@ mod config;
 mod error;
 mod files;
 pub(crate) mod records;
+#[cfg(feature = "testing")]
+pub use self::records::ClientSealer;
 mod reload;
 
 use rustls::sign::CertifiedKey;

@@ -504,6 +504,34 @@ fn seal_record(
     Ok(())
 }
 
+/// A client's sealing half, for tests and the fuzzer (feature `testing`): records sealed as a
+/// client holding these secrets would seal them (TLS 1.3, or TLS 1.2 when `tls12`), to send
+/// the relay content that is hostile but authenticated.
+#[cfg(any(test, feature = "testing"))]
+pub struct ClientSealer {
+    dir: Direction,
+    format: Format,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl ClientSealer {
+    /// From a client's extracted send secrets (`ExtractedSecrets::tx`).
+    pub fn new(tx: (u64, ConnectionTrafficSecrets), tls12: bool) -> io::Result<Self> {
+        let (dir, chacha) = Direction::new(tx.1, tx.0)?;
+        let format = match (tls12, chacha) {
+            (false, _) => Format::Tls13,
+            (true, true) => Format::Tls12Chacha,
+            (true, false) => Format::Tls12Gcm,
+        };
+        Ok(ClientSealer { dir, format })
+    }
+
+    /// Appends one record of (inner, for TLS 1.3) type `typ` carrying `plain` to `out`.
+    pub fn seal(&mut self, typ: u8, plain: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        seal_record(&mut self.dir, self.format, typ, plain, out)
+    }
+}
+
 impl AsyncRead for RecordIo {
     fn poll_read(
         self: Pin<&mut Self>,
