@@ -4,7 +4,7 @@
 //! Why: a relay decrypts and encrypts every byte it forwards. Through tokio-rustls each
 //! received record was read in 4 KiB `recvfrom`s, decrypted, copied into a fresh buffer and
 //! copied again into the reader's; each sent record was copied into a fresh buffer before it was
-//! sealed (docs/notes-tls-perf.md has the profile). Here a connection reads up to 64 KiB per
+//! sealed (docs/notes-tls-perf.md has the profile). Here a connection reads up to 20 KiB per
 //! system call into one buffer, opens every record in place and hands out the plaintext from
 //! there (one copy, the one into the caller's buffer); the writer seals straight into the
 //! buffer it sends.
