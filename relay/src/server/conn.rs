@@ -203,19 +203,15 @@ async fn serve_tls<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
+    let error = match tokio::time::timeout_at(deadline, Box::pin(handshake)).await {
         // Boxed: the TLS state is large, and a stream inline here would size the connection's
         // task for it twice over.
-        Ok(Ok(tls)) => serve(Box::new(tls), remote, accepted, listener, shared).await,
-        Ok(Err(e)) => {
-            shared.metrics.handshake_failed(HandshakeFailure::Tls);
-            debug!(%remote, error = %e, "TLS handshake failed");
-        }
-        Err(_) => {
-            shared.metrics.handshake_failed(HandshakeFailure::Tls);
-            debug!(%remote, "TLS handshake timed out");
-        }
-    }
+        Ok(Ok(tls)) => return serve(Box::new(tls), remote, accepted, listener, shared).await,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_string(),
+    };
+    shared.metrics.handshake_failed(HandshakeFailure::Tls);
+    debug!(%remote, %error, "TLS handshake failed");
 }
 
 /// Reads requests and answers them until one upgrades or the connection ends.
