@@ -24,16 +24,7 @@ struct World {
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        // A panic in any relay task must be a crash libFuzzer sees, not a task tokio catches.
-        std::panic::set_hook(Box::new(|info| {
-            eprintln!("{info}");
-            std::process::abort();
-        }));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = ferry_fuzz::relay_runtime();
         let relay = rt.block_on(Options::plain().start_with(|c| {
             c.http_listen = Some("127.0.0.1:0".parse().unwrap());
             c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());

@@ -45,15 +45,7 @@ fn connector(cert: &[u8], version: &'static rustls::SupportedProtocolVersion) ->
 fn world() -> &'static World {
     static W: OnceLock<World> = OnceLock::new();
     W.get_or_init(|| {
-        std::panic::set_hook(Box::new(|info| {
-            eprintln!("{info}");
-            std::process::abort();
-        }));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = ferry_fuzz::relay_runtime();
         let relay = rt.block_on(Options::tls().start());
         let cert = relay.cert_der().expect("a TLS relay");
         World {

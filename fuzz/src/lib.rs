@@ -69,3 +69,17 @@ pub fn encoded(frame: &RawFrame) -> BytesMut {
     out.extend_from_slice(&frame.payload);
     out
 }
+
+/// The runtime of a target that drives an in-process relay: one worker thread, and a panic in
+/// any relay task aborts the process (a crash libFuzzer sees, not a task tokio catches).
+pub fn relay_runtime() -> tokio::runtime::Runtime {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("{info}");
+        std::process::abort();
+    }));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
