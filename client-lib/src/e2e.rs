@@ -254,7 +254,10 @@ fn hs_error(peer: &PublicKey) -> E2eError {
 impl Sessions {
     /// E2E state for the node with this key.
     pub fn new(local: SecretKey) -> Sessions {
+        #[cfg(not(fuzzing))]
         let local_pub = local.public();
+        #[cfg(fuzzing)]
+        let local_pub = fuzzing::public(&local);
         Sessions {
             local,
             local_pub,
@@ -303,7 +306,12 @@ impl Sessions {
     }
 
     fn builder(&self) -> snow::Builder<'static> {
-        snow::Builder::new(NOISE_PARAMS.parse().expect("valid Noise params"))
+        let params = NOISE_PARAMS.parse().expect("valid Noise params");
+        // Fuzzing builds only: the same X25519 results, memoized (the reason is in the module).
+        #[cfg(fuzzing)]
+        return snow::Builder::with_resolver(params, Box::new(fuzzing::Resolver));
+        #[cfg(not(fuzzing))]
+        snow::Builder::new(params)
     }
 
     /// Starts (or restarts) a handshake with `peer`: returns the initiation packet.
@@ -604,6 +612,10 @@ fn seal_data(s: &mut Session, plaintext: &[u8]) -> Vec<u8> {
     out.truncate(HEADER_DATA + n);
     out
 }
+
+#[cfg(any(fuzzing, test))]
+#[path = "e2e_fuzzing.rs"]
+pub mod fuzzing;
 
 #[cfg(test)]
 #[path = "e2e_tests.rs"]
