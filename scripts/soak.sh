@@ -15,6 +15,7 @@
 # Outputs go to OUT (default /tmp/ferry-scale). NO_BUILD=1 skips the release build.
 # EXTRA_LIMITS: more [limits] lines for the relay (e.g. the abuse mitigations:
 # EXTRA_LIMITS=$'accept_rate = 200\naccept_burst = 200\nclient_rate_limit = 16777216');
+# RELAY_ARGS: more ferry-relay flags (e.g. --tls-record-layer rustls).
 # ATTACKS_ONLY: a regex of the abuse run's attack names to run (default: all).
 # ABUSE_SOURCE=N: the abuser connects from 127.0.0.N alone (honest clients use .1-.32), so a
 # per-IP limit (EXTRA_LIMITS max_connections_per_ip) applies to it and not to them.
@@ -55,8 +56,11 @@ enabled = false
 keepalive_interval = "$1"
 ${EXTRA_LIMITS:-}
 EOF
-    taskset -c 0 "$RELAY" --config "$OUT/relay.toml" >"$OUT/relay-$MODE.log" 2>&1 &
+    # shellcheck disable=SC2086 # RELAY_ARGS: extra flags, word-split on purpose
+    taskset -c 0 "$RELAY" --config "$OUT/relay.toml" ${RELAY_ARGS:-} >"$OUT/relay-$MODE.log" 2>&1 &
     RELAY_PID=$!
+    # A failed step (set -e) must not leave the relay holding the ports for the next run.
+    trap 'kill "$RELAY_PID" 2>/dev/null || true' EXIT
     for _ in $(seq 50); do metrics >/dev/null 2>&1 && break; sleep 0.1; done
     metrics >/dev/null || { echo "relay did not start:"; cat "$OUT/relay-$MODE.log"; exit 1; }
     echo "relay pid $RELAY_PID, keepalive_interval $1, fd limit $(awk '/open files/ {print $4}' /proc/$RELAY_PID/limits)"

@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +19,6 @@ use bytes::{BufMut, BytesMut};
 use ferry_proto::derp::{self as proto, frame_type as ft, FrameDecoder, KEY_LEN};
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
@@ -165,30 +163,6 @@ impl Shared {
     }
 }
 
-/// The `i`-th loopback source address (127.0.0.1..=127.0.0.32) for a loopback target.
-fn source(target: &Target, i: usize) -> Option<IpAddr> {
-    match target.addr.ip() {
-        IpAddr::V4(v4) if v4.is_loopback() => {
-            Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % 32) as u8)))
-        }
-        _ => None,
-    }
-}
-
-async fn tcp_only(target: &Target, i: usize) -> std::io::Result<tokio::net::TcpStream> {
-    let sock = if target.addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    if let Some(src) = source(target, i) {
-        sock.bind(SocketAddr::new(src, 0))?;
-    }
-    tokio::time::timeout(crate::target::STAGE_TIMEOUT, sock.connect(target.addr))
-        .await
-        .map_err(|_| std::io::Error::other("TCP connect timed out"))?
-}
-
 /// Reads and discards until EOF or an error (the relay closing us).
 async fn drain(mut r: impl AsyncRead + Unpin) {
     let mut buf = vec![0u8; 4096];
@@ -205,7 +179,8 @@ async fn one(a: AbuseArgs, t: Arc<Target>, sh: Arc<Shared>, sem: Arc<Semaphore>,
     loop {
         let permit = sem.acquire().await.expect("never closed");
         let opened: Result<BoxIo, String> = match (a.mode, a.stall_at, a.drip_phase) {
-            (AbuseMode::HandshakeNever, StallAt::Tcp, _) => tcp_only(&t, i)
+            (AbuseMode::HandshakeNever, StallAt::Tcp, _) => t
+                .dial_tcp()
                 .await
                 .map(|s| Box::new(s) as BoxIo)
                 .map_err(|e| e.to_string()),
@@ -467,6 +442,44 @@ async fn garbage(a: &AbuseArgs, target: &Arc<Target>) -> Result<AbuseReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    /// The TCP-only stall connects from the addresses --source-first/--source-ips name, as
+    /// every other abuse mode does: a per-IP cap must see the abuser alone there, not on the
+    /// honest clients' 127.0.0.1-.32 (the soak's abuse run with `max_connections_per_ip`).
+    #[tokio::test]
+    async fn tcp_only_stall_connects_from_the_chosen_source() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/derp", l.local_addr().unwrap());
+        let cli = crate::cli::Cli::try_parse_from([
+            "ferry-loadtest",
+            "abuse",
+            &url,
+            "--mode",
+            "handshake-never",
+            "--stall-at",
+            "tcp",
+            "--source-first",
+            "200",
+            "--source-ips",
+            "1",
+        ])
+        .unwrap();
+        let crate::cli::Command::Abuse(a) = cli.command else {
+            unreachable!()
+        };
+        let t = Target::resolve(&a.target).await.unwrap();
+        for i in 0..3 {
+            let _c = t.dial_tcp().await.unwrap();
+            let (_s, peer) = l.accept().await.unwrap();
+            assert_eq!(
+                peer.ip(),
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, 200)),
+                "connection {i}"
+            );
+        }
+    }
 
     #[test]
     fn garbage_batches_decode_as_whole_frames() {

@@ -344,6 +344,24 @@ impl Target {
 
     /// TCP (from the next source address) and TLS if the URL is https.
     pub async fn dial(&self) -> Result<BoxIo, ConnectError> {
+        let tcp = self.dial_tcp().await?;
+        match &self.tls {
+            None => Ok(Box::new(tcp)),
+            Some((connector, name)) => {
+                let tls = tokio::time::timeout(STAGE_TIMEOUT, connector.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| self.timeout("TLS handshake"))?
+                    .map_err(|error| ConnectError::Tls {
+                        addr: self.addr,
+                        error,
+                    })?;
+                Ok(Box::new(tls))
+            }
+        }
+    }
+
+    /// TCP alone, from the next source address (`--source-first`, `--source-ips`).
+    pub async fn dial_tcp(&self) -> Result<TcpStream, ConnectError> {
         let src = (!self.sources.is_empty()).then(|| {
             self.sources[self.next_source.fetch_add(1, Ordering::Relaxed) % self.sources.len()]
         });
@@ -366,19 +384,7 @@ impl Target {
             .map_err(|e| self.classify_tcp(e, src))?;
         tcp.set_nodelay(true)
             .map_err(|e| self.classify_tcp(e, src))?;
-        match &self.tls {
-            None => Ok(Box::new(tcp)),
-            Some((connector, name)) => {
-                let tls = tokio::time::timeout(STAGE_TIMEOUT, connector.connect(name.clone(), tcp))
-                    .await
-                    .map_err(|_| self.timeout("TLS handshake"))?
-                    .map_err(|error| ConnectError::Tls {
-                        addr: self.addr,
-                        error,
-                    })?;
-                Ok(Box::new(tls))
-            }
-        }
+        Ok(tcp)
     }
 
     fn timeout(&self, stage: &'static str) -> ConnectError {
