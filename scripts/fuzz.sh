@@ -34,6 +34,13 @@ runs=10000000
 if [[ ${1:-} == --ci ]]; then
     ci=1
     shift
+    # The smoke run's build: opt-level 1 and line tables instead of the release profile's
+    # opt-level 3 and debug = 1. It replays the seeds and regressions and fuzzes for a few
+    # seconds, so build time matters more than executions/s (docs/reliability.md has the
+    # figures). Either can still be set from outside. Switching between this and a long run
+    # rebuilds fuzz/target.
+    export CARGO_PROFILE_RELEASE_OPT_LEVEL=${CARGO_PROFILE_RELEASE_OPT_LEVEL:-1}
+    export CARGO_PROFILE_RELEASE_DEBUG=${CARGO_PROFILE_RELEASE_DEBUG:-line-tables-only}
 elif [[ $# -gt 0 ]]; then
     targets=$1
     runs=$(python3 -c "print(int(float('${2:-1e7}')))")
