@@ -230,8 +230,8 @@ w("taskset -c 0 target/release/ferry-relay --hostname localhost --listen 127.0.0
   "    --metrics-listen 127.0.0.1:19090 --stun-listen 127.0.0.1:13478 --key-file K \\\n"
   "    --cert-mode manual --cert-file localhost.crt --cert-key-file localhost.key --log-level warn")
 w("taskset -c 0 derper -a 127.0.0.1:28443 -certmode manual -certdir DIR -hostname localhost -http-port -1 -stun-port 23478")
-w("taskset -c 0 iroh-relay --config-path iroh.toml   # https 127.0.0.1:38443, manual cert, no QUIC, no metrics")
-w("taskset -c 0 turnserver -n --no-auth -S -L 127.0.0.1 -p 43478 --no-tls --no-dtls --no-cli --no-rfc5780 -m 1")
+w("taskset -c 0 iroh-relay --config-path iroh.toml   # https 127.0.0.1:30443, manual cert, no QUIC, no metrics")
+w("taskset -c 0 turnserver -n --no-auth -S -L 127.0.0.1 -p 31478 --no-tls --no-dtls --no-cli --no-rfc5780 -m 1")
 if glob(os.path.join(OUT, "s1", "*plain*")) or glob(os.path.join(OUT, "s2", "*plain*")):
     w("# plain HTTP rows (scenarios 1 and 2): TLS's cost per relay, and the peer that has no TLS here")
     w("taskset -c 0 target/release/ferry-relay --dev --listen 127.0.0.1:18340 ... --udp-relay-listen off")

@@ -135,8 +135,8 @@ HYPERDERP_PORT=29340
 # build recipe for it is kept here (the project commits no code of a fetched peer, nor a script
 # that builds one); docs/benchmarks.md says how the measured binary was made.
 HYPERDERP=${HYPERDERP:-}
-IROH_PORT=38443 IROH_HTTP=38080
-COTURN_PORT=43478 TURN_PORT=43479 TURN_PEER_PORT=43480
+IROH_PORT=30443 IROH_HTTP=30080
+COTURN_PORT=31478 TURN_PORT=31479 TURN_PEER_PORT=31480
 
 pin_server=()
 pin_load=()
@@ -157,6 +157,26 @@ wait_tcp() {
     echo "nothing listens on 127.0.0.1:$1; logs in $RUN" >&2
     return 1
 }
+
+# Every fixed port must lie below the kernel's ephemeral range: a loopback client elsewhere on
+# the machine (a fuzzer, a test suite) takes ports from that range for its own connections, and
+# one left in TIME-WAIT makes a server without SO_REUSEADDR fail to bind (iroh-relay did, on
+# 38080, while a fuzzer ran).
+ports_below_ephemeral() {
+    local lo _hi name
+    read -r lo _hi </proc/sys/net/ipv4/ip_local_port_range
+    for name in FERRY_PORT FERRY_METRICS FERRY_STUN FERRY_UDP_RELAY DERPER_PORT DERPER_STUN \
+        FERRY_PLAIN_PORT FERRY_PLAIN_STUN FERRY_PLAIN_METRICS FERRY_RUSTLS_PORT \
+        FERRY_RUSTLS_METRICS DERPER_PLAIN_PORT DERPER_PLAIN_STUN HYPERDERP_PORT IROH_PORT \
+        IROH_HTTP COTURN_PORT TURN_PORT TURN_PEER_PORT; do
+        if ((${!name} >= lo)); then
+            echo "bench/run.sh: $name=${!name} is in the ephemeral port range ($lo-$_hi):" \
+                "pick a port below $lo" >&2
+            exit 1
+        fi
+    done
+}
+ports_below_ephemeral
 
 # A port already taken (a leftover server) would silently measure the wrong process.
 port_free() { # port_free tcp|udp PORT
@@ -453,8 +473,14 @@ T=(--warmup "${WARMUP}s" --duration "${RUN_SECONDS}s")
 aead_speeds() { # aead_speeds SUFFIX
     for aead in aes-128-gcm aes-256-gcm chacha20-poly1305; do
         for bytes in 1237 16384; do
-            v=$(taskset -c 0 openssl speed -evp "$aead" -bytes "$bytes" -seconds 2 2>/dev/null |
-                awk -v a="$aead" 'tolower($1) == a { v = $NF } END { sub(/k$/, "", v); print v * 1000 }')
+            # openssl once printed "inf" here (a run it timed as taking no time): a reading that
+            # is not a finite number is taken again, and left empty (not reported) after 3 tries.
+            for _try in 1 2 3; do
+                v=$(taskset -c 0 openssl speed -evp "$aead" -bytes "$bytes" -seconds 2 2>/dev/null |
+                    awk -v a="$aead" 'tolower($1) == a { v = $NF }
+                        END { sub(/k$/, "", v); if (v ~ /^[0-9]+(\.[0-9]+)?$/ && v > 0) print v * 1000 }')
+                [[ -n $v ]] && break
+            done
             echo "aead_${aead//-/_}_$bytes$1=$v"
         done
     done
