@@ -165,10 +165,8 @@ wait_tcp() {
 ports_below_ephemeral() {
     local lo _hi name
     read -r lo _hi </proc/sys/net/ipv4/ip_local_port_range
-    for name in FERRY_PORT FERRY_METRICS FERRY_STUN FERRY_UDP_RELAY DERPER_PORT DERPER_STUN \
-        FERRY_PLAIN_PORT FERRY_PLAIN_STUN FERRY_PLAIN_METRICS FERRY_RUSTLS_PORT \
-        FERRY_RUSTLS_METRICS DERPER_PLAIN_PORT DERPER_PLAIN_STUN HYPERDERP_PORT IROH_PORT \
-        IROH_HTTP COTURN_PORT TURN_PORT TURN_PEER_PORT; do
+    # Every port variable above, by its name's shape, so a port added later is checked too.
+    for name in $(compgen -v | grep -E '^(FERRY|DERPER|HYPERDERP|IROH|COTURN|TURN)[A-Z_]*_(PORT|STUN|METRICS|HTTP|UDP_RELAY)$'); do
         if ((${!name} >= lo)); then
             echo "bench/run.sh: $name=${!name} is in the ephemeral port range ($lo-$_hi):" \
                 "pick a port below $lo" >&2

@@ -6,8 +6,8 @@
 #   scripts/fuzz.sh --ci                 every target for 8 s (FUZZ_CI_SECONDS; scripts/test.sh)
 #   scripts/fuzz.sh stun_handler 2e6     one target, N runs
 #   FUZZ_SANITIZER=none scripts/fuzz.sh  without AddressSanitizer (about 2x faster; no leak check)
-#   FUZZ_SANITIZER=leak scripts/fuzz.sh  LeakSanitizer alone: about the speed of none, with the
-#                                        leak check (no out-of-bounds or use-after-free checks)
+#   FUZZ_SANITIZER=leak scripts/fuzz.sh  LeakSanitizer alone: the leak check without ASan's shadow
+#                                        memory (no out-of-bounds or use-after-free checks)
 #   FUZZ_FORK=2 scripts/fuzz.sh e2e 1e7  libFuzzer's fork mode: 2 processes share the corpus and
 #                                        the run count (one per core for the long runs)
 #
