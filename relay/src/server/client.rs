@@ -20,8 +20,13 @@ use crate::proto::{
     ServerInfo,
 };
 
-/// Initial read buffer size; it grows to hold one whole frame when needed.
+/// Read size of a busy connection; it grows to hold one whole frame when needed.
 const READ_CHUNK: usize = 8 << 10;
+/// ... and doubles, up to this, while reads fill it: a sender with many packets in flight gets
+/// them in a few large reads (fewer `recvfrom`s per byte, and larger batches for the
+/// receivers' writers, so fewer and larger TCP segments), falling back to [`READ_CHUNK`] when
+/// a read does not fill it.
+const MAX_READ_CHUNK: usize = 64 << 10;
 /// Read size of a connection whose last read was small (idle: keepalives, pings).
 const IDLE_CHUNK: usize = 512;
 /// A batch buffer larger than this after a flush is released (idle clients stay small).
@@ -336,6 +341,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
         last: Instant::now(),
     };
     let mut read_chunk = IDLE_CHUNK;
+    // The size of the buffer the last read went into: what a packet sliced from it keeps alive.
+    let mut read_buf = 0;
     // When the first bytes of a frame not yet whole arrived (pushed back by the time the rate
     // limit held reads back): the frame must be whole `frame_timeout` after it.
     let mut frame_started: Option<tokio::time::Instant> = None;
@@ -378,7 +385,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     if let Some(to) = reg.get(&dst) {
                         bytes += packet.len() as u64;
                         pkts += 1;
-                        to.enqueue_packet(me.key, packet, disco, m);
+                        to.enqueue_packet(me.key, packet, read_buf, disco, m);
                         if last_dst != Some(dst) {
                             sent_to.insert(dst);
                             last_dst = Some(dst);
@@ -387,7 +394,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         bytes += packet.len() as u64;
                         pkts += 1;
                         mesh_pkts += 1;
-                        link.forward(me.key, dst, packet, shared);
+                        link.forward(me.key, dst, packet, read_buf, shared);
                     } else {
                         m.drop(DropReason::UnknownDest);
                         if disco
@@ -407,7 +414,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             bytes += packet.len() as u64;
                             pkts += 1;
                             let disco = proto::looks_like_disco(&packet);
-                            to.enqueue_packet(src, packet, disco, m);
+                            to.enqueue_packet(src, packet, read_buf, disco, m);
                         }
                         None => m.drop(DropReason::UnknownDestOnFwd),
                     }
@@ -479,6 +486,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             rbuf = BytesMut::new();
         }
         rbuf.reserve(dec.bytes_needed(&rbuf).max(read_chunk));
+        read_buf = rbuf.capacity();
         let room = rbuf.capacity() - rbuf.len();
         // A frame completed: what is left (if anything) is the start of the next one.
         if rbuf.is_empty() || whole_frames {
@@ -509,10 +517,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Ok(0) | Err(_) => break CloseReason::ReadError,
                 Ok(n) => {
-                    read_chunk = if n >= room.min(READ_CHUNK) {
-                        READ_CHUNK
+                    read_chunk = if n >= room.min(MAX_READ_CHUNK) {
+                        (read_chunk * 2).clamp(READ_CHUNK, MAX_READ_CHUNK)
                     } else if n < IDLE_CHUNK {
                         IDLE_CHUNK
+                    } else if n < read_chunk / 4 {
+                        (read_chunk / 2).max(READ_CHUNK)
                     } else {
                         read_chunk
                     };

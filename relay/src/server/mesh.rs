@@ -136,14 +136,22 @@ impl MeshLink {
     }
 
     /// Queues a packet from local `src` to `dst` on the peer. Never blocks; drops the oldest when
-    /// the queue is over its limits, and counts a packet for a link that has just ended.
-    pub(crate) fn forward(&self, src: PublicKey, dst: PublicKey, data: Bytes, shared: &Shared) {
+    /// the queue is over its limits, and counts a packet for a link that has just ended. `buf`:
+    /// the size of the read buffer `data` is a slice of ([`super::queue::detach`]).
+    pub(crate) fn forward(
+        &self,
+        src: PublicKey,
+        dst: PublicKey,
+        data: Bytes,
+        buf: usize,
+        shared: &Shared,
+    ) {
         let (dropped, reason) = {
             let mut q = self.queue.lock();
             if q.closed {
                 (1, DropReason::UnknownDest)
             } else {
-                let data = super::queue::detach(&q.packets, data);
+                let data = super::queue::detach(&q.packets, data, buf);
                 let p = Forwarded { src, dst, data };
                 (q.packets.push(p, self.limits), DropReason::MeshQueue)
             }

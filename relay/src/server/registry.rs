@@ -156,10 +156,12 @@ impl ClientHandle {
     /// packets but only ~8 KiB of small ones, so one sender's burst of small packets (a single
     /// 8 KiB read is ~30–80 of them) overflowed a receiver whose writer missed a millisecond of
     /// CPU. See [`super::queue`] for the rule and the memory bound.
+    /// `buf` is the size of the read buffer `data` is a slice of ([`super::queue::detach`]).
     pub(crate) fn enqueue_packet(
         &self,
         src: PublicKey,
         data: Bytes,
+        buf: usize,
         disco: bool,
         m: &RelayMetrics,
     ) {
@@ -169,7 +171,7 @@ impl ClientHandle {
                 (1, DropReason::GoneDisconnected)
             } else {
                 let q = if disco { &mut qs.disco } else { &mut qs.data };
-                let data = super::queue::detach(q, data);
+                let data = super::queue::detach(q, data, buf);
                 (
                     q.push(QueuedPacket { src, data }, self.limits),
                     DropReason::QueueHead,
@@ -546,7 +548,7 @@ mod tests {
         let reg = Registry::default();
         let c = handle(&reg, 1);
         for i in 0..5u8 {
-            c.enqueue_packet(PublicKey([9; 32]), Bytes::from(vec![i]), false, &m);
+            c.enqueue_packet(PublicKey([9; 32]), Bytes::from(vec![i]), 1, false, &m);
         }
         let mut q = Queues::default();
         c.take_queued(&mut q);
@@ -564,12 +566,24 @@ mod tests {
         let c = handle(&reg, 1);
         reg.register(Arc::clone(&c));
         let looked_up = reg.get(&c.key).unwrap();
-        c.enqueue_packet(PublicKey([9; 32]), Bytes::from_static(b"before"), false, &m);
+        c.enqueue_packet(
+            PublicKey([9; 32]),
+            Bytes::from_static(b"before"),
+            6,
+            false,
+            &m,
+        );
         // The receiver leaves: unregistered, its queue closed and what it held counted.
         reg.unregister(&c);
         assert_eq!(c.close_queues(), 1);
         // The late sender.
-        looked_up.enqueue_packet(PublicKey([9; 32]), Bytes::from_static(b"late"), false, &m);
+        looked_up.enqueue_packet(
+            PublicKey([9; 32]),
+            Bytes::from_static(b"late"),
+            4,
+            false,
+            &m,
+        );
         assert_eq!(m.drops_for(DropReason::GoneDisconnected), 1);
         assert_eq!(c.close_queues(), 0, "nothing sits in the dead queue");
     }

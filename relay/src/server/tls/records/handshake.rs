@@ -173,6 +173,7 @@ pub(crate) async fn accept(
         quiet_records: 0,
         warning_alerts: 0,
         broken: false,
+        deferred: None,
     })
 }
 

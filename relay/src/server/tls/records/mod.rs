@@ -59,9 +59,12 @@ const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
 const USER_CANCELED: u8 = 90;
 
-/// Read size while the connection is busy (a read filled half its room or more): a whole
-/// 16 KiB record and then some.
-const BUSY_READ: usize = 20 << 10;
+/// Read size while the connection is busy (a read filled half its room or more): several
+/// 16 KiB records, all opened and handed out by one `poll_read` (fewer `recvfrom`s per byte).
+const BUSY_READ: usize = 64 << 10;
+/// A read of half this (or half its room, if less) keeps a connection busy: a burst of a whole
+/// record and then some, not necessarily half of [`BUSY_READ`].
+const BUSY_ROOM: usize = 20 << 10;
 /// Read size of a quiet connection (keepalives, pings); most of a relay's connections are.
 const IDLE_READ: usize = 1 << 10;
 /// Reads in a row smaller than `IDLE_READ` after which a connection counts as quiet and gives
@@ -201,6 +204,9 @@ pub(crate) struct RecordIo {
     warning_alerts: u8,
     /// A read failed: every later read fails too (the stream is not resynchronised).
     broken: bool,
+    /// The error of a record that failed while plaintext before it was being handed out: it is
+    /// returned by the next read, after that plaintext.
+    deferred: Option<io::Error>,
 }
 
 impl std::fmt::Debug for RecordIo {
@@ -539,13 +545,37 @@ impl AsyncRead for RecordIo {
         let this = self.get_mut();
         loop {
             if this.plain.0 < this.plain.1 {
-                let n = out.remaining().min(this.plain.1 - this.plain.0);
-                out.put_slice(&this.rbuf[this.plain.0..this.plain.0 + n]);
-                this.plain.0 += n;
+                // Hand out this record's plaintext and then that of every whole record already
+                // received (no socket read): the caller gets all a large read brought at once.
+                while this.plain.0 < this.plain.1 {
+                    let n = out.remaining().min(this.plain.1 - this.plain.0);
+                    out.put_slice(&this.rbuf[this.plain.0..this.plain.0 + n]);
+                    this.plain.0 += n;
+                    while this.plain.0 == this.plain.1 && out.remaining() > 0 && !this.read_eof {
+                        match this.open_next() {
+                            Ok(Opened::Data(from, to)) => this.plain = (from, to),
+                            Ok(Opened::Control) => {}
+                            Ok(Opened::Closed) => this.read_eof = true,
+                            Ok(Opened::NeedMore(_)) => break,
+                            Err(e) => {
+                                // Returned by the next read, after what was handed out.
+                                this.broken = true;
+                                this.deferred = Some(e);
+                                break;
+                            }
+                        }
+                    }
+                    if this.broken || out.remaining() == 0 {
+                        break;
+                    }
+                }
                 return Poll::Ready(Ok(()));
             }
             if this.broken {
-                return Poll::Ready(Err(bad("the TLS stream failed before")));
+                return Poll::Ready(Err(this
+                    .deferred
+                    .take()
+                    .unwrap_or_else(|| bad("the TLS stream failed before"))));
             }
             if this.read_eof || out.remaining() == 0 {
                 return Poll::Ready(Ok(()));
@@ -597,8 +627,9 @@ impl AsyncRead for RecordIo {
                 )));
             }
             this.filled += n;
-            // A read that filled half its room or more: the sender is ahead, read big.
-            this.busy = n * 2 >= room;
+            // A read that filled half its room (of at most `BUSY_ROOM`) or more: the sender
+            // is ahead, read big.
+            this.busy = n * 2 >= room.min(BUSY_ROOM);
             this.small_reads = if n < IDLE_READ {
                 this.small_reads.saturating_add(1)
             } else {

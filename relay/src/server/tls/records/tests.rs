@@ -347,6 +347,67 @@ async fn hostile_but_authenticated_records_are_refused_or_skipped_as_rfc_8446_sa
     assert!(io.tx_update_requested);
 }
 
+/// Several whole records that arrive together are handed out by one read (one pass of the
+/// relay's read loop for all a large `recvfrom` brought, not one per record), and a record that
+/// fails after them is reported by the next read, with its own error, after their plaintext.
+#[tokio::test]
+async fn records_received_together_are_read_at_once_and_a_bad_one_after_them_fails_next() {
+    let full = pattern(MAX_PLAIN, 7);
+    let want = [&b"one"[..], &full, b"three"].concat();
+    for (small, alert) in [(false, [2, 40]), (true, [1, CLOSE_NOTIFY])] {
+        let (mut server, client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+        let (mut tcp, conn) = client.into_inner();
+        let secrets = conn.dangerous_extract_secrets().unwrap();
+        let (mut dir, _) = Direction::new(secrets.tx.1, secrets.tx.0).unwrap();
+        // A full record first, read whole: the connection is busy (reads big) from then on.
+        let mut raw = Vec::new();
+        seal_record(&mut dir, Format::Tls13, APPLICATION_DATA, &full, &mut raw).unwrap();
+        tcp.write_all(&raw).await.unwrap();
+        let mut first = vec![0u8; full.len()];
+        server.read_exact(&mut first).await.unwrap();
+        assert!(first == full);
+        // Three records and an alert (handshake_failure, or close_notify) in one write.
+        let mut raw = Vec::new();
+        for plain in [&b"one"[..], &full, b"three"] {
+            seal_record(&mut dir, Format::Tls13, APPLICATION_DATA, plain, &mut raw).unwrap();
+        }
+        seal_record(&mut dir, Format::Tls13, ALERT, &alert, &mut raw).unwrap();
+        tcp.write_all(&raw).await.unwrap();
+        // All of it in the relay's socket before it reads.
+        let mut peek = vec![0u8; raw.len()];
+        while server.tcp.peek(&mut peek).await.unwrap() < raw.len() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let mut buf = vec![0u8; if small { 1000 } else { 64 << 10 }];
+        let (mut got, mut reads) = (Vec::new(), 0);
+        let end = loop {
+            match server.read(&mut buf).await {
+                Ok(0) => break None,
+                Ok(n) => {
+                    reads += 1;
+                    got.extend_from_slice(&buf[..n]);
+                }
+                Err(e) => break Some(e),
+            }
+        };
+        assert!(
+            got == want,
+            "the plaintext came out changed (small reads: {small})"
+        );
+        if small {
+            assert_eq!(reads, want.len().div_ceil(1000));
+            assert!(end.is_none(), "close_notify is a clean end: {end:?}");
+        } else {
+            assert_eq!(
+                reads, 1,
+                "three records received together took {reads} reads"
+            );
+            let e = end.expect("the fatal alert fails the read after the data");
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{e}");
+        }
+    }
+}
+
 /// A rustls client driven by hand, so its Finished and what follows it leave in one write:
 /// the relay then reads them in one go, during its handshake.
 async fn first_flight(
