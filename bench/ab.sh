@@ -11,10 +11,11 @@
 #
 # MODE: plain (--dev, plain HTTP), tls (the relay's own TLS records) or rustls. Each round is a
 # fresh relay and `ferry-loadtest derp --clients 16 --window 16 --warmup 1s --duration 4s`
-# (DURATION=... to change). Prints one line per round and the medians. Loopback only.
+# (DURATION=... to change; WINDOW=0: no window, every sender floods as scenario 7 does). Prints
+# one line per round (with the packets lost) and the medians. Loopback only.
 set -euo pipefail
 if [ $# -lt 5 ]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 mode=$1 size=$2 rounds=$3 A=$4 B=$5
@@ -29,6 +30,9 @@ LT=$ROOT/target/release/ferry-loadtest
 [ -x "$LT" ] || (cd "$ROOT" && cargo build --release -p ferry-loadtest)
 PORT=${PORT:-29443}
 DURATION=${DURATION:-4s}
+WINDOW=${WINDOW:-16}
+WINDOW_ARGS=()
+[ "$WINDOW" = 0 ] || WINDOW_ARGS=(--window "$WINDOW")
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
@@ -57,7 +61,7 @@ run() { # run BIN -> "per-CPU-second lost"
         sleep 0.05
     done
     taskset -c 1 "$LT" derp "$url" "${extra[@]}" --server-pid "$pid" --json --no-progress \
-        --clients 16 --size "$size" --window 16 --warmup 1s --duration "$DURATION" \
+        --clients 16 --size "$size" "${WINDOW_ARGS[@]}" --warmup 1s --duration "$DURATION" \
         "${LTARGS[@]}" >"$d/r.json"
     kill -9 "$pid"
     wait "$pid" 2>/dev/null || true
