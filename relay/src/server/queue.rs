@@ -13,7 +13,8 @@ pub(crate) use ferry_proto::queue::{Cost, DropOldest, QueueLimits, QUEUED_OVERHE
 /// allocation of its own; one that goes out at once is not copied. "Will wait": its queue
 /// already holds [`COPY_AFTER`] packets for an 8 KiB buffer, fewer for a larger one (one for 32
 /// KiB and more), so that the packets of a queue that are not copied pin about
-/// `COPY_AFTER` × 8 KiB of read buffers whatever their size. (Measured with 8 KiB buffers: 272
+/// `COPY_AFTER` × 8 KiB of read buffers, or one buffer when it is larger than that.
+/// (Measured with 8 KiB buffers: 272
 /// KiB per receiver in that case with the copy, 241 KiB with batched senders; the copy costs
 /// 0–13 % of packets per CPU-second in floods, within the noise when the relay is not
 /// overloaded. An arena per queue instead of one allocation per packet measured no faster and
