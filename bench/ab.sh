@@ -6,7 +6,7 @@
 #
 #   bench/ab.sh MODE SIZE ROUNDS BIN_A BIN_B [ferry-loadtest derp options...]
 #   bench/ab.sh plain 1200 6 /tmp/ferry-relay.before target/release/ferry-relay
-#   bench/ab.sh tls 64 6 A B --window 32
+#   WINDOW=32 bench/ab.sh tls 64 6 A B
 #   bench/ab.sh rustls 1200 6 A B        # TLS with tokio-rustls' records (--tls-record-layer rustls)
 #
 # MODE: plain (--dev, plain HTTP), tls (the relay's own TLS records) or rustls. Each round is a

@@ -487,7 +487,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         rbuf.reserve(dec.bytes_needed(&rbuf).max(read_chunk));
         read_buf = rbuf.capacity();
-        let room = rbuf.capacity() - rbuf.len();
+        let room = read_buf - rbuf.len();
         // A frame completed: what is left (if anything) is the start of the next one.
         if rbuf.is_empty() || whole_frames {
             frame_started = None;
