@@ -29,6 +29,10 @@ const READ_CHUNK: usize = 8 << 10;
 const MAX_READ_CHUNK: usize = 64 << 10;
 /// Read size of a connection whose last read was small (idle: keepalives, pings).
 const IDLE_CHUNK: usize = 512;
+/// A connection whose reads had grown and that has then read nothing for this long gives its
+/// read buffer back and reads [`IDLE_CHUNK`] again (a burst and then silence would otherwise keep
+/// up to 64 KiB, over TLS twice that with the record layer's, until the client spoke again).
+pub(crate) const QUIET_RELEASE: Duration = Duration::from_secs(1);
 /// A batch buffer larger than this after a flush is released (idle clients stay small).
 const KEEP_WRITE_BUF: usize = 64 << 10;
 /// Packet bytes (payload + 64 each) the writer takes per batch; more stay queued (and wake it
@@ -351,6 +355,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let frame_timer = tokio::time::sleep(shared.limits.frame_timeout);
     tokio::pin!(frame_timer);
     let mut armed: Option<tokio::time::Instant> = None;
+    // The quiet timer (`QUIET_RELEASE`): armed while reads are large, moved on only when it
+    // fires early (not re-armed at every read).
+    let quiet_timer = tokio::time::sleep(QUIET_RELEASE);
+    tokio::pin!(quiet_timer);
+    let mut quiet_armed = false;
+    let mut last_read = tokio::time::Instant::now();
     let why = 'conn: loop {
         // Everything already buffered, then one read. Counters are added once per read.
         let (mut pkts, mut bytes, mut mesh_pkts) = (0u64, 0u64, 0u64);
@@ -500,12 +510,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
             frame_timer.as_mut().reset(d);
         }
         armed = frame_deadline;
+        let big = read_chunk > IDLE_CHUNK;
+        if big && !quiet_armed {
+            quiet_timer.as_mut().reset(last_read + QUIET_RELEASE);
+            quiet_armed = true;
+        }
         tokio::select! {
             biased;
             _ = me.cancel.cancelled() => break me.close_reason().unwrap_or(CloseReason::Shutdown),
             () = &mut frame_timer, if frame_deadline.is_some() => {
                 debug!(buffered = rbuf.len(), "a frame not whole within frame_timeout; closing");
                 break CloseReason::FrameTimeout;
+            }
+            () = &mut quiet_timer, if big && quiet_armed => {
+                quiet_armed = false;
+                if last_read.elapsed() >= QUIET_RELEASE {
+                    // Quiet: read small again, which gives the buffer back when it holds no
+                    // part of a frame (above; a part waits for the frame timeout), and the
+                    // record layer's, which watches its own reads.
+                    read_chunk = IDLE_CHUNK;
+                }
             }
             res = r.read_buf(&mut rbuf) => match res {
                 // End of stream at a frame boundary is a client leaving, with or without a
@@ -517,6 +541,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Ok(0) | Err(_) => break CloseReason::ReadError,
                 Ok(n) => {
+                    last_read = tokio::time::Instant::now();
                     read_chunk = if n >= room.min(MAX_READ_CHUNK) {
                         (read_chunk * 2).clamp(READ_CHUNK, MAX_READ_CHUNK)
                     } else if n < IDLE_CHUNK {

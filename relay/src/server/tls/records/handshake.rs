@@ -174,6 +174,8 @@ pub(crate) async fn accept(
         warning_alerts: 0,
         broken: false,
         deferred: None,
+        last_read: tokio::time::Instant::now(),
+        quiet: None,
     })
 }
 

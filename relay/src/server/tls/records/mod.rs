@@ -32,6 +32,7 @@
 //!   came in the same flight as the client's Finished is left to this layer.
 //! - Shutdown sends close_notify, then half-closes TCP.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -42,6 +43,8 @@ use rustls::server::ServerConnectionData;
 use rustls::ConnectionTrafficSecrets;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::server::client::QUIET_RELEASE;
 
 const HEADER: usize = 5;
 /// The most plaintext one record may carry (2^14).
@@ -207,6 +210,10 @@ pub(crate) struct RecordIo {
     /// The error of a record that failed while plaintext before it was being handed out: it is
     /// returned by the next read, after that plaintext.
     deferred: Option<io::Error>,
+    /// When the last socket read brought bytes, and the timer that gives a big read buffer back
+    /// once the connection has been quiet for `QUIET_RELEASE` (armed only while it is big).
+    last_read: tokio::time::Instant,
+    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for RecordIo {
@@ -536,6 +543,33 @@ impl ClientSealer {
     }
 }
 
+impl RecordIo {
+    /// Called when the socket has nothing to read: a big read buffer holding no part of a record
+    /// is given back once nothing has arrived for `QUIET_RELEASE` (the timer wakes the reader
+    /// for it). Without this a connection that sent a burst and went quiet kept 64 KiB here
+    /// until it spoke again, the small-read rule above needing reads to apply.
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) {
+        if self.filled > 0 || self.rbuf.len() <= IDLE_READ {
+            self.quiet = None;
+            return;
+        }
+        let due = self.last_read + QUIET_RELEASE;
+        let timer = self
+            .quiet
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        // Moved on (not re-armed at every read) when it fires before the connection was quiet.
+        while timer.as_mut().poll(cx).is_ready() {
+            if tokio::time::Instant::now() >= due {
+                self.rbuf = vec![0; IDLE_READ];
+                self.busy = false;
+                self.quiet = None;
+                return;
+            }
+            timer.as_mut().reset(due);
+        }
+    }
+}
+
 impl AsyncRead for RecordIo {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -612,8 +646,13 @@ impl AsyncRead for RecordIo {
             }
             let room = this.rbuf.len() - this.filled;
             let mut rb = ReadBuf::new(&mut this.rbuf[this.filled..]);
-            ready!(Pin::new(&mut this.tcp).poll_read(cx, &mut rb))?;
+            let polled = Pin::new(&mut this.tcp).poll_read(cx, &mut rb);
             let n = rb.filled().len();
+            if polled.is_pending() {
+                this.poll_quiet(cx);
+                return Poll::Pending;
+            }
+            ready!(polled)?;
             if n == 0 {
                 // TCP ended without close_notify: a clean end only at a record boundary
                 // (reported as tokio-rustls does, as UnexpectedEof; Go clients close so).
@@ -627,6 +666,7 @@ impl AsyncRead for RecordIo {
                 )));
             }
             this.filled += n;
+            this.last_read = tokio::time::Instant::now();
             // A read that filled half its room (of at most `BUSY_ROOM`) or more: the sender
             // is ahead, read big.
             this.busy = n * 2 >= room.min(BUSY_ROOM);
