@@ -504,3 +504,81 @@ async fn a_close_notify_in_the_clients_first_flight_ends_the_stream_after_its_da
     io.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"GET / HTTP/1.1\r\n\r\n");
 }
+
+/// Records cut anywhere by TCP, read with buffers of every size: reads of 4 KiB and more go
+/// straight into the caller's buffer, smaller ones through the layer's own, and a record begun
+/// in one kind of read and finished in the other comes out whole; records for the layer itself
+/// (warning alerts) and empty ones in between give the reader nothing; a record that fails (a
+/// flipped tag bit) after good ones fails a read after their plaintext, whichever path read it.
+/// (KeyUpdates on the direct path: the round trips above, whose reads are 5,000 bytes.)
+#[tokio::test]
+async fn records_cut_anywhere_come_out_whole_whatever_the_read_sizes() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut rand = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    for suite in ALL {
+        let (mut server, client) = pair(suite).await;
+        let format = server.format;
+        let (mut tcp, conn) = client.into_inner();
+        let secrets = conn.dangerous_extract_secrets().unwrap();
+        let (mut dir, _) = Direction::new(secrets.tx.1, secrets.tx.0).unwrap();
+        let mut raw = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..300 {
+            let len = match rand(4) {
+                0 => rand(64),
+                1 => 1200 + rand(100),
+                2 => rand(MAX_PLAIN + 1),
+                _ => MAX_PLAIN,
+            };
+            let plain = pattern(len, i as u8);
+            seal_record(&mut dir, format, APPLICATION_DATA, &plain, &mut raw).unwrap();
+            want.extend_from_slice(&plain);
+            if i % 97 == 50 {
+                // A record for the layer itself (a warning alert), between data records.
+                seal_record(&mut dir, format, ALERT, &[1, USER_CANCELED], &mut raw).unwrap();
+            }
+        }
+        // Then a record whose tag does not verify.
+        let good = raw.len();
+        seal_record(&mut dir, format, APPLICATION_DATA, b"bad", &mut raw).unwrap();
+        *raw.last_mut().unwrap() ^= 1;
+        let writer = tokio::spawn(async move {
+            let mut at = 0;
+            while at < raw.len() {
+                let n = (1 + rand(40_000)).min(raw.len() - at);
+                tcp.write_all(&raw[at..at + n]).await.unwrap();
+                at += n;
+                tokio::task::yield_now().await;
+            }
+            tcp
+        });
+        let mut got = Vec::new();
+        let mut sizes = [1000usize, 4 << 10, 5000, 16 << 10, 64 << 10]
+            .into_iter()
+            .cycle();
+        let err = loop {
+            let mut buf = vec![0u8; sizes.next().unwrap()];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(10), server.read(&mut buf));
+            match read.await.expect("a read within 10 s") {
+                Ok(0) => panic!("{:?}: a clean end where a bad record was", suite.suite()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            got == want,
+            "{:?}: {} of {} bytes, not the same ({good} raw bytes were good)",
+            suite.suite(),
+            got.len(),
+            want.len()
+        );
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        let _tcp = writer.await.unwrap();
+    }
+}
