@@ -29,8 +29,8 @@ const READ_CHUNK: usize = 8 << 10;
 const MAX_READ_CHUNK: usize = 64 << 10;
 /// Read size of a connection whose last read was small (idle: keepalives, pings).
 const IDLE_CHUNK: usize = 512;
-/// A connection whose reads had grown and that has then read nothing for this long gives its
-/// read buffer back and reads [`IDLE_CHUNK`] again (a burst and then silence would otherwise keep
+/// A connection whose reads had grown and that has then read nothing for one to two of these
+/// gives its read buffer back and reads [`IDLE_CHUNK`] again (a burst and then silence would otherwise keep
 /// up to 64 KiB, over TLS twice that with the record layer's, until the client spoke again).
 pub(crate) const QUIET_RELEASE: Duration = Duration::from_secs(1);
 /// A batch buffer larger than this after a flush is released (idle clients stay small).
@@ -355,12 +355,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let frame_timer = tokio::time::sleep(shared.limits.frame_timeout);
     tokio::pin!(frame_timer);
     let mut armed: Option<tokio::time::Instant> = None;
-    // The quiet timer (`QUIET_RELEASE`): armed while reads are large, moved on only when it
-    // fires early (not re-armed at every read).
+    // The quiet timer (`QUIET_RELEASE`): armed while reads are large; when it fires, the
+    // connection was quiet if no read completed since it was armed (so between 1 and 2 periods
+    // after the last read), else it is armed again. Reads are counted, not timed: no clock
+    // read per read.
     let quiet_timer = tokio::time::sleep(QUIET_RELEASE);
     tokio::pin!(quiet_timer);
     let mut quiet_armed = false;
-    let mut last_read = tokio::time::Instant::now();
+    let (mut reads, mut reads_at_arm) = (0u64, 0u64);
     let why = 'conn: loop {
         // Everything already buffered, then one read. Counters are added once per read.
         let (mut pkts, mut bytes, mut mesh_pkts) = (0u64, 0u64, 0u64);
@@ -512,8 +514,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
         armed = frame_deadline;
         let big = read_chunk > IDLE_CHUNK;
         if big && !quiet_armed {
-            quiet_timer.as_mut().reset(last_read + QUIET_RELEASE);
-            quiet_armed = true;
+            quiet_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + QUIET_RELEASE);
+            (quiet_armed, reads_at_arm) = (true, reads);
         }
         tokio::select! {
             biased;
@@ -524,7 +528,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             () = &mut quiet_timer, if big && quiet_armed => {
                 quiet_armed = false;
-                if last_read.elapsed() >= QUIET_RELEASE {
+                if reads == reads_at_arm {
                     // Quiet: read small again, which gives the buffer back when it holds no
                     // part of a frame (above; a part waits for the frame timeout), and the
                     // record layer's, which watches its own reads.
@@ -541,7 +545,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Ok(0) | Err(_) => break CloseReason::ReadError,
                 Ok(n) => {
-                    last_read = tokio::time::Instant::now();
+                    reads += 1;
                     read_chunk = if n >= room.min(MAX_READ_CHUNK) {
                         (read_chunk * 2).clamp(READ_CHUNK, MAX_READ_CHUNK)
                     } else if n < IDLE_CHUNK {

@@ -174,7 +174,7 @@ pub(crate) async fn accept(
         warning_alerts: 0,
         broken: false,
         deferred: None,
-        last_read: tokio::time::Instant::now(),
+        reads: 0,
         quiet: None,
     })
 }

@@ -4,10 +4,12 @@
 //! Why: a relay decrypts and encrypts every byte it forwards. Through tokio-rustls each
 //! received record was read in 4 KiB `recvfrom`s, decrypted, copied into a fresh buffer and
 //! copied again into the reader's; each sent record was copied into a fresh buffer before it was
-//! sealed (docs/notes-tls-perf.md has the profile). Here a connection reads up to 20 KiB per
-//! system call into one buffer, opens every record in place and hands out the plaintext from
-//! there (one copy, the one into the caller's buffer); the writer seals straight into the
-//! buffer it sends.
+//! sealed (docs/notes-tls-perf.md has the profile). Here a busy connection's read (a caller's
+//! buffer of 4 KiB or more) goes straight into the caller's buffer, and each whole record is
+//! opened where it lies, its plaintext moved down over the headers and tags before it by the
+//! AEAD's own pass (no copy at all; the start of a record left at the end waits here for the
+//! next read). A quiet connection's small reads go through a buffer of this layer's, one copy
+//! out. The writer seals straight into the buffer it sends.
 //!
 //! What rustls still does: the whole handshake (its unbuffered API, so no byte past the
 //! handshake is read into a buffer of its own), certificates, ALPN, session tickets, and the
@@ -213,10 +215,11 @@ pub(crate) struct RecordIo {
     /// The error of a record that failed while plaintext before it was being handed out: it is
     /// returned by the next read, after that plaintext.
     deferred: Option<io::Error>,
-    /// When the last socket read brought bytes, and the timer that gives a big read buffer back
-    /// once the connection has been quiet for `QUIET_RELEASE` (armed only while it is big).
-    last_read: tokio::time::Instant,
-    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Socket reads that brought bytes, and the timer that gives a big read buffer back once
+    /// the connection has been quiet for `QUIET_RELEASE` (armed only while the buffer is big),
+    /// with the count when it was armed: unchanged when it fires means quiet.
+    reads: u64,
+    quiet: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
 }
 
 impl std::fmt::Debug for RecordIo {
@@ -568,19 +571,23 @@ impl RecordIo {
             self.quiet = None;
             return;
         }
-        let due = self.last_read + QUIET_RELEASE;
-        let timer = self
+        let reads = self.reads;
+        let (timer, armed_at) = self
             .quiet
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        // Moved on (not re-armed at every read) when it fires before the connection was quiet.
+            .get_or_insert_with(|| (Box::pin(tokio::time::sleep(QUIET_RELEASE)), reads));
+        // Armed again (not at every read) when reads came in since: released between one and
+        // two periods after the last read, with no clock read per read.
         while timer.as_mut().poll(cx).is_ready() {
-            if tokio::time::Instant::now() >= due {
+            if *armed_at == reads {
                 self.rbuf = vec![0; IDLE_READ];
                 self.busy = false;
                 self.quiet = None;
                 return;
             }
-            timer.as_mut().reset(due);
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + QUIET_RELEASE);
+            *armed_at = reads;
         }
     }
 }
@@ -649,7 +656,7 @@ impl RecordIo {
                 },
             )));
         }
-        self.last_read = tokio::time::Instant::now();
+        self.reads += 1;
         self.busy = n * 2 >= (room - held).min(BUSY_ROOM);
         self.small_reads = if n < IDLE_READ {
             self.small_reads.saturating_add(1)
@@ -799,7 +806,7 @@ impl AsyncRead for RecordIo {
                 )));
             }
             this.filled += n;
-            this.last_read = tokio::time::Instant::now();
+            this.reads += 1;
             // A read that filled half its room (of at most `BUSY_ROOM`) or more: the sender
             // is ahead, read big.
             this.busy = n * 2 >= room.min(BUSY_ROOM);
