@@ -39,6 +39,31 @@ const KEEP_WRITE_BUF: usize = 64 << 10;
 /// again). A writer stuck on a slow reader holds at most this, beside its queue.
 const WRITE_BATCH: usize = 64 << 10;
 
+/// The size of the next read after one of `n` bytes into `room` bytes with reads of `chunk`:
+/// doubled (from [`READ_CHUNK`] up to [`MAX_READ_CHUNK`]) when the sender has more waiting,
+/// [`IDLE_CHUNK`] after a small read, halved after a read of under a quarter.
+///
+/// "More waiting" is a full read for an idle connection, and half its room or more for a busy
+/// one: over TLS a read that filled the socket's share of the buffer hands out less plaintext
+/// than that (the records' headers and tags, and the start of a record it cut off, are taken
+/// out), so with "full" the reads of a busy TLS connection never grew past 8 KiB.
+fn next_read_chunk(chunk: usize, n: usize, room: usize) -> usize {
+    let more = if chunk == IDLE_CHUNK {
+        n >= room.min(MAX_READ_CHUNK)
+    } else {
+        n * 2 >= room.min(MAX_READ_CHUNK)
+    };
+    if more {
+        (chunk * 2).clamp(READ_CHUNK, MAX_READ_CHUNK)
+    } else if n < IDLE_CHUNK {
+        IDLE_CHUNK
+    } else if n < chunk / 4 {
+        (chunk / 2).max(READ_CHUNK)
+    } else {
+        chunk
+    }
+}
+
 /// PeerGone(not here) replies: a burst of 3, then one per second, per connection (derper's
 /// `peerGoneLim`).
 struct NotHereLimiter {
@@ -546,15 +571,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Ok(0) | Err(_) => break CloseReason::ReadError,
                 Ok(n) => {
                     reads += 1;
-                    read_chunk = if n >= room.min(MAX_READ_CHUNK) {
-                        (read_chunk * 2).clamp(READ_CHUNK, MAX_READ_CHUNK)
-                    } else if n < IDLE_CHUNK {
-                        IDLE_CHUNK
-                    } else if n < read_chunk / 4 {
-                        (read_chunk / 2).max(READ_CHUNK)
-                    } else {
-                        read_chunk
-                    };
+                    read_chunk = next_read_chunk(read_chunk, n, room);
                     // Rate limit: bytes are forwarded only once paid for. While this waits,
                     // nothing is read, the socket buffers fill and TCP slows the sender.
                     if let Some(b) = &mut bucket {
@@ -678,5 +695,37 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             let _ = tokio::time::timeout(write_timeout, w.shutdown()).await;
             return Some(CloseReason::Shutdown);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_grow_while_the_sender_has_more_waiting_over_tls_too() {
+        // Idle: a full read grows to 8 KiB; a part of one stays idle.
+        assert_eq!(next_read_chunk(IDLE_CHUNK, 512, 512), READ_CHUNK);
+        assert_eq!(next_read_chunk(IDLE_CHUNK, 300, 512), IDLE_CHUNK);
+        // Plain TCP: a full read doubles, up to 64 KiB.
+        assert_eq!(next_read_chunk(READ_CHUNK, 8192, 8192), 16 << 10);
+        assert_eq!(
+            next_read_chunk(MAX_READ_CHUNK, 65536, 65536),
+            MAX_READ_CHUNK
+        );
+        // TLS, straight into the reader's buffer: a socket read that filled 8 KiB hands out
+        // its 1,237-byte records' plaintext less the record cut off at the end. Before, reads
+        // stayed at 8 KiB.
+        let records = 8192 / (1237 + 22);
+        assert_eq!(next_read_chunk(READ_CHUNK, records * 1237, 8192), 16 << 10);
+        // 16 KiB records into 32 KiB: one whole record and the start of the next.
+        assert_eq!(next_read_chunk(32 << 10, 16384, 32 << 10), 64 << 10);
+        // Slowing down: under a quarter halves, a small read goes back to idle.
+        assert_eq!(next_read_chunk(MAX_READ_CHUNK, 10_000, 65536), 32 << 10);
+        assert_eq!(next_read_chunk(MAX_READ_CHUNK, 100, 65536), IDLE_CHUNK);
+        assert_eq!(
+            next_read_chunk(MAX_READ_CHUNK, 20_000, 65536),
+            MAX_READ_CHUNK
+        );
     }
 }

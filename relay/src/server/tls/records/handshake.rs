@@ -175,6 +175,7 @@ pub(crate) async fn accept(
         broken: false,
         deferred: None,
         reads: 0,
+        quiet_done: u64::MAX,
         quiet: None,
     })
 }

@@ -220,6 +220,8 @@ pub(crate) struct RecordIo {
     /// with the count when it was armed: unchanged when it fires means quiet.
     reads: u64,
     quiet: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
+    /// `reads` when the buffer was last given back (no timer until a read after it).
+    quiet_done: u64,
 }
 
 impl std::fmt::Debug for RecordIo {
@@ -567,7 +569,7 @@ impl RecordIo {
     /// for it). Without this a connection that sent a burst and went quiet kept 64 KiB here
     /// until it spoke again, the small-read rule above needing reads to apply.
     fn poll_quiet(&mut self, cx: &mut Context<'_>) {
-        if self.filled > 0 || self.rbuf.len() <= IDLE_READ {
+        if self.rbuf.len() <= IDLE_READ || self.quiet_done == self.reads {
             self.quiet = None;
             return;
         }
@@ -579,9 +581,16 @@ impl RecordIo {
         // two periods after the last read, with no clock read per read.
         while timer.as_mut().poll(cx).is_ready() {
             if *armed_at == reads {
-                self.rbuf = vec![0; IDLE_READ];
+                // Quiet: what is held (the start of a record, if any) moves to a buffer of
+                // its size, and no timer again until the next read.
+                let held = self.filled - self.pos;
+                let mut small = vec![0; held.max(IDLE_READ)];
+                small[..held].copy_from_slice(&self.rbuf[self.pos..self.filled]);
+                self.rbuf = small;
+                (self.pos, self.filled, self.plain) = (0, held, (0, 0));
                 self.busy = false;
                 self.quiet = None;
+                self.quiet_done = reads;
                 return;
             }
             timer
@@ -605,8 +614,9 @@ impl RecordIo {
             return true;
         }
         let h = &self.rbuf[self.pos..self.pos + HEADER];
-        let whole = HEADER + usize::from(u16::from_be_bytes([h[3], h[4]]));
-        held < whole && whole <= room
+        let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+        // A header `open_next` refuses is refused now, not after waiting for its body.
+        h[1] == 3 && len <= MAX_BODY && held < HEADER + len && HEADER + len <= room
     }
 
     /// One socket read into the caller's buffer, after the start of a record held here, and

@@ -582,3 +582,39 @@ async fn records_cut_anywhere_come_out_whole_whatever_the_read_sizes() {
         let _tcp = writer.await.unwrap();
     }
 }
+
+/// A connection that read through the layer's own buffer (small reads) and then waits with a
+/// large one gives that buffer back once quiet, although the old path left its read position
+/// at the end of the buffer rather than at 0 (nothing is held).
+#[tokio::test]
+async fn a_quiet_connection_gives_its_read_buffer_back_after_small_reads() {
+    let (mut server, mut client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+    let sent = pattern(MAX_PLAIN, 3);
+    client.write_all(&sent).await.unwrap();
+    client.flush().await.unwrap();
+    let mut got = Vec::new();
+    let mut small = [0u8; 1000];
+    while got.len() < sent.len() {
+        let n = server.read(&mut small).await.unwrap();
+        got.extend_from_slice(&small[..n]);
+    }
+    assert!(got == sent);
+    assert!(server.rbuf.len() > IDLE_READ, "the record grew the buffer");
+    let mut big = vec![0u8; 64 << 10];
+    let t0 = std::time::Instant::now();
+    while server.rbuf.len() > IDLE_READ {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "{} bytes still held 10 s after the last read",
+            server.rbuf.len()
+        );
+        let wait =
+            tokio::time::timeout(std::time::Duration::from_millis(200), server.read(&mut big));
+        assert!(wait.await.is_err(), "nothing was sent");
+    }
+    // And it still reads.
+    client.write_all(b"again").await.unwrap();
+    client.flush().await.unwrap();
+    let n = server.read(&mut big).await.unwrap();
+    assert_eq!(&big[..n], b"again");
+}
