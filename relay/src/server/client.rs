@@ -30,8 +30,9 @@ const MAX_READ_CHUNK: usize = 64 << 10;
 /// Read size of a connection whose last read was small (idle: keepalives, pings).
 const IDLE_CHUNK: usize = 512;
 /// A connection whose reads had grown and that has then read nothing for one to two of these
-/// gives its read buffer back and reads [`IDLE_CHUNK`] again (a burst and then silence would otherwise keep
-/// up to 64 KiB, over TLS twice that with the record layer's, until the client spoke again).
+/// gives its read buffer back and reads [`IDLE_CHUNK`] again (a burst and then silence would
+/// otherwise keep up to 64 KiB, over TLS twice that with the record layer's, until the client
+/// spoke again).
 pub(crate) const QUIET_RELEASE: Duration = Duration::from_secs(1);
 /// A batch buffer larger than this after a flush is released (idle clients stay small).
 const KEEP_WRITE_BUF: usize = 64 << 10;

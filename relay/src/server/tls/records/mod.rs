@@ -564,10 +564,11 @@ impl ClientSealer {
 }
 
 impl RecordIo {
-    /// Called when the socket has nothing to read: a big read buffer holding no part of a record
-    /// is given back once nothing has arrived for `QUIET_RELEASE` (the timer wakes the reader
-    /// for it). Without this a connection that sent a burst and went quiet kept 64 KiB here
-    /// until it spoke again, the small-read rule above needing reads to apply.
+    /// Called when the socket has nothing to read: a big read buffer is given back once nothing
+    /// has arrived for one to two periods of `QUIET_RELEASE` (the timer wakes the reader for
+    /// it); the start of a record it holds, if any, moves to a buffer of its own size. Without
+    /// this a connection that sent a burst and went quiet kept 64 KiB here until it spoke
+    /// again, the small-read rule above needing reads to apply.
     fn poll_quiet(&mut self, cx: &mut Context<'_>) {
         if self.rbuf.len() <= IDLE_READ || self.quiet_done == self.reads {
             self.quiet = None;
