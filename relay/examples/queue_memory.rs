@@ -18,6 +18,18 @@
 //! and would hide the second run's growth). Clients live in the same process but keep no
 //! payload in user space (unread data sits in kernel socket buffers), so the growth is the
 //! relay's queues and write buffers.
+//!
+//! The kernel's socket buffers must be small for the queues to fill: with the default limits
+//! (send buffers autotuned up to 4 MiB) they absorb every packet and the example reports 0
+//! queued. Run it in a network namespace with small limits (as root; the figures in
+//! docs/operating.md were taken so):
+//!
+//! ```text
+//! ip netns add qm && ip -n qm link set lo up
+//! ip netns exec qm sysctl -qw net.ipv4.tcp_wmem="4096 16384 65536" net.ipv4.tcp_rmem="4096 16384 65536"
+//! ip netns exec qm target/release/examples/queue_memory spread
+//! ip netns del qm
+//! ```
 
 use std::net::SocketAddr;
 use std::time::Duration;
