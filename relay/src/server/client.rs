@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, trace};
 
 use super::metrics::{CloseReason, DropReason, HandshakeFailure};
-use super::queue::QueueLimits;
+use super::queue::{QueueLimits, SourceBuf};
 use super::registry::{ClientHandle, Control, Presence, Queues};
 use super::{ratelimit, Shared};
 use crate::proto::{
@@ -22,10 +22,9 @@ use crate::proto::{
 
 /// Read size of a busy connection; it grows to hold one whole frame when needed.
 const READ_CHUNK: usize = 8 << 10;
-/// ... and doubles, up to this, while reads fill it: a sender with many packets in flight gets
-/// them in a few large reads (fewer `recvfrom`s per byte, and larger batches for the
-/// receivers' writers, so fewer and larger TCP segments), falling back to [`READ_CHUNK`] when
-/// a read does not fill it.
+/// ... and doubles, up to this, while the sender has more waiting ([`next_read_chunk`]): a
+/// sender with many packets in flight gets them in a few large reads (fewer `recvfrom`s per
+/// byte, and larger batches for the receivers' writers, so fewer and larger TCP segments).
 const MAX_READ_CHUNK: usize = 64 << 10;
 /// Read size of a connection whose last read was small (idle: keepalives, pings).
 const IDLE_CHUNK: usize = 512;
@@ -372,7 +371,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     };
     let mut read_chunk = IDLE_CHUNK;
     // The size of the buffer the last read went into: what a packet sliced from it keeps alive.
-    let mut read_buf = 0;
+    let mut read_buf = SourceBuf::new(0);
     // When the first bytes of a frame not yet whole arrived (pushed back by the time the rate
     // limit held reads back): the frame must be whole `frame_timeout` after it.
     let mut frame_started: Option<tokio::time::Instant> = None;
@@ -524,8 +523,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             rbuf = BytesMut::new();
         }
         rbuf.reserve(dec.bytes_needed(&rbuf).max(read_chunk));
-        read_buf = rbuf.capacity();
-        let room = read_buf - rbuf.len();
+        read_buf = SourceBuf::new(rbuf.capacity());
+        let room = rbuf.capacity() - rbuf.len();
         // A frame completed: what is left (if anything) is the start of the next one.
         if rbuf.is_empty() || whole_frames {
             frame_started = None;

@@ -137,13 +137,13 @@ impl MeshLink {
 
     /// Queues a packet from local `src` to `dst` on the peer. Never blocks; drops the oldest when
     /// the queue is over its limits, and counts a packet for a link that has just ended. `buf`:
-    /// the size of the read buffer `data` is a slice of ([`super::queue::detach`]).
+    /// the read buffer `data` is a slice of ([`super::queue::detach`]).
     pub(crate) fn forward(
         &self,
         src: PublicKey,
         dst: PublicKey,
         data: Bytes,
-        buf: usize,
+        buf: super::queue::SourceBuf,
         shared: &Shared,
     ) {
         let (dropped, reason) = {

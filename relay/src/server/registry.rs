@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::mesh::MeshLink;
 use super::metrics::{CloseReason, DropReason, RelayMetrics};
-use super::queue::{Cost, DropOldest, QueueLimits, QUEUED_OVERHEAD};
+use super::queue::{Cost, DropOldest, QueueLimits, SourceBuf, QUEUED_OVERHEAD};
 use crate::proto::{PeerGoneReason, PublicKey};
 
 /// A packet waiting in a receiver's queue.
@@ -156,12 +156,12 @@ impl ClientHandle {
     /// packets but only ~8 KiB of small ones, so one sender's burst of small packets (a single
     /// 8 KiB read is ~30–80 of them) overflowed a receiver whose writer missed a millisecond of
     /// CPU. See [`super::queue`] for the rule and the memory bound.
-    /// `buf` is the size of the read buffer `data` is a slice of ([`super::queue::detach`]).
+    /// `buf`: the read buffer `data` is a slice of ([`super::queue::detach`]).
     pub(crate) fn enqueue_packet(
         &self,
         src: PublicKey,
         data: Bytes,
-        buf: usize,
+        buf: SourceBuf,
         disco: bool,
         m: &RelayMetrics,
     ) {
@@ -548,7 +548,13 @@ mod tests {
         let reg = Registry::default();
         let c = handle(&reg, 1);
         for i in 0..5u8 {
-            c.enqueue_packet(PublicKey([9; 32]), Bytes::from(vec![i]), 1, false, &m);
+            c.enqueue_packet(
+                PublicKey([9; 32]),
+                Bytes::from(vec![i]),
+                SourceBuf::new(1),
+                false,
+                &m,
+            );
         }
         let mut q = Queues::default();
         c.take_queued(&mut q);
@@ -569,7 +575,7 @@ mod tests {
         c.enqueue_packet(
             PublicKey([9; 32]),
             Bytes::from_static(b"before"),
-            6,
+            SourceBuf::new(6),
             false,
             &m,
         );
@@ -580,7 +586,7 @@ mod tests {
         looked_up.enqueue_packet(
             PublicKey([9; 32]),
             Bytes::from_static(b"late"),
-            4,
+            SourceBuf::new(4),
             false,
             &m,
         );

@@ -100,6 +100,19 @@ fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
+/// TCP ended without close_notify, with `held` bytes of a record received: a clean end only at
+/// a record boundary (reported as tokio-rustls does, as UnexpectedEof; Go clients close so).
+fn tcp_ended(held: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        if held == 0 {
+            "TCP closed without close_notify"
+        } else {
+            "TCP closed in the middle of a TLS record"
+        },
+    )
+}
+
 fn tls_err(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -600,9 +613,20 @@ impl RecordIo {
             *armed_at = reads;
         }
     }
-}
 
-impl RecordIo {
+    /// After a socket read of `n` bytes into `room`: counted (the quiet timer), and a read that
+    /// filled half its room (of at most `BUSY_ROOM`) or more means the sender is ahead: read
+    /// big.
+    fn note_read(&mut self, n: usize, room: usize) {
+        self.reads += 1;
+        self.busy = n * 2 >= room.min(BUSY_ROOM);
+        self.small_reads = if n < IDLE_READ {
+            self.small_reads.saturating_add(1)
+        } else {
+            0
+        };
+    }
+
     /// Whether the next read can go straight into the caller's buffer (`room` bytes): it is
     /// large enough, the bytes held here are only the start of one record (none whole), and
     /// that record, if its length is known yet, fits.
@@ -658,22 +682,9 @@ impl RecordIo {
         let n = end - base - held;
         if n == 0 {
             out.set_filled(base);
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                if held == 0 {
-                    "TCP closed without close_notify"
-                } else {
-                    "TCP closed in the middle of a TLS record"
-                },
-            )));
+            return Poll::Ready(Err(tcp_ended(held)));
         }
-        self.reads += 1;
-        self.busy = n * 2 >= (room - held).min(BUSY_ROOM);
-        self.small_reads = if n < IDLE_READ {
-            self.small_reads.saturating_add(1)
-        } else {
-            0
-        };
+        self.note_read(n, room - held);
         (self.pos, self.filled) = (0, 0);
         let region = &mut out.filled_mut()[base..end];
         let (mut at, mut plain) = (0, 0);
@@ -805,27 +816,10 @@ impl AsyncRead for RecordIo {
             }
             ready!(polled)?;
             if n == 0 {
-                // TCP ended without close_notify: a clean end only at a record boundary
-                // (reported as tokio-rustls does, as UnexpectedEof; Go clients close so).
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    if this.filled == 0 {
-                        "TCP closed without close_notify"
-                    } else {
-                        "TCP closed in the middle of a TLS record"
-                    },
-                )));
+                return Poll::Ready(Err(tcp_ended(this.filled)));
             }
             this.filled += n;
-            this.reads += 1;
-            // A read that filled half its room (of at most `BUSY_ROOM`) or more: the sender
-            // is ahead, read big.
-            this.busy = n * 2 >= room.min(BUSY_ROOM);
-            this.small_reads = if n < IDLE_READ {
-                this.small_reads.saturating_add(1)
-            } else {
-                0
-            };
+            this.note_read(n, room);
         }
     }
 }
