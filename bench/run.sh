@@ -24,10 +24,12 @@
 #   8  real WireGuard: two stock tailscaled under Headscale send WG_MIB MiB (default 200)
 #      through ferry and through derper in turn (bench/wireguard.py; root: network namespace)
 #   9  UDP relay capacity (issue 15): ferry's UDP relay (ferry-loadtest udp-relay: 8 pairs,
-#      closed loop) and coturn's TURN relay (turnutils_uclient, 200 clients, through
-#      turnutils_peer), 1200- and 64-byte datagrams: datagrams forwarded per server CPU-second;
-#      ferry again at coturn's rate (open loop) for the same load; each ferry run also with
-#      the clients sending UDP GSO bursts (--gso), which the relay receives coalesced (GRO)
+#      closed loop) and coturn's TURN relay (ferry-loadtest turn: 8 clients with a peer each,
+#      the same closed loop, so each server at its full load), 1200- and 64-byte datagrams:
+#      datagrams forwarded per server CPU-second; each run also with the clients sending UDP
+#      GSO bursts (--gso; ferry reads them coalesced with GRO, coturn one by one); and coturn
+#      under its own turnutils_uclient (200 clients through turnutils_peer; it paces itself),
+#      with ferry again at that rate (open loop) for the same load
 #  10  UDP relay vs DERP under random loss (issue 15): two ferry tunnels between hard-NAT homes
 #      in the NAT lab, LOSS_PERCENT (1) % dropped at random by one router, both ways: a ping
 #      stream's round trips and a bulk stream's goodput (client-lib/tests/nat_lab_loss_bench.rs;
@@ -339,6 +341,20 @@ print(f"    coturn  {size} B: {fwd / secs:,.0f} forwarded/s, {r['server']['per_c
 EOF
 }
 
+# Scenario 9, coturn at its full load: one ferry-loadtest turn run (the same closed loop as
+# udp-relay's, through TURN channels to peer sockets of the load generator) to FILE; extra args
+# follow.
+turn_load_run() { # turn_load_run FILE ARGS...
+    local file=$1
+    shift
+    "${pin_load[@]}" "$LT" turn "127.0.0.1:$TURN_PORT" --server-pid "${PIDS[turn]}" --json \
+        --no-progress "$@" >"$file"
+    python3 -c "
+import json,sys
+r=json.load(open('$file'))
+print(f\"    coturn  {r['size']} B, ferry-loadtest turn{' --gso' if r['gso'] else ''}: {r['delivered_per_second']:,.0f} forwarded/s, {r['server']['per_cpu_second']:,.0f} per server CPU-s, server cores {r['server']['cores']:.2f}, lost {r['lost']}\", file=sys.stderr)"
+}
+
 # Scenario 9, ferry: one ferry-loadtest udp-relay run to FILE; extra args follow.
 udp_relay_run() { # udp_relay_run FILE ARGS...
     local file=$1
@@ -589,7 +605,15 @@ for kind in ('ts','plain'):
                        # Tailscale's Linux clients do): the relay gets them coalesced (GRO).
                        udp_relay_run "$OUT/s9/ferrygso-$size-r$round.json" --pairs 8 --size "$size" \
                        --window 64 --gso "${T[@]}" ;;
-                   coturn) turn_run "$size" "$OUT/s9/coturn-$size-r$round.json" ;;
+                   coturn)
+                       # At its full load, with the same closed loop as ferry's rows (8 clients,
+                       # each with a peer: 16 flows, as ferry's 8 pairs), without and with GSO.
+                       turn_load_run "$OUT/s9/coturnfull-$size-r$round.json" --clients 8 \
+                           --size "$size" --window 64 "${T[@]}"
+                       turn_load_run "$OUT/s9/coturngsofull-$size-r$round.json" --clients 8 \
+                           --size "$size" --window 64 --gso "${T[@]}"
+                       # At coturn's own load generator's pace (the rate ferry is also run at).
+                       turn_run "$size" "$OUT/s9/coturn-$size-r$round.json" ;;
                    esac
                done
                # ferry at coturn's forwarding rate: the same load, per CPU-second.

@@ -76,6 +76,63 @@ pub enum Command {
     /// sessions over DERP, bind UDP sockets, and send datagrams through them.
     #[command(name = "udp-relay", after_help = UDP_RELAY_HELP)]
     UdpRelay(UdpRelayArgs),
+    /// A TURN relay's forwarding capacity (e.g. coturn), measured as `udp-relay` measures
+    /// ferry's: clients allocate, bind a channel to a peer socket, and send through it.
+    #[command(after_help = TURN_HELP)]
+    Turn(TurnArgs),
+}
+
+const TURN_HELP: &str = "\
+Each client: a UDP socket that asks the server for a relayed address (Allocate, without
+credentials: run the server with no auth, e.g. turnserver --no-auth) and binds channel 0x4000 to
+a peer, a second UDP socket of this process. Then, from one thread with sendmmsg/recvmmsg, each
+client sends ChannelData (4-byte header + --size bytes) that the server relays to its peer, and
+each peer sends --size-byte datagrams to the relayed address that the server relays back as
+ChannelData: two flows per client, closed loop (at most --window in flight per direction) or
+open loop (--rate datagrams/s in all). Every datagram that arrives is one forward by the server;
+the headline is datagrams forwarded per server CPU-second (--server-pid), as in udp-relay, so the
+two compare side by side. Unlike coturn's turnutils_uclient, this does not pace itself, so it can
+load a server to its capacity.
+
+Example (coturn on loopback, one relay thread):
+  turnserver -n --no-auth -L 127.0.0.1 -p 3478 --relay-ip 127.0.0.1 --allow-loopback-peers -m 1 &
+  ferry-loadtest turn 127.0.0.1:3478 --clients 16 --size 1200 --window 64 \\
+      --server-pid $(pidof turnserver) --json";
+
+/// `turn` mode.
+#[derive(Debug, Clone, Args)]
+pub struct TurnArgs {
+    /// The TURN server's UDP address (IP:port).
+    pub server: std::net::SocketAddr,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Clients, each with an allocation, a channel and a peer socket of its own.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+
+    /// Payload bytes per datagram (the client's ChannelData adds a 4-byte header).
+    #[arg(long, default_value_t = 1200)]
+    pub size: usize,
+
+    /// Closed loop: datagrams in flight per direction at most.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub window: u64,
+
+    /// Open loop instead: datagrams per second in all (0: closed loop).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+
+    /// A direction that receives nothing for this long writes its window off as lost.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub loss_timeout: Duration,
+
+    /// Send each burst as one UDP GSO send and receive with UDP GRO (Linux), as udp-relay
+    /// --gso does: what reaches the server is up to the server (one that does not ask for GRO
+    /// gets the datagrams one by one).
+    #[arg(long)]
+    pub gso: bool,
 }
 
 const UDP_RELAY_HELP: &str = "\
@@ -619,6 +676,7 @@ impl Command {
             Command::Soak(a) => a.threads,
             Command::Abuse(a) => a.threads,
             Command::UdpRelay(a) => a.run.threads,
+            Command::Turn(a) => a.run.threads,
         }
     }
 
@@ -633,6 +691,7 @@ impl Command {
             Command::Soak(a) => (a.json, None, false),
             Command::Abuse(a) => (a.json, None, false),
             Command::UdpRelay(a) => (a.run.json, None, false),
+            Command::Turn(a) => (a.run.json, None, false),
         }
     }
 }

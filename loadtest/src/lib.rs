@@ -12,6 +12,7 @@
 //! - [`soak`]: a long run with churn and traffic, the relay's RSS/fds/tasks/queues sampled.
 //! - [`abuse`]: hostile clients at scale (stalled handshakes, drips, garbage frames).
 //! - [`udprelay`]: a UDP relay's forwarding capacity (issue 15).
+//! - [`turn`]: a TURN relay's (coturn's) forwarding capacity, measured the same way.
 //! - [`stats`]: slopes, keepalive lateness, Prometheus scrapes.
 //! - [`report`], [`svg`]: the JSON report (schema in `report.schema.json`), the text summary and
 //!   the chart.
@@ -29,6 +30,7 @@ pub mod stats;
 pub mod stun;
 pub mod svg;
 pub mod target;
+pub mod turn;
 pub mod udprelay;
 
 pub use cli::{Cli, Command};
@@ -38,9 +40,10 @@ pub use report::Report;
 /// their own: [`soak::run`], [`abuse::run`].
 pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
     match &cli.command {
-        Command::Soak(_) | Command::Abuse(_) | Command::UdpRelay(_) => {
+        Command::Soak(_) | Command::Abuse(_) | Command::UdpRelay(_) | Command::Turn(_) => {
             anyhow::bail!(
-                "soak, abuse and udp-relay have their own results: call soak::run, abuse::run or udprelay::run"
+                "soak, abuse, udp-relay and turn have their own results: call soak::run, \
+                 abuse::run, udprelay::run or turn::run"
             )
         }
         Command::Derp(a) => derp::run(a).await,

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // soak, abuse and udp-relay print results of their own.
+    // soak, abuse, udp-relay and turn print results of their own.
     let own = match &cli.command {
         Command::Soak(a) => Some(
             rt.block_on(ferry_loadtest::soak::run(a))
@@ -30,6 +30,13 @@ fn main() -> ExitCode {
                 .map(|r| (a.json, r.to_json(), r.summary())),
         ),
         Command::UdpRelay(a) => Some(rt.block_on(ferry_loadtest::udprelay::run(a)).map(|r| {
+            (
+                a.run.json,
+                serde_json::to_string_pretty(&r).expect("serializable"),
+                r.summary(),
+            )
+        })),
+        Command::Turn(a) => Some(rt.block_on(ferry_loadtest::turn::run(a)).map(|r| {
             (
                 a.run.json,
                 serde_json::to_string_pretty(&r).expect("serializable"),

@@ -44,6 +44,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The run's result (`--json`: this, serialized).
 #[derive(Debug, Clone, Serialize)]
 pub struct UdpRelayReport {
+    /// `udp-relay` (ferry's UDP relay: `pairs` sessions) or `turn` (a TURN server: `pairs`
+    /// clients, each with a peer).
+    pub mode: &'static str,
     /// The settings.
     pub pairs: usize,
     /// Datagram size on the wire (Geneve header included).
@@ -90,8 +93,10 @@ impl UdpRelayReport {
     /// A few lines for people.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "udp-relay: {} pairs, {} B datagrams, {}\n  delivered {} in {:.1} s: {:.0}/s ({:.1} MB/s), lost {}\n",
+            "{}: {} {}, {} B datagrams, {}\n  delivered {} in {:.1} s: {:.0}/s ({:.1} MB/s), lost {}\n",
+            self.mode,
             self.pairs,
+            if self.mode == "turn" { "clients" } else { "pairs" },
             self.size,
             if self.window > 0 {
                 format!("window {} per direction", self.window)
@@ -116,10 +121,15 @@ impl UdpRelayReport {
     }
 }
 
-/// One side of a session: a UDP socket bound to it, connected to the relay.
-struct Side {
-    sock: UdpSocket,
-    vni: u32,
+/// One end of a flow through a relay: a connected UDP socket, the datagram it sends (the
+/// sequence number goes at `seq_at`, 8 bytes), and the size of what it receives.
+pub(crate) struct Side {
+    pub(crate) sock: UdpSocket,
+    pub(crate) tx: Vec<u8>,
+    pub(crate) seq_at: usize,
+    /// At most this many bytes per datagram received: an entry of n bytes read with GRO holds
+    /// n / rx_size datagrams, rounded up.
+    pub(crate) rx_size: usize,
 }
 
 /// Runs the mode. See the module docs.
@@ -151,10 +161,10 @@ pub async fn run(a: &UdpRelayArgs) -> Result<UdpRelayReport> {
             .copied()
             .find(|x| x.is_ipv4() == target.addr.is_ipv4())
             .unwrap_or_else(|| SocketAddr::new(target.addr.ip(), ep.port));
-        let sa = bind(&ca.secret, &ep, relay, cb.key())
+        let sa = bind(&ca.secret, &ep, relay, cb.key(), a.size)
             .await
             .with_context(|| format!("pair {p}: binding side A to {relay}"))?;
-        let sb = bind(&cb.secret, &ep, relay, ca.key())
+        let sb = bind(&cb.secret, &ep, relay, ca.key(), a.size)
             .await
             .with_context(|| format!("pair {p}: binding side B to {relay}"))?;
         probe(&sa, &sb).with_context(|| format!("pair {p}: A -> B"))?;
@@ -164,7 +174,6 @@ pub async fn run(a: &UdpRelayArgs) -> Result<UdpRelayReport> {
         conns.push(cb);
     }
     let settings = Blast {
-        size: a.size,
         window: a.window,
         rate: a.rate,
         loss_timeout: a.loss_timeout,
@@ -180,6 +189,7 @@ pub async fn run(a: &UdpRelayArgs) -> Result<UdpRelayReport> {
     drop(conns);
     let seconds = a.run.duration.as_secs_f64();
     Ok(UdpRelayReport {
+        mode: "udp-relay",
         pairs,
         gso,
         size,
@@ -243,6 +253,7 @@ async fn bind(
     ep: &Endpoint,
     relay: SocketAddr,
     other: PublicKey,
+    size: usize,
 ) -> Result<Side> {
     let local: SocketAddr = if relay.is_ipv4() {
         "127.0.0.1:0".parse().expect("literal")
@@ -289,22 +300,28 @@ async fn bind(
         if m.kind == BindKind::Challenge && m.vni == ep.vni {
             sock.send(&msg(BindKind::Answer, m.challenge).seal(secret, &ep.server_key))?;
             sock.set_nonblocking(true)?;
-            return Ok(Side { sock, vni: ep.vni });
+            return Ok(Side {
+                sock,
+                tx: frame(ep.vni, 0, size),
+                seq_at: GENEVE_LEN,
+                rx_size: size,
+            });
         }
     }
     bail!("no Challenge from {relay} within {SETUP_TIMEOUT:?} (is UDP to it blocked?)")
 }
 
-/// One datagram from `a` must reach `b` (both bound): retried for a while.
-fn probe(a: &Side, b: &Side) -> Result<()> {
-    let d = frame(a.vni, 0, 64);
+/// One datagram from `a` must reach `b` (both connected, non-blocking): retried for a while.
+pub(crate) fn probe(a: &Side, b: &Side) -> Result<()> {
     let deadline = Instant::now() + SETUP_TIMEOUT;
-    let mut buf = [0u8; 2048];
+    let mut buf = [0u8; 65_536];
     while Instant::now() < deadline {
-        a.sock.send(&d)?;
+        a.sock.send(&a.tx)?;
         std::thread::sleep(Duration::from_millis(5));
         while let Ok(n) = b.sock.recv(&mut buf) {
-            if n == d.len() {
+            if n > 0 && n <= b.rx_size {
+                // Drain what else came (earlier tries), so the run starts with nothing queued.
+                while b.sock.recv(&mut buf).is_ok() {}
                 return Ok(());
             }
         }
@@ -328,7 +345,7 @@ fn frame(vni: u32, seq: u64, size: usize) -> Vec<u8> {
 }
 
 /// 4 MiB socket buffers (best effort), so the generator's own sockets do not drop.
-fn set_buffers(s: &UdpSocket) -> io::Result<()> {
+pub(crate) fn set_buffers(s: &UdpSocket) -> io::Result<()> {
     let v: libc::c_int = 4 << 20;
     for opt in [
         libc::SO_RCVBUF,
@@ -350,24 +367,23 @@ fn set_buffers(s: &UdpSocket) -> io::Result<()> {
     Ok(())
 }
 
-struct Blast {
-    size: usize,
-    window: u64,
-    rate: u64,
-    loss_timeout: Duration,
-    warmup: Duration,
-    duration: Duration,
-    server_pid: Option<u32>,
-    gso: bool,
+pub(crate) struct Blast {
+    pub(crate) window: u64,
+    pub(crate) rate: u64,
+    pub(crate) loss_timeout: Duration,
+    pub(crate) warmup: Duration,
+    pub(crate) duration: Duration,
+    pub(crate) server_pid: Option<u32>,
+    pub(crate) gso: bool,
 }
 
-struct Totals {
-    sent: u64,
-    delivered: u64,
-    lost: u64,
+pub(crate) struct Totals {
+    pub(crate) sent: u64,
+    pub(crate) delivered: u64,
+    pub(crate) lost: u64,
     /// pid, CPU seconds, of which system.
-    server_cpu: Option<(u32, f64, f64)>,
-    client_cpu: f64,
+    pub(crate) server_cpu: Option<(u32, f64, f64)>,
+    pub(crate) client_cpu: f64,
 }
 
 /// One direction: `from` sends, `to` receives.
@@ -378,19 +394,27 @@ struct Flow {
     last_progress: Instant,
 }
 
-fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
+/// Drives every pair's two flows (a -> b, b -> a) from this thread until the run ends.
+pub(crate) fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
     let socks: Vec<&Side> = sides.iter().flat_map(|(a, b)| [a, b]).collect();
     // With GSO, one send carries a burst (at most 64 datagrams and 64 KiB); each entry read may
     // hold a run of datagrams (GRO), so the receive buffer has room for a full one per entry.
-    let burst = if b.gso {
-        for s in &socks {
-            enable_gso(&s.sock, b.size)?;
-        }
-        BATCH.min(GSO_MAX_BYTES / b.size).max(1)
+    let bursts: Vec<usize> = socks
+        .iter()
+        .map(|s| {
+            if b.gso {
+                enable_gso(&s.sock, s.tx.len())?;
+                Ok(BATCH.min(GSO_MAX_BYTES / s.tx.len()).max(1))
+            } else {
+                Ok(BATCH)
+            }
+        })
+        .collect::<Result<_>>()?;
+    let stride = if b.gso {
+        65_536
     } else {
-        BATCH
+        socks.iter().map(|s| s.rx_size).max().unwrap_or(0) + 1
     };
-    let stride = if b.gso { 65_536 } else { 2048 };
     // Flow 2p: A -> B of pair p; 2p + 1: B -> A. Socket i receives flow i ^ 1.
     let now = Instant::now();
     let mut flows: Vec<Flow> = (0..socks.len())
@@ -402,10 +426,7 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
         })
         .collect();
     // Per socket, BATCH ready datagrams in one buffer; only the sequence numbers change.
-    let mut batches: Vec<Vec<u8>> = socks
-        .iter()
-        .map(|s| frame(s.vni, 0, b.size).repeat(BATCH))
-        .collect();
+    let mut batches: Vec<Vec<u8>> = socks.iter().map(|s| s.tx.repeat(BATCH)).collect();
     let mut rx = vec![0u8; BATCH * stride];
     let start = Instant::now();
     let measure_from = start + b.warmup;
@@ -440,12 +461,13 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
             } else {
                 b.window.saturating_sub(f.inflight) as usize
             }
-            .min(burst);
+            .min(bursts[f.from]);
             if want > 0 {
+                let s = socks[f.from];
                 let n = send_batch(
-                    &socks[f.from].sock,
+                    &s.sock,
                     &mut batches[f.from],
-                    b.size,
+                    (s.tx.len(), s.seq_at),
                     want,
                     &mut seq,
                     b.gso,
@@ -461,7 +483,8 @@ fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
         }
         let mut busy = false;
         for f in flows.iter_mut() {
-            let n = recv_batch(&socks[f.to].sock, &mut rx, stride, b.size) as u64;
+            let to = socks[f.to];
+            let n = recv_batch(&to.sock, &mut rx, stride, to.rx_size) as u64;
             busy |= n > 0;
             if n > 0 {
                 f.inflight = f.inflight.saturating_sub(n);
@@ -535,19 +558,19 @@ fn enable_gso(s: &UdpSocket, size: usize) -> Result<()> {
 }
 
 /// Sends up to `n` (≤ [`BATCH`]) of the `size`-byte datagrams in `buf` on a connected socket,
-/// each with the next sequence number (no allocation): with `gso`, as one send that the
-/// kernel cuts into datagrams, else with sendmmsg. Returns how many went.
+/// each with the next sequence number at `seq_at` (no allocation): with `gso`, as one send
+/// that the kernel cuts into datagrams, else with sendmmsg. Returns how many went.
 fn send_batch(
     sock: &UdpSocket,
     buf: &mut [u8],
-    size: usize,
+    (size, seq_at): (usize, usize),
     n: usize,
     seq: &mut u64,
     gso: bool,
 ) -> usize {
     let n = n.min(BATCH);
     for k in 0..n {
-        let o = k * size + GENEVE_LEN;
+        let o = k * size + seq_at;
         buf[o..o + 8].copy_from_slice(&(*seq + k as u64).to_be_bytes());
     }
     if gso {

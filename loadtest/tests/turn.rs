@@ -1,0 +1,181 @@
+//! `ferry-loadtest turn` against a real TURN server: coturn's `turnserver` (Debian `coturn`;
+//! required when `CI` is set, skipped with a message otherwise), started by each test on a free
+//! loopback port.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ferry_loadtest::{Cli, Command};
+
+fn find_in_path(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
+}
+
+/// coturn's `turnserver` on a free loopback port, killed on drop.
+struct Turn {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `turnserver` with `extra` arguments, or `None` (after saying why) when it is absent
+/// outside CI. Returns once it answers a STUN Binding request.
+fn turnserver(test: &str, extra: &[&str]) -> Option<Turn> {
+    let Some(bin) = find_in_path("turnserver") else {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "turnserver not found but CI is set: install it with `apt-get install -y coturn`"
+            );
+        }
+        eprintln!("skipped {test}: install coturn (`apt-get install -y coturn`) to run it");
+        return None;
+    };
+    let port = free_udp_port();
+    let child = Process::new(bin)
+        .args(["-n", "-L", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--no-rfc5780",
+            "-m",
+            "1",
+        ])
+        .args(["--relay-ip", "127.0.0.1", "--allow-loopback-peers"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("turnserver starts");
+    let t = Turn {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    // Ready when it answers a Binding request (type 0x0001, magic cookie, any id).
+    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut req = vec![0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42];
+    req.extend_from_slice(&[7; 12]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 512];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "turnserver never answered on {}",
+            t.addr
+        );
+        let _ = probe.send_to(&req, t.addr);
+        if matches!(probe.recv_from(&mut buf), Ok((n, _)) if n >= 20) {
+            return Some(t);
+        }
+    }
+}
+
+fn turn_args(args: &[&str]) -> ferry_loadtest::cli::TurnArgs {
+    let mut argv = vec!["ferry-loadtest", "turn"];
+    argv.extend_from_slice(args);
+    match Cli::try_parse_from(argv).expect("valid arguments").command {
+        Command::Turn(a) => a,
+        _ => unreachable!(),
+    }
+}
+
+/// Both flows of every client carry datagrams through coturn, nothing is written off, and the
+/// server's CPU time is read: the figures the benchmark compares with ferry's UDP relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coturn_relays_both_ways_and_its_cpu_time_is_measured() {
+    let Some(t) = turnserver("coturn_relays_both_ways", &["--no-auth"]) else {
+        return;
+    };
+    let addr = t.addr.to_string();
+    let pid = t.child.id().to_string();
+    for gso in [false, true] {
+        let mut args = vec![
+            addr.as_str(),
+            "--clients",
+            "3",
+            "--size",
+            "1200",
+            "--window",
+            "8",
+            "--warmup",
+            "200ms",
+            "--duration",
+            "1s",
+            "--server-pid",
+            &pid,
+        ];
+        if gso {
+            args.push("--gso");
+        }
+        let r = ferry_loadtest::turn::run(&turn_args(&args))
+            .await
+            .unwrap_or_else(|e| panic!("gso {gso}: {e:#}"));
+        assert_eq!((r.mode, r.pairs, r.size, r.gso), ("turn", 3, 1200, gso));
+        // A window of 8 per direction over loopback moves thousands in a second; a relay that
+        // forwarded one way only would stall every client within the first window.
+        assert!(r.delivered > 1_000, "gso {gso}: delivered {}", r.delivered);
+        assert!(r.sent > 1_000, "gso {gso}: sent {}", r.sent);
+        assert_eq!(r.lost, 0, "gso {gso}: windows written off");
+        let s = r.server.expect("--server-pid given");
+        assert!(
+            s.cpu_seconds > 0.0 && s.per_cpu_second > 0.0,
+            "gso {gso}: server CPU {s:?}"
+        );
+    }
+}
+
+/// A server that wants TURN's long-term credentials is refused with what to do about it.
+#[tokio::test]
+async fn a_server_that_wants_credentials_gets_an_error_that_says_so() {
+    let Some(t) = turnserver(
+        "a_server_that_wants_credentials",
+        &["-a", "-u", "user:secret", "-r", "ferry.test"],
+    ) else {
+        return;
+    };
+    let err = ferry_loadtest::turn::run(&turn_args(&[&t.addr.to_string(), "--clients", "1"]))
+        .await
+        .expect_err("no credentials");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("401") && msg.contains("--no-auth"),
+        "error: {msg}"
+    );
+}
+
+/// Nothing listening: the error says so at once instead of timing out.
+#[tokio::test]
+async fn nothing_listening_is_said_plainly() {
+    let port = free_udp_port();
+    let err = ferry_loadtest::turn::run(&turn_args(&[&format!("127.0.0.1:{port}")]))
+        .await
+        .expect_err("nothing there");
+    assert!(
+        format!("{err:#}").contains("is the TURN server running"),
+        "error: {err:#}"
+    );
+}
