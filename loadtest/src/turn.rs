@@ -130,14 +130,17 @@ fn run_blocking(a: &TurnArgs) -> Result<UdpRelayReport> {
 /// One client: an allocation on `server`, a channel to a peer socket, the peer connected to
 /// the relayed address. Both sockets non-blocking on return.
 fn allocate_and_bind(server: SocketAddr, size: usize) -> Result<(Side, Side)> {
-    let local: SocketAddr = if server.is_ipv4() {
-        (std::net::Ipv4Addr::LOCALHOST, 0).into()
+    let any: SocketAddr = if server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
-        (std::net::Ipv6Addr::LOCALHOST, 0).into()
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let client = UdpSocket::bind(local)?;
+    let client = UdpSocket::bind(any)?;
     client.connect(server)?;
     let _ = set_buffers(&client);
+    // The peer listens on the address this host uses towards the server (connect chose it:
+    // 127.0.0.1 for a server on loopback), so the server can reach it.
+    let local = SocketAddr::new(client.local_addr()?.ip(), 0);
     let answer = transact(&client, ALLOCATE, |m| {
         m.add_attribute(RequestedTransport::new(PROTO_UDP));
     })
