@@ -27,6 +27,7 @@ use stun_codec::rfc5766::attributes::{
     ChannelNumber, Lifetime, RequestedTransport, XorPeerAddress, XorRelayAddress,
 };
 use stun_codec::rfc5766::methods::{ALLOCATE, CHANNEL_BIND, REFRESH};
+use stun_codec::rfc8656::attributes::{AddressFamily, RequestedAddressFamily};
 use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, Method, TransactionId};
 
 use crate::cli::TurnArgs;
@@ -45,6 +46,7 @@ stun_codec::define_attribute_enums!(
         XorPeerAddress,
         Lifetime,
         RequestedTransport,
+        RequestedAddressFamily,
         ChannelNumber
     ]
 );
@@ -57,11 +59,21 @@ const CHANNEL_HEADER: usize = 4;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// UDP, in REQUESTED-TRANSPORT.
 const PROTO_UDP: u8 = 17;
+/// A permission (what ChannelBind installs) lasts 300 s and data does not refresh it (RFC 8656
+/// §9); this mode sends no refreshes, so a run must end well before.
+const MAX_RUN: Duration = Duration::from_secs(240);
 
 /// Runs the mode. See the module docs.
 pub async fn run(a: &TurnArgs) -> Result<UdpRelayReport> {
     if a.clients == 0 || a.size < 8 || a.size > 65_000 {
         bail!("--clients must be at least 1 and --size between 8 and 65000 bytes");
+    }
+    if a.run.warmup + a.run.duration > MAX_RUN {
+        bail!(
+            "--warmup + --duration must be at most {} s: the server's permissions expire after \
+             300 s and this mode does not refresh them (forwarding would stop mid-run)",
+            MAX_RUN.as_secs()
+        );
     }
     if let Some(pid) = a.run.server_pid {
         procfs::check_pid(pid)?;
@@ -143,6 +155,10 @@ fn allocate_and_bind(server: SocketAddr, size: usize) -> Result<(Side, Side)> {
     let local = SocketAddr::new(client.local_addr()?.ip(), 0);
     let answer = transact(&client, ALLOCATE, |m| {
         m.add_attribute(RequestedTransport::new(PROTO_UDP));
+        if server.is_ipv6() {
+            // The relayed address must be of the peer's family (RFC 8656 §7.1; IPv4 otherwise).
+            m.add_attribute(RequestedAddressFamily::new(AddressFamily::V6));
+        }
     })
     .context("Allocate")?;
     let relayed = answer
@@ -158,8 +174,8 @@ fn allocate_and_bind(server: SocketAddr, size: usize) -> Result<(Side, Side)> {
     })
     .with_context(|| {
         format!(
-            "ChannelBind to the peer {peer_addr} (coturn refuses loopback peers without \
-             --allow-loopback-peers)"
+            "ChannelBind to the peer {peer_addr} (a peer on loopback needs coturn's \
+             --allow-loopback-peers; the relayed address {relayed} must be of its family)"
         )
     })?;
     peer.connect(relayed)?;
@@ -171,16 +187,22 @@ fn allocate_and_bind(server: SocketAddr, size: usize) -> Result<(Side, Side)> {
     Ok((
         Side {
             sock: client,
+            // What comes back is ChannelData on the same channel with the same length.
+            rx_prefix: tx[..CHANNEL_HEADER].to_vec(),
             tx,
             seq_at: CHANNEL_HEADER,
             // Over UDP a server may pad ChannelData to a multiple of 4 (RFC 8656 §12.5).
             rx_size: (CHANNEL_HEADER + size).next_multiple_of(4),
+            rx_min: CHANNEL_HEADER + size,
         },
         Side {
             sock: peer,
             tx: vec![0u8; size],
             seq_at: 0,
             rx_size: size,
+            rx_min: size,
+            // The payload alone; only the relayed address sends to this socket.
+            rx_prefix: Vec::new(),
         },
     ))
 }

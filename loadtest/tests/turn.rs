@@ -39,9 +39,13 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
-/// Starts `turnserver` with `extra` arguments, or `None` (after saying why) when it is absent
-/// outside CI. Returns once it answers a STUN Binding request.
+/// Starts `turnserver` on 127.0.0.1 with `extra` arguments, or `None` (after saying why) when
+/// it is absent outside CI. Returns once it answers a STUN Binding request.
 fn turnserver(test: &str, extra: &[&str]) -> Option<Turn> {
+    turnserver_on("127.0.0.1", test, extra)
+}
+
+fn turnserver_on(ip: &str, test: &str, extra: &[&str]) -> Option<Turn> {
     let Some(bin) = find_in_path("turnserver") else {
         if std::env::var_os("CI").is_some() {
             panic!(
@@ -51,9 +55,14 @@ fn turnserver(test: &str, extra: &[&str]) -> Option<Turn> {
         eprintln!("skipped {test}: install coturn (`apt-get install -y coturn`) to run it");
         return None;
     };
-    let port = free_udp_port();
+    let ip: std::net::IpAddr = ip.parse().expect("an IP");
+    let port = UdpSocket::bind((ip, 0))
+        .expect("a free port")
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Process::new(bin)
-        .args(["-n", "-L", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-n", "-L", &ip.to_string(), "-p", &port.to_string()])
         .args([
             "--no-tls",
             "--no-dtls",
@@ -62,7 +71,7 @@ fn turnserver(test: &str, extra: &[&str]) -> Option<Turn> {
             "-m",
             "1",
         ])
-        .args(["--relay-ip", "127.0.0.1", "--allow-loopback-peers"])
+        .args(["--relay-ip", &ip.to_string(), "--allow-loopback-peers"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -70,10 +79,10 @@ fn turnserver(test: &str, extra: &[&str]) -> Option<Turn> {
         .expect("turnserver starts");
     let t = Turn {
         child,
-        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        addr: SocketAddr::new(ip, port),
     };
     // Ready when it answers a Binding request (type 0x0001, magic cookie, any id).
-    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let probe = UdpSocket::bind((ip, 0)).unwrap();
     probe
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -140,6 +149,14 @@ async fn coturn_relays_both_ways_and_its_cpu_time_is_measured() {
         assert!(r.delivered > 1_000, "gso {gso}: delivered {}", r.delivered);
         assert!(r.sent > 1_000, "gso {gso}: sent {}", r.sent);
         assert_eq!(r.lost, 0, "gso {gso}: windows written off");
+        // Nothing counted twice: what arrives in the window was sent in it, or was in flight
+        // when it opened (at most a window per direction: 2 per client).
+        assert!(
+            r.delivered <= r.sent + 2 * 3 * 8,
+            "gso {gso}: delivered {} of {} sent",
+            r.delivered,
+            r.sent
+        );
         let s = r.server.expect("--server-pid given");
         assert!(
             s.cpu_seconds > 0.0 && s.per_cpu_second > 0.0,
@@ -178,4 +195,41 @@ async fn nothing_listening_is_said_plainly() {
         format!("{err:#}").contains("is the TURN server running"),
         "error: {err:#}"
     );
+}
+
+/// Over IPv6 the Allocate asks for an IPv6 relayed address (REQUESTED-ADDRESS-FAMILY), or the
+/// ChannelBind to an IPv6 peer fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_server_relays_to_an_ipv6_peer() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped an_ipv6_server_relays_to_an_ipv6_peer: no IPv6 loopback here");
+        return;
+    }
+    let Some(t) = turnserver_on("::1", "an_ipv6_server_relays", &["--no-auth"]) else {
+        return;
+    };
+    let addr = t.addr.to_string();
+    let r = ferry_loadtest::turn::run(&turn_args(&[
+        &addr,
+        "--clients",
+        "2",
+        "--window",
+        "8",
+        "--warmup",
+        "200ms",
+        "--duration",
+        "500ms",
+    ]))
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(r.delivered > 100 && r.lost == 0, "{r:?}");
+}
+
+/// A run longer than a permission lives is refused before it starts, with the reason.
+#[tokio::test]
+async fn a_run_longer_than_a_permission_lives_is_refused() {
+    let err = ferry_loadtest::turn::run(&turn_args(&["127.0.0.1:3478", "--duration", "5m"]))
+        .await
+        .expect_err("too long");
+    assert!(format!("{err:#}").contains("300 s"), "error: {err:#}");
 }
