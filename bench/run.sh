@@ -282,16 +282,17 @@ EOF
         ;;
     coturn)
         "${pin_server[@]}" turnserver -n --no-auth -S -L 127.0.0.1 -p "$COTURN_PORT" --no-tls \
-            --no-dtls --no-cli --no-rfc5780 -m 1 >"$RUN/coturn.log" 2>&1 &
+            --no-dtls --no-cli --no-rfc5780 -m 1 --log-file stdout >"$RUN/coturn.log" 2>&1 &
         PIDS[coturn]=$!
         sleep 1
         ;;
     turn)
         # coturn as a TURN relay (no auth, loopback peers allowed), and the UDP echo peer its
-        # clients send to (on the load generator's CPU).
+        # clients send to (on the load generator's CPU). coturn logs to stdout, i.e. $RUN/*.log,
+        # not to a new file in /var/log per start.
         "${pin_server[@]}" turnserver -n --no-auth -L 127.0.0.1 -p "$TURN_PORT" --no-tls --no-dtls \
             --no-cli -m 1 --relay-ip 127.0.0.1 --allow-loopback-peers --min-port 50000 \
-            --max-port 50999 >"$RUN/turn.log" 2>&1 &
+            --max-port 50999 --log-file stdout >"$RUN/turn.log" 2>&1 &
         PIDS[turn]=$!
         "${pin_load[@]}" turnutils_peer -L 127.0.0.1 -p "$TURN_PEER_PORT" >"$RUN/turn-peer.log" 2>&1 &
         PIDS[turn_peer]=$!

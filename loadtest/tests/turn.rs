@@ -72,6 +72,8 @@ fn turnserver_on(ip: &str, test: &str, extra: &[&str]) -> Option<Turn> {
             "1",
         ])
         .args(["--relay-ip", &ip.to_string(), "--allow-loopback-peers"])
+        // Its log to stdout (discarded), not to a new file in /var/log for every test.
+        .args(["--log-file", "stdout"])
         .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
