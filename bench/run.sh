@@ -25,7 +25,8 @@
 #      through ferry and through derper in turn (bench/wireguard.py; root: network namespace)
 #   9  UDP relay capacity (issue 15): ferry's UDP relay (ferry-loadtest udp-relay: 8 pairs,
 #      closed loop) and coturn's TURN relay (ferry-loadtest turn: 8 clients with a peer each,
-#      the same closed loop, so each server at its full load), 1200- and 64-byte datagrams:
+#      the same closed loop, each driven as hard as one load-generator thread can; at most
+#      240 s per run, as TURN permissions expire at 300 s), 1200- and 64-byte datagrams:
 #      datagrams forwarded per server CPU-second; each run also with the clients sending UDP
 #      GSO bursts (--gso; ferry reads them coalesced with GRO, coturn one by one); and coturn
 #      under its own turnutils_uclient (200 clients through turnutils_peer; it paces itself),
@@ -342,7 +343,7 @@ print(f"    coturn  {size} B: {fwd / secs:,.0f} forwarded/s, {r['server']['per_c
 EOF
 }
 
-# Scenario 9, coturn at its full load: one ferry-loadtest turn run (the same closed loop as
+# Scenario 9, coturn driven like ferry: one ferry-loadtest turn run (the same closed loop as
 # udp-relay's, through TURN channels to peer sockets of the load generator) to FILE; extra args
 # follow.
 turn_load_run() { # turn_load_run FILE ARGS...
@@ -607,8 +608,8 @@ for kind in ('ts','plain'):
                        udp_relay_run "$OUT/s9/ferrygso-$size-r$round.json" --pairs 8 --size "$size" \
                        --window 64 --gso "${T[@]}" ;;
                    coturn)
-                       # At its full load, with the same closed loop as ferry's rows (8 clients,
-                       # each with a peer: 16 flows, as ferry's 8 pairs), without and with GSO.
+                       # Driven like ferry's rows: the same closed loop (8 clients, each with a
+                       # peer: 16 flows, as ferry's 8 pairs), without and with GSO.
                        turn_load_run "$OUT/s9/coturnfull-$size-r$round.json" --clients 8 \
                            --size "$size" --window 64 "${T[@]}"
                        turn_load_run "$OUT/s9/coturngsofull-$size-r$round.json" --clients 8 \
