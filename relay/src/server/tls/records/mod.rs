@@ -64,8 +64,9 @@ const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
 const USER_CANCELED: u8 = 90;
 
-/// Read size while the connection is busy (a read filled half its room or more): several
-/// 16 KiB records, all opened and handed out by one `poll_read` (fewer `recvfrom`s per byte).
+/// Read size of a connection that stays busy (reads fill half their room or more; the buffer
+/// doubles at each such read up to this): several 16 KiB records, all opened and handed out
+/// by one `poll_read` (fewer `recvfrom`s per byte).
 const BUSY_READ: usize = 64 << 10;
 /// A read of half this (or half its room, if less) keeps a connection busy: a burst of a whole
 /// record and then some, not necessarily half of [`BUSY_READ`].
@@ -796,7 +797,15 @@ impl AsyncRead for RecordIo {
                 this.filled -= this.pos;
                 this.pos = 0;
             }
-            let want = need.max(if this.busy { BUSY_READ } else { IDLE_READ });
+            // A busy connection's buffer doubles up to BUSY_READ, read by read: a one-off
+            // backlog (a stall, a reconnect storm) is not a busy sender, and a buffer that
+            // jumped to BUSY_READ at once (zero-filled, so resident) stayed in the heap's
+            // high-water mark after the quiet release.
+            let want = need.max(if this.busy {
+                (this.rbuf.len() * 2).clamp(IDLE_READ, BUSY_READ)
+            } else {
+                IDLE_READ
+            });
             if this.rbuf.len() < want {
                 this.rbuf.resize(want, 0);
             } else if this.filled == 0

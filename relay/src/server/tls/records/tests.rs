@@ -618,3 +618,35 @@ async fn a_quiet_connection_gives_its_read_buffer_back_after_small_reads() {
     let n = server.read(&mut big).await.unwrap();
     assert_eq!(&big[..n], b"again");
 }
+
+/// A backlog of a few KB (what an idle connection finds after the relay stalled for a moment,
+/// or at the start of a reconnect storm) is not a busy sender: its buffer grows step by step
+/// with what keeps coming, not to the busy size at once. (It did: one read that filled half of
+/// the idle buffer made it `BUSY_READ`, zero-filled, so 64 KiB of every such connection became
+/// resident; the heap kept them after the quiet release, docs/reliability-scale.md.)
+#[tokio::test]
+async fn a_small_backlog_grows_the_buffer_step_by_step_not_to_the_busy_size() {
+    let (mut server, mut client) = pair(cs::TLS13_AES_128_GCM_SHA256).await;
+    // 20 packets' worth of small records, about 5 KB on the wire, all there before the read.
+    let mut sent = Vec::new();
+    for i in 0..20u8 {
+        let p = pattern(200, i);
+        client.write_all(&p).await.unwrap();
+        client.flush().await.unwrap();
+        sent.extend_from_slice(&p);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // Read as the relay's reader does while idle: 512 bytes at a time.
+    let mut got = Vec::new();
+    let mut small = [0u8; 512];
+    while got.len() < sent.len() {
+        let n = server.read(&mut small).await.unwrap();
+        got.extend_from_slice(&small[..n]);
+    }
+    assert!(got == sent);
+    assert!(
+        server.rbuf.len() <= 16 << 10,
+        "a 5 KB backlog grew the record buffer to {} bytes",
+        server.rbuf.len()
+    );
+}
