@@ -116,23 +116,8 @@ pub struct TurnArgs {
     #[arg(long, default_value_t = 1200)]
     pub size: usize,
 
-    /// Closed loop: datagrams in flight per direction at most.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
-    pub window: u64,
-
-    /// Open loop instead: datagrams per second in all (0: closed loop).
-    #[arg(long, default_value_t = 0)]
-    pub rate: u64,
-
-    /// A direction that receives nothing for this long writes its window off as lost.
-    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-    pub loss_timeout: Duration,
-
-    /// Send each burst as one UDP GSO send and receive with UDP GRO (Linux), as udp-relay
-    /// --gso does: what reaches the server is up to the server (one that does not ask for GRO
-    /// gets the datagrams one by one).
-    #[arg(long)]
-    pub gso: bool,
+    #[command(flatten)]
+    pub flow: FlowArgs,
 }
 
 const UDP_RELAY_HELP: &str = "\
@@ -164,6 +149,13 @@ pub struct UdpRelayArgs {
     #[arg(long, default_value_t = 1200)]
     pub size: usize,
 
+    #[command(flatten)]
+    pub flow: FlowArgs,
+}
+
+/// How `udp-relay` and `turn` drive their flows (one loop serves both).
+#[derive(Debug, Clone, Args)]
+pub struct FlowArgs {
     /// Closed loop: datagrams in flight per direction at most.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub window: u64,
@@ -177,8 +169,10 @@ pub struct UdpRelayArgs {
     pub loss_timeout: Duration,
 
     /// Send each burst of a direction as one UDP GSO send and receive with UDP GRO (Linux), as
-    /// WireGuard's and Tailscale's Linux clients do: the relay then gets runs of one flow's
-    /// datagrams as one. Without it, bursts go out with sendmmsg, datagram by datagram.
+    /// WireGuard's and Tailscale's Linux clients do. What reaches the server is then up to it:
+    /// ferry's UDP relay reads a run of one flow's datagrams as one (GRO); a server that does
+    /// not ask for GRO (coturn) gets them one by one. Without it, bursts go out with sendmmsg,
+    /// datagram by datagram.
     #[arg(long)]
     pub gso: bool,
 }

@@ -32,7 +32,7 @@ use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, Method, 
 
 use crate::cli::TurnArgs;
 use crate::procfs;
-use crate::udprelay::{blast, probe, set_buffers, Blast, Server, Side, UdpRelayReport};
+use crate::udprelay::{blast, probe, set_buffers, Side, UdpRelayReport};
 
 stun_codec::define_attribute_enums!(
     Attr,
@@ -95,48 +95,16 @@ fn run_blocking(a: &TurnArgs) -> Result<UdpRelayReport> {
         allocations.push(client.sock.try_clone()?);
         sides.push((client, peer));
     }
-    let settings = Blast {
-        window: a.window,
-        rate: a.rate,
-        loss_timeout: a.loss_timeout,
-        warmup: a.run.warmup,
-        duration: a.run.duration,
-        server_pid: a.run.server_pid,
-        gso: a.gso,
-    };
-    let r = blast(sides, &settings)?;
+    let r = blast(sides, &a.flow, &a.run)?;
     // Release the allocations (best effort: the server would expire them anyway).
     for s in &allocations {
         let _ = s.send(&request(REFRESH, |m| {
             m.add_attribute(Lifetime::new(Duration::ZERO).expect("zero is in range"));
         }));
     }
-    let seconds = a.run.duration.as_secs_f64();
-    Ok(UdpRelayReport {
-        mode: "turn",
-        pairs: a.clients,
-        gso: a.gso,
-        size: a.size,
-        window: if a.rate > 0 { 0 } else { a.window },
-        rate: a.rate,
-        seconds,
-        sent: r.sent,
-        delivered: r.delivered,
-        delivered_per_second: r.delivered as f64 / seconds,
-        lost: r.lost,
-        server: r.server_cpu.map(|(pid, cpu, sys)| Server {
-            pid,
-            cpu_seconds: cpu,
-            system_seconds: sys,
-            cores: cpu / seconds,
-            per_cpu_second: if cpu > 0.0 {
-                r.delivered as f64 / cpu
-            } else {
-                0.0
-            },
-        }),
-        client_cpu_seconds: r.client_cpu,
-    })
+    Ok(UdpRelayReport::new(
+        "turn", a.clients, a.size, &a.flow, &a.run, &r,
+    ))
 }
 
 /// One client: an allocation on `server`, a channel to a peer socket, the peer connected to

@@ -31,7 +31,7 @@ use ferry_proto::PublicKey;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::cli::UdpRelayArgs;
+use crate::cli::{FlowArgs, RunArgs, UdpRelayArgs};
 use crate::procfs;
 use crate::target::{DerpConn, Target};
 
@@ -90,6 +90,43 @@ pub struct Server {
 }
 
 impl UdpRelayReport {
+    /// The report of a run of `mode` with these settings that ended with `r`.
+    pub(crate) fn new(
+        mode: &'static str,
+        pairs: usize,
+        size: usize,
+        flow: &FlowArgs,
+        run: &RunArgs,
+        r: &Totals,
+    ) -> Self {
+        let seconds = run.duration.as_secs_f64();
+        UdpRelayReport {
+            mode,
+            pairs,
+            gso: flow.gso,
+            size,
+            window: if flow.rate > 0 { 0 } else { flow.window },
+            rate: flow.rate,
+            seconds,
+            sent: r.sent,
+            delivered: r.delivered,
+            delivered_per_second: r.delivered as f64 / seconds,
+            lost: r.lost,
+            server: r.server_cpu.map(|(pid, cpu, sys)| Server {
+                pid,
+                cpu_seconds: cpu,
+                system_seconds: sys,
+                cores: cpu / seconds,
+                per_cpu_second: if cpu > 0.0 {
+                    r.delivered as f64 / cpu
+                } else {
+                    0.0
+                },
+            }),
+            client_cpu_seconds: r.client_cpu,
+        }
+    }
+
     /// A few lines for people.
     pub fn summary(&self) -> String {
         let mut s = format!(
@@ -185,46 +222,19 @@ pub async fn run(a: &UdpRelayArgs) -> Result<UdpRelayReport> {
         conns.push(ca);
         conns.push(cb);
     }
-    let settings = Blast {
-        window: a.window,
-        rate: a.rate,
-        loss_timeout: a.loss_timeout,
-        warmup: a.run.warmup,
-        duration: a.run.duration,
-        server_pid: a.run.server_pid,
-        gso: a.gso,
-    };
-    let (pairs, size, window, rate, gso) = (a.pairs, a.size, a.window, a.rate, a.gso);
-    let r = tokio::task::spawn_blocking(move || blast(sides, &settings))
+    let (flow, run) = (a.flow.clone(), a.run.clone());
+    let r = tokio::task::spawn_blocking(move || blast(sides, &flow, &run))
         .await
         .context("the sending thread")??;
     drop(conns);
-    let seconds = a.run.duration.as_secs_f64();
-    Ok(UdpRelayReport {
-        mode: "udp-relay",
-        pairs,
-        gso,
-        size,
-        window: if rate > 0 { 0 } else { window },
-        rate,
-        seconds,
-        sent: r.sent,
-        delivered: r.delivered,
-        delivered_per_second: r.delivered as f64 / seconds,
-        lost: r.lost,
-        server: r.server_cpu.map(|(pid, cpu, sys)| Server {
-            pid,
-            cpu_seconds: cpu,
-            system_seconds: sys,
-            cores: cpu / seconds,
-            per_cpu_second: if cpu > 0.0 {
-                r.delivered as f64 / cpu
-            } else {
-                0.0
-            },
-        }),
-        client_cpu_seconds: r.client_cpu,
-    })
+    Ok(UdpRelayReport::new(
+        "udp-relay",
+        a.pairs,
+        a.size,
+        &a.flow,
+        &a.run,
+        &r,
+    ))
 }
 
 /// Asks for a session for `c` and `other` over `c`'s DERP connection.
@@ -384,16 +394,6 @@ pub(crate) fn set_buffers(s: &UdpSocket) -> io::Result<()> {
     Ok(())
 }
 
-pub(crate) struct Blast {
-    pub(crate) window: u64,
-    pub(crate) rate: u64,
-    pub(crate) loss_timeout: Duration,
-    pub(crate) warmup: Duration,
-    pub(crate) duration: Duration,
-    pub(crate) server_pid: Option<u32>,
-    pub(crate) gso: bool,
-}
-
 pub(crate) struct Totals {
     pub(crate) sent: u64,
     pub(crate) delivered: u64,
@@ -412,7 +412,7 @@ struct Flow {
 }
 
 /// Drives every pair's two flows (a -> b, b -> a) from this thread until the run ends.
-pub(crate) fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
+pub(crate) fn blast(sides: Vec<(Side, Side)>, b: &FlowArgs, run: &RunArgs) -> Result<Totals> {
     let socks: Vec<&Side> = sides.iter().flat_map(|(a, b)| [a, b]).collect();
     // With GSO, one send carries a burst (at most 64 datagrams and 64 KiB); each entry read may
     // hold a run of datagrams (GRO), so the receive buffer has room for a full one per entry.
@@ -446,8 +446,8 @@ pub(crate) fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
     let mut batches: Vec<Vec<u8>> = socks.iter().map(|s| s.tx.repeat(BATCH)).collect();
     let mut rx = vec![0u8; BATCH * stride];
     let start = Instant::now();
-    let measure_from = start + b.warmup;
-    let stop_at = measure_from + b.duration;
+    let measure_from = start + run.warmup;
+    let stop_at = measure_from + run.duration;
     let mut cpu0: Option<((f64, f64), f64)> = None;
     let (mut sent, mut delivered, mut lost) = (0u64, 0u64, 0u64);
     let mut seq = 0u64;
@@ -458,7 +458,7 @@ pub(crate) fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
     loop {
         let now = Instant::now();
         if cpu0.is_none() && now >= measure_from {
-            let server = match b.server_pid {
+            let server = match run.server_pid {
                 Some(p) => procfs::cpu_split(p)?,
                 None => (0.0, 0.0),
             };
@@ -524,7 +524,7 @@ pub(crate) fn blast(sides: Vec<(Side, Side)>, b: &Blast) -> Result<Totals> {
         }
     }
     let ((u0, s0), c0) = cpu0.unwrap_or(((0.0, 0.0), 0.0));
-    let server_cpu = match b.server_pid {
+    let server_cpu = match run.server_pid {
         Some(p) => {
             let (u1, s1) = procfs::cpu_split(p)?;
             Some((p, (u1 - u0) + (s1 - s0), s1 - s0))
