@@ -27,7 +27,7 @@ pub mod udprelay;
 
 pub use endpoint::{
     DirectOptions, Endpoint, EndpointConfig, EndpointError, EndpointStats, Path, PathEvent,
-    PingReply,
+    PingReply, MAX_BATCH,
 };
 pub use ferry_proto::{PublicKey, SecretKey};
 pub use relaymap::RelayMap;

@@ -106,6 +106,38 @@ async fn disco_finds_the_direct_path_and_falls_back_to_the_relay_when_it_is_cut(
     exchange(&a, &b, 50, 5).await;
 }
 
+/// A burst sent with `send_batch` on a direct path leaves as UDP GSO messages (one pass
+/// through the kernel per run, not per datagram) and arrives whole and in order; with
+/// `udp_gso` off the same bursts go one message per datagram (what the first half asserts
+/// could fail).
+#[tokio::test]
+async fn a_burst_on_the_direct_path_leaves_in_gso_runs_and_arrives_in_order() {
+    let relay = plain_relay(true).await;
+    let map = map_for(&relay);
+    for gso in [true, false] {
+        let mut ca = direct_config(map.clone());
+        ca.udp_gso = gso;
+        let a = Endpoint::bind(ca).await.unwrap();
+        let b = Endpoint::bind(direct_config(map.clone())).await.unwrap();
+        let bk = b.public_key();
+        let mut ea = a.path_events();
+        a.send(bk, b"hello".to_vec()).await.unwrap();
+        timeout(T, b.recv()).await.unwrap().unwrap();
+        wait_path(&mut ea, bk, is_direct, "a → b direct").await;
+        let relayed = forwarded(&relay);
+        let (datagrams, messages) = burst_exchange(&a, &b, 20, 1000).await;
+        eprintln!("gso {gso}: {datagrams} datagrams as {messages} messages");
+        assert!(datagrams >= 20 * 64, "{datagrams}");
+        if gso {
+            // 64 datagrams of ~1,050 bytes are two GSO messages; pings and pongs add a few.
+            assert!(messages * 8 < datagrams, "{messages} of {datagrams}");
+        } else {
+            assert_eq!(messages, datagrams);
+        }
+        assert_eq!(forwarded(&relay), relayed, "data stayed off the relay");
+    }
+}
+
 #[tokio::test]
 async fn relay_only_endpoints_never_go_direct() {
     let relay = plain_relay(true).await;

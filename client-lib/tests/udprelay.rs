@@ -242,6 +242,46 @@ async fn ten_thousand_datagrams_cross_derp_udp_relay_direct_and_back_exactly_onc
     assert_eq!(pong.path, Path::UdpRelay(900));
 }
 
+/// Bursts sent with `send_batch` on the UDP relay path leave as UDP GSO messages, the relay
+/// reads them with GRO and forwards them, and they arrive whole and in order.
+#[tokio::test]
+async fn a_burst_crosses_the_udp_relay_in_gso_runs_and_arrives_in_order() {
+    let relay = udp_relay_relay()
+        .start_with(|c| {
+            c.udp_relay = Some(UdpRelayConfig::new("127.0.0.1:0".parse().unwrap()));
+        })
+        .await;
+    let map = map_for(&relay);
+    let a = Endpoint::bind(udp_relay_config(map.clone())).await.unwrap();
+    let b = Endpoint::bind(udp_relay_config(map)).await.unwrap();
+    let bk = b.public_key();
+    let mut ea = a.path_events();
+    a.set_direct_blackhole(true);
+    a.send(bk, b"hello".to_vec()).await.unwrap();
+    timeout(T, b.recv()).await.unwrap().unwrap();
+    wait_path(
+        &mut ea,
+        bk,
+        |p| matches!(p, Path::UdpRelay(_)),
+        "A on the UDP relay",
+    )
+    .await;
+    let m = relay.metrics();
+    let fwd0 = m.sample("ferry_relay_udp_relay_forwarded_packets_total", "");
+    let (datagrams, messages) = burst_exchange(&a, &b, 20, 1000).await;
+    eprintln!(
+        "{datagrams} datagrams as {messages} messages; stats A {:?}",
+        a.stats()
+    );
+    assert!(datagrams >= 20 * 64, "{datagrams}");
+    assert!(messages * 8 < datagrams, "{messages} of {datagrams}");
+    let fwd = relay
+        .metrics()
+        .sample("ferry_relay_udp_relay_forwarded_packets_total", "")
+        - fwd0;
+    assert!(fwd >= (20 * 64) as f64, "relay forwarded {fwd}");
+}
+
 /// A relay without the UDP relay (the allocation goes unanswered, as with derper): the pair
 /// stays on DERP, data flows, nothing breaks.
 #[tokio::test]

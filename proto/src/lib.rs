@@ -12,11 +12,16 @@
 //!   (Tailscale's peer-relay format).
 //! - [`queue`]: the bounded drop-oldest queue wherever a sender must never wait (the relay's
 //!   receiver and mesh queues, the client's queue per relay connection).
+//! - `mmsg` (Linux, feature `mmsg`): the one exception to "no sockets" — the batched UDP
+//!   system calls (`recvmmsg`/`sendmmsg`, GRO, GSO) on a descriptor the caller owns, shared by
+//!   the STUN server, the UDP relay and the client's endpoint. Still no runtime and no tokio.
 //!
 //! Plus [`error_chain`], the one way every crate turns an error and its sources into a line, and
 //! [`Advised`] + [`report`], how the binaries add operator advice to a library's error.
 
 pub mod derp;
+#[cfg(all(target_os = "linux", feature = "mmsg"))]
+pub mod mmsg;
 pub mod pin;
 pub mod queue;
 pub mod stun;

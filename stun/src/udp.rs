@@ -9,9 +9,13 @@ use crate::proto::{self, Change, Ctx, GridPos};
 use crate::stats::TransportCounters;
 
 #[cfg(target_os = "linux")]
-pub mod mmsg;
+pub use ferry_proto::mmsg;
 
 /// Datagrams read (and replies sent) per system call on Linux.
+#[cfg(target_os = "linux")]
+pub use ferry_proto::mmsg::UDP_BATCH;
+/// Datagrams read (and replies sent) per system call on Linux.
+#[cfg(not(target_os = "linux"))]
 pub const UDP_BATCH: usize = 64;
 /// Receive buffer per datagram. STUN over UDP should fit the path MTU; a bigger datagram is
 /// truncated and counted as malformed.

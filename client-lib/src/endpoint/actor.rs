@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::addrbook::AddrBook;
 use super::birthday::{Birthday, Gate};
+use super::outbox::Outbox;
 use super::pacer::Pacer;
 use super::path::{Action, Env, PathChoice, PeerPath, ACK_TIMEOUT_MIN, VIA_UDP_RELAY};
 use super::relays::RelaySet;
@@ -168,6 +169,13 @@ fn punch_mode(sock: &tokio::net::UdpSocket, on: bool, ttl: u32) -> std::io::Resu
     sock.set_ttl(if on { PUNCH_TTL } else { ttl })
 }
 
+/// One datagram from `sock`, now (what the outbox must not delay: a punch, a birthday socket).
+async fn send_now(sock: &tokio::net::UdpSocket, addr: SocketAddr, pkt: &[u8]) {
+    if let Err(e) = sock.send_to(pkt, addr).await {
+        debug!(%addr, "UDP send failed: {e}");
+    }
+}
+
 /// Completes at `at`; never, with `None`.
 async fn sleep_until_some(at: Option<Instant>) {
     match at {
@@ -200,6 +208,8 @@ pub(super) struct Actor {
     shared: Arc<SharedState>,
     cmd_tx: mpsc::Sender<Cmd>,
     sockets: Arc<Sockets>,
+    /// The main sockets' datagrams of the current event, sent when it ends.
+    outbox: Outbox,
 }
 
 /// The channels and shared parts [`Actor::new`] takes from `Endpoint::bind`.
@@ -234,6 +244,7 @@ impl Actor {
             shared: p.shared,
             cmd_tx: p.cmd_tx,
             sockets: p.sockets,
+            outbox: Outbox::new(p.cfg.udp_gso),
             cfg: p.cfg,
         }
     }
@@ -278,6 +289,30 @@ impl Actor {
                         self.spawn_netcheck();
                     }
                 }
+            }
+            self.flush_udp().await;
+        }
+    }
+
+    /// Sends what the event kept in the outbox, counted.
+    async fn flush_udp(&mut self) {
+        let f = self.outbox.flush(&self.sockets).await;
+        if f.datagrams > 0 {
+            let s = &self.shared;
+            s.udp_datagrams.fetch_add(f.datagrams, Ordering::Relaxed);
+            s.udp_messages.fetch_add(f.messages, Ordering::Relaxed);
+        }
+    }
+
+    /// Keeps datagram `d` for `to` (from the main socket of its family) until the event ends.
+    async fn queue_udp(&mut self, to: SocketAddr, d: &[u8]) {
+        if self.sockets.for_addr(&to).is_none() {
+            return;
+        }
+        if !self.outbox.push(to, d) {
+            self.flush_udp().await;
+            if !self.outbox.push(to, d) {
+                debug!(%to, len = d.len(), "datagram larger than the outbox; dropped");
             }
         }
     }
@@ -332,12 +367,15 @@ impl Actor {
         match c {
             Cmd::Send {
                 peer,
-                plaintext,
+                plaintexts,
                 done,
             } => {
                 self.peer_mut(peer).on_activity(now);
-                let r = self.seal_and_send(peer, &plaintext, now).await;
-                let _ = done.send(r);
+                let mut results = Vec::with_capacity(plaintexts.len());
+                for p in &plaintexts {
+                    results.push(self.seal_and_send(peer, p, now).await);
+                }
+                let _ = done.send(results);
             }
             Cmd::Ping { peer, done } => {
                 self.peer_mut(peer).on_activity(now);
@@ -503,27 +541,22 @@ impl Actor {
         }
     }
 
-    /// Sends a datagram straight to `addr` from the data socket (`via` = [`udp::MAIN`]) or
-    /// from one of the birthday sockets.
-    async fn send_direct(&self, via: u32, addr: SocketAddr, pkt: &[u8]) {
+    /// Sends a datagram straight to `addr` from the data socket (`via` = [`udp::MAIN`]: kept
+    /// in the outbox until the event ends) or from one of the birthday sockets (at once).
+    async fn send_direct(&mut self, via: u32, addr: SocketAddr, pkt: &[u8]) {
         if self.shared.blackhole_direct.load(Ordering::Relaxed) {
             return;
         }
-        let sock = if via == udp::MAIN {
-            self.sockets.for_addr(&addr)
-        } else {
-            self.extra.get(via)
-        };
-        let Some(sock) = sock else {
-            return;
-        };
-        if let Err(e) = sock.send_to(pkt, addr).await {
-            debug!(%addr, "direct send failed: {e}");
+        if via == udp::MAIN {
+            return self.queue_udp(addr, pkt).await;
+        }
+        if let Some(sock) = self.extra.get(via) {
+            send_now(sock, addr, pkt).await;
         }
     }
 
     /// A disco message to `addr` from socket `via`, or through the peer's UDP relay session.
-    async fn send_disco_on(&self, peer: PublicKey, via: u32, addr: SocketAddr, pkt: &[u8]) {
+    async fn send_disco_on(&mut self, peer: PublicKey, via: u32, addr: SocketAddr, pkt: &[u8]) {
         if via == VIA_UDP_RELAY {
             self.send_udp_relay(peer, PROTO_DISCO, pkt).await;
         } else {
@@ -533,7 +566,7 @@ impl Actor {
 
     /// `pkt` framed for the peer's UDP relay session, to the relay from the main socket. Not
     /// subject to the direct-path test hook (it is not the direct path).
-    async fn send_udp_relay(&self, peer: PublicKey, protocol: u16, pkt: &[u8]) {
+    async fn send_udp_relay(&mut self, peer: PublicKey, protocol: u16, pkt: &[u8]) {
         let Some(s) = self.udp_relays.get(&peer) else {
             warn!(peer = %peer.short(), "no UDP relay session for a packet on its path; dropped");
             return;
@@ -543,13 +576,9 @@ impl Actor {
         self.send_raw(relay, &d).await;
     }
 
-    /// A datagram to `addr` from the main socket of its family.
-    async fn send_raw(&self, addr: SocketAddr, d: &[u8]) {
-        if let Some(sock) = self.sockets.for_addr(&addr) {
-            if let Err(e) = sock.send_to(d, addr).await {
-                debug!(%addr, "UDP relay send failed: {e}");
-            }
-        }
+    /// A datagram to `addr` from the main socket of its family, when the event ends.
+    async fn send_raw(&mut self, addr: SocketAddr, d: &[u8]) {
+        self.queue_udp(addr, d).await;
     }
 
     /// Asks the home relay for a UDP relay session with `peer` (in the background; the answer
@@ -750,8 +779,9 @@ impl Actor {
         }
         // Older kernels: the socket's TTL and options for this one send.
         let old = sock.ttl().unwrap_or(64);
+        // At once, not via the outbox: the socket is in punching mode for this one datagram.
         match punch_mode(&sock, true, old) {
-            Ok(()) => self.send_direct(udp::MAIN, addr, &pkt).await,
+            Ok(()) => send_now(&sock, addr, &pkt).await,
             Err(e) => debug!(%addr, "cannot set the punch's TTL and IP options: {e}"),
         }
         if let Err(e) = punch_mode(&sock, false, old) {

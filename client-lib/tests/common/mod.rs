@@ -121,3 +121,45 @@ pub async fn wait_path(
     .await
     .unwrap_or_else(|_| panic!("no path event: {what}"))
 }
+
+/// Sends `bursts` bursts of [`ferry_client::MAX_BATCH`] numbered datagrams of `size` bytes from
+/// `a` to `b` with `send_batch`, and checks that every one arrives once, in order. Returns
+/// what `a`'s main sockets sent meanwhile: (datagrams, messages). With GSO a burst's run to one
+/// address is one message (or a few: one carries at most 64 KiB).
+pub async fn burst_exchange(
+    a: &ferry_client::Endpoint,
+    b: &ferry_client::Endpoint,
+    bursts: u32,
+    size: usize,
+) -> (u64, u64) {
+    let n = ferry_client::MAX_BATCH as u32;
+    let before = a.stats();
+    for k in 0..bursts {
+        let burst = (0..n)
+            .map(|i| {
+                let mut p = (k * n + i).to_be_bytes().to_vec();
+                p.resize(size, 0x5A);
+                p
+            })
+            .collect();
+        let results = a.send_batch(b.public_key(), burst).await.unwrap();
+        assert_eq!(results.len(), n as usize);
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        // The whole burst arrives before the next leaves: nothing waits in a full queue.
+        for i in 0..n {
+            let (from, d) = tokio::time::timeout(T, b.recv())
+                .await
+                .expect("a datagram in time")
+                .unwrap();
+            assert_eq!(from, a.public_key());
+            assert_eq!(d.len(), size);
+            let got = u32::from_be_bytes(d[..4].try_into().unwrap());
+            assert_eq!(got, k * n + i, "burst {k}");
+        }
+    }
+    let after = a.stats();
+    (
+        after.udp_datagrams - before.udp_datagrams,
+        after.udp_messages - before.udp_messages,
+    )
+}

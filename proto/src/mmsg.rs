@@ -1,5 +1,9 @@
-//! `recvmmsg`/`sendmmsg` batches (Linux), also used by the relay's UDP relay path
-//! (`ferry_stun::mmsg`). The buffers live in the batch structs; the
+//! `recvmmsg`/`sendmmsg` batches with UDP GRO and GSO (Linux; feature `mmsg`): the one copy of
+//! the batched UDP system calls that the STUN server, the relay's UDP relay path and the
+//! client's endpoint share (re-exported as `ferry_stun::mmsg`). Not sans-IO like the rest of
+//! this crate: system calls on a file descriptor the caller owns, no runtime, no tokio. It is
+//! here, behind a feature, because the client must not link the server crates. The buffers
+//! live in the batch structs; the
 //! `mmsghdr`/`iovec` arrays pointing into them are rebuilt on the stack for every call, so no
 //! raw pointer outlives a call (and the structs stay `Send`).
 
@@ -9,7 +13,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
 use std::ptr;
 
-pub use super::UDP_BATCH;
+/// Datagrams read or written per system call.
+pub const UDP_BATCH: usize = 64;
 
 /// A raw source/destination address as the kernel gave it.
 pub type RawAddr = (libc::sockaddr_storage, libc::socklen_t);
