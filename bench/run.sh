@@ -35,6 +35,10 @@
 #      in the NAT lab, LOSS_PERCENT (1) % dropped at random by one router, both ways: a ping
 #      stream's round trips and a bulk stream's goodput (client-lib/tests/nat_lab_loss_bench.rs;
 #      root: network namespaces)
+#  11  the client's UDP GSO on the UDP relay path (issue 15): two ferry tunnels between hard-NAT
+#      homes, 1200-byte datagrams at GSO_BENCH_MBPS (40) MB/s, with and without --no-udp-gso,
+#      alternating: CPU per delivered datagram of the relay and of both tunnels
+#      (client-lib/tests/nat_lab_gso_bench.rs; root)
 #
 # Every server runs over TLS with the same certificate (a throw-away CA and a leaf for
 # localhost/127.0.0.1), fresh for every scenario, pinned to CPU 0 (PIN=0: no pinning); the load
@@ -52,7 +56,7 @@ IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 IDLE_HOLD=${IDLE_HOLD:-5}
 PIN=${PIN:-1}
 SKIP_IROH=${SKIP_IROH:-0}
-SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7 8 9 10"}
+SCENARIOS=${SCENARIOS:-"1 2 3 4 5 6 7 8 9 10 11"}
 # Scenario 9: coturn's load, per round and size: TURN_CLIENTS clients x TURN_MSGS messages, each
 # client one every millisecond (turnutils_uclient -z 1; it paces itself, so this is its load).
 TURN_CLIENTS=${TURN_CLIENTS:-200}
@@ -60,7 +64,7 @@ TURN_MSGS=${TURN_MSGS:-2000}
 WG_MIB=${WG_MIB:-200}
 # The report's file in docs/: a run of some scenarios only must not replace the full report.
 if [ -z "${REPORT_NAME:-}" ]; then
-    if [ "$SCENARIOS" = "1 2 3 4 5 6 7 8 9 10" ]; then REPORT_NAME=benchmarks.md; else
+    if [ "$SCENARIOS" = "1 2 3 4 5 6 7 8 9 10 11" ]; then REPORT_NAME=benchmarks.md; else
         REPORT_NAME=benchmarks-s$(echo "$SCENARIOS" | tr -s ' ' '-').md
     fi
 fi
@@ -73,7 +77,7 @@ IROH_VERSION=1.4.1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/target/bench}
-# Absolute: scenario 10's test writes its JSON from the package's directory.
+# Absolute: scenarios 10 and 11 write their JSON from the package's directory.
 case $OUT in /*) ;; *) OUT=$ROOT/$OUT ;; esac
 export PATH="$ROOT/.tools/bin:$PATH"
 mkdir -p "$OUT"
@@ -640,6 +644,17 @@ for kind in ('ts','plain'):
                    --test nat_lab_loss_bench -- --ignored --nocapture 2>&1 |
                    grep -E '^(udp-relay|derp|UDP relay /)' | cut -c1-220 >&2
            done
+       fi ;;
+    11) if [ "$(id -u)" != 0 ]; then
+           log "scenario 11 skipped: it needs root (the NAT lab's network namespaces)"
+       else
+           log "scenario 11: the client's UDP GSO on the UDP relay path (NAT lab, ferry tunnel, $ROUNDS rounds)"
+           mkdir -p "$OUT/s11"
+           rm -f "$OUT/s11"/*.json
+           nice -n 19 cargo build --release -p ferry-relay -p ferry-client
+           GSO_BENCH_ROUNDS=$ROUNDS GSO_BENCH_JSON="$OUT/s11/gso.json" cargo test --release \
+               -p ferry-client --test nat_lab_gso_bench -- --ignored --nocapture 2>&1 |
+               grep -E '^(round|medians)' | cut -c1-240 >&2
        fi ;;
     *) echo "unknown scenario $n" >&2; exit 2 ;;
     esac

@@ -489,7 +489,7 @@ impl TunnelStats {
             "tunnel summary: to peer {} datagrams / {} bytes, from peer {} datagrams / {} bytes; \
              dropped: {} over {TUNNEL_MAX} bytes, {} refused by the endpoint, {} from other nodes, \
              {} with no local return address, {} failed local sends; \
-             UDP out: {} datagrams in {} sends (GSO runs count once)",
+             UDP out: {} datagrams in {} sends, in: {} datagrams in {} reads (GSO/GRO runs count once)",
             g(&self.up),
             g(&self.up_bytes),
             g(&self.down),
@@ -499,8 +499,10 @@ impl TunnelStats {
             g(&self.other_node),
             g(&self.no_return),
             g(&self.local_failed),
-            ep.udp_datagrams,
-            ep.udp_messages,
+            ep.udp_out_datagrams,
+            ep.udp_out_messages,
+            ep.udp_in_datagrams,
+            ep.udp_in_messages,
         )
     }
 }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -64,7 +65,19 @@ pub struct Sockets {
     pub v6: Option<Arc<UdpSocket>>,
     /// STUN transactions in flight.
     pub stun: Arc<StunWaiters>,
+    /// What the readers of these sockets read.
+    pub read: Arc<ReadCounters>,
     readers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Datagrams read, and the messages the kernel handed them over as: with UDP GRO (Linux 5.0+)
+/// a run of one flow's datagrams that arrived as one GSO message is one.
+#[derive(Debug, Default)]
+pub struct ReadCounters {
+    /// Datagrams (STUN answers included).
+    pub datagrams: AtomicU64,
+    /// Messages.
+    pub messages: AtomicU64,
 }
 
 impl Drop for Sockets {
@@ -147,19 +160,26 @@ impl Sockets {
             None => None,
         };
         let stun = Arc::new(StunWaiters::default());
-        let mut readers = vec![spawn_reader(
-            Arc::clone(&s4),
-            Arc::clone(&stun),
-            other.clone(),
-            MAIN,
-        )];
+        let read = Arc::new(ReadCounters::default());
+        let reader = |s: &Arc<UdpSocket>, other| {
+            let r = Reader {
+                stun: Arc::clone(&stun),
+                other,
+                via: MAIN,
+                batch: MAIN_READ_BATCH,
+                counters: Some(Arc::clone(&read)),
+            };
+            tokio::spawn(read_loop(Arc::clone(s), r))
+        };
+        let mut readers = vec![reader(&s4, other.clone())];
         if let Some(s) = &s6 {
-            readers.push(spawn_reader(Arc::clone(s), Arc::clone(&stun), other, MAIN));
+            readers.push(reader(s, other));
         }
         Ok(Sockets {
             v4: s4,
             v6: s6,
             stun,
+            read,
             readers,
         })
     }
@@ -184,6 +204,10 @@ impl Sockets {
     }
 }
 
+/// Messages one read of a main socket takes (each up to 64 KiB: a GRO run): 256 KiB of buffer
+/// per main socket. Birthday sockets read one at a time (there can be hundreds of them).
+const MAIN_READ_BATCH: usize = 4;
+
 /// Reads `sock` until aborted: STUN answers to `stun`, the rest to `other` tagged `via`.
 pub fn spawn_reader(
     sock: Arc<UdpSocket>,
@@ -191,35 +215,102 @@ pub fn spawn_reader(
     other: Option<mpsc::Sender<Datagram>>,
     via: u32,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(read_loop(sock, stun, other, via))
+    let r = Reader {
+        stun,
+        other,
+        via,
+        batch: 1,
+        counters: None,
+    };
+    tokio::spawn(read_loop(sock, r))
 }
 
-async fn read_loop(
-    sock: Arc<UdpSocket>,
+/// Where a reader's datagrams go.
+struct Reader {
     stun: Arc<StunWaiters>,
     other: Option<mpsc::Sender<Datagram>>,
     via: u32,
-) {
-    let mut buf = vec![0u8; 65536];
+    /// Messages per read (Linux).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    batch: usize,
+    counters: Option<Arc<ReadCounters>>,
+}
+
+impl Reader {
+    fn deliver(&self, pkt: &[u8], from: SocketAddr, at: Instant) {
+        if stun::is_stun(pkt) {
+            self.stun.deliver(pkt, from, at);
+            return;
+        }
+        if let Some(tx) = &self.other {
+            let _ = tx.try_send(Datagram {
+                from,
+                data: Bytes::copy_from_slice(pkt),
+                via: self.via,
+            });
+        }
+    }
+
+    fn count(&self, datagrams: u64, messages: u64) {
+        if let Some(c) = &self.counters {
+            c.datagrams.fetch_add(datagrams, Ordering::Relaxed);
+            c.messages.fetch_add(messages, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Linux: `recvmmsg` with UDP GRO, so a GSO run (a peer's burst, or a UDP relay's forward of
+/// one) comes in as one message and is cut into its datagrams here, in order.
+#[cfg(target_os = "linux")]
+async fn read_loop(sock: Arc<UdpSocket>, r: Reader) {
+    use ferry_proto::mmsg::{RecvBatch, MAX_UDP_PAYLOAD};
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let mut rx = RecvBatch::new(r.batch.max(1), MAX_UDP_PAYLOAD + 1);
+    // Best effort: without GRO every message is one datagram, as before.
+    rx.enable_gro(fd);
     loop {
-        let (n, from) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
+        let n = match sock
+            .async_io(tokio::io::Interest::READABLE, || rx.recv(fd))
+            .await
+        {
+            Ok(n) => n,
             // ICMP errors (port unreachable from an earlier send) surface here on Linux;
             // they say nothing about this read.
             Err(_) => continue,
         };
-        let pkt = &buf[..n];
-        if stun::is_stun(pkt) {
-            stun.deliver(pkt, from, Instant::now());
-            continue;
+        let at = Instant::now();
+        let mut datagrams = 0;
+        for i in 0..n {
+            let Some((buf, from)) = rx.get(i) else {
+                continue;
+            };
+            let seg = rx.segment_size(i).max(1);
+            let mut off = 0;
+            loop {
+                let end = (off + seg).min(buf.len());
+                r.deliver(&buf[off..end], from, at);
+                datagrams += 1;
+                off = end;
+                if off >= buf.len() {
+                    break;
+                }
+            }
         }
-        if let Some(tx) = &other {
-            let _ = tx.try_send(Datagram {
-                from,
-                data: Bytes::copy_from_slice(pkt),
-                via,
-            });
-        }
+        r.count(datagrams, n as u64);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn read_loop(sock: Arc<UdpSocket>, r: Reader) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(_) => continue,
+        };
+        r.deliver(&buf[..n], from, Instant::now());
+        r.count(1, 1);
     }
 }
 

@@ -125,14 +125,19 @@ async fn a_burst_on_the_direct_path_leaves_in_gso_runs_and_arrives_in_order() {
         timeout(T, b.recv()).await.unwrap().unwrap();
         wait_path(&mut ea, bk, is_direct, "a → b direct").await;
         let relayed = forwarded(&relay);
-        let (datagrams, messages) = burst_exchange(&a, &b, 20, 1000).await;
-        eprintln!("gso {gso}: {datagrams} datagrams as {messages} messages");
+        let ((datagrams, messages), (b_datagrams, b_reads)) =
+            burst_exchange(&a, &b, 20, 1000).await;
+        eprintln!("gso {gso}: {datagrams} datagrams as {messages} messages; B read {b_datagrams} in {b_reads}");
         assert!(datagrams >= 20 * 64, "{datagrams}");
+        assert!(b_datagrams >= 20 * 64, "{b_datagrams}");
         if gso {
             // 64 datagrams of ~1,050 bytes are two GSO messages; pings and pongs add a few.
+            // B reads with GRO: the same runs.
             assert!(messages * 8 < datagrams, "{messages} of {datagrams}");
+            assert!(b_reads * 8 < b_datagrams, "{b_reads} of {b_datagrams}");
         } else {
             assert_eq!(messages, datagrams);
+            assert_eq!(b_reads, b_datagrams, "nothing to coalesce on loopback");
         }
         assert_eq!(forwarded(&relay), relayed, "data stayed off the relay");
     }

@@ -8,7 +8,7 @@
 //!
 //! Per round: CPU time (utime + stime from /proc, so the kernel's share is in) of the relay, of
 //! tunnel A and of tunnel B per datagram delivered, the goodput, and how tunnel A's datagrams
-//! left (its summary line: datagrams and sends). The relay's figure includes the NAT routers'
+//! left and tunnel B's arrived (their summary lines: datagrams in sends, datagrams in reads). The relay's figure includes the NAT routers'
 //! softirq work done in its context, the same in both arms. Medians and the ratios go to stdout
 //! and, with `GSO_BENCH_JSON=FILE`, to a JSON file. Needs root (skips otherwise):
 //!
@@ -44,12 +44,16 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
-/// "UDP out: N datagrams in M sends" from a tunnel's summary line.
-fn udp_out(summary: &str) -> (f64, f64) {
-    let after = summary.split("UDP out: ").nth(1).unwrap_or("");
+/// From a tunnel's summary line (`UDP out: N datagrams in M sends, in: N datagrams in M
+/// reads`): the figures after `key` (`"UDP out: "` or `", in: "`), as (datagrams, messages).
+fn udp_counts(summary: &str, key: &str) -> (f64, f64) {
+    let after = summary.split(key).nth(1).unwrap_or("");
     let mut w = after.split_whitespace();
     let d = w.next().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN);
-    let m = w.nth(2).and_then(|x| x.parse().ok()).unwrap_or(f64::NAN);
+    let m = w
+        .nth(2)
+        .and_then(|x| x.trim_end_matches(',').parse().ok())
+        .unwrap_or(f64::NAN);
     (d, m)
 }
 
@@ -62,6 +66,8 @@ struct Round {
     b_us: f64,
     a_datagrams: f64,
     a_sends: f64,
+    b_datagrams: f64,
+    b_reads: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -145,8 +151,9 @@ fn one_round(lab: &Lab, tag: &str, extra: &[&str], mbps: f64, secs: f64) -> Roun
     counter.join().expect("B-app");
     let delivered = got.load(Ordering::Relaxed) as f64;
     let summary = stop_tunnel(&mut t.a);
-    stop_tunnel(&mut t.b);
-    let (a_datagrams, a_sends) = udp_out(&summary);
+    let b_summary = stop_tunnel(&mut t.b);
+    let (a_datagrams, a_sends) = udp_counts(&summary, "UDP out: ");
+    let (b_datagrams, b_reads) = udp_counts(&b_summary, ", in: ");
     let per = |i: usize| (cpu1[i] - cpu0[i]) / delivered * 1e6;
     Round {
         delivered,
@@ -156,6 +163,8 @@ fn one_round(lab: &Lab, tag: &str, extra: &[&str], mbps: f64, secs: f64) -> Roun
         b_us: per(2),
         a_datagrams,
         a_sends,
+        b_datagrams,
+        b_reads,
     }
 }
 
@@ -175,8 +184,8 @@ fn client_gso_on_the_udp_relay_path() {
         for (k, (name, extra)) in arms.iter().enumerate() {
             let r = one_round(&lab, &format!("{name}{round}"), extra, mbps, secs);
             println!(
-                "round {round} {name}: delivered {:.0} ({:.2} MB/s of {mbps} offered); CPU µs per datagram: relay {:.2}, tunnel A {:.2}, tunnel B {:.2}; tunnel A's UDP: {:.0} datagrams in {:.0} sends",
-                r.delivered, r.goodput_mb_s, r.relay_us, r.a_us, r.b_us, r.a_datagrams, r.a_sends
+                "round {round} {name}: delivered {:.0} ({:.2} MB/s of {mbps} offered); CPU µs per datagram: relay {:.2}, tunnel A {:.2}, tunnel B {:.2}; tunnel A's UDP: {:.0} datagrams in {:.0} sends; tunnel B's: {:.0} datagrams in {:.0} reads",
+                r.delivered, r.goodput_mb_s, r.relay_us, r.a_us, r.b_us, r.a_datagrams, r.a_sends, r.b_datagrams, r.b_reads
             );
             rows[k].push(r);
         }
@@ -190,10 +199,12 @@ fn client_gso_on_the_udp_relay_path() {
             "tunnel_a_us_per_datagram": med(k, |r| r.a_us),
             "tunnel_b_us_per_datagram": med(k, |r| r.b_us),
             "tunnel_a_datagrams_per_send": med(k, |r| r.a_datagrams / r.a_sends),
+            "tunnel_b_datagrams_per_read": med(k, |r| r.b_datagrams / r.b_reads),
             "rounds": rows[k].iter().map(|r| serde_json::json!({
                 "delivered": r.delivered, "goodput_mb_s": r.goodput_mb_s,
                 "relay_us": r.relay_us, "a_us": r.a_us, "b_us": r.b_us,
                 "a_datagrams": r.a_datagrams, "a_sends": r.a_sends,
+                "b_datagrams": r.b_datagrams, "b_reads": r.b_reads,
             })).collect::<Vec<_>>(),
         })
     };
@@ -201,11 +212,12 @@ fn client_gso_on_the_udp_relay_path() {
     let ratio =
         |key: &str| n[key].as_f64().unwrap_or(f64::NAN) / g[key].as_f64().unwrap_or(f64::NAN);
     println!(
-        "medians of {rounds}: relay CPU per datagram without / with client GSO {:.2}x; tunnel A {:.2}x; tunnel B {:.2}x; tunnel A datagrams per send with GSO {:.1}; goodput with / without {:.3}x",
+        "medians of {rounds}: relay CPU per datagram without / with client GSO {:.2}x; tunnel A {:.2}x; tunnel B {:.2}x; tunnel A datagrams per send with GSO {:.1}, tunnel B per read {:.1}; goodput with / without {:.3}x",
         ratio("relay_us_per_datagram"),
         ratio("tunnel_a_us_per_datagram"),
         ratio("tunnel_b_us_per_datagram"),
         g["tunnel_a_datagrams_per_send"].as_f64().unwrap_or(f64::NAN),
+        g["tunnel_b_datagrams_per_read"].as_f64().unwrap_or(f64::NAN),
         g["goodput_mb_s"].as_f64().unwrap_or(f64::NAN) / n["goodput_mb_s"].as_f64().unwrap_or(f64::NAN),
     );
     // Sanity, not a goal: both arms carried the load, and only the GSO arm coalesced.

@@ -268,13 +268,15 @@ async fn a_burst_crosses_the_udp_relay_in_gso_runs_and_arrives_in_order() {
     .await;
     let m = relay.metrics();
     let fwd0 = m.sample("ferry_relay_udp_relay_forwarded_packets_total", "");
-    let (datagrams, messages) = burst_exchange(&a, &b, 20, 1000).await;
+    let ((datagrams, messages), (b_datagrams, b_reads)) = burst_exchange(&a, &b, 20, 1000).await;
     eprintln!(
-        "{datagrams} datagrams as {messages} messages; stats A {:?}",
+        "{datagrams} datagrams as {messages} messages; B read {b_datagrams} in {b_reads}; stats A {:?}",
         a.stats()
     );
     assert!(datagrams >= 20 * 64, "{datagrams}");
     assert!(messages * 8 < datagrams, "{messages} of {datagrams}");
+    // The relay read the runs with GRO and forwarded them as GSO runs; B reads them with GRO.
+    assert!(b_reads * 8 < b_datagrams, "{b_reads} of {b_datagrams}");
     let fwd = relay
         .metrics()
         .sample("ferry_relay_udp_relay_forwarded_packets_total", "")

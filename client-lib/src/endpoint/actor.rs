@@ -299,8 +299,8 @@ impl Actor {
         let f = self.outbox.flush(&self.sockets).await;
         if f.datagrams > 0 {
             let s = &self.shared;
-            s.udp_datagrams.fetch_add(f.datagrams, Ordering::Relaxed);
-            s.udp_messages.fetch_add(f.messages, Ordering::Relaxed);
+            s.udp_out_datagrams.fetch_add(f.datagrams, Ordering::Relaxed);
+            s.udp_out_messages.fetch_add(f.messages, Ordering::Relaxed);
         }
     }
 

@@ -335,8 +335,8 @@ struct SharedState {
     sent_udp_relay: AtomicU64,
     resent_via_relay: AtomicU64,
     relay_dropped: AtomicU64,
-    udp_datagrams: AtomicU64,
-    udp_messages: AtomicU64,
+    udp_out_datagrams: AtomicU64,
+    udp_out_messages: AtomicU64,
 }
 
 /// Counters of end-to-end packets sent (data, pings and handshakes; not disco), since bind.
@@ -357,11 +357,17 @@ pub struct EndpointStats {
     pub relay_dropped: u64,
     /// Datagrams the main UDP sockets sent: E2E packets on a direct or UDP relay path, disco,
     /// UDP relay binds (not STUN, not birthday probes or punches).
-    pub udp_datagrams: u64,
+    pub udp_out_datagrams: u64,
     /// The messages they went to the kernel as: one per datagram, except that a run of
     /// datagrams of one size to one address sent together ([`Endpoint::send_batch`]) is one
     /// UDP GSO message ([`EndpointConfig::udp_gso`]).
-    pub udp_messages: u64,
+    pub udp_out_messages: u64,
+    /// Datagrams the main UDP sockets read (everything, STUN answers included).
+    pub udp_in_datagrams: u64,
+    /// The messages the kernel handed them over as: with UDP GRO (Linux 5.0+) a run of one
+    /// sender's datagrams that arrived as one GSO message (a peer's burst, or a UDP relay's
+    /// forward of one) is one.
+    pub udp_in_messages: u64,
 }
 
 impl Drop for Endpoint {
@@ -604,8 +610,10 @@ impl Endpoint {
             sent_udp_relay: s.sent_udp_relay.load(Ordering::Relaxed),
             resent_via_relay: s.resent_via_relay.load(Ordering::Relaxed),
             relay_dropped: s.relay_dropped.load(Ordering::Relaxed),
-            udp_datagrams: s.udp_datagrams.load(Ordering::Relaxed),
-            udp_messages: s.udp_messages.load(Ordering::Relaxed),
+            udp_out_datagrams: s.udp_out_datagrams.load(Ordering::Relaxed),
+            udp_out_messages: s.udp_out_messages.load(Ordering::Relaxed),
+            udp_in_datagrams: self.sockets.read.datagrams.load(Ordering::Relaxed),
+            udp_in_messages: self.sockets.read.messages.load(Ordering::Relaxed),
         }
     }
 

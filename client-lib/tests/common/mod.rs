@@ -124,16 +124,17 @@ pub async fn wait_path(
 
 /// Sends `bursts` bursts of [`ferry_client::MAX_BATCH`] numbered datagrams of `size` bytes from
 /// `a` to `b` with `send_batch`, and checks that every one arrives once, in order. Returns
-/// what `a`'s main sockets sent meanwhile: (datagrams, messages). With GSO a burst's run to one
-/// address is one message (or a few: one carries at most 64 KiB).
+/// what `a`'s main sockets sent meanwhile and what `b`'s read, as (datagrams, messages) each.
+/// With GSO a burst's run to one address is one message (or a few: one carries at most
+/// 64 KiB), and a GRO reader takes it as one.
 pub async fn burst_exchange(
     a: &ferry_client::Endpoint,
     b: &ferry_client::Endpoint,
     bursts: u32,
     size: usize,
-) -> (u64, u64) {
+) -> ((u64, u64), (u64, u64)) {
     let n = ferry_client::MAX_BATCH as u32;
-    let before = a.stats();
+    let (before, b_before) = (a.stats(), b.stats());
     for k in 0..bursts {
         let burst = (0..n)
             .map(|i| {
@@ -157,9 +158,15 @@ pub async fn burst_exchange(
             assert_eq!(got, k * n + i, "burst {k}");
         }
     }
-    let after = a.stats();
+    let (after, b_after) = (a.stats(), b.stats());
     (
-        after.udp_datagrams - before.udp_datagrams,
-        after.udp_messages - before.udp_messages,
+        (
+            after.udp_out_datagrams - before.udp_out_datagrams,
+            after.udp_out_messages - before.udp_out_messages,
+        ),
+        (
+            b_after.udp_in_datagrams - b_before.udp_in_datagrams,
+            b_after.udp_in_messages - b_before.udp_in_messages,
+        ),
     )
 }
