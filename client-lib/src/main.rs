@@ -645,7 +645,9 @@ async fn local_to_peer(
             }
         };
         let mut next = Some(first);
+        let mut read = 0;
         while let Some((n, from)) = next.take() {
+            read += 1;
             *last_sender.lock().expect("lock") = Some(from);
             if n > TUNNEL_MAX {
                 TunnelStats::add(&stats.too_big, 1);
@@ -655,7 +657,7 @@ async fn local_to_peer(
             } else {
                 burst.push(buf[..n].to_vec());
             }
-            if burst.len() < ferry_client::MAX_BATCH {
+            if read < ferry_client::MAX_BATCH {
                 // Only what is already there: never wait for more.
                 next = sock.try_recv_from(&mut buf).ok();
             }

@@ -261,13 +261,20 @@ impl SendBatch {
 ///
 /// If the kernel refuses a segmented message, it goes out datagram by datagram; when the
 /// refusal is `EIO` (a device without checksum offload, or IPsec on the route), GSO is turned
-/// off for good.
+/// off for good. `EINVAL` (segments larger than the path MTU: a client behind a VPN or an
+/// overlay with an MTU under 1,500) makes datagrams of that size and larger go alone from then
+/// on, so that every later flush does not pay a refused system call first; a socket with many
+/// destinations behind different paths (a relay) keeps trying message by message instead
+/// ([`GsoSendBatch::many_destinations`]).
 pub struct GsoSendBatch {
     buf: Vec<u8>,
     used: usize,
     msgs: Vec<GsoMsg>,
     cap: usize,
     gso: bool,
+    /// The largest datagram a new run starts with (lowered by `EINVAL`, see above).
+    max_seg: usize,
+    learn_mtu: bool,
 }
 
 struct GsoMsg {
@@ -291,7 +298,17 @@ impl GsoSendBatch {
             msgs: Vec::with_capacity(batch),
             cap: batch,
             gso,
+            max_seg: MAX_GSO_SEGMENT,
+            learn_mtu: true,
         }
+    }
+
+    /// For a socket that sends to many addresses over different paths (the relay): a GSO
+    /// message refused with `EINVAL` goes out datagram by datagram, and later runs of that size
+    /// are still coalesced (another destination's path may carry them).
+    pub fn many_destinations(mut self) -> GsoSendBatch {
+        self.learn_mtu = false;
+        self
     }
 
     pub fn clear(&mut self) {
@@ -353,7 +370,7 @@ impl GsoSendBatch {
                 }
             }
         }
-        let seg = if self.gso && d.len() <= MAX_GSO_SEGMENT {
+        let seg = if self.gso && d.len() <= self.max_seg {
             d.len()
         } else {
             0
@@ -437,23 +454,39 @@ impl GsoSendBatch {
         if !(refused && m.seg > 0 && m.len > m.seg) {
             return Err(e);
         }
-        if e.raw_os_error() == Some(libc::EIO) {
-            self.gso = false;
-        }
         let (start, len, seg, raw) = (m.start, m.len, m.seg, m.raw);
+        match e.raw_os_error() {
+            Some(libc::EIO) => self.gso = false,
+            Some(libc::EINVAL) if self.learn_mtu => self.max_seg = self.max_seg.min(seg - 1),
+            _ => {}
+        }
         for off in (0..len).step_by(seg) {
             let d = &self.buf[start + off..start + (off + seg).min(len)];
-            // SAFETY: a live buffer and address for the call.
-            unsafe {
-                libc::sendto(
+            // A full send buffer: wait for room (briefly; this path is rare) and try again,
+            // rather than drop what a blocking send would have delivered.
+            for _ in 0..2 {
+                // SAFETY: a live buffer and address for the call.
+                let r = unsafe {
+                    libc::sendto(
+                        fd,
+                        d.as_ptr().cast(),
+                        d.len(),
+                        libc::MSG_DONTWAIT,
+                        (&raw.0 as *const libc::sockaddr_storage).cast(),
+                        raw.1,
+                    )
+                };
+                if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                    break;
+                }
+                let mut p = libc::pollfd {
                     fd,
-                    d.as_ptr().cast(),
-                    d.len(),
-                    libc::MSG_DONTWAIT,
-                    (&raw.0 as *const libc::sockaddr_storage).cast(),
-                    raw.1,
-                )
-            };
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one live pollfd.
+                unsafe { libc::poll(&mut p, 1, 20) };
+            }
         }
         Ok(1)
     }
@@ -677,7 +710,7 @@ mod tests {
     /// A GSO send the kernel refuses still delivers every datagram, one by one: here the
     /// sending socket has UDP checksums off (`SO_NO_CHECK`), with which the kernel refuses
     /// every GSO send (`EINVAL`, as for segments larger than the path MTU). GSO stays on: only
-    /// `EIO` (no checksum offload) turns it off.
+    /// `EIO` (no checksum offload) turns it off; `EINVAL` stops runs of the refused size.
     #[test]
     fn a_refused_gso_send_goes_out_datagram_by_datagram() {
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -715,8 +748,33 @@ mod tests {
         assert_eq!(tx.send(sender.as_raw_fd(), 0).unwrap(), 1);
         let mut rx = RecvBatch::new(8, 2048);
         let (got, entries) = read_all(&dst, &mut rx, 5);
-        assert_eq!((got, entries), (sent, 5));
+        assert_eq!((got, entries), (sent.clone(), 5));
         assert!(tx.gso(), "EINVAL leaves GSO on");
+        // But runs of the refused size are not tried again (each flush would pay a refused
+        // system call first); smaller ones still are.
+        tx.clear();
+        for d in &sent {
+            assert!(tx.push(d, dst.local_addr().unwrap()));
+        }
+        assert_eq!(tx.len(), 5, "200-byte datagrams go alone after EINVAL");
+        tx.clear();
+        for _ in 0..3 {
+            assert!(tx.push(&[9; 100], dst.local_addr().unwrap()));
+        }
+        assert_eq!(tx.len(), 1, "100-byte ones still run together");
+        // A relay's batch keeps trying: another destination's path may take them.
+        let mut relay = GsoSendBatch::new(8, MAX_UDP_PAYLOAD, true).many_destinations();
+        for d in &sent {
+            assert!(relay.push(d, dst.local_addr().unwrap()));
+        }
+        assert_eq!(relay.send(sender.as_raw_fd(), 0).unwrap(), 1);
+        relay.clear();
+        for d in &sent {
+            assert!(relay.push(d, dst.local_addr().unwrap()));
+        }
+        assert_eq!(relay.len(), 1, "many_destinations: still coalesced");
+        let (got, _) = read_all(&dst, &mut rx, 5);
+        assert_eq!(got, sent);
     }
 
     /// Only runs of one size to one address are coalesced, a short datagram ends a run, a

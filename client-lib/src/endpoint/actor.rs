@@ -243,8 +243,8 @@ impl Actor {
             events: p.events,
             shared: p.shared,
             cmd_tx: p.cmd_tx,
+            outbox: Outbox::new(p.cfg.udp_gso, p.sockets.v6.is_some()),
             sockets: p.sockets,
-            outbox: Outbox::new(p.cfg.udp_gso),
             cfg: p.cfg,
         }
     }
@@ -299,7 +299,8 @@ impl Actor {
         let f = self.outbox.flush(&self.sockets).await;
         if f.datagrams > 0 {
             let s = &self.shared;
-            s.udp_out_datagrams.fetch_add(f.datagrams, Ordering::Relaxed);
+            s.udp_out_datagrams
+                .fetch_add(f.datagrams, Ordering::Relaxed);
             s.udp_out_messages.fetch_add(f.messages, Ordering::Relaxed);
         }
     }
@@ -375,6 +376,9 @@ impl Actor {
                 for p in &plaintexts {
                     results.push(self.seal_and_send(peer, p, now).await);
                 }
+                // Handed to the kernel before the caller hears back (as `send_to` was): an
+                // endpoint dropped right after `send` loses nothing it said was sent.
+                self.flush_udp().await;
                 let _ = done.send(results);
             }
             Cmd::Ping { peer, done } => {
@@ -749,6 +753,8 @@ impl Actor {
     /// The punch ([`PUNCH_TTL`], [`PUNCH_IP_OPTIONS`], see [`PeerPath`]'s `punch`): an
     /// untracked ping from the main IPv4 socket in punching mode for this one send.
     async fn punch(&mut self, peer: PublicKey, addr: SocketAddr) {
+        // What the event queued goes first: the punch itself cannot wait in the outbox.
+        self.flush_udp().await;
         let Some(sock) = self.sockets.for_addr(&addr).cloned() else {
             return;
         };
@@ -803,6 +809,8 @@ impl Actor {
             punched,
         };
         let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        // The pings that opened our side go out before the peer hears about them.
+        self.flush_udp().await;
         self.relays.send(peer, pkt.into());
     }
 
@@ -822,6 +830,8 @@ impl Actor {
             Gate::Held => return true,
             Gate::No => return false,
         };
+        // What the event queued (pings timed from `now`) leaves before the sockets open.
+        self.flush_udp().await;
         self.close_unused_sockets(now);
         let Some(want) = self.birthday.start(now, peer, birthday_socket_budget()) else {
             return false;

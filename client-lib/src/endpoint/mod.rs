@@ -358,9 +358,10 @@ pub struct EndpointStats {
     /// Datagrams the main UDP sockets sent: E2E packets on a direct or UDP relay path, disco,
     /// UDP relay binds (not STUN, not birthday probes or punches).
     pub udp_out_datagrams: u64,
-    /// The messages they went to the kernel as: one per datagram, except that a run of
+    /// The messages they were handed to the kernel as: one per datagram, except that a run of
     /// datagrams of one size to one address sent together ([`Endpoint::send_batch`]) is one
-    /// UDP GSO message ([`EndpointConfig::udp_gso`]).
+    /// UDP GSO message ([`EndpointConfig::udp_gso`]; one the kernel refuses still counts once,
+    /// though its datagrams then go one by one).
     pub udp_out_messages: u64,
     /// Datagrams the main UDP sockets read (everything, STUN answers included).
     pub udp_in_datagrams: u64,

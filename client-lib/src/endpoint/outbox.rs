@@ -1,8 +1,11 @@
 //! The datagrams one actor event sends from the main sockets, kept until the event ends and
 //! then handed to the kernel together (Linux): consecutive datagrams of one size to one address
 //! go as one UDP GSO message (`UDP_SEGMENT`, Linux 4.18+) that the kernel cuts into the same
-//! datagrams, the rest side by side in the same `sendmmsg`. What leaves is exactly what one
-//! `send_to` per datagram would have sent, in the same order per socket.
+//! datagrams, the rest side by side in the same `sendmmsg`. What leaves is the datagrams one
+//! `send_to` each would have sent, in the same order per socket. What must not wait (a punch,
+//! a birthday socket's probes, a CallMeMaybe via DERP that announces pings) first flushes what
+//! is kept, so it still follows what the event sent before it; `send`/`send_batch` answer
+//! after the flush.
 //!
 //! Why: a burst from [`super::Endpoint::send_batch`] (a `ferry tunnel` under load) is one event,
 //! so its datagrams to the peer's address, or to its UDP relay, cross the kernel's UDP and IP
@@ -15,8 +18,11 @@
 
 use std::net::SocketAddr;
 
+#[cfg(target_os = "linux")]
 use tokio::net::UdpSocket;
-use tracing::{debug, warn};
+use tracing::debug;
+#[cfg(target_os = "linux")]
+use tracing::warn;
 
 use crate::udp::Sockets;
 
@@ -37,26 +43,25 @@ pub(super) struct Flushed {
     pub(super) messages: u64,
 }
 
-/// Datagrams waiting for the end of the event, per main socket (IPv4, IPv6).
+/// Datagrams waiting for the end of the event, per main socket (IPv4, IPv6 if there is one).
 pub(super) struct Outbox {
     #[cfg(target_os = "linux")]
-    fams: [ferry_proto::mmsg::GsoSendBatch; 2],
+    fams: [Option<ferry_proto::mmsg::GsoSendBatch>; 2],
     #[cfg(not(target_os = "linux"))]
     kept: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 impl Outbox {
-    /// `gso`: coalesce runs into GSO messages (else one message per datagram, still batched).
+    /// `gso`: coalesce runs into GSO messages (else one message per datagram, still batched);
+    /// `v6`: there is an IPv6 socket.
     #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
-    pub(super) fn new(gso: bool) -> Outbox {
+    pub(super) fn new(gso: bool, v6: bool) -> Outbox {
         #[cfg(target_os = "linux")]
         {
             use ferry_proto::mmsg::{GsoSendBatch, UDP_BATCH};
+            let batch = || GsoSendBatch::new(UDP_BATCH, OUTBOX_BYTES, gso);
             Outbox {
-                fams: [
-                    GsoSendBatch::new(UDP_BATCH, OUTBOX_BYTES, gso),
-                    GsoSendBatch::new(UDP_BATCH, OUTBOX_BYTES, gso),
-                ],
+                fams: [Some(batch()), v6.then(batch)],
             }
         }
         #[cfg(not(target_os = "linux"))]
@@ -68,7 +73,10 @@ impl Outbox {
     pub(super) fn push(&mut self, to: SocketAddr, d: &[u8]) -> bool {
         #[cfg(target_os = "linux")]
         {
-            self.fams[usize::from(to.is_ipv6())].push(d, to)
+            // No socket of that family: nothing to keep (the caller checks first).
+            self.fams[usize::from(to.is_ipv6())]
+                .as_mut()
+                .is_none_or(|b| b.push(d, to))
         }
         #[cfg(not(target_os = "linux"))]
         {
@@ -82,7 +90,7 @@ impl Outbox {
     pub(super) fn gso(&self) -> bool {
         #[cfg(target_os = "linux")]
         {
-            self.fams[0].gso()
+            self.fams[0].as_ref().is_some_and(|b| b.gso())
         }
         #[cfg(not(target_os = "linux"))]
         false
@@ -94,6 +102,9 @@ impl Outbox {
         let mut out = Flushed::default();
         #[cfg(target_os = "linux")]
         for (i, batch) in self.fams.iter_mut().enumerate() {
+            let Some(batch) = batch else {
+                continue;
+            };
             if batch.is_empty() {
                 continue;
             }
@@ -203,7 +214,7 @@ mod tests {
         let (a, mut ra) = gro_receiver().await;
         let (b, mut rb) = gro_receiver().await;
         let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
-        let mut ob = Outbox::new(true);
+        let mut ob = Outbox::new(true, false);
         // Ten to a (the last shorter), two to b, one more to a.
         for i in 0..10u8 {
             let len = if i == 9 { 700 } else { 1200 };
@@ -245,7 +256,7 @@ mod tests {
         let s = sockets().await;
         let (a, mut ra) = gro_receiver().await;
         let to_a = a.local_addr().unwrap();
-        let mut ob = Outbox::new(false);
+        let mut ob = Outbox::new(false, false);
         for i in 0..5u8 {
             assert!(ob.push(to_a, &[i; 1200]));
         }
@@ -272,7 +283,7 @@ mod tests {
         let s = sockets().await;
         let (a, mut ra) = gro_receiver().await;
         let to_a = a.local_addr().unwrap();
-        let mut ob = Outbox::new(true);
+        let mut ob = Outbox::new(true, false);
         let mut kept = 0;
         while ob.push(to_a, &[7; 1400]) {
             kept += 1;

@@ -273,12 +273,12 @@ impl Lab {
         self.namespaces.clone()
     }
 
-    /// Home N's namespace (N from 1).
     /// The relay's process id, while it runs.
     pub fn relay_pid(&self) -> Option<u32> {
         self.relay.as_ref().map(|p| p.child.id())
     }
 
+    /// Home N's namespace (N from 1).
     pub fn home(&self, n: usize) -> String {
         self.ns(&format!("h{n}"))
     }

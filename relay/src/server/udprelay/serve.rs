@@ -158,7 +158,7 @@ async fn run(relay: &UdpRelay, sock: &UdpSocket) -> std::io::Result<()> {
     // datagrams of one flow; the send side keeps what a full receive batch can forward.
     let mut rx = RecvBatch::new(BATCH, MAX_DATAGRAM);
     let gro = relay.gso && rx.enable_gro(fd);
-    let mut tx = GsoSendBatch::new(UDP_BATCH, BATCH * MAX_DATAGRAM, relay.gso);
+    let mut tx = GsoSendBatch::new(UDP_BATCH, BATCH * MAX_DATAGRAM, relay.gso).many_destinations();
     let m = &relay.metrics;
     info!(addr = ?sock.local_addr().ok(), gro, gso = relay.gso, "UDP relay listening");
     loop {
