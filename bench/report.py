@@ -12,6 +12,7 @@ JSON report per server and round. Medians over rounds are reported; every round 
 """
 
 import json
+import re
 import os
 import statistics
 import sys
@@ -38,7 +39,10 @@ def machine():
     m = {}
     for line in open(os.path.join(OUT, "machine.txt")):
         k, _, v = line.strip().partition("=")
-        m[k] = v
+        if k == "note":
+            m.setdefault("notes", []).append(v)
+        else:
+            m[k] = v
     return m
 
 
@@ -224,6 +228,11 @@ for k, label in [("nproc", "CPUs"), ("cpu", "CPU model"), ("kernel", "kernel"), 
 w("")
 w("## How it was run\n")
 w("```sh\nbench/run.sh          # ROUNDS=3 RUN_SECONDS=8 WARMUP=2 IDLE_CLIENTS=10000 WINDOW=16 by default\n```\n")
+for note in machine().get("notes", []):
+    # `note=` lines in machine.txt: what the person who ran it wrote down about this run.
+    w(f"- **Note on this run (written by whoever ran it, not measured):** {note}")
+if machine().get("notes"):
+    w("")
 w("`bench/run.sh` builds ferry in release mode, installs what is missing (derper via "
   "`scripts/test-deps.sh`, coturn with apt-get, `cargo install iroh-relay --features server`), makes a "
   "throw-away CA and one certificate for localhost/127.0.0.1, and serves it from every relay:\n")
@@ -832,9 +841,7 @@ if goals:
     summary.append("\nGoals not met are reported as measured; see \"Reading these numbers\" below, the profiles after it "
                    "(\"Where the time goes\") and the STUN appendix for what bounds each part.\n")
     # After the "How it was run" section.
-    idx = next(i for i, l in enumerate(doc) if l.startswith("## 1.") or l.startswith("## 2.") or l.startswith("## 3.")
-               or l.startswith("## 4.") or l.startswith("## 5.") or l.startswith("## 6.") or l.startswith("## 7.")
-               or l.startswith("## 8.") or l.startswith("## 9."))
+    idx = next(i for i, l in enumerate(doc) if re.match(r"## \d+\. ", l))
     doc[idx:idx] = summary
 
 if REPORT_NAME == "benchmarks.md":
