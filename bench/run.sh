@@ -373,6 +373,19 @@ r=json.load(open('$file'))
 print(f\"    ferry   {r['size']} B{' at '+format(r['rate'],',')+'/s' if r['rate'] else ''}: {r['delivered_per_second']:,.0f} forwarded/s, {r['server']['per_cpu_second']:,.0f} per server CPU-s, server cores {r['server']['cores']:.2f}, lost {r['lost']}\", file=sys.stderr)"
 }
 
+# Scenarios 10 and 11 (the NAT lab): false, with a log line, unless root; else a clean
+# $OUT/sN and release binaries of the relay and the client.
+natlab_scenario() { # natlab_scenario N WHAT
+    if [ "$(id -u)" != 0 ]; then
+        log "scenario $1 skipped: it needs root (the NAT lab's network namespaces)"
+        return 1
+    fi
+    log "scenario $1: $2"
+    mkdir -p "$OUT/s$1"
+    rm -f "$OUT/s$1"/*.json
+    nice -n 19 cargo build --release -p ferry-relay -p ferry-client
+}
+
 stop_all() {
     for name in "${!PIDS[@]}"; do
         kill "${PIDS[$name]}" 2>/dev/null || true
@@ -631,13 +644,7 @@ for kind in ('ts','plain'):
                stop_all
            done
        done ;;
-    10) if [ "$(id -u)" != 0 ]; then
-           log "scenario 10 skipped: it needs root (the NAT lab's network namespaces)"
-       else
-           log "scenario 10: UDP relay vs DERP under ${LOSS_PERCENT:-1} % random loss (NAT lab, ferry tunnel)"
-           mkdir -p "$OUT/s10"
-           rm -f "$OUT/s10"/*.json
-           nice -n 19 cargo build --release -p ferry-relay -p ferry-client
+    10) if natlab_scenario 10 "UDP relay vs DERP under ${LOSS_PERCENT:-1} % random loss (NAT lab, ferry tunnel)"; then
            for round in $(seq "$ROUNDS"); do
                log "scenario 10, round $round"
                LOSS_BENCH_JSON="$OUT/s10/r$round.json" cargo test --release -p ferry-client \
@@ -645,13 +652,7 @@ for kind in ('ts','plain'):
                    grep -E '^(udp-relay|derp|UDP relay /)' | cut -c1-220 >&2
            done
        fi ;;
-    11) if [ "$(id -u)" != 0 ]; then
-           log "scenario 11 skipped: it needs root (the NAT lab's network namespaces)"
-       else
-           log "scenario 11: the client's UDP GSO on the UDP relay path (NAT lab, ferry tunnel, $ROUNDS rounds)"
-           mkdir -p "$OUT/s11"
-           rm -f "$OUT/s11"/*.json
-           nice -n 19 cargo build --release -p ferry-relay -p ferry-client
+    11) if natlab_scenario 11 "the client's UDP GSO on the UDP relay path (NAT lab, ferry tunnel, $ROUNDS rounds)"; then
            GSO_BENCH_ROUNDS=$ROUNDS GSO_BENCH_JSON="$OUT/s11/gso.json" cargo test --release \
                -p ferry-client --test nat_lab_gso_bench -- --ignored --nocapture 2>&1 |
                grep -E '^(round|medians)' | cut -c1-240 >&2

@@ -24,14 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use natlab::{start_tunnels, stop_tunnel, Lab, Nat, Tunnels};
-
-fn env_or(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use natlab::{env_or, start_tunnels, stop_tunnel, Lab, Nat, Tunnels};
 
 /// The two rules in router 1 that drop `percent` % of what it forwards, each way.
 fn loss_rules(lab: &Lab, op: &str, percent: f64) -> Result<(), String> {

@@ -64,6 +64,14 @@ pub enum Nat {
     InboundUdpBlocked,
 }
 
+/// A number from the environment variable `name` (the benchmarks' knobs), else `default`.
+pub fn env_or(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The `ferry` CLI binary of this package.
 pub fn ferry_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry"))
