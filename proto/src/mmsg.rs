@@ -285,6 +285,9 @@ struct GsoMsg {
     seg: usize,
     to: SocketAddr,
     raw: RawAddr,
+    /// The kernel refused it as one GSO message: it goes datagram by datagram, and `start` /
+    /// `len` move past what has gone.
+    one_by_one: bool,
 }
 
 impl GsoSendBatch {
@@ -395,18 +398,24 @@ impl GsoSendBatch {
             seg,
             to,
             raw: from_std(to),
+            one_by_one: false,
         });
         self.used += d.len();
         true
     }
 
     /// One `sendmmsg` of the messages `from..len()`; returns how many messages went. A
-    /// segmented message the kernel refuses goes out datagram by datagram (counted as sent:
-    /// what could not go is lost as any UDP send can be), and after `EIO` GSO is off.
+    /// segmented message the kernel refuses goes out datagram by datagram (a datagram the
+    /// kernel refuses then is lost as any UDP send can be), and after `EIO` GSO is off. A full
+    /// send buffer is `WouldBlock`, as for any send: call again from the same message once the
+    /// socket is writable; a message half sent one by one goes on where it stopped.
     pub fn send(&mut self, fd: RawFd, from: usize) -> io::Result<usize> {
         let count = self.msgs.len().saturating_sub(from).min(UDP_BATCH);
         if count == 0 {
             return Ok(0);
+        }
+        if self.msgs[from].one_by_one {
+            return self.send_one_by_one(fd, from);
         }
         // SAFETY: plain old data; zero is valid.
         let mut iov: [libc::iovec; UDP_BATCH] = unsafe { zeroed() };
@@ -454,39 +463,42 @@ impl GsoSendBatch {
         if !(refused && m.seg > 0 && m.len > m.seg) {
             return Err(e);
         }
-        let (start, len, seg, raw) = (m.start, m.len, m.seg, m.raw);
+        let seg = m.seg;
         match e.raw_os_error() {
             Some(libc::EIO) => self.gso = false,
             Some(libc::EINVAL) if self.learn_mtu => self.max_seg = self.max_seg.min(seg - 1),
             _ => {}
         }
-        for off in (0..len).step_by(seg) {
-            let d = &self.buf[start + off..start + (off + seg).min(len)];
-            // A full send buffer: wait for room (briefly; this path is rare) and try again,
-            // rather than drop what a blocking send would have delivered.
-            for _ in 0..2 {
-                // SAFETY: a live buffer and address for the call.
-                let r = unsafe {
-                    libc::sendto(
-                        fd,
-                        d.as_ptr().cast(),
-                        d.len(),
-                        libc::MSG_DONTWAIT,
-                        (&raw.0 as *const libc::sockaddr_storage).cast(),
-                        raw.1,
-                    )
-                };
-                if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-                    break;
-                }
-                let mut p = libc::pollfd {
+        self.msgs[from].one_by_one = true;
+        self.send_one_by_one(fd, from)
+    }
+
+    /// Message `i`, datagram by datagram, from where it stopped. `Ok(1)` once it is through;
+    /// `WouldBlock` (progress kept) when the send buffer is full.
+    fn send_one_by_one(&mut self, fd: RawFd, i: usize) -> io::Result<usize> {
+        let m = &mut self.msgs[i];
+        while m.len > 0 {
+            let n = m.len.min(m.seg.max(1));
+            let d = &self.buf[m.start..m.start + n];
+            // SAFETY: a live buffer and address for the call.
+            let r = unsafe {
+                libc::sendto(
                     fd,
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: one live pollfd.
-                unsafe { libc::poll(&mut p, 1, 20) };
+                    d.as_ptr().cast(),
+                    d.len(),
+                    libc::MSG_DONTWAIT,
+                    (&m.raw.0 as *const libc::sockaddr_storage).cast(),
+                    m.raw.1,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
             }
+            m.start += n;
+            m.len -= n;
         }
         Ok(1)
     }
