@@ -32,9 +32,11 @@
 #      under its own turnutils_uclient (200 clients through turnutils_peer; it paces itself),
 #      with ferry again at that rate (open loop) for the same load
 #  10  UDP relay vs DERP under random loss (issue 15): two ferry tunnels between hard-NAT homes
-#      in the NAT lab, LOSS_PERCENT (1) % dropped at random by one router, both ways: a ping
-#      stream's round trips and a bulk stream's goodput (client-lib/tests/nat_lab_loss_bench.rs;
-#      root: network namespaces)
+#      in the NAT lab; one router is a slow, lossy link (NFQUEUE: this kernel has no netem):
+#      DELAY_MS (20) ms each way and LOSS_PERCENT (1) % dropped at random, per packet, both
+#      ways; a ping stream's round trips and a bulk stream's goodput, with DERP's TCP on each
+#      congestion control in S10_TCP_CC ("reno bbr")
+#      (client-lib/tests/nat_lab_loss_bench.rs; root: network namespaces)
 #  11  the client's UDP GSO on the UDP relay path (issue 15): two ferry tunnels between hard-NAT
 #      homes, 1200-byte datagrams at GSO_BENCH_MBPS (40) MB/s, with and without --no-udp-gso,
 #      alternating: CPU per delivered datagram of the relay and of both tunnels
@@ -644,12 +646,17 @@ for kind in ('ts','plain'):
                stop_all
            done
        done ;;
-    10) if natlab_scenario 10 "UDP relay vs DERP under ${LOSS_PERCENT:-1} % random loss (NAT lab, ferry tunnel)"; then
+    10) if natlab_scenario 10 "UDP relay vs DERP under ${LOSS_PERCENT:-1} % random loss and ${DELAY_MS:-20} ms each way (NAT lab, ferry tunnel)"; then
+           # DERP's fate under loss is its TCP congestion control's: a loss-based one (Reno;
+           # this host lets a namespace choose only reno or bbr) and BBR, alternating.
            for round in $(seq "$ROUNDS"); do
-               log "scenario 10, round $round"
-               LOSS_BENCH_JSON="$OUT/s10/r$round.json" cargo test --release -p ferry-client \
-                   --test nat_lab_loss_bench -- --ignored --nocapture 2>&1 |
-                   grep -E '^(udp-relay|derp|UDP relay /)' | cut -c1-220 >&2
+               for cc in ${S10_TCP_CC:-reno bbr}; do
+                   log "scenario 10, round $round, TCP $cc"
+                   TCP_CC=$cc LOSS_BENCH_JSON="$OUT/s10/r$round-$cc.json" cargo test --release \
+                       -p ferry-client --test nat_lab_loss_bench -- --ignored --nocapture \
+                       udp_relay_vs_derp 2>&1 |
+                       grep -E '^(udp-relay|derp|UDP relay /)' | cut -c1-220 >&2
+               done
            done
        fi ;;
     11) if natlab_scenario 11 "the client's UDP GSO on the UDP relay path (NAT lab, ferry tunnel, $ROUNDS rounds)"; then

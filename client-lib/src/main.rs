@@ -488,7 +488,8 @@ impl TunnelStats {
         format!(
             "tunnel summary: to peer {} datagrams / {} bytes, from peer {} datagrams / {} bytes; \
              dropped: {} over {TUNNEL_MAX} bytes, {} refused by the endpoint, {} from other nodes, \
-             {} with no local return address, {} failed local sends; \
+             {} with no local return address, {} failed local sends, \
+             {} dropped by a full relay send queue (DERP slower than the traffic); \
              UDP out: {} datagrams in {} sends, in: {} datagrams in {} reads (GSO/GRO runs count once)",
             g(&self.up),
             g(&self.up_bytes),
@@ -499,6 +500,7 @@ impl TunnelStats {
             g(&self.other_node),
             g(&self.no_return),
             g(&self.local_failed),
+            ep.relay_dropped,
             ep.udp_out_datagrams,
             ep.udp_out_messages,
             ep.udp_in_datagrams,
@@ -781,4 +783,25 @@ impl Signals {
 fn colour_on_stderr() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tunnel whose peer is reached via DERP over a slow TCP connection loses what the
+    /// region's send queue drops; the summary must say so, not "dropped: 0".
+    #[test]
+    fn the_summary_counts_what_a_full_relay_queue_dropped() {
+        let stats = TunnelStats::default();
+        let ep = ferry_client::EndpointStats {
+            relay_dropped: 4_321,
+            ..Default::default()
+        };
+        let line = stats.summary(&ep);
+        assert!(
+            line.contains("4321 dropped by a full relay send queue"),
+            "{line}"
+        );
+    }
 }

@@ -29,6 +29,8 @@
 //! overrides the path.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod impair;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
