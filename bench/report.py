@@ -722,7 +722,7 @@ if s10:
       f"{r0['bulk_mbps']} MB/s for {r0['bulk_seconds']:.0f} s, counted at the far end. DERP's fate under loss is "
       "its TCP congestion control's, set in every namespace of the lab: Reno (loss-based, like CUBIC in its "
       "Reno-friendly region at this round trip; this host lets a namespace choose only `reno` or `bbr`) and "
-      "BBR (this host's default, which hardly slows down for random loss). Medians over rounds.\n")
+      "BBR (this host's default, which slows down far less for random loss). Medians over rounds.\n")
     w("| DERP's TCP | path | rounds | pings answered | RTT p50 | RTT p99 | RTT max | bulk offered | goodput | link: packets, dropped |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     ccs = []
@@ -746,13 +746,18 @@ if s10:
     for cc, (p99, gp, per) in ratios.items():
         w(f"- DERP on TCP {cc}: UDP relay / DERP RTT p99 **{p99:.2f}×**, goodput **{gp:.3f}×** (per round: "
           f"{', '.join(format(x, '.3f') for x in per)}).")
+    share = {cc: [(r["derp"]["bulk_goodput_bytes_per_s"] / (r["derp"]["bulk_offered_bytes_per_s"] or 1))
+                  for r in s10 if r.get("tcp_cc", "host") == cc] for cc in ccs}
+    late = max(max(r[k].get("link_late_max_ms", 0) for k in ("udp_relay", "derp")) for r in s10)
     w("\nLost pings and bulk datagrams are the UDP relay's price: a lost datagram stays lost, as on any UDP path, "
       "and the protocol inside (WireGuard's TCP, QUIC) resends what it needs end to end. DERP's TCP resends "
       "them itself, so they arrive late, in order, holding up what follows: that is its p99. What the bulk stream gets "
-      "through DERP is what TCP's congestion control allows at this loss and round trip: a loss-based one halves its "
-      "window on each loss; BBR keeps its rate, so DERP then delivers everything offered and the UDP relay the "
-      f"offered minus the link's {r0['loss_percent']} %. The link's own figures (packets it forwarded, dropped on "
-      "purpose) are in the table; it lost nothing else (the bench fails if the kernel's queue dropped any).\n")
+      "through DERP is what TCP's congestion control allows at this loss and round trip ("
+      + "; ".join(f"{cc}: {100 * min(v):.0f}–{100 * max(v):.0f} % of what was offered" for cc, v in share.items())
+      + "): a loss-based one cuts its window on each loss, BBR slows down far less for random loss. "
+      "The link's own figures (packets it forwarded, dropped on purpose) are in the table; it lost nothing else "
+      "(the bench fails if the kernel's queue dropped any), and it released a packet at most "
+      f"{late:.1f} ms after its due time (its thread shares the 2 cores with both tunnels and the relay).\n")
     for cc, (p99, gp, _) in ratios.items():
         goals.append((f"scenario 10: UDP relay RTT p99 ≤ 0.5× DERP's under {r0['loss_percent']} % loss, {2 * delay:g} ms RTT, DERP on TCP {cc}", f"{p99:.2f}×", "met" if p99 <= 0.5 else "not met"))
         goals.append((f"scenario 10: UDP relay goodput ≥ DERP's under {r0['loss_percent']} % loss, {2 * delay:g} ms RTT, DERP on TCP {cc}", f"{gp:.3f}×", "met" if gp >= 1 else "not met"))

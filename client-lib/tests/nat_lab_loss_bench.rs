@@ -195,7 +195,7 @@ fn udp_relay_vs_derp_under_random_loss() {
     let bulk_mbps = env_or("BULK_MBPS", 4.0);
     let delay_ms = env_or("DELAY_MS", 20.0);
     let lab = Lab::new(&[Nat::Hard, Nat::Hard]);
-    // TCP's congestion control decides how DERP fares under loss (BBR hardly slows down for
+    // TCP's congestion control decides how DERP fares under loss (BBR slows down far less for
     // random loss, CUBIC and Reno halve their windows), and it is per namespace: `TCP_CC`
     // sets it in every namespace of the lab (the relay's sockets are accepted after this, so
     // they take it too); without it, the lab keeps what the host has.
