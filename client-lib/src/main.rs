@@ -489,7 +489,8 @@ impl TunnelStats {
             "tunnel summary: to peer {} datagrams / {} bytes, from peer {} datagrams / {} bytes; \
              dropped: {} over {TUNNEL_MAX} bytes, {} refused by the endpoint, {} from other nodes, \
              {} with no local return address, {} failed local sends, \
-             {} dropped by a full relay send queue (DERP slower than the traffic); \
+             {} dropped by a full relay send queue (DERP slower than the traffic), \
+             {} read from UDP and dropped by a busy endpoint; \
              UDP out: {} datagrams in {} sends, in: {} datagrams in {} reads (GSO/GRO runs count once)",
             g(&self.up),
             g(&self.up_bytes),
@@ -501,6 +502,7 @@ impl TunnelStats {
             g(&self.no_return),
             g(&self.local_failed),
             ep.relay_dropped,
+            ep.udp_in_dropped,
             ep.udp_out_datagrams,
             ep.udp_out_messages,
             ep.udp_in_datagrams,
@@ -796,11 +798,16 @@ mod tests {
         let stats = TunnelStats::default();
         let ep = ferry_client::EndpointStats {
             relay_dropped: 4_321,
+            udp_in_dropped: 765,
             ..Default::default()
         };
         let line = stats.summary(&ep);
         assert!(
             line.contains("4321 dropped by a full relay send queue"),
+            "{line}"
+        );
+        assert!(
+            line.contains("765 read from UDP and dropped by a busy endpoint"),
             "{line}"
         );
     }

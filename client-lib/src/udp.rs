@@ -78,6 +78,10 @@ pub struct ReadCounters {
     pub datagrams: AtomicU64,
     /// Messages.
     pub messages: AtomicU64,
+    /// Datagrams read but dropped because the endpoint's actor was behind (its queue of
+    /// 1,024 datagrams full): the reader never waits for it, so a stalled actor cannot stall
+    /// the socket (which would drop in the kernel instead, uncounted).
+    pub dropped: AtomicU64,
 }
 
 impl Drop for Sockets {
@@ -243,11 +247,15 @@ impl Reader {
             return;
         }
         if let Some(tx) = &self.other {
-            let _ = tx.try_send(Datagram {
+            let sent = tx.try_send(Datagram {
                 from,
                 data: Bytes::copy_from_slice(pkt),
                 via: self.via,
             });
+            // Closed: the endpoint is going away; nothing to count.
+            if let (Err(mpsc::error::TrySendError::Full(_)), Some(c)) = (sent, &self.counters) {
+                c.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -317,6 +325,31 @@ async fn read_loop(sock: Arc<UdpSocket>, r: Reader) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reader never waits for the endpoint's actor (a stalled actor must not stall the
+    /// socket), so a full channel drops the datagram; it must be counted, not vanish.
+    #[test]
+    fn a_full_channel_to_the_actor_drops_and_counts() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let counters = Arc::new(ReadCounters::default());
+        let r = Reader {
+            stun: Arc::new(StunWaiters::default()),
+            other: Some(tx),
+            via: MAIN,
+            batch: 1,
+            counters: Some(Arc::clone(&counters)),
+        };
+        let from: SocketAddr = "192.0.2.1:41641".parse().unwrap();
+        for i in 0u8..5 {
+            r.deliver(&[0xF0, i], from, Instant::now());
+        }
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 3);
+        let mut got = Vec::new();
+        while let Ok(d) = rx.try_recv() {
+            got.push(d.data[1]);
+        }
+        assert_eq!(got, [0, 1], "the first ones are kept, the rest dropped");
+    }
 
     #[tokio::test]
     async fn data_sockets_get_large_buffers() {

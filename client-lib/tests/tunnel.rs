@@ -198,6 +198,15 @@ async fn net() -> Net {
 /// Tunnel A (no --forward: replies go to the last local sender) and tunnel B (--forward to
 /// `b_app`), both ready; returns them with their --listen addresses.
 async fn tunnels(n: &Net, b_app: SocketAddr) -> (Tunnel, SocketAddr, Tunnel, SocketAddr) {
+    tunnels_with(n, b_app, &[]).await
+}
+
+/// [`tunnels`], with `a_extra` appended to tunnel A's arguments.
+async fn tunnels_with(
+    n: &Net,
+    b_app: SocketAddr,
+    a_extra: &[&str],
+) -> (Tunnel, SocketAddr, Tunnel, SocketAddr) {
     let fwd = b_app.to_string();
     let mut b = Tunnel::spawn(
         "B",
@@ -213,18 +222,17 @@ async fn tunnels(n: &Net, b_app: SocketAddr) -> (Tunnel, SocketAddr, Tunnel, Soc
             &n.map,
         ],
     );
-    let mut a = Tunnel::spawn(
-        "A",
-        &[
-            &n.b_pub,
-            "--listen",
-            "127.0.0.1:0",
-            "--key-file",
-            &n.a_key,
-            "--relay-map",
-            &n.map,
-        ],
-    );
+    let mut a_args = vec![
+        n.b_pub.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--key-file",
+        &n.a_key,
+        "--relay-map",
+        &n.map,
+    ];
+    a_args.extend_from_slice(a_extra);
+    let mut a = Tunnel::spawn("A", &a_args);
     let (a_ready, a_addr) = a.ready().await;
     let (b_ready, b_addr) = b.ready().await;
     for (l, ours, theirs) in [
@@ -337,6 +345,71 @@ async fn two_tunnels_carry_200_datagrams_each_way_exactly_once() {
     let mut buf = [0u8; 2048];
     assert!(b_app.try_recv_from(&mut buf).is_err());
     assert!(a_app.try_recv_from(&mut buf).is_err());
+}
+
+/// `--no-udp-gso`: every datagram tunnel A's endpoint sends is a message of its own. By
+/// default, bursts of equal-size datagrams on the direct path leave in fewer messages (GSO
+/// runs), so the control run shows that the counts can tell the two apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_udp_gso_sends_datagram_by_datagram() {
+    const BURSTS: u8 = 8;
+    const BURST: usize = 64;
+    for (extra, gso) in [(&["--no-udp-gso"][..], false), (&[][..], true)] {
+        let n = net().await;
+        let a_app = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b_app = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (mut a, a_addr, _b, _) = tunnels_with(&n, b_app.local_addr().unwrap(), extra).await;
+        // The counts are the main UDP socket's: wait for the direct path (loopback has one),
+        // which traffic starts.
+        let direct = format!("path to {}: direct ", n.b_pub);
+        let warm = {
+            let a_app = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            tokio::spawn(async move {
+                loop {
+                    let _ = a_app.send_to(b"warm", a_addr);
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            })
+        };
+        a.line("a direct path", |l| l.starts_with(&direct)).await;
+        warm.abort();
+        for burst in 0..BURSTS {
+            for _ in 0..BURST {
+                a_app.send_to(&[burst; 1000], a_addr).await.unwrap();
+            }
+            let mut got = 0;
+            while got < BURST {
+                let (d, _) = recv(&b_app, &format!("burst {burst}")).await;
+                if d != b"warm" {
+                    assert_eq!(d, [burst; 1000]);
+                    got += 1;
+                }
+            }
+        }
+        let (status, rest) = a.stop("TERM").await;
+        assert!(status.success(), "{status}");
+        let all = [a.seen.clone(), rest].concat();
+        let s = summary(&all);
+        println!("{}: {s}", if gso { "default" } else { "--no-udp-gso" });
+        let out = s.split("UDP out: ").nth(1).unwrap_or_else(|| panic!("{s}"));
+        let nums: Vec<u64> = out
+            .split_whitespace()
+            .take(4)
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        let [datagrams, sends] = nums[..] else {
+            panic!("no UDP counts in {s}")
+        };
+        assert!(
+            datagrams >= u64::from(BURSTS) * BURST as u64,
+            "the bursts went directly: {s}"
+        );
+        if gso {
+            assert!(sends < datagrams, "GSO on, yet no run coalesced: {s}");
+        } else {
+            assert_eq!(sends, datagrams, "--no-udp-gso, yet runs coalesced: {s}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -369,6 +369,9 @@ pub struct EndpointStats {
     /// sender's datagrams that arrived as one GSO message (a peer's burst, or a UDP relay's
     /// forward of one) is one.
     pub udp_in_messages: u64,
+    /// Datagrams the main UDP sockets read but dropped because the endpoint could not keep
+    /// up (its queue of 1,024 read datagrams was full). Reading never waits for the endpoint.
+    pub udp_in_dropped: u64,
 }
 
 impl Drop for Endpoint {
@@ -615,6 +618,7 @@ impl Endpoint {
             udp_out_messages: s.udp_out_messages.load(Ordering::Relaxed),
             udp_in_datagrams: self.sockets.read.datagrams.load(Ordering::Relaxed),
             udp_in_messages: self.sockets.read.messages.load(Ordering::Relaxed),
+            udp_in_dropped: self.sockets.read.dropped.load(Ordering::Relaxed),
         }
     }
 
