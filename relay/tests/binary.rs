@@ -433,6 +433,21 @@ fn derpmap_prints_a_map_derpprobe_accepts() {
         .output()
         .unwrap();
     let yaml = String::from_utf8_lossy(&out.stdout);
+    // The UDP relay (on by default) has no field in a DERP map: its port is said beside it,
+    // so the operator opens it too.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the UDP relay listens on 3480/udp"), "{err}");
+    let off = Command::new(BIN)
+        .args(["derpmap", "--udp-relay-listen", "off", "--key-file", &key_s])
+        .env("FERRY_HOSTNAME", "localhost")
+        .output()
+        .unwrap();
+    assert!(off.status.success());
+    assert!(
+        !String::from_utf8_lossy(&off.stderr).contains("UDP relay"),
+        "{}",
+        String::from_utf8_lossy(&off.stderr)
+    );
     assert!(
         yaml.starts_with("regions:\n  900:\n")
             && yaml.contains("        certname: \"sha256-raw:")

@@ -19,6 +19,17 @@ pub(crate) fn command(args: DerpmapArgs, r: Resolved) -> Result<()> {
         MapFormat::Json => println!("{}", entry.to_json()),
         MapFormat::Headscale => print!("{}", entry.to_headscale_yaml()),
     }
+    // A DERP map has no field for a UDP relay (ferry clients learn the port when they
+    // allocate over DERP), so say it beside the map: the port must be open too.
+    if let Some(u) = &r.view().udp_relay {
+        let port = match u.advertise.first().map_or(u.listen.port(), |a| a.port()) {
+            0 => "an ephemeral port (the relay's ready line names it)".to_string(),
+            p => format!("{p}/udp"),
+        };
+        eprintln!(
+            "ferry-relay derpmap: the UDP relay listens on {port} (not part of the map: ferry clients learn it when they allocate over DERP); open it beside STUN in firewalls and load balancers, or turn it off with --udp-relay-listen off"
+        );
+    }
     Ok(())
 }
 
