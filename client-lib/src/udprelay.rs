@@ -73,6 +73,14 @@ impl Binding {
         self.relay
     }
 
+    /// Binds to the relay's other address `relay` instead (the one in use went unanswered):
+    /// a new handshake there.
+    pub fn move_to(&mut self, relay: SocketAddr) {
+        self.relay = relay;
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.state = BindState::Binding;
+    }
+
     /// The session.
     pub fn vni(&self) -> u32 {
         self.ep.vni

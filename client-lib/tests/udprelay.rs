@@ -413,3 +413,69 @@ async fn after_a_relay_restart_the_pair_gets_a_new_udp_relay_session() {
         "back on the UDP relay only {took:?} after both reconnected"
     );
 }
+
+/// A relay that advertises an address its clients cannot use (here a dead IPv4 address listed
+/// first, as a dual-stack relay whose IPv4 is firewalled would): the clients' Binds there go
+/// unanswered, so each moves on to the next address (IPv6) and the pair gets onto the UDP
+/// relay path anyway.
+#[tokio::test]
+async fn a_dead_advertised_address_is_skipped_for_the_next_one() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!(
+            "a_dead_advertised_address_is_skipped_for_the_next_one: SKIPPED: no IPv6 loopback"
+        );
+        return;
+    }
+    // A port for the relay's dual-stack socket, known before it starts (it goes into the
+    // advertised addresses).
+    let port = std::net::UdpSocket::bind("[::]:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relay = udp_relay_relay()
+        .start_with(move |c| {
+            let mut u = UdpRelayConfig::new(format!("[::]:{port}").parse().unwrap());
+            u.advertise = vec![
+                "127.0.0.2:9".parse().unwrap(),
+                format!("[::1]:{port}").parse().unwrap(),
+            ];
+            c.udp_relay = Some(u);
+        })
+        .await;
+    let map = map_for(&relay);
+    // With an IPv6 socket too (the tests' endpoints have none by default).
+    let config = || {
+        let mut c = udp_relay_config(map.clone());
+        c.bind_v6 = Some("[::1]:0".parse().unwrap());
+        c
+    };
+    let a = Endpoint::bind(config()).await.unwrap();
+    let b = Endpoint::bind(config()).await.unwrap();
+    let bk = b.public_key();
+    let mut ea = a.path_events();
+    a.set_direct_blackhole(true);
+    b.set_direct_blackhole(true);
+    a.send(bk, b"hello".to_vec()).await.unwrap();
+    timeout(T, b.recv()).await.unwrap().unwrap();
+    wait_path(
+        &mut ea,
+        bk,
+        |p| matches!(p, Path::UdpRelay(_)),
+        "A on the UDP relay via its IPv6 address",
+    )
+    .await;
+    a.send(bk, b"through".to_vec()).await.unwrap();
+    let (_, d) = timeout(T, b.recv()).await.unwrap().unwrap();
+    assert_eq!(&d[..], b"through");
+    assert!(a.stats().sent_udp_relay >= 1, "{:?}", a.stats());
+    let m = relay.metrics();
+    assert!(
+        m.sample("ferry_relay_udp_relay_binds_total", "") >= 2.0,
+        "both sides bound"
+    );
+}

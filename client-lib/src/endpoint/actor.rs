@@ -49,7 +49,17 @@ struct UdpRelaySession {
     region: u32,
     /// When the last Bind or Answer went out.
     last_sent: Instant,
+    /// The relay's addresses our sockets can reach, IPv4 first; the binding uses one.
+    addrs: Vec<SocketAddr>,
+    /// Binds sent to the binding's address without a Challenge back: after
+    /// [`BINDS_PER_ADDRESS`] the next address is tried.
+    unanswered: u32,
 }
+
+/// Unanswered Binds (one per [`REBIND_AFTER`]) before the next advertised address of the
+/// relay is tried: one family may be blocked (a dual-stack relay whose IPv4 is firewalled)
+/// while the other works.
+const BINDS_PER_ADDRESS: u32 = 3;
 
 /// How often [`Actor::prune`] runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
@@ -618,15 +628,18 @@ impl Actor {
             debug!(peer = %peer.short(), "UDP relay session for another pair; ignored");
             return;
         }
-        // An address our sockets can reach (IPv4 first: that socket always exists).
-        let Some(relay) = ep
+        // The addresses our sockets can reach, IPv4 first (that socket always exists); the
+        // first is bound, the others are tried in turn if it goes unanswered.
+        let mut addrs: Vec<SocketAddr> = ep
             .addrs
             .iter()
             .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
-            .min_by_key(|a| a.is_ipv6())
-            .copied()
             .filter(|a| self.sockets.for_addr(a).is_some())
-        else {
+            .copied()
+            .collect();
+        addrs.sort_by_key(|a| a.is_ipv6());
+        addrs.dedup();
+        let Some(&relay) = addrs.first() else {
             debug!(peer = %peer.short(), addrs = ?ep.addrs, "UDP relay session with no usable address");
             return;
         };
@@ -634,7 +647,7 @@ impl Actor {
         if self
             .udp_relays
             .get(&peer)
-            .is_some_and(|s| s.binding.vni() == vni && s.binding.relay() == relay)
+            .is_some_and(|s| s.binding.vni() == vni && s.addrs == addrs)
         {
             return;
         }
@@ -649,6 +662,8 @@ impl Actor {
                 binding,
                 region,
                 last_sent: now,
+                addrs,
+                unanswered: 1,
             },
         );
         self.udp_relay_index.insert((relay, vni), peer);
@@ -689,6 +704,7 @@ impl Actor {
     /// path is proven or given up.
     async fn rebind_udp_relays(&mut self, now: Instant) {
         let mut out = Vec::new();
+        let mut moved = Vec::new();
         for (peer, s) in &mut self.udp_relays {
             let proven = self.peers.get(peer).is_some_and(|pp| pp.udp_relay_proven());
             if proven || now.saturating_duration_since(s.last_sent) < REBIND_AFTER {
@@ -700,10 +716,30 @@ impl Actor {
             } else {
                 REBIND_AFTER
             };
-            if now.saturating_duration_since(s.last_sent) >= wait {
-                s.last_sent = now;
-                out.push((s.binding.relay(), s.binding.bind()));
+            if now.saturating_duration_since(s.last_sent) < wait {
+                continue;
             }
+            s.last_sent = now;
+            if s.binding.state() == BindState::Binding {
+                if s.unanswered >= BINDS_PER_ADDRESS && s.addrs.len() > 1 {
+                    // Unanswered there: the next address (the index moves with it).
+                    let old = s.binding.relay();
+                    let at = s.addrs.iter().position(|a| *a == old).unwrap_or(0);
+                    let next = s.addrs[(at + 1) % s.addrs.len()];
+                    s.binding.move_to(next);
+                    s.unanswered = 0;
+                    moved.push((*peer, old, next, s.binding.vni()));
+                }
+                s.unanswered += 1;
+            }
+            out.push((s.binding.relay(), s.binding.bind()));
+        }
+        for (peer, old, next, vni) in moved {
+            info!(peer = %peer.short(), vni, "UDP relay: no Challenge from {old}; binding at {next}");
+            self.udp_relay_index.remove(&(old, vni));
+            self.udp_relay_index.insert((next, vni), peer);
+            let actions = self.peer_mut(peer).on_udp_relay(now, next, true);
+            self.execute(peer, actions, now).await;
         }
         for (relay, d) in out {
             self.send_raw(relay, &d).await;
@@ -727,6 +763,7 @@ impl Actor {
             };
             if let Some(answer) = s.binding.on_datagram(d.from, &d.data) {
                 s.last_sent = now;
+                s.unanswered = 0;
                 self.send_raw(d.from, &answer).await;
                 // Bound (the relay does not confirm): prove the path with a ping through it.
                 let ping = self.peer_mut(peer).ping(now, d.from, VIA_UDP_RELAY);
