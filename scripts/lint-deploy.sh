@@ -14,6 +14,7 @@
 #   4. checkov (kubernetes framework, offline) on every rendered manifest
 #   5. negative cases (helm/ferry-relay/ci/invalid/*.yaml): each must be rejected, with the error
 #      its first line names ("# expect: <text>")
+#   6. the install notes (NOTES.txt): warnings shown where they apply and only there
 # Rendered manifests are kept in .tools/lint-deploy/rendered/ for inspection.
 #
 # Not checked here: building the image (no container daemon on these machines) and installing the
@@ -230,6 +231,29 @@ for f in "$CHART"/ci/invalid/*.yaml; do
         log "ok: rejected as expected: $(basename "$f") ($expect)"
     fi
 done
+
+# ---------------------------------------------------------------- 6. install notes
+# NOTES.txt warns where a setting cannot work, and only there. `helm install --dry-run` wants a
+# cluster here, and `helm template` skips NOTES.txt: render a copy of the chart with the notes
+# under another name (not YAML, hence --debug).
+notes_dir="$OUT/notes-chart"
+rm -rf "$notes_dir" && cp -r "$CHART" "$notes_dir" && mv "$notes_dir/templates/NOTES.txt" "$notes_dir/templates/notes.txt"
+notes_has() { # notes_has NEEDLE WANT(0|1) VALUE-ARGS...
+    local needle=$1 want=$2 got
+    shift 2
+    got=$("$HELM" template ferry "$notes_dir" -n "$NAMESPACE" --kube-version "$KUBE_MIN" --debug \
+        --show-only templates/notes.txt "$@" 2>&1 | grep -c "$needle" || true)
+    if [[ $got != "$want" ]]; then
+        fail "NOTES.txt: '$needle' appears $got times with $*, expected $want"
+    else
+        log "ok: NOTES.txt: '$needle' $([[ $want = 1 ]] && echo shown || echo not shown) with $*"
+    fi
+}
+udp_warning="WARNING: the UDP relay path with"
+notes_has "$udp_warning" 1 --set relay.hostname=relay.example.com
+notes_has "$udp_warning" 0 --set relay.hostname=relay.example.com --set replicas=1
+notes_has "$udp_warning" 0 --set relay.hostname=relay.example.com --set relay.udpRelay.enabled=false
+notes_has "$udp_warning" 0 -f "$CHART/ci/hostnetwork-acme-values.yaml"
 
 # ---------------------------------------------------------------- summary
 n_invalid=$(find "$CHART/ci/invalid" -name '*.yaml' | wc -l)
