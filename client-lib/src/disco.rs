@@ -158,6 +158,21 @@ pub const MAX_PADDED: usize = 65_507;
 /// datagram is at least `min_len` bytes (at most [`MAX_PADDED`]): a ping as large as the data
 /// it acknowledges travels like it (fragments and all).
 pub fn seal_padded(ours: &SecretKey, theirs: &PublicKey, msg: &Message, min_len: usize) -> Vec<u8> {
+    envelope(
+        &ours.public(),
+        &proto::SharedBox::new(ours, theirs),
+        msg,
+        min_len,
+    )
+}
+
+/// The disco datagram of `msg` from `ours_public`, sealed with `b`, padded to `min_len`.
+fn envelope(
+    ours_public: &PublicKey,
+    b: &proto::SharedBox,
+    msg: &Message,
+    min_len: usize,
+) -> Vec<u8> {
     let mut pt = Vec::with_capacity(64);
     match msg {
         Message::Ping { txid, node_key } => {
@@ -203,9 +218,97 @@ pub fn seal_padded(ours: &SecretKey, theirs: &PublicKey, msg: &Message, min_len:
     }
     let mut out = Vec::with_capacity(overhead + pt.len());
     out.extend_from_slice(&DISCO_MAGIC);
-    out.extend_from_slice(ours.public().as_bytes());
-    out.extend_from_slice(&proto::seal(ours, theirs, &pt));
+    out.extend_from_slice(ours_public.as_bytes());
+    out.extend_from_slice(&proto::seal_with(b, &pt));
     out
+}
+
+/// Peers whose boxes [`DiscoKeys`] keeps; past this it starts over (a node talks to far
+/// fewer peers at once; a stranger spraying keys only makes it recompute).
+const MAX_BOXES: usize = 4096;
+
+/// Our key for disco with the X25519 step done once per peer. [`seal`] and [`open`] do a
+/// scalar multiplication per message (and [`seal`] a second one for our public key); under
+/// load a path is acknowledged with pings every 100 ms or 128 packets, each answered by a
+/// pong, so that cost was paid hundreds of times a second per peer.
+pub struct DiscoKeys {
+    secret: SecretKey,
+    public: PublicKey,
+    boxes: std::collections::HashMap<PublicKey, proto::SharedBox>,
+}
+
+impl std::fmt::Debug for DiscoKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DiscoKeys({}, {} boxes)",
+            self.public.short(),
+            self.boxes.len()
+        )
+    }
+}
+
+impl DiscoKeys {
+    /// For our node key `secret`.
+    pub fn new(secret: SecretKey) -> DiscoKeys {
+        DiscoKeys {
+            public: secret.public(),
+            secret,
+            boxes: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Boxes kept (one per peer sealed to, or heard from with a valid box).
+    pub fn cached(&self) -> usize {
+        self.boxes.len()
+    }
+
+    fn keep(&mut self, theirs: PublicKey, b: proto::SharedBox) {
+        if self.boxes.len() >= MAX_BOXES && !self.boxes.contains_key(&theirs) {
+            self.boxes.clear();
+        }
+        self.boxes.insert(theirs, b);
+    }
+
+    /// [`seal`].
+    pub fn seal(&mut self, theirs: &PublicKey, msg: &Message) -> Vec<u8> {
+        self.seal_padded(theirs, msg, 0)
+    }
+
+    /// [`seal_padded`].
+    pub fn seal_padded(&mut self, theirs: &PublicKey, msg: &Message, min_len: usize) -> Vec<u8> {
+        if !self.boxes.contains_key(theirs) {
+            let b = proto::SharedBox::new(&self.secret, theirs);
+            self.keep(*theirs, b);
+        }
+        envelope(&self.public, &self.boxes[theirs], msg, min_len)
+    }
+
+    /// [`open`]. A sender's box is kept only once a message from it opened.
+    pub fn open(
+        &mut self,
+        packet: &[u8],
+        expected: Option<&PublicKey>,
+    ) -> Result<(PublicKey, Message), DiscoError> {
+        let from = sender(packet)?;
+        if let Some(e) = expected.filter(|e| **e != from) {
+            return Err(DiscoError::WrongSender {
+                got: from.short(),
+                expected: e.short(),
+            });
+        }
+        let sealed = &packet[HEADER_LEN..];
+        let pt = match self.boxes.get(&from) {
+            Some(b) => proto::open_with(b, sealed).map_err(|_| DiscoError::BoxOpen)?,
+            None => {
+                let b = proto::SharedBox::new(&self.secret, &from);
+                let pt = proto::open_with(&b, sealed).map_err(|_| DiscoError::BoxOpen)?;
+                self.keep(from, b);
+                pt
+            }
+        };
+        Ok((from, parse(&pt)?))
+    }
 }
 
 /// Opens a disco datagram sent to `ours`. With `expected`, the sender must be that key.
@@ -333,6 +436,62 @@ fn get_addr(b: &[u8]) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cached boxes seal and open exactly what the one-shot functions do, both ways, and
+    /// keep a sender only once its message opened.
+    #[test]
+    fn disco_keys_agree_with_seal_and_open() {
+        let (a, b) = (SecretKey::generate(), SecretKey::generate());
+        let mut ka = DiscoKeys::new(a.clone());
+        let mut kb = DiscoKeys::new(b.clone());
+        let m = Message::Ping {
+            txid: [7; 12],
+            node_key: a.public(),
+        };
+        for _ in 0..3 {
+            let pkt = ka.seal(&b.public(), &m);
+            assert_eq!(
+                open(&b, &pkt, Some(&a.public())).unwrap(),
+                (a.public(), m.clone())
+            );
+            assert_eq!(
+                kb.open(&pkt, Some(&a.public())).unwrap(),
+                (a.public(), m.clone())
+            );
+            let back = seal(&b, &a.public(), &m);
+            assert_eq!(ka.open(&back, None).unwrap(), (b.public(), m.clone()));
+        }
+        assert_eq!((ka.cached(), kb.cached()), (1, 1));
+        let padded = ka.seal_padded(&b.public(), &m, 1200);
+        assert_eq!(padded.len(), 1200);
+        assert_eq!(kb.open(&padded, None).unwrap().1, m);
+        // A forged box from a new key: refused, and its key not kept.
+        let c = SecretKey::generate();
+        let mut forged = seal(&c, &b.public(), &m);
+        let n = forged.len();
+        forged[n - 1] ^= 1;
+        assert!(matches!(kb.open(&forged, None), Err(DiscoError::BoxOpen)));
+        assert_eq!(kb.cached(), 1);
+        // The wrong sender is refused before any box is computed.
+        let pkt = ka.seal(&b.public(), &m);
+        assert!(matches!(
+            kb.open(&pkt, Some(&c.public())),
+            Err(DiscoError::WrongSender { .. })
+        ));
+    }
+
+    #[test]
+    fn disco_keys_start_over_past_their_bound() {
+        let mut k = DiscoKeys::new(SecretKey::generate());
+        let m = Message::Pong {
+            txid: [1; 12],
+            src: "192.0.2.1:1".parse().unwrap(),
+        };
+        for _ in 0..MAX_BOXES + 10 {
+            k.seal(&SecretKey::generate().public(), &m);
+        }
+        assert!(k.cached() <= MAX_BOXES, "{}", k.cached());
+    }
 
     fn keys() -> (SecretKey, SecretKey) {
         (SecretKey::generate(), SecretKey::generate())

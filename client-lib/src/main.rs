@@ -609,6 +609,7 @@ async fn tunnel(a: TunnelArgs) -> Result<()> {
         a.forward,
         Arc::clone(&stats),
         last_sender,
+        !a.relays.no_udp_gso,
     ));
     let result = tokio::select! {
         () = signals.wait() => Ok(()),
@@ -702,40 +703,141 @@ async fn peer_to_local(
     forward: Option<SocketAddr>,
     stats: Arc<TunnelStats>,
     last_sender: Arc<Mutex<Option<SocketAddr>>>,
+    gso: bool,
 ) -> Result<()> {
     let mut no_return = RateLimit::new(Duration::from_secs(10));
     let mut errors = RateLimit::new(Duration::from_secs(10));
+    let mut out = LocalOut::new(gso);
     loop {
-        let (from, data) = ep.recv().await.context("receiving from the peer")?;
-        if from != peer {
-            TunnelStats::add(&stats.other_node, 1);
-            debug!(
-                "ignored {} bytes from {}: not the tunnel's peer",
-                data.len(),
-                keys::display_public(&from)
-            );
-            continue;
-        }
-        let Some(dst) = forward.or_else(|| *last_sender.lock().expect("lock")) else {
-            TunnelStats::add(&stats.no_return, 1);
-            if let Some(more) = no_return.allow() {
-                warn!("dropped a {}-byte datagram from the peer: no local program has sent to the --listen socket yet, so there is no address to send it to (use --forward ADDR to fix one) ({more} more not shown)", data.len());
+        // What has arrived goes out in one batch (`sendmmsg`, equal-size runs as UDP GSO).
+        let batch = ep
+            .recv_batch(ferry_client::MAX_BATCH)
+            .await
+            .context("receiving from the peer")?;
+        for (from, data) in batch {
+            if from != peer {
+                TunnelStats::add(&stats.other_node, 1);
+                debug!(
+                    "ignored {} bytes from {}: not the tunnel's peer",
+                    data.len(),
+                    keys::display_public(&from)
+                );
+                continue;
             }
-            continue;
-        };
-        match sock.send_to(&data, dst).await {
-            Ok(_) => {
-                TunnelStats::add(&stats.down, 1);
-                TunnelStats::add(&stats.down_bytes, data.len() as u64);
-            }
-            Err(e) => {
-                TunnelStats::add(&stats.local_failed, 1);
-                if let Some(more) = errors.allow() {
-                    warn!(
-                        "dropped a {}-byte datagram from the peer: sending to {dst}: {e} ({more} more not shown)",
-                        data.len()
-                    );
+            let Some(dst) = forward.or_else(|| *last_sender.lock().expect("lock")) else {
+                TunnelStats::add(&stats.no_return, 1);
+                if let Some(more) = no_return.allow() {
+                    warn!("dropped a {}-byte datagram from the peer: no local program has sent to the --listen socket yet, so there is no address to send it to (use --forward ADDR to fix one) ({more} more not shown)", data.len());
                 }
+                continue;
+            };
+            if !out.push(dst, &data) {
+                out.flush(&sock, &stats, &mut errors).await;
+                out.push(dst, &data);
+            }
+        }
+        out.flush(&sock, &stats, &mut errors).await;
+    }
+}
+
+/// Datagrams from the peer waiting to go out of --listen together: on Linux one `sendmmsg`,
+/// with runs of one size to one address as UDP GSO messages (unless --no-udp-gso); elsewhere
+/// one `send_to` each.
+struct LocalOut {
+    #[cfg(target_os = "linux")]
+    batch: ferry_proto::mmsg::GsoSendBatch,
+    /// Per message of `batch`: its datagrams and bytes (for the summary's counts).
+    #[cfg(target_os = "linux")]
+    msgs: Vec<(u64, u64)>,
+    #[cfg(not(target_os = "linux"))]
+    kept: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+impl LocalOut {
+    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+    fn new(gso: bool) -> LocalOut {
+        LocalOut {
+            #[cfg(target_os = "linux")]
+            batch: ferry_proto::mmsg::GsoSendBatch::new(
+                ferry_proto::mmsg::UDP_BATCH,
+                4 * TUNNEL_MAX,
+                gso,
+            ),
+            #[cfg(target_os = "linux")]
+            msgs: Vec::new(),
+            #[cfg(not(target_os = "linux"))]
+            kept: Vec::new(),
+        }
+    }
+
+    /// Keeps `d` for `to`; false (keeping nothing) when full: flush, then push again.
+    fn push(&mut self, to: SocketAddr, d: &[u8]) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            let before = self.batch.len();
+            if !self.batch.push(d, to) {
+                return false;
+            }
+            if self.batch.len() > before {
+                self.msgs.push((1, d.len() as u64));
+            } else if let Some(m) = self.msgs.last_mut() {
+                m.0 += 1;
+                m.1 += d.len() as u64;
+            }
+            true
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            self.kept.push((to, d.to_vec()));
+            true
+        }
+    }
+
+    /// Sends what is kept, waiting while the socket's buffer is full; counts each datagram as
+    /// sent or failed.
+    async fn flush(&mut self, sock: &UdpSocket, stats: &TunnelStats, errors: &mut RateLimit) {
+        let mut failed = |n: u64, bytes: u64, e: std::io::Error| {
+            TunnelStats::add(&stats.local_failed, n);
+            if let Some(more) = errors.allow() {
+                warn!("dropped {n} datagram(s) ({bytes} bytes) from the peer: sending to the local program: {e} ({more} more not shown)");
+            }
+        };
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let fd = sock.as_raw_fd();
+            let mut from = 0;
+            while from < self.batch.len() {
+                match sock
+                    .async_io(tokio::io::Interest::WRITABLE, || self.batch.send(fd, from))
+                    .await
+                {
+                    Ok(k) => {
+                        for &(n, bytes) in &self.msgs[from..from + k.max(1)] {
+                            TunnelStats::add(&stats.down, n);
+                            TunnelStats::add(&stats.down_bytes, bytes);
+                        }
+                        from += k.max(1);
+                    }
+                    // sendmmsg fails only on its first message: that one is lost.
+                    Err(e) => {
+                        let (n, bytes) = self.msgs[from];
+                        failed(n, bytes, e);
+                        from += 1;
+                    }
+                }
+            }
+            self.batch.clear();
+            self.msgs.clear();
+        }
+        #[cfg(not(target_os = "linux"))]
+        for (to, d) in self.kept.drain(..) {
+            match sock.send_to(&d, to).await {
+                Ok(_) => {
+                    TunnelStats::add(&stats.down, 1);
+                    TunnelStats::add(&stats.down_bytes, d.len() as u64);
+                }
+                Err(e) => failed(1, d.len() as u64, e),
             }
         }
     }

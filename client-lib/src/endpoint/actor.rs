@@ -29,7 +29,7 @@ use super::{
     Cmd, EndpointConfig, EndpointError, Path, PathEvent, PingReply, SharedState, M_DATA, M_PING,
     M_PONG,
 };
-use crate::disco::{self, Message};
+use crate::disco::{self, DiscoKeys, Message};
 use crate::e2e::{self, Sessions};
 use crate::netcheck;
 use crate::relay::RelayEvent;
@@ -202,6 +202,8 @@ pub(super) struct Actor {
     /// The path per peer (the actor's copy of `SharedState::paths`, which it alone writes).
     paths: HashMap<PublicKey, Path>,
     addrs: AddrBook,
+    /// Our key for disco, with each peer's box computed once.
+    disco: DiscoKeys,
     sessions: Sessions,
     relays: RelaySet,
     /// Relay-bound packets paced (resends and handshake flushes).
@@ -241,6 +243,7 @@ impl Actor {
             peers: HashMap::new(),
             paths: HashMap::new(),
             addrs: AddrBook::new(&p.sockets.local_addrs()),
+            disco: DiscoKeys::new(p.cfg.secret_key.clone()),
             sessions: Sessions::new(p.cfg.secret_key.clone()),
             relays: p.relays,
             pacer: Pacer::default(),
@@ -411,7 +414,7 @@ impl Actor {
                 Ok(ep) => {
                     // Tell the peer (via DERP, end to end), then bind our side.
                     let msg = Message::CallMeMaybeVia(ep.clone());
-                    let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+                    let pkt = self.disco.seal(&peer, &msg);
                     self.relays.send(peer, pkt.into());
                     self.start_udp_relay(peer, region, ep, now).await;
                 }
@@ -505,13 +508,13 @@ impl Actor {
                         txid,
                         node_key: self.me,
                     };
-                    let pkt = disco::seal_padded(&self.cfg.secret_key, &peer, &msg, pad);
+                    let pkt = self.disco.seal_padded(&peer, &msg, pad);
                     self.send_disco_on(peer, via, addr, &pkt).await;
                 }
                 Action::Punch { addr } => self.punch(peer, addr).await,
                 Action::Pong { addr, via, txid } => {
                     let msg = Message::Pong { txid, src: addr };
-                    let pong = disco::seal(&self.cfg.secret_key, &peer, &msg);
+                    let pong = self.disco.seal(&peer, &msg);
                     self.send_disco_on(peer, via, addr, &pong).await;
                 }
                 Action::CallMeMaybe { punched } => self.send_call_me_maybe(peer, punched).await,
@@ -799,7 +802,7 @@ impl Actor {
             txid: disco::new_txid(),
             node_key: self.me,
         };
-        let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        let pkt = self.disco.seal(&peer, &msg);
         if self.shared.blackhole_direct.load(Ordering::Relaxed) {
             return;
         }
@@ -845,7 +848,7 @@ impl Actor {
             hard_nat: self.my_nat_hard(),
             punched,
         };
-        let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+        let pkt = self.disco.seal(&peer, &msg);
         // The pings that opened our side go out before the peer hears about them.
         self.flush_udp().await;
         self.relays.send(peer, pkt.into());
@@ -893,7 +896,7 @@ impl Actor {
                 txid: disco::new_txid(),
                 node_key: self.me,
             };
-            let pkt = disco::seal(&self.cfg.secret_key, &peer, &msg);
+            let pkt = self.disco.seal(&peer, &msg);
             let old = sock.ttl().unwrap_or(64);
             if punch_mode(&sock, true, old).is_ok() {
                 for t in &targets {
@@ -994,7 +997,7 @@ impl Actor {
         if !self.cfg.direct.enabled {
             return;
         }
-        let (peer, msg) = match disco::open(&self.cfg.secret_key, data, relay_src.as_ref()) {
+        let (peer, msg) = match self.disco.open(data, relay_src.as_ref()) {
             Ok(x) => x,
             Err(e) => {
                 debug!(?from, "disco message dropped: {e}");

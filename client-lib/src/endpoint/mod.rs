@@ -561,6 +561,18 @@ impl Endpoint {
             .ok_or(EndpointError::Closed)
     }
 
+    /// [`Endpoint::recv`], then whatever else has already arrived, up to `max` packets in
+    /// all (at least one; nothing is waited for beyond the first): a receiver that hands
+    /// packets on in batches (`ferry tunnel` with `sendmmsg`) pays one wake-up for them.
+    pub async fn recv_batch(&self, max: usize) -> Result<Vec<(PublicKey, Bytes)>, EndpointError> {
+        let mut out = Vec::with_capacity(max.clamp(1, MAX_BATCH));
+        let n = self.recv.lock().await.recv_many(&mut out, max.max(1)).await;
+        if n == 0 {
+            return Err(EndpointError::Closed);
+        }
+        Ok(out)
+    }
+
     /// Sends an end-to-end ping to `peer` and waits for the pong (no timeout: wrap it in
     /// `tokio::time::timeout`). The peer's endpoint answers by itself.
     pub async fn ping(&self, peer: PublicKey) -> Result<PingReply, EndpointError> {
