@@ -297,3 +297,30 @@ async fn websocket_fallback_when_the_derp_upgrade_is_refused() {
         .unwrap();
     assert_eq!(&recv(&b).await.1[..], b"over websocket");
 }
+
+/// `recv_batch`: the next packet and what has already arrived, never more than asked for,
+/// in order, nothing lost between batches.
+#[tokio::test]
+async fn recv_batch_takes_what_has_arrived_in_order() {
+    let relay = plain_relay(false).await;
+    let map = map_for(&relay);
+    let a = Endpoint::bind(ep_config(map.clone())).await.unwrap();
+    let b = Endpoint::bind(ep_config(map)).await.unwrap();
+    let bk = b.public_key();
+    // The first packet sets up the E2E session; wait for it alone.
+    a.send(bk, vec![0]).await.unwrap();
+    assert_eq!(&recv(&b).await.1[..], &[0]);
+    for i in 1..=20u8 {
+        a.send(bk, vec![i]).await.unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        let batch = timeout(T, b.recv_batch(3)).await.expect("in time").unwrap();
+        assert!((1..=3).contains(&batch.len()), "{} packets", batch.len());
+        for (from, d) in batch {
+            assert_eq!(from, a.public_key());
+            got.push(d[0]);
+        }
+    }
+    assert_eq!(got, (1..=20).collect::<Vec<u8>>());
+}
