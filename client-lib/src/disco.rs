@@ -290,13 +290,7 @@ impl DiscoKeys {
         packet: &[u8],
         expected: Option<&PublicKey>,
     ) -> Result<(PublicKey, Message), DiscoError> {
-        let from = sender(packet)?;
-        if let Some(e) = expected.filter(|e| **e != from) {
-            return Err(DiscoError::WrongSender {
-                got: from.short(),
-                expected: e.short(),
-            });
-        }
+        let from = expected_sender(packet, expected)?;
         let sealed = &packet[HEADER_LEN..];
         let pt = match self.boxes.get(&from) {
             Some(b) => proto::open_with(b, sealed).map_err(|_| DiscoError::BoxOpen)?,
@@ -318,15 +312,22 @@ pub fn open(
     packet: &[u8],
     expected: Option<&PublicKey>,
 ) -> Result<(PublicKey, Message), DiscoError> {
-    let from = sender(packet)?;
-    if let Some(e) = expected.filter(|e| **e != from) {
-        return Err(DiscoError::WrongSender {
-            got: from.short(),
-            expected: e.short(),
-        });
-    }
+    let from = expected_sender(packet, expected)?;
     let pt = proto::open(ours, &from, &packet[HEADER_LEN..]).map_err(|_| DiscoError::BoxOpen)?;
     Ok((from, parse(&pt)?))
+}
+
+/// The sender key of a disco datagram, which must be `expected` if given (checked before any
+/// box is opened).
+fn expected_sender(packet: &[u8], expected: Option<&PublicKey>) -> Result<PublicKey, DiscoError> {
+    let from = sender(packet)?;
+    match expected {
+        Some(e) if *e != from => Err(DiscoError::WrongSender {
+            got: from.short(),
+            expected: e.short(),
+        }),
+        _ => Ok(from),
+    }
 }
 
 fn parse(pt: &[u8]) -> Result<Message, DiscoError> {

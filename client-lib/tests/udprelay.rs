@@ -124,6 +124,17 @@ fn udp_relay_relay() -> Options {
     Options::plain()
 }
 
+/// A says hello to B with its direct path blackholed and waits until its path to B is the UDP
+/// relay (`what` names the wait in a failure).
+async fn onto_the_udp_relay(a: &Endpoint, b: &Endpoint, what: &str) {
+    let bk = b.public_key();
+    let mut ea = a.path_events();
+    a.set_direct_blackhole(true);
+    a.send(bk, b"hello".to_vec()).await.unwrap();
+    timeout(T, b.recv()).await.unwrap().unwrap();
+    wait_path(&mut ea, bk, |p| matches!(p, Path::UdpRelay(_)), what).await;
+}
+
 /// Acceptance 2 of issue 15, at the endpoint: 10,000 numbered datagrams from A to B while the
 /// path goes DERP → UDP relay (A drops direct datagrams) → direct (A stops dropping) → cut (A
 /// drops them again) → UDP relay; every one arrives exactly once.
@@ -254,18 +265,7 @@ async fn a_burst_crosses_the_udp_relay_in_gso_runs_and_arrives_in_order() {
     let map = map_for(&relay);
     let a = Endpoint::bind(udp_relay_config(map.clone())).await.unwrap();
     let b = Endpoint::bind(udp_relay_config(map)).await.unwrap();
-    let bk = b.public_key();
-    let mut ea = a.path_events();
-    a.set_direct_blackhole(true);
-    a.send(bk, b"hello".to_vec()).await.unwrap();
-    timeout(T, b.recv()).await.unwrap().unwrap();
-    wait_path(
-        &mut ea,
-        bk,
-        |p| matches!(p, Path::UdpRelay(_)),
-        "A on the UDP relay",
-    )
-    .await;
+    onto_the_udp_relay(&a, &b, "A on the UDP relay").await;
     let m = relay.metrics();
     let fwd0 = m.sample("ferry_relay_udp_relay_forwarded_packets_total", "");
     let ((datagrams, messages), (b_datagrams, b_reads)) = burst_exchange(&a, &b, 20, 1000).await;
@@ -457,18 +457,8 @@ async fn a_dead_advertised_address_is_skipped_for_the_next_one() {
     let a = Endpoint::bind(config()).await.unwrap();
     let b = Endpoint::bind(config()).await.unwrap();
     let bk = b.public_key();
-    let mut ea = a.path_events();
-    a.set_direct_blackhole(true);
     b.set_direct_blackhole(true);
-    a.send(bk, b"hello".to_vec()).await.unwrap();
-    timeout(T, b.recv()).await.unwrap().unwrap();
-    wait_path(
-        &mut ea,
-        bk,
-        |p| matches!(p, Path::UdpRelay(_)),
-        "A on the UDP relay via its IPv6 address",
-    )
-    .await;
+    onto_the_udp_relay(&a, &b, "A on the UDP relay via its IPv6 address").await;
     a.send(bk, b"through".to_vec()).await.unwrap();
     let (_, d) = timeout(T, b.recv()).await.unwrap().unwrap();
     assert_eq!(&d[..], b"through");
