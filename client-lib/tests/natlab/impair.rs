@@ -12,7 +12,8 @@
 //! The thread polls its queue every [`TICK`] rather than blocking (the `nfq` crate keeps its
 //! socket private), so a packet waits up to about one tick longer than `delay`;
 //! [`ImpairStats::late_max`] says by how much at most, and the kernel's own drop counters
-//! (queue full, or no reader) are read back so that no loss goes unseen.
+//! (queue full, reader too slow) are read back before the queue goes, so that no loss goes
+//! unseen.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -73,6 +74,17 @@ impl Impairment {
     /// Delays every packet that namespace `ns` forwards by `delay` and drops a share `loss`
     /// (0.0–1.0) of them, both ways.
     pub fn start(ns: &str, delay: Duration, loss: f64) -> Result<Impairment, String> {
+        Self::start_with_queue(ns, delay, loss, 65_536)
+    }
+
+    /// [`Impairment::start`] with a kernel queue of `max_len` packets (beyond it the kernel
+    /// drops, and counts in [`ImpairStats::kernel_queue_dropped`]).
+    pub fn start_with_queue(
+        ns: &str,
+        delay: Duration,
+        loss: f64,
+        max_len: u32,
+    ) -> Result<Impairment, String> {
         assert!((0.0..=1.0).contains(&loss), "loss is a share: {loss}");
         let queue: u16 = 7;
         let stop = Arc::new(AtomicBool::new(false));
@@ -81,7 +93,7 @@ impl Impairment {
             let (ns, stop) = (ns.to_string(), Arc::clone(&stop));
             std::thread::Builder::new()
                 .name("impair".into())
-                .spawn(move || serve(&ns, queue, delay, loss, &stop, ready_tx))
+                .spawn(move || serve(&ns, queue, max_len, delay, loss, &stop, ready_tx))
                 .map_err(|e| e.to_string())?
         };
         let mut me = Impairment {
@@ -112,19 +124,9 @@ impl Impairment {
 
     /// Removes the rule, releases what is held and says what the link did.
     pub fn stop(mut self) -> Result<ImpairStats, String> {
-        let q = self.queue.to_string();
-        let removed = super::Lab::exec(&self.ns, &rule("-D", &q));
-        let mut stats = self.join()?;
+        let removed = super::Lab::exec(&self.ns, &rule("-D", &self.queue.to_string()));
+        let stats = self.join()?;
         removed?;
-        let table = super::Lab::exec(&self.ns, &["cat", "/proc/net/netfilter/nfnetlink_queue"])?;
-        // queue_num portid queue_total copy_mode copy_range queue_dropped user_dropped id 1
-        for line in table.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.first() == Some(&q.as_str()) && f.len() >= 7 {
-                stats.kernel_queue_dropped = f[5].parse().unwrap_or(0);
-                stats.kernel_user_dropped = f[6].parse().unwrap_or(0);
-            }
-        }
         Ok(stats)
     }
 }
@@ -138,9 +140,27 @@ impl Drop for Impairment {
     }
 }
 
+/// The kernel's drop counters of `queue` (queue full, reader too slow), as this thread's
+/// namespace sees them: they go with the queue when it is unbound, so read them before.
+fn kernel_drops(queue: u16) -> Result<(u64, u64), String> {
+    // thread-self: this thread's namespace (/proc/self/net is the main thread's).
+    let path = "/proc/thread-self/net/netfilter/nfnetlink_queue";
+    let table = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    // queue_num portid queue_total copy_mode copy_range queue_dropped user_dropped id 1
+    for line in table.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() == Some(&queue.to_string().as_str()) && f.len() >= 7 {
+            let n = |s: &str| s.parse().map_err(|e| format!("{path}: {s:?}: {e}"));
+            return Ok((n(f[5])?, n(f[6])?));
+        }
+    }
+    Err(format!("{path}: no line for queue {queue}: {table:?}"))
+}
+
 fn serve(
     ns: &str,
     queue: u16,
+    max_len: u32,
     delay: Duration,
     loss: f64,
     stop: &AtomicBool,
@@ -162,7 +182,7 @@ fn serve(
             .map_err(|e| format!("NFQUEUE bind {queue}: {e}"))?;
         q.set_copy_range(queue, 0)
             .map_err(|e| format!("NFQUEUE copy range: {e}"))?;
-        q.set_queue_max_len(queue, 65_536)
+        q.set_queue_max_len(queue, max_len)
             .map_err(|e| format!("NFQUEUE max len: {e}"))?;
         q.set_nonblocking(true);
         Ok(q)
@@ -217,6 +237,7 @@ fn serve(
             }
         }
         if stopping {
+            (stats.kernel_queue_dropped, stats.kernel_user_dropped) = kernel_drops(queue)?;
             let _ = q.unbind(queue);
             return Ok(stats);
         }
