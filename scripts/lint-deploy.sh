@@ -239,10 +239,18 @@ done
 notes_dir="$OUT/notes-chart"
 rm -rf "$notes_dir" && cp -r "$CHART" "$notes_dir" && mv "$notes_dir/templates/NOTES.txt" "$notes_dir/templates/notes.txt"
 notes_has() { # notes_has NEEDLE WANT(0|1) VALUE-ARGS...
-    local needle=$1 want=$2 got
+    local needle=$1 want=$2 got rendered
     shift 2
-    got=$("$HELM" template ferry "$notes_dir" -n "$NAMESPACE" --kube-version "$KUBE_MIN" --debug \
-        --show-only templates/notes.txt "$@" 2>&1 | grep -c "$needle" || true)
+    rendered=$("$HELM" template ferry "$notes_dir" -n "$NAMESPACE" --kube-version "$KUBE_MIN" --debug \
+        --show-only templates/notes.txt "$@" 2>&1 || true)
+    # The first line is always there: without it the notes did not render, and "not shown"
+    # would pass for nothing.
+    if ! grep -q "^ferry-relay: DERP region" <<<"$rendered"; then
+        printf '%s\n' "$rendered" | tail -5 >&2
+        fail "NOTES.txt did not render with $*"
+        return
+    fi
+    got=$(grep -c "$needle" <<<"$rendered" || true)
     if [[ $got != "$want" ]]; then
         fail "NOTES.txt: '$needle' appears $got times with $*, expected $want"
     else

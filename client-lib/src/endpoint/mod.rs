@@ -60,8 +60,8 @@
 //!    derper has not), tells the peer with a CallMeMaybeVia via DERP, and both bind their
 //!    main socket's address to it (Bind → Challenge → Answer), at the relay's first address
 //!    our sockets reach (IPv4 first); three Binds there without a Challenge (1.5 s) and the
-//!    next address is tried, in turn (a dual-stack relay with one family blocked). Disco pings through the session
-//!    prove it; then data goes that way — still end-to-end encrypted, Geneve-framed, from the
+//!    next address is tried, in turn (a dual-stack relay with one family blocked). Disco
+//!    pings through the session prove it; then data goes that way — still end-to-end encrypted, Geneve-framed, from the
 //!    main socket — with the same acknowledgements and resends as a direct path. The order of
 //!    preference is direct > UDP relay > DERP: a direct pong takes the data off the UDP relay
 //!    path (its unacknowledged packets go again via DERP); when the direct path expires, data
