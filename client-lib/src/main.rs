@@ -489,7 +489,7 @@ impl TunnelStats {
             "tunnel summary: to peer {} datagrams / {} bytes, from peer {} datagrams / {} bytes; \
              dropped: {} over {TUNNEL_MAX} bytes, {} refused by the endpoint, {} from other nodes, \
              {} with no local return address, {} failed local sends, \
-             {} dropped by a full relay send queue (DERP slower than the traffic), \
+             {} dropped by a full relay send queue or an unreachable relay, \
              {} read from UDP and dropped by a busy endpoint; \
              UDP out: {} datagrams in {} sends, in: {} datagrams in {} reads (GSO/GRO runs count once)",
             g(&self.up),
@@ -794,7 +794,9 @@ impl LocalOut {
     }
 
     /// Sends what is kept, waiting while the socket's buffer is full; counts each datagram as
-    /// sent or failed.
+    /// sent or failed. (A GSO message the kernel refuses goes datagram by datagram inside
+    /// `GsoSendBatch`, where a datagram then refused is lost unseen, as a plain UDP send
+    /// can be: it is counted as sent.)
     async fn flush(&mut self, sock: &UdpSocket, stats: &TunnelStats, errors: &mut RateLimit) {
         let mut failed = |n: u64, bytes: u64, e: std::io::Error| {
             TunnelStats::add(&stats.local_failed, n);
@@ -905,7 +907,7 @@ mod tests {
         };
         let line = stats.summary(&ep);
         assert!(
-            line.contains("4321 dropped by a full relay send queue"),
+            line.contains("4321 dropped by a full relay send queue or an unreachable relay"),
             "{line}"
         );
         assert!(

@@ -469,3 +469,50 @@ async fn a_dead_advertised_address_is_skipped_for_the_next_one() {
         "both sides bound"
     );
 }
+
+/// A relay whose advertised addresses are all dead: moving from one to the next must not
+/// keep the session alive. It is given up after `UDP_RELAY_GIVE_UP` (15 s) like any session
+/// that never answers, and a new allocation follows (the pair stays on DERP meanwhile).
+#[tokio::test]
+async fn a_session_at_dead_addresses_only_is_given_up_and_asked_for_again() {
+    let relay = udp_relay_relay()
+        .start_with(|c| {
+            let mut u = UdpRelayConfig::new("127.0.0.1:0".parse().unwrap());
+            u.advertise = vec![
+                "127.0.0.2:9".parse().unwrap(),
+                "127.0.0.3:9".parse().unwrap(),
+            ];
+            c.udp_relay = Some(u);
+        })
+        .await;
+    let map = map_for(&relay);
+    let a = Endpoint::bind(udp_relay_config(map.clone())).await.unwrap();
+    let b = Endpoint::bind(udp_relay_config(map)).await.unwrap();
+    a.set_direct_blackhole(true);
+    b.set_direct_blackhole(true);
+    let bk = b.public_key();
+    let granted = || {
+        relay.metrics().sample(
+            "ferry_relay_udp_relay_allocations_total",
+            "result=\"granted\"",
+        )
+    };
+    let start = Instant::now();
+    // Keep the peer active (allocation needs traffic) until a second allocation is granted.
+    while granted() < 2.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "no new allocation after the dead session ({} granted)",
+            granted()
+        );
+        a.send(bk, b"x".to_vec()).await.unwrap();
+        timeout(T, b.recv()).await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        a.path(&bk),
+        Some(Path::Relay(900)),
+        "still on DERP meanwhile"
+    );
+    eprintln!("second allocation after {:?}", start.elapsed());
+}

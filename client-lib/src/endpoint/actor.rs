@@ -60,6 +60,9 @@ struct UdpRelaySession {
 /// relay is tried: one family may be blocked (a dual-stack relay whose IPv4 is firewalled)
 /// while the other works.
 const BINDS_PER_ADDRESS: u32 = 3;
+/// Addresses of one session tried at most (the first ones advertised that our sockets can
+/// reach): the list comes from the relay, or from the peer's CallMeMaybeVia.
+const UDP_RELAY_ADDRS: usize = 4;
 
 /// How often [`Actor::prune`] runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
@@ -633,15 +636,18 @@ impl Actor {
         }
         // The addresses our sockets can reach, IPv4 first (that socket always exists); the
         // first is bound, the others are tried in turn if it goes unanswered.
-        let mut addrs: Vec<SocketAddr> = ep
-            .addrs
-            .iter()
-            .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
-            .filter(|a| self.sockets.for_addr(a).is_some())
-            .copied()
-            .collect();
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for a in &ep.addrs {
+            if !a.ip().is_unspecified()
+                && a.port() != 0
+                && self.sockets.for_addr(a).is_some()
+                && !addrs.contains(a)
+                && addrs.len() < UDP_RELAY_ADDRS
+            {
+                addrs.push(*a);
+            }
+        }
         addrs.sort_by_key(|a| a.is_ipv6());
-        addrs.dedup();
         let Some(&relay) = addrs.first() else {
             debug!(peer = %peer.short(), addrs = ?ep.addrs, "UDP relay session with no usable address");
             return;
@@ -723,26 +729,26 @@ impl Actor {
                 continue;
             }
             s.last_sent = now;
-            if s.binding.state() == BindState::Binding {
-                if s.unanswered >= BINDS_PER_ADDRESS && s.addrs.len() > 1 {
-                    // Unanswered there: the next address (the index moves with it).
-                    let old = s.binding.relay();
-                    let at = s.addrs.iter().position(|a| *a == old).unwrap_or(0);
-                    let next = s.addrs[(at + 1) % s.addrs.len()];
-                    s.binding.move_to(next);
-                    s.unanswered = 0;
-                    moved.push((*peer, old, next, s.binding.vni()));
-                }
-                s.unanswered += 1;
+            // Answered but unproven: `bind` below starts a new handshake at the same address.
+            let restart = s.binding.state() == BindState::Answered;
+            if !restart && s.unanswered >= BINDS_PER_ADDRESS && s.addrs.len() > 1 {
+                // Unanswered there: the next address (the index moves with it).
+                let old = s.binding.relay();
+                let at = s.addrs.iter().position(|a| *a == old).unwrap_or(0);
+                let next = s.addrs[(at + 1) % s.addrs.len()];
+                s.binding.move_to(next);
+                s.unanswered = 0;
+                moved.push((*peer, old, next, s.binding.vni()));
             }
+            s.unanswered = if restart { 1 } else { s.unanswered + 1 };
             out.push((s.binding.relay(), s.binding.bind()));
         }
         for (peer, old, next, vni) in moved {
             info!(peer = %peer.short(), vni, "UDP relay: no Challenge from {old}; binding at {next}");
             self.udp_relay_index.remove(&(old, vni));
             self.udp_relay_index.insert((next, vni), peer);
-            let actions = self.peer_mut(peer).on_udp_relay(now, next, true);
-            self.execute(peer, actions, now).await;
+            // The same session: it is still given up if no address answers in time.
+            self.peer_mut(peer).on_udp_relay_moved(next);
         }
         for (relay, d) in out {
             self.send_raw(relay, &d).await;

@@ -717,6 +717,17 @@ impl PeerPath {
         out
     }
 
+    /// Our side of the UDP relay session now binds at the relay's next address (the one in
+    /// use went unanswered): the same session, so its start, and with it the
+    /// [`UDP_RELAY_GIVE_UP`] clock, stays.
+    pub(super) fn on_udp_relay_moved(&mut self, addr: SocketAddr) {
+        if let Some(r) = &mut self.udp_relay {
+            r.addr = addr;
+            r.last_ping = None;
+            r.last_ping_back = None;
+        }
+    }
+
     /// The relay serving our UDP relay session with this peer has reconnected: if it
     /// restarted, the session died with it, and nothing tells a session that outlived a mere
     /// reconnection from one that did not. Give it up now (data back to DERP, the session

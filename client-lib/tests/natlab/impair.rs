@@ -10,10 +10,11 @@
 //! alike. Only metadata is copied to user space.
 //!
 //! The thread polls its queue every [`TICK`] rather than blocking (the `nfq` crate keeps its
-//! socket private), so a packet waits up to about one tick longer than `delay`;
-//! [`ImpairStats::late_max`] says by how much at most, and the kernel's own drop counters
-//! (queue full, reader too slow) are read back before the queue goes, so that no loss goes
-//! unseen.
+//! socket private), so a packet waits up to about one tick longer than `delay` before it is
+//! even read; [`ImpairStats::late_max`] says how late a release came after the due time
+//! counted from that read (the wait before the read is not in it). The kernel's own drop
+//! counters (queue full, reader too slow) are read back before the queue goes, so that no
+//! loss goes unseen.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -215,6 +216,10 @@ fn serve(
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // A verdict's error comes back as a netlink error on the next read. ENOENT:
+                // the kernel had already let the packet go (its device went away); nothing
+                // to do.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(e) => return Err(format!("NFQUEUE recv: {e}")),
             }
         }
@@ -229,12 +234,7 @@ fn serve(
             }
             let (_, mut msg) = held.pop_front().expect("front");
             msg.set_verdict(nfq::Verdict::Accept);
-            // ENOENT: the kernel forgot the packet (its device went away); nothing to do.
-            if let Err(e) = q.verdict(msg) {
-                if e.raw_os_error() != Some(libc::ENOENT) {
-                    return Err(format!("verdict: {e}"));
-                }
-            }
+            q.verdict(msg).map_err(|e| format!("verdict: {e}"))?;
         }
         if stopping {
             (stats.kernel_queue_dropped, stats.kernel_user_dropped) = kernel_drops(queue)?;
