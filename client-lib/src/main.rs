@@ -806,29 +806,18 @@ impl LocalOut {
         };
         #[cfg(target_os = "linux")]
         {
-            use std::os::fd::AsRawFd;
-            let fd = sock.as_raw_fd();
-            let mut from = 0;
-            while from < self.batch.len() {
-                match sock
-                    .async_io(tokio::io::Interest::WRITABLE, || self.batch.send(fd, from))
-                    .await
-                {
-                    Ok(k) => {
-                        for &(n, bytes) in &self.msgs[from..from + k.max(1)] {
-                            TunnelStats::add(&stats.down, n);
-                            TunnelStats::add(&stats.down_bytes, bytes);
-                        }
-                        from += k.max(1);
+            let msgs = &self.msgs;
+            ferry_client::udp::send_gso_batch(sock, &mut self.batch, |i, e| {
+                let (n, bytes) = msgs[i];
+                match e {
+                    None => {
+                        TunnelStats::add(&stats.down, n);
+                        TunnelStats::add(&stats.down_bytes, bytes);
                     }
-                    // sendmmsg fails only on its first message: that one is lost.
-                    Err(e) => {
-                        let (n, bytes) = self.msgs[from];
-                        failed(n, bytes, e);
-                        from += 1;
-                    }
+                    Some(e) => failed(n, bytes, e),
                 }
-            }
+            })
+            .await;
             self.batch.clear();
             self.msgs.clear();
         }

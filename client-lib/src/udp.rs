@@ -267,6 +267,44 @@ impl Reader {
     }
 }
 
+/// Sends every message of `batch` on `sock`, in order, waiting while the socket's send buffer
+/// is full; `each(i, error)` hears of message `i` (`sendmmsg` fails only on its first message:
+/// that one is reported and skipped, the rest go on). Warns once if the kernel made the batch
+/// give up GSO. The batch is left as it was (clear it to reuse it).
+#[cfg(target_os = "linux")]
+pub async fn send_gso_batch(
+    sock: &UdpSocket,
+    batch: &mut ferry_proto::mmsg::GsoSendBatch,
+    mut each: impl FnMut(usize, Option<std::io::Error>),
+) {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let had_gso = batch.gso();
+    let mut from = 0;
+    while from < batch.len() {
+        // `async_io` waits for room in the send buffer when the kernel says EAGAIN.
+        match sock
+            .async_io(tokio::io::Interest::WRITABLE, || batch.send(fd, from))
+            .await
+        {
+            Ok(n) => {
+                let n = n.max(1);
+                (from..from + n).for_each(|i| each(i, None));
+                from += n;
+            }
+            Err(e) => {
+                each(from, Some(e));
+                from += 1;
+            }
+        }
+    }
+    if had_gso && !batch.gso() {
+        tracing::warn!(
+            "the kernel refused a UDP GSO send; sending datagram by datagram from now on"
+        );
+    }
+}
+
 /// Linux: `recvmmsg` with UDP GRO, so a GSO run (a peer's burst, or a UDP relay's forward of
 /// one) comes in as one message and is cut into its datagrams here, in order.
 #[cfg(target_os = "linux")]

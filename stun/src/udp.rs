@@ -14,7 +14,7 @@ pub use ferry_proto::mmsg;
 /// Datagrams read (and replies sent) per system call on Linux.
 #[cfg(target_os = "linux")]
 pub use ferry_proto::mmsg::UDP_BATCH;
-/// Datagrams read (and replies sent) per system call on Linux.
+/// Datagrams read per wake-up elsewhere (one system call each), as many as on Linux.
 #[cfg(not(target_os = "linux"))]
 pub const UDP_BATCH: usize = 64;
 /// Receive buffer per datagram. STUN over UDP should fit the path MTU; a bigger datagram is

@@ -18,11 +18,7 @@
 
 use std::net::SocketAddr;
 
-#[cfg(target_os = "linux")]
-use tokio::net::UdpSocket;
 use tracing::debug;
-#[cfg(target_os = "linux")]
-use tracing::warn;
 
 use crate::udp::Sockets;
 
@@ -116,11 +112,12 @@ impl Outbox {
             if let Some(sock) = sock {
                 out.datagrams += batch.datagrams() as u64;
                 out.messages += batch.len() as u64;
-                let had_gso = batch.gso();
-                send_all(sock, batch).await;
-                if had_gso && !batch.gso() {
-                    warn!("the kernel refused a UDP GSO send; sending datagram by datagram from now on");
-                }
+                crate::udp::send_gso_batch(sock, batch, |_, e| {
+                    if let Some(e) = e {
+                        debug!("UDP send failed: {e}");
+                    }
+                })
+                .await;
             }
             batch.clear();
         }
@@ -138,33 +135,12 @@ impl Outbox {
     }
 }
 
-/// Every message of `batch` on `sock`, in order.
-#[cfg(target_os = "linux")]
-async fn send_all(sock: &UdpSocket, batch: &mut ferry_proto::mmsg::GsoSendBatch) {
-    use std::os::fd::AsRawFd;
-    let fd = sock.as_raw_fd();
-    let mut from = 0;
-    while from < batch.len() {
-        // `async_io` waits for room in the send buffer when the kernel says EAGAIN.
-        match sock
-            .async_io(tokio::io::Interest::WRITABLE, || batch.send(fd, from))
-            .await
-        {
-            Ok(n) => from += n.max(1),
-            // sendmmsg fails only on its first message: skip that one.
-            Err(e) => {
-                debug!("UDP send failed: {e}");
-                from += 1;
-            }
-        }
-    }
-}
-
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
     use ferry_proto::mmsg::RecvBatch;
     use std::os::fd::AsRawFd;
+    use tokio::net::UdpSocket;
 
     /// A receiver that reads with GRO (set before anything is sent to it: the kernel decides
     /// on arrival whether to keep a GSO message whole).
